@@ -1,0 +1,121 @@
+"""`KVQuantConfig`: every knob of the quantized cache, validated with clear errors."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .errors import KVQuantConfigError
+
+SUPPORTED_BITS = (2, 3, 4)
+SUPPORTED_BACKENDS = ("auto", "torch", "triton")
+MAX_SINK_TOKENS = 64
+MAX_OUTLIER_SLOTS = 16
+
+
+def default_outlier_slots(outlier_fraction: float, head_dim: int) -> int:
+    """Outlier slots per token and head for a given fraction: ceil(fraction * head_dim), 0 for 0%.
+
+    Slots are preallocated per token (as in the reference deployment), so the fraction sets the
+    storage budget: 1% of a 64-channel head is one slot, of a 128-channel head two.
+    """
+    if outlier_fraction <= 0:
+        return 0
+    return max(1, math.ceil(outlier_fraction * head_dim - 1e-9))
+
+
+@dataclass
+class KVQuantConfig:
+    """Configuration of a `KVQuantCache`.
+
+    Args:
+        bits (`int`): bits per key/value code, one of 2, 3, 4 (nuqX).
+        key_bits / value_bits (`int`, optional): override `bits` for keys or values.
+        outlier_fraction (`float`): fraction of values stored exactly (dense-and-sparse), in [0, 0.1].
+        outlier_slots (`int`, optional): exact slots per token and head (default
+            `ceil(outlier_fraction * head_dim)`); more outliers than slots are clipped and counted.
+        sink_tokens (`int`): first tokens of each sequence kept exact (attention sink), 0..64.
+        qnorm (`bool`): apply Q-Norm (calibrated mean/std correction folded into the lookup table).
+        backend (`str`): "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
+        block_size (`int`): capacity grows in blocks of this many tokens.
+        signposts (`str`, optional): folder written by `calibrate.py` (its `nuqX` subfolder or the
+            parent holding `nuq{bits}`); None means uncalibrated (NormalFloat table, key ranges
+            taken from the prompt).
+    """
+
+    bits: int = 4
+    key_bits: int | None = None
+    value_bits: int | None = None
+    outlier_fraction: float = 0.01
+    outlier_slots: int | None = None
+    sink_tokens: int = 1
+    qnorm: bool = False
+    backend: str = "auto"
+    block_size: int = 256
+    signposts: str | None = None
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.key_bits is None:
+            self.key_bits = self.bits
+        if self.value_bits is None:
+            self.value_bits = self.bits
+        for name in ("bits", "key_bits", "value_bits"):
+            value = getattr(self, name)
+            if value not in SUPPORTED_BITS:
+                raise KVQuantConfigError(
+                    f"{name}={value!r} is not supported; choose one of {SUPPORTED_BITS} (nuq2, nuq3, nuq4)."
+                )
+        if not isinstance(self.outlier_fraction, (int, float)) or not 0.0 <= self.outlier_fraction <= 0.1:
+            raise KVQuantConfigError(
+                f"outlier_fraction={self.outlier_fraction!r} is out of range; use a fraction in [0, 0.1] "
+                "(0.01 means 1% of values are stored exactly)."
+            )
+        if self.outlier_slots is not None and (
+            not isinstance(self.outlier_slots, int) or not 0 <= self.outlier_slots <= MAX_OUTLIER_SLOTS
+        ):
+            raise KVQuantConfigError(
+                f"outlier_slots={self.outlier_slots!r} is out of range; use an integer in [0, {MAX_OUTLIER_SLOTS}] "
+                "or None for ceil(outlier_fraction * head_dim)."
+            )
+        if not isinstance(self.sink_tokens, int) or not 0 <= self.sink_tokens <= MAX_SINK_TOKENS:
+            raise KVQuantConfigError(
+                f"sink_tokens={self.sink_tokens!r} is out of range; use an integer in [0, {MAX_SINK_TOKENS}]."
+            )
+        if self.backend not in SUPPORTED_BACKENDS:
+            raise KVQuantConfigError(
+                f"backend={self.backend!r} is not supported; choose one of {SUPPORTED_BACKENDS}."
+            )
+        if not isinstance(self.block_size, int) or self.block_size < 16 or self.block_size % 16:
+            raise KVQuantConfigError(
+                f"block_size={self.block_size!r} is invalid; use a positive multiple of 16 (default 256)."
+            )
+
+    def slots_for(self, head_dim: int) -> int:
+        """Outlier slots per token and head for this head_dim."""
+        if self.outlier_slots is not None:
+            return self.outlier_slots
+        return default_outlier_slots(self.outlier_fraction, head_dim)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "KVQuantConfig":
+        """Build from a `cache_config` dict; unknown keys raise an error listing the allowed ones."""
+        if isinstance(values, KVQuantConfig):
+            return values
+        if not isinstance(values, dict):
+            raise KVQuantConfigError(
+                f"cache_config must be a dict or a KVQuantConfig, got {type(values).__name__}."
+            )
+        allowed = [f.name for f in fields(cls) if f.name != "extra"]
+        unknown = sorted(set(values) - set(allowed))
+        if unknown:
+            raise KVQuantConfigError(
+                f"unknown cache_config key(s) {unknown}; allowed keys are {allowed}."
+            )
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("extra", None)
+        return out
