@@ -1,0 +1,135 @@
+"""Shared setup for the GPU benchmarks: model shapes with random weights, timing, result files."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+
+import torch
+
+#: Published shapes; weights are random (speed/memory only, never accuracy).
+SHAPES = {
+    "llama3-8b": dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
+        max_position_embeddings=131072,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+    ),
+    "llama2-7b": dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, head_dim=128, rope_theta=10000.0,
+        max_position_embeddings=4096,
+    ),
+    "mistral-7b": dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=1000000.0,
+        max_position_embeddings=32768, sliding_window=None,
+    ),
+}
+
+
+def make_config(shape: str, num_layers: int | None = None):
+    """A transformers config of a published shape (optionally fewer layers)."""
+    from transformers import LlamaConfig, MistralConfig
+
+    kwargs = dict(SHAPES[shape])
+    if num_layers is not None:
+        kwargs["num_hidden_layers"] = num_layers
+    cls = MistralConfig if shape.startswith("mistral") else LlamaConfig
+    rope = dict(kwargs.pop("rope_scaling", None) or {"rope_type": "default"})
+    rope["rope_theta"] = kwargs.pop("rope_theta")
+    return cls(**kwargs, rope_parameters=rope)  # transformers 5.x names RoPE settings `rope_parameters`
+
+
+def random_model(shape: str, dtype=torch.bfloat16, device="cuda", num_layers: int | None = None,
+                 attn_implementation: str = "sdpa"):
+    """A causal LM of ``shape`` with random weights, built directly on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = make_config(shape, num_layers)
+    cfg._attn_implementation = attn_implementation
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn_implementation)
+    return model.eval()
+
+
+def cuda_time_ms(fn, warmup: int = 2, iters: int = 5) -> float:
+    """Median wall time of ``fn()`` in ms measured with CUDA events (one event pair per call)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
+    """Measured device-to-device copy bandwidth (bytes read + written per second), GB/s."""
+    import triton.testing
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=100)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def environment() -> dict:
+    """Device and library versions for result files."""
+    import transformers
+    import triton
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+    }
+
+
+def results_dir() -> str:
+    """$OUT on the device machine, else benchmarks/results/."""
+    out = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
+    os.makedirs(out, exist_ok=True)
+    return out
+
+
+def write_results(name: str, rows: list[dict], markdown: str, meta: dict | None = None) -> str:
+    """Write ``name.json`` (rows + environment) and ``name.md``; returns the markdown path."""
+    out = results_dir()
+    env = environment()
+    if meta:
+        env.update(meta)
+    with open(os.path.join(out, f"{name}.json"), "w") as fh:
+        json.dump({"environment": env, "rows": rows}, fh, indent=2)
+    header = "\n".join(f"- {k}: `{v}`" if k == "command" else f"- {k}: {v}" for k, v in env.items())
+    path = os.path.join(out, f"{name}.md")
+    with open(path, "w") as fh:
+        fh.write(markdown.rstrip() + "\n\n## Environment\n" + header + "\n")
+    return path
+
+
+def md_table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for c in columns:
+            v = row.get(c, "")
+            cells.append(f"{v:.3f}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
