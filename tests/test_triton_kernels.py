@@ -1,0 +1,317 @@
+"""Triton kernels under the interpreter (CPU): pack-on-append bit-identical to ``kvquant_hf.quant`` and the
+fused packed attention against ``kvquant_hf.attention.packed_attention_torch``.
+
+``TRITON_INTERPRET=1`` must be set before the kernels are decorated; if another test module imported
+``triton_kernels`` first without it, the kernel modules are reloaded here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+import triton_kernels.decode_attention as _da  # noqa: E402
+import triton_kernels.quantize as _qz  # noqa: E402
+from kvquant_hf import quant  # noqa: E402
+from kvquant_hf.attention import PackedKV, packed_attention_torch  # noqa: E402
+
+_interpreted = triton.runtime.interpreter.InterpretedFunction
+if os.environ.get("TRITON_INTERPRET") != "1" or not isinstance(triton.language.standard.sum, _interpreted):
+    # triton reads the flag when it is first imported (tests/conftest.py sets it on machines without a GPU)
+    pytest.skip("run with TRITON_INTERPRET=1 set before triton is imported (Triton interpreter on CPU)",
+                allow_module_level=True)
+if not isinstance(_qz._quantize_keys_kernel, _interpreted):  # imported earlier without the flag
+    _qz = importlib.reload(_qz)
+    _da = importlib.reload(_da)
+
+quantize_keys_triton = _qz.quantize_keys_triton
+quantize_values_triton = _qz.quantize_values_triton
+packed_attention_triton = _da.packed_attention_triton
+
+
+def test_shared_constants_match_quant():
+    assert _qz.UNUSED_SLOT == quant.UNUSED_SLOT
+    assert _qz.MIN_SCALE == quant.MIN_SCALE == _da.MIN_SCALE
+
+
+# ----------------------------------------------------------------------------------------------
+# quantize kernels: bit identity
+# ----------------------------------------------------------------------------------------------
+def _key_setup(b, h, s, d, bits, dtype, seed, ties=False):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(b, h, s, d, generator=g) * 2
+    k[..., 3] += 4.0  # an outlier channel
+    if ties:
+        k = torch.round(k * 2) / 2  # many equal values and equal excesses
+    k = k.to(dtype)
+    lut = quant.normal_float_signposts(bits)
+    lo, hi = quant.key_thresholds_from_sample(torch.randn(b, h, 64, d, generator=g) * 2, 0.05)
+    if ties:
+        lo, hi = torch.round(lo), torch.round(hi)
+    return k, lut, lo, hi
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("n_slots", [0, 2])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_quantize_keys_bit_identical(bits, d, n_slots, dtype):
+    k, lut, lo, hi = _key_setup(2, 3, 21, d, bits, dtype, seed=bits * 7 + d + n_slots)
+    ref = quant.quantize_keys(k, lut, lo, hi, n_slots, bits)
+    counter = torch.zeros(1, dtype=torch.int32)
+    got = quantize_keys_triton(k, lut, lo, hi, n_slots, bits, clip_counter=counter)
+    assert torch.equal(got.codes, ref.codes)
+    assert torch.equal(got.out_idx, ref.out_idx)
+    assert torch.equal(got.out_val, ref.out_val) and got.out_val.dtype == dtype
+    assert int(counter) == ref.n_clipped
+    if n_slots:
+        assert (ref.out_idx != quant.UNUSED_SLOT).any()  # the test really exercises slots
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_quantize_keys_ties_and_one_token(bits):
+    k, lut, lo, hi = _key_setup(1, 2, 9, 64, bits, torch.float32, seed=3, ties=True)
+    for s in (1, 9):
+        ref = quant.quantize_keys(k[:, :, :s], lut, lo, hi, 3, bits)
+        got = quantize_keys_triton(k[:, :, :s], lut, lo, hi, 3, bits)
+        assert torch.equal(got.codes, ref.codes)
+        assert torch.equal(got.out_idx, ref.out_idx)
+        assert torch.equal(got.out_val, ref.out_val)
+
+
+def test_quantize_keys_writes_in_place_at_offset():
+    b, h, s, d, bits, n_slots, cap, start = 2, 2, 5, 64, 3, 2, 16, 7
+    k, lut, lo, hi = _key_setup(b, h, s, d, bits, torch.float16, seed=11)
+    k_bshd = k.transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous input
+    codes = torch.full((b, h, cap, d * bits // 8), 0xAB, dtype=torch.uint8)
+    oval = torch.full((b, h, cap, n_slots), -7.0, dtype=torch.float16)
+    oidx = torch.full((b, h, cap, n_slots), 0xCD, dtype=torch.uint8)
+    zero, scale = quant.key_zero_scale(lo, hi)
+    got = quantize_keys_triton(k_bshd, lut, lo, hi, n_slots, bits, out=(codes, oval, oidx), start=start,
+                               k_zero=zero, k_scale=scale)
+    ref = quant.quantize_keys(k, lut, lo, hi, n_slots, bits)
+    assert got.codes.data_ptr() == codes[:, :, start].data_ptr()
+    assert torch.equal(codes[:, :, start:start + s], ref.codes)
+    assert torch.equal(oidx[:, :, start:start + s], ref.out_idx)
+    assert torch.equal(oval[:, :, start:start + s], ref.out_val)
+    untouched = torch.ones(cap, dtype=torch.bool)
+    untouched[start:start + s] = False
+    assert (codes[:, :, untouched] == 0xAB).all() and (oidx[:, :, untouched] == 0xCD).all()
+    assert (oval[:, :, untouched] == -7.0).all()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("n_slots", [0, 1, 2, 5])
+def test_quantize_values_bit_identical(bits, d, n_slots):
+    g = torch.Generator().manual_seed(bits * 13 + d + n_slots)
+    for dtype in (torch.float16, torch.float32):
+        v = (torch.randn(2, 3, 19, d, generator=g) * 3).to(dtype)
+        v[0, 0, 0] = 1.5  # constant vector: scale floor
+        lut = quant.normal_float_signposts(bits)
+        ref = quant.quantize_values(v, lut, n_slots, bits)
+        got = quantize_values_triton(v, lut, n_slots, bits)
+        for f in ("codes", "scale", "zero", "out_val", "out_idx"):
+            assert torch.equal(getattr(got, f), getattr(ref, f)), (f, dtype)
+        assert got.scale.dtype == quant.value_scale_dtype(dtype)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_quantize_values_ties_in_place(bits):
+    """Integer-valued vectors: many equal extremes, so the stable-sort tie rules decide the slots."""
+    b, h, s, d, n_slots, cap, start = 1, 2, 11, 64, 3, 20, 4
+    g = torch.Generator().manual_seed(bits)
+    v = torch.randint(-3, 4, (b, h, s, d), generator=g).to(torch.float16)
+    lut = quant.uniform_signposts(bits)
+    sd = quant.value_scale_dtype(v.dtype)
+    out = (
+        torch.zeros(b, h, cap, d * bits // 8, dtype=torch.uint8),
+        torch.zeros(b, h, cap, dtype=sd),
+        torch.zeros(b, h, cap, dtype=sd),
+        torch.zeros(b, h, cap, n_slots, dtype=v.dtype),
+        torch.zeros(b, h, cap, n_slots, dtype=torch.uint8),
+    )
+    got = quantize_values_triton(v, lut, n_slots, bits, out=out, start=start)
+    ref = quant.quantize_values(v, lut, n_slots, bits)
+    for f in ("codes", "scale", "zero", "out_val", "out_idx"):
+        assert torch.equal(getattr(got, f), getattr(ref, f)), f
+    assert (out[0][:, :, :start] == 0).all() and (out[0][:, :, start + s:] == 0).all()
+
+
+def test_quantize_launchers_validate():
+    k, lut, lo, hi = _key_setup(1, 2, 3, 64, 4, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="bits"):
+        quantize_keys_triton(k, quant.normal_float_signposts(3), lo, hi, 1, 5)
+    with pytest.raises(ValueError, match="lookup table"):
+        quantize_keys_triton(k, quant.normal_float_signposts(3), lo, hi, 1, 4)
+    with pytest.raises(ValueError, match="thresholds"):
+        quantize_keys_triton(k, lut, lo[:1], hi[:1], 1, 4)
+    with pytest.raises(ValueError, match="head_dim"):
+        quantize_keys_triton(k[..., :48], lut, lo[:, :48], hi[:, :48], 1, 4)
+    with pytest.raises(ValueError, match="capacity"):
+        dest = (torch.zeros(1, 2, 4, 32, dtype=torch.uint8), torch.zeros(1, 2, 4, 1), torch.zeros(1, 2, 4, 1, dtype=torch.uint8))
+        quantize_keys_triton(k, lut, lo, hi, 1, 4, out=dest, start=2)
+    with pytest.raises(ValueError, match="dtype"):
+        dest = (torch.zeros(1, 2, 4, 32, dtype=torch.uint8), torch.zeros(1, 2, 4, 1, dtype=torch.float16),
+                torch.zeros(1, 2, 4, 1, dtype=torch.uint8))
+        quantize_keys_triton(k, lut, lo, hi, 1, 4, out=dest)
+    with pytest.raises(ValueError, match="n_slots"):
+        quantize_values_triton(k[..., :16], quant.normal_float_signposts(4), 8, 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# fused attention vs the torch reference
+# ----------------------------------------------------------------------------------------------
+def _make_packed(b, h, length, d, kbits, vbits, n_slots, dtype, seed, cap_extra=5, positions=None):
+    g = torch.Generator().manual_seed(seed)
+    cap = length + cap_extra
+    k = torch.randn(b, h, cap, d, generator=g) * 2
+    v = torch.randn(b, h, cap, d, generator=g)
+    if n_slots:
+        k[..., 5] *= 4  # outlier channel for the keys
+    klut = quant.normal_float_signposts(kbits)
+    vlut = quant.normal_float_signposts(vbits)
+    lo, hi = quant.key_thresholds_from_sample(k, 0.02)
+    pk = quant.quantize_keys(k.to(dtype), klut, lo, hi, n_slots, kbits)
+    pv = quant.quantize_values(v.to(dtype), vlut, n_slots, vbits)
+    zero, scale = quant.key_zero_scale(lo, hi)
+    if positions is None:
+        positions = torch.arange(cap, dtype=torch.int32)[None].repeat(b, 1) + 3
+    return PackedKV(pk.codes, pk.out_val, pk.out_idx, pv.codes, pv.scale, pv.zero, pv.out_val, pv.out_idx,
+                    klut, vlut, zero, scale, positions.to(torch.int32), length, kbits, vbits, d)
+
+
+def _inv_freq(d, base=10000.0):
+    return 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+
+
+# (bits, group, d, length, q_len, exact, slots, hist, window, splits, dtype, kv_heads, batch)
+CASES = [
+    (4, 1, 64, 1, 1, 0, 2, False, None, None, torch.float32, 2, 1),  # one history token, no exact block
+    (4, 4, 128, 150, 1, 3, 2, False, None, 3, torch.float32, 2, 1),  # decode with sink + new token
+    (3, 4, 64, 70, 1, 2, 1, True, None, 8, torch.float32, 1, 2),  # empty splits, left padding
+    (2, 8, 64, 33, 1, 0, 0, False, None, 2, torch.float16, 1, 1),  # shorter than a block, fp16, no slots
+    (3, 1, 128, 100, 3, 4, 2, True, 40, 3, torch.float32, 1, 2),  # prefill chunk over history, window
+    (2, 4, 64, 130, 2, 5, 1, False, 25, None, torch.float16, 2, 1),  # default splits, window
+    (4, 8, 128, 64, 1, 1, 0, True, None, 1, torch.float16, 1, 2),  # exactly one block, one split
+    (4, 2, 32, 45, 5, 6, 1, False, None, 2, torch.float32, 2, 1),  # Lq > 1 and group 2 (rows = 10)
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}g{c[1]}d{c[2]}L{c[3]}q{c[4]}e{c[5]}s{c[6]}")
+def test_packed_attention_matches_reference(case):
+    bits, group, d, length, lq, e, slots, hist, window, splits, dtype, h, b = case
+    seed = sum(c if isinstance(c, int) else 0 for c in case)
+    g = torch.Generator().manual_seed(seed)
+    packed = _make_packed(b, h, length, d, bits, bits, slots, dtype, seed)
+    q = (torch.randn(b, h * group, lq, d, generator=g)).to(dtype)
+    ek = torch.randn(b, h, e, d, generator=g).to(dtype)
+    ev = torch.randn(b, h, e, d, generator=g).to(dtype)
+    em = (torch.rand(b, lq, e, generator=g) > 0.3) if e else None
+    if em is not None:
+        em[:, :, -1] = True  # every row sees at least its own token
+    q_pos = packed.positions[:, length - 1:length].long() + 1 + torch.arange(lq)[None]
+    kw = dict(scaling=d ** -0.5, inv_freq=_inv_freq(d), attention_scaling=1.0 if e % 2 else 1.25)
+    if hist:
+        kw["hist_start"] = torch.tensor([0, min(length - 1, 37)][:b] if b > 1 else [min(length - 1, 7)])
+    if window is not None:
+        kw.update(q_positions=q_pos, window=window)
+    ref = packed_attention_torch(q, packed, ek, ev, em, **kw)
+    got = packed_attention_triton(q, packed, ek, ev, em, num_splits=splits, **kw)
+    assert got.dtype == dtype and got.shape == q.shape
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), ref.float(), atol=tol, rtol=tol)
+    rel = (got.float() - ref.float()).norm() / ref.float().norm()
+    assert rel < (1e-5 if dtype == torch.float32 else 5e-3)
+
+
+@pytest.mark.parametrize("bits", [(2, 4), (4, 3)])
+def test_packed_attention_irregular_positions_and_mixed_bits(bits):
+    """Positions with gaps and reversals: blocks that are not consecutive take the exact-RoPE path."""
+    kb, vb = bits
+    b, h, group, d, length = 2, 2, 4, 64, 140
+    g = torch.Generator().manual_seed(kb * 10 + vb)
+    cap = length + 5
+    pos = torch.arange(cap)[None].repeat(b, 1) * 3 + 1000  # strided positions (non-consecutive)
+    pos[1, 64:128] = torch.arange(64).flip(0)  # reversed block for the second sequence
+    pos[0, 70] = 5  # one odd token in an otherwise consecutive block
+    pos[0, 64:70] = torch.arange(6) + 2000
+    packed = _make_packed(b, h, length, d, kb, vb, 2, torch.float32, 5, positions=pos)
+    q = torch.randn(b, h * group, 1, d, generator=g)
+    ek = torch.randn(b, h, 2, d, generator=g)
+    ev = torch.randn(b, h, 2, d, generator=g)
+    kw = dict(scaling=d ** -0.5, inv_freq=_inv_freq(d, 500000.0), attention_scaling=1.0)
+    ref = packed_attention_torch(q, packed, ek, ev, None, **kw)
+    got = packed_attention_triton(q, packed, ek, ev, None, num_splits=2, **kw)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_packed_attention_large_positions():
+    """Positions near 500K: the fast path (R(p0) on queries) and the reduced cos/sin stay accurate."""
+    b, h, group, d, length = 1, 1, 4, 128, 96
+    pos = torch.arange(length + 5)[None] + 500_000
+    packed = _make_packed(b, h, length, d, 4, 4, 2, torch.float32, 9, positions=pos)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(b, h * group, 1, d, generator=g) * 2
+    ek = torch.zeros(b, h, 0, d)
+    kw = dict(scaling=d ** -0.5, inv_freq=_inv_freq(d, 500000.0), attention_scaling=1.0)
+    ref = packed_attention_torch(q, packed, ek, ek, None, **kw)
+    got = packed_attention_triton(q, packed, ek, ek, None, num_splits=2, **kw)
+    # the reference rounds pos * inv_freq to float32 (angle error up to ~0.03 rad at 5e5)
+    assert ((got - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_packed_attention_without_history_and_fully_masked_rows():
+    b, h, group, d, e = 2, 2, 2, 64, 4
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(b, h * group, 2, d, generator=g)
+    ek = torch.randn(b, h, e, d, generator=g)
+    ev = torch.randn(b, h, e, d, generator=g)
+    em = torch.ones(b, 2, e, dtype=torch.bool)
+    em[1, 0] = False  # nothing visible for this row: output 0 like the reference
+    kw = dict(scaling=0.125, inv_freq=_inv_freq(d))
+    empty = _make_packed(b, h, 0, d, 4, 4, 1, torch.float32, 0)
+    for packed in (None, empty):
+        ref = packed_attention_torch(q, packed, ek, ev, em, **kw)
+        got = packed_attention_triton(q, packed, ek, ev, em, **kw)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        assert (got[1, :, 0] == 0).all()
+
+
+def test_packed_attention_tiny_head_dim_without_dot():
+    """head_dim 16 (tiny test models): the RoPE halves are 8 wide, below tl.dot's minimum."""
+    packed = _make_packed(1, 2, 40, 16, 4, 2, 1, torch.float32, 2)
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 4, 1, 16, generator=g)
+    ek = torch.randn(1, 2, 1, 16, generator=g)
+    kw = dict(scaling=0.25, inv_freq=_inv_freq(16))
+    ref = packed_attention_torch(q, packed, ek, ek, None, **kw)
+    got = packed_attention_triton(q, packed, ek, ek, None, num_splits=2, **kw)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_attention_validates():
+    packed = _make_packed(1, 2, 10, 64, 4, 4, 1, torch.float32, 0)
+    q = torch.randn(1, 4, 1, 64)
+    ek = torch.randn(1, 2, 1, 64)
+    kw = dict(scaling=0.125, inv_freq=_inv_freq(64))
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        packed_attention_triton(torch.randn(1, 3, 1, 64), packed, ek, ek, None, **kw)
+    with pytest.raises(ValueError, match="q_positions"):
+        packed_attention_triton(q, packed, ek, ek, None, window=4, **kw)
+    with pytest.raises(ValueError, match="exact_mask"):
+        packed_attention_triton(q, packed, ek, ek, torch.ones(1, 1, 2, dtype=torch.bool), **kw)
+    with pytest.raises(ValueError, match="inv_freq"):
+        packed_attention_triton(q, packed, ek, ek, None, scaling=0.125, inv_freq=_inv_freq(32))
+    bad = PackedKV(**{**packed.__dict__, "positions": packed.positions.long()})
+    with pytest.raises(ValueError, match="positions"):
+        packed_attention_triton(q, bad, ek, ek, None, **kw)
+    with pytest.raises(ValueError, match="capacity"):
+        packed_attention_triton(q, PackedKV(**{**packed.__dict__, "length": 99}), ek, ek, None, **kw)

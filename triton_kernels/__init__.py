@@ -1,0 +1,20 @@
+"""Triton kernels of kvquant_hf: pack-on-append quantization and attention over the packed cache.
+
+The kernels work on plain tensors and never import transformers. Their single source of truth for
+the math is :mod:`kvquant_hf.quant` (bit packing, normalization, outlier slots) and the torch
+reference attention in :mod:`kvquant_hf.attention`.
+
+Set ``TRITON_INTERPRET=1`` *before* importing these modules to run them on CPU tensors (tests).
+"""
+
+from .decode_attention import default_num_splits, packed_attention_triton
+from .quantize import KeyCodes, ValueCodes, quantize_keys_triton, quantize_values_triton
+
+__all__ = [
+    "KeyCodes",
+    "ValueCodes",
+    "default_num_splits",
+    "packed_attention_triton",
+    "quantize_keys_triton",
+    "quantize_values_triton",
+]

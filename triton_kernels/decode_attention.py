@@ -1,0 +1,576 @@
+"""Split-K flash decoding over the packed KVQuant cache (decode and prefill chunks over a packed history).
+
+One fused kernel reads the packed history once per KV head: per block of ``BLOCK_N`` tokens it unpacks
+the 2/3/4-bit key codes (each RoPE half separately: channels ``[0, D/2)`` and ``[D/2, D)`` start on a
+byte boundary), looks them up in the signpost table, scales them per channel, replaces the outlier
+slots, applies RoPE with the token positions, scores all query rows of the GQA group at once
+(``tl.dot``), runs an online softmax, dequantizes the values (per-token scale/zero + slots) and
+accumulates. A second kernel merges the splits and attends to the exact block (attention-sink tokens
+and the new tokens, float keys already rotated).
+
+RoPE on the fly. ``cos/sin(pos * inv_freq)`` per element would make the kernel compute-bound, so for
+a block whose positions are consecutive (``pos[j] = p0 + j``: the normal case) the rotation is split
+as ``R(p0 + j) = R(p0) R(j)``: ``R(j)`` is a ``[BLOCK_N, D/2]`` table computed once per program and
+``R(p0)^T`` is applied to the (few) query rows instead of the keys, since
+``q . R(p0) R(j) k = (R(p0)^T q) . (R(j) k)``. Blocks with other positions (padding boundaries,
+reordered caches) rotate each key exactly. Large angles are reduced to ``[-pi, pi]`` with a three-term
+Cody-Waite reduction before ``cos``/``sin``.
+
+The torch reference with the same contract is :func:`kvquant_hf.attention.packed_attention_torch`.
+This module imports only torch and triton.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+NEG_BIG = -1.0e30  # running-max init and the log-sum-exp of an empty split (finite: no inf - inf)
+MIN_SCALE = 6.103515625e-05  # == kvquant_hf.quant.MIN_SCALE
+
+_TWO_PI = 2.0 * math.pi
+_C1 = float(torch.tensor(_TWO_PI, dtype=torch.float32))
+_C2 = float(torch.tensor(_TWO_PI - _C1, dtype=torch.float32))
+_C3 = float(torch.tensor(_TWO_PI - _C1 - _C2, dtype=torch.float32))
+_TWO_PI_C1 = tl.constexpr(_C1)
+_TWO_PI_C2 = tl.constexpr(_C2)
+_TWO_PI_C3 = tl.constexpr(_C3)
+_INV_TWO_PI = tl.constexpr(1.0 / _TWO_PI)
+
+
+# ----------------------------------------------------------------------------------------------
+# device helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _cos_sin(angle):
+    """cos/sin of float32 angles of any size (Cody-Waite reduction to [-pi, pi], error ~3e-7 rad)."""
+    k = tl.floor(angle * _INV_TWO_PI + 0.5)
+    r = tl.fma(-k, _TWO_PI_C1, angle)
+    r = tl.fma(-k, _TWO_PI_C2, r)
+    r = tl.fma(-k, _TWO_PI_C3, r)
+    return tl.cos(r), tl.sin(r)
+
+
+@triton.jit
+def _mm(a, b, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
+    """``a [M, K] @ b [K, N]`` in float32; ``tl.dot`` when every dim is >= 16, else broadcast-sum."""
+    if USE_DOT:
+        if IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        else:
+            return tl.dot(a, b)
+    else:
+        return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+
+
+@triton.jit
+def _unpack_codes(rows, row_mask, BITS: tl.constexpr, N: tl.constexpr):
+    """Unpack ``N`` little-endian ``BITS``-bit codes starting at byte pointers ``rows`` [BLOCK_N, 1].
+
+    Returns int32 ``[BLOCK_N, N]``. ``N % 8 == 0`` so the segment starts on a byte boundary.
+    """
+    if BITS == 4:
+        byt = tl.load(rows + tl.arange(0, N // 2)[None, :], mask=row_mask, other=0).to(tl.int32)
+        codes = tl.interleave(byt & 15, byt >> 4)
+    elif BITS == 2:
+        byt = tl.load(rows + tl.arange(0, N // 4)[None, :], mask=row_mask, other=0).to(tl.int32)
+        codes = tl.interleave(tl.interleave(byt & 3, (byt >> 4) & 3), tl.interleave((byt >> 2) & 3, byt >> 6))
+    else:
+        # 8 codes in 3 bytes: one 24-bit word per group
+        grp = (tl.arange(0, N // 8) * 3)[None, :]
+        b0 = tl.load(rows + grp, mask=row_mask, other=0).to(tl.int32)
+        b1 = tl.load(rows + grp + 1, mask=row_mask, other=0).to(tl.int32)
+        b2 = tl.load(rows + grp + 2, mask=row_mask, other=0).to(tl.int32)
+        w = b0 | (b1 << 8) | (b2 << 16)
+        codes = tl.interleave(
+            tl.interleave(tl.interleave(w & 7, (w >> 12) & 7), tl.interleave((w >> 6) & 7, (w >> 18) & 7)),
+            tl.interleave(tl.interleave((w >> 3) & 7, (w >> 15) & 7), tl.interleave((w >> 9) & 7, (w >> 21) & 7)),
+        )
+    return codes
+
+
+@triton.jit
+def _replace_slots(x, ch, oval_rows, oidx_rows, row_mask, N_SLOTS: tl.constexpr):
+    """Replace ``x [BLOCK_N, N]`` (channels ``ch [N]``) by the exact outlier values named in the slots."""
+    for s in tl.static_range(N_SLOTS):
+        idx = tl.load(oidx_rows + s, mask=row_mask, other=255).to(tl.int32)  # [BLOCK_N, 1]
+        val = tl.load(oval_rows + s, mask=row_mask, other=0.0).to(tl.float32)
+        x = tl.where(ch[None, :] == idx, val, x)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# stage 1: one split of the packed history
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _packed_attn_split_kernel(
+    q_ptr,  # [B, Hq, Lq, D] queries (RoPE applied)
+    kc_ptr,  # uint8 [B, H, cap, D*K_BITS/8]   (last dim contiguous, as for every cache tensor)
+    kov_ptr,  # [B, H, cap, K_SLOTS] model dtype
+    koi_ptr,  # uint8 [B, H, cap, K_SLOTS]
+    vc_ptr,  # uint8 [B, H, cap, D*V_BITS/8]
+    vs_ptr,  # fp16/bf16 [B, H, cap]
+    vz_ptr,  # fp16/bf16 [B, H, cap]
+    vov_ptr,  # [B, H, cap, V_SLOTS]
+    voi_ptr,  # uint8 [B, H, cap, V_SLOTS]
+    klut_ptr,  # f32 [2**K_BITS]
+    vlut_ptr,  # f32 [2**V_BITS]
+    kzero_ptr,  # f32 [H, D] contiguous
+    kscale_ptr,  # f32 [H, D] contiguous
+    pos_ptr,  # int32 [B, cap]
+    inv_freq_ptr,  # f32 [D/2]
+    hist_ptr,  # int32 [B] first visible history token (HAS_HIST)
+    qpos_ptr,  # int [B, Lq] query positions (HAS_WINDOW)
+    o_ptr,  # f32 [B, H, NUM_SPLITS, M_PAD, D] normalized partial outputs
+    lse_ptr,  # f32 [B, H, NUM_SPLITS, M_PAD] log2-sum-exp of each split (NEG_BIG if empty)
+    L,  # history tokens held
+    LQ,  # query rows per head
+    H,  # kv heads
+    NUM_MB,  # row blocks per kv head
+    NUM_SPLITS,
+    qk_scale,  # scaling * attention_scaling * log2(e)
+    window,
+    stride_qb, stride_qh, stride_ql, stride_qd,
+    stride_kcb, stride_kch, stride_kct,
+    stride_kvb, stride_kvh, stride_kvt,
+    stride_kib, stride_kih, stride_kit,
+    stride_vcb, stride_vch, stride_vct,
+    stride_vsb, stride_vsh, stride_vst,
+    stride_vzb, stride_vzh, stride_vzt,
+    stride_vvb, stride_vvh, stride_vvt,
+    stride_vib, stride_vih, stride_vit,
+    stride_pb, stride_pt,
+    stride_qpb, stride_qpl,
+    HEAD_DIM: tl.constexpr,
+    GROUP: tl.constexpr,
+    K_BITS: tl.constexpr,
+    V_BITS: tl.constexpr,
+    K_SLOTS: tl.constexpr,
+    V_SLOTS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_HIST: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    ROPE_TABLE: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    HALF: tl.constexpr = HEAD_DIM // 2
+    pid = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    mb = pid % NUM_MB
+    bh = pid // NUM_MB
+    h = bh % H
+    b = bh // H
+    dt = q_ptr.dtype.element_ty
+
+    # query rows of this kv head: row r = lq * GROUP + g  ->  query head h * GROUP + g, query row lq
+    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < LQ * GROUP
+    lq = rows // GROUP
+    hq = h * GROUP + rows % GROUP
+    dh = tl.arange(0, HALF)
+    q_rows = q_ptr + b * stride_qb + hq[:, None] * stride_qh + lq[:, None] * stride_ql
+    q1 = tl.load(q_rows + dh[None, :] * stride_qd, mask=row_mask[:, None], other=0.0).to(tl.float32)
+    q2 = tl.load(q_rows + (dh + HALF)[None, :] * stride_qd, mask=row_mask[:, None], other=0.0).to(tl.float32)
+    freq = tl.load(inv_freq_ptr + dh)  # [HALF]
+    kz1 = tl.load(kzero_ptr + h * HEAD_DIM + dh)[None, :]
+    kz2 = tl.load(kzero_ptr + h * HEAD_DIM + HALF + dh)[None, :]
+    ks1 = tl.load(kscale_ptr + h * HEAD_DIM + dh)[None, :]
+    ks2 = tl.load(kscale_ptr + h * HEAD_DIM + HALF + dh)[None, :]
+    if HAS_WINDOW:
+        qpos = tl.load(qpos_ptr + b * stride_qpb + lq * stride_qpl, mask=row_mask, other=0).to(tl.int64)
+
+    # this split's token range (a fixed grid of NUM_SPLITS; trailing splits may be empty)
+    chunk = tl.cdiv(tl.cdiv(L, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, L)
+    if HAS_HIST:
+        lo = tl.maximum(lo, tl.load(hist_ptr + b).to(tl.int64))
+
+    jn = tl.arange(0, BLOCK_N)
+    if ROPE_TABLE:
+        jf = jn.to(tl.float32)[:, None] * freq[None, :]
+        tab_c = tl.cos(jf)  # R(j): |angle| < BLOCK_N, no reduction needed
+        tab_s = tl.sin(jf)
+
+    m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc1 = tl.zeros([BLOCK_M, HALF], tl.float32)
+    acc2 = tl.zeros([BLOCK_M, HALF], tl.float32)
+    kc_base = kc_ptr + b * stride_kcb + h * stride_kch
+    kov_base = kov_ptr + b * stride_kvb + h * stride_kvh
+    koi_base = koi_ptr + b * stride_kib + h * stride_kih
+    vc_base = vc_ptr + b * stride_vcb + h * stride_vch
+    vov_base = vov_ptr + b * stride_vvb + h * stride_vvh
+    voi_base = voi_ptr + b * stride_vib + h * stride_vih
+    for t0 in range(lo, hi, BLOCK_N):
+        offs = t0 + jn  # int64 token index
+        n_mask = offs < hi
+        nm = n_mask[:, None]
+        pos = tl.load(pos_ptr + b * stride_pb + offs * stride_pt, mask=n_mask, other=0)
+        p0 = tl.load(pos_ptr + b * stride_pb + t0 * stride_pt)
+
+        # keys: codes -> LUT -> per-channel scale/zero -> outlier slots, per RoPE half
+        kc_rows = kc_base + offs[:, None] * stride_kct
+        kov_rows = kov_base + offs[:, None] * stride_kvt
+        koi_rows = koi_base + offs[:, None] * stride_kit
+        c1 = _unpack_codes(kc_rows, nm, K_BITS, HALF)
+        c2 = _unpack_codes(kc_rows + HALF * K_BITS // 8, nm, K_BITS, HALF)
+        k1 = tl.load(klut_ptr + c1) * ks1 + kz1  # [BLOCK_N, HALF]
+        k2 = tl.load(klut_ptr + c2) * ks2 + kz2
+        k1 = _replace_slots(k1, dh, kov_rows, koi_rows, nm, K_SLOTS)
+        k2 = _replace_slots(k2, dh + HALF, kov_rows, koi_rows, nm, K_SLOTS)
+
+        # RoPE: consecutive positions use R(p0) on the queries and the R(j) table on the keys
+        consec = tl.max(tl.abs(tl.where(n_mask, pos - p0 - jn, 0)), axis=0) == 0
+        if consec:
+            c0, s0 = _cos_sin(p0.to(tl.float32) * freq)
+            qa1 = q1 * c0[None, :] + q2 * s0[None, :]
+            qa2 = q2 * c0[None, :] - q1 * s0[None, :]
+            if ROPE_TABLE:
+                cs = tab_c
+                sn = tab_s
+            else:
+                jf2 = jn.to(tl.float32)[:, None] * freq[None, :]
+                cs = tl.cos(jf2)
+                sn = tl.sin(jf2)
+        else:
+            cs, sn = _cos_sin(pos.to(tl.float32)[:, None] * freq[None, :])
+            qa1 = q1
+            qa2 = q2
+        kr1 = k1 * cs - k2 * sn
+        kr2 = k2 * cs + k1 * sn
+
+        qk = _mm(qa1.to(dt), tl.trans(kr1.to(dt)), USE_DOT, IEEE)
+        qk += _mm(qa2.to(dt), tl.trans(kr2.to(dt)), USE_DOT, IEEE)
+        qk = qk * qk_scale
+        visible = n_mask[None, :]
+        if HAS_WINDOW:
+            visible = visible & ((qpos[:, None] - pos[None, :].to(tl.int64)) < window)
+        qk = tl.where(visible, qk, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+
+        # values: codes -> LUT -> per-token scale/zero -> outlier slots
+        vc_rows = vc_base + offs[:, None] * stride_vct
+        vov_rows = vov_base + offs[:, None] * stride_vvt
+        voi_rows = voi_base + offs[:, None] * stride_vit
+        vsc = tl.load(vs_ptr + b * stride_vsb + h * stride_vsh + offs * stride_vst, mask=n_mask, other=1.0)
+        vze = tl.load(vz_ptr + b * stride_vzb + h * stride_vzh + offs * stride_vzt, mask=n_mask, other=0.0)
+        vsc = tl.maximum(vsc.to(tl.float32), MIN_SCALE)[:, None]
+        vze = vze.to(tl.float32)[:, None]
+        e1 = _unpack_codes(vc_rows, nm, V_BITS, HALF)
+        e2 = _unpack_codes(vc_rows + HALF * V_BITS // 8, nm, V_BITS, HALF)
+        v1 = tl.load(vlut_ptr + e1) * vsc + vze
+        v2 = tl.load(vlut_ptr + e2) * vsc + vze
+        v1 = _replace_slots(v1, dh, vov_rows, voi_rows, nm, V_SLOTS)
+        v2 = _replace_slots(v2, dh + HALF, vov_rows, voi_rows, nm, V_SLOTS)
+
+        pd = p.to(dt)
+        acc1 = acc1 * alpha[:, None] + _mm(pd, v1.to(dt), USE_DOT, IEEE)
+        acc2 = acc2 * alpha[:, None] + _mm(pd, v2.to(dt), USE_DOT, IEEE)
+
+    has = l_i > 0.0
+    inv_l = 1.0 / tl.where(has, l_i, 1.0)
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), NEG_BIG)
+    m_pad = NUM_MB * BLOCK_M
+    part = (bh * NUM_SPLITS + split) * m_pad + rows  # [BLOCK_M] row index into the partial buffers
+    tl.store(lse_ptr + part, lse)
+    o_rows = o_ptr + part[:, None] * HEAD_DIM
+    tl.store(o_rows + dh[None, :], acc1 * inv_l[:, None])
+    tl.store(o_rows + HALF + dh[None, :], acc2 * inv_l[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# stage 2: merge the splits and attend to the exact block
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _packed_attn_merge_kernel(
+    q_ptr,  # [B, Hq, Lq, D]
+    ek_ptr,  # [B, H, E, D] exact keys (rotated), model dtype
+    ev_ptr,  # [B, H, E, D] exact values
+    em_ptr,  # bool [B, Lq, E] (HAS_EMASK)
+    o_ptr,  # f32 [B, H, NUM_SPLITS, M_PAD, D]
+    lse_ptr,  # f32 [B, H, NUM_SPLITS, M_PAD]
+    out_ptr,  # [B, Hq, Lq, D] query dtype
+    E,
+    LQ,
+    H,
+    NUM_MB,
+    NUM_SPLITS,
+    qk_scale,  # scaling * log2(e)
+    stride_qb, stride_qh, stride_ql, stride_qd,
+    stride_ekb, stride_ekh, stride_eke, stride_ekd,
+    stride_evb, stride_evh, stride_eve, stride_evd,
+    stride_emb, stride_eml, stride_eme,
+    stride_ob, stride_oh, stride_ol, stride_od,
+    HEAD_DIM: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    HAS_EMASK: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    mb = pid % NUM_MB
+    bh = pid // NUM_MB
+    h = bh % H
+    b = bh // H
+    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < LQ * GROUP
+    lq = rows // GROUP
+    hq = h * GROUP + rows % GROUP
+    d = tl.arange(0, HEAD_DIM)
+
+    m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    m_pad = NUM_MB * BLOCK_M
+    for s in range(0, NUM_SPLITS):
+        part = (bh * NUM_SPLITS + s) * m_pad + rows
+        lse_s = tl.load(lse_ptr + part)
+        o_s = tl.load(o_ptr + part[:, None] * HEAD_DIM + d[None, :])
+        m_new = tl.maximum(m_i, lse_s)
+        alpha = tl.exp2(m_i - m_new)
+        w = tl.exp2(lse_s - m_new)
+        acc = acc * alpha[:, None] + w[:, None] * o_s
+        l_i = l_i * alpha + w
+        m_i = m_new
+
+    if E > 0:
+        edt = ek_ptr.dtype.element_ty
+        q_rows = q_ptr + b * stride_qb + hq[:, None] * stride_qh + lq[:, None] * stride_ql
+        q = tl.load(q_rows + d[None, :] * stride_qd, mask=row_mask[:, None], other=0.0).to(edt)
+        je = tl.arange(0, BLOCK_E)
+        for e0 in range(0, E, BLOCK_E):
+            e = e0 + je
+            e_mask = e < E
+            k = tl.load(
+                ek_ptr + b * stride_ekb + h * stride_ekh + e[:, None] * stride_eke + d[None, :] * stride_ekd,
+                mask=e_mask[:, None], other=0.0,
+            )
+            v = tl.load(
+                ev_ptr + b * stride_evb + h * stride_evh + e[:, None] * stride_eve + d[None, :] * stride_evd,
+                mask=e_mask[:, None], other=0.0,
+            )
+            qk = _mm(q, tl.trans(k), USE_DOT, IEEE) * qk_scale
+            visible = e_mask[None, :]
+            if HAS_EMASK:
+                em = tl.load(
+                    em_ptr + b * stride_emb + lq[:, None] * stride_eml + e[None, :] * stride_eme,
+                    mask=row_mask[:, None] & e_mask[None, :], other=0,
+                )
+                visible = visible & (em != 0)
+            qk = tl.where(visible, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, USE_DOT, IEEE)
+            m_i = m_new
+
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    out_rows = out_ptr + b * stride_ob + hq[:, None] * stride_oh + lq[:, None] * stride_ol
+    tl.store(out_rows + d[None, :] * stride_od, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# host launcher
+# ----------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 4  # interpreter: a few splits exercise the merge
+
+
+def default_num_splits(batch: int, kv_heads: int, row_blocks: int, length: int, device: torch.device,
+                       block_n: int = 64, max_splits: int = 64) -> int:
+    """Splits so that stage 1 fills the GPU about twice, bounded by the number of token blocks."""
+    programs = batch * kv_heads * row_blocks
+    want = triton.cdiv(2 * _sm_count(device), max(programs, 1))
+    return int(max(1, min(want, max_splits, triton.cdiv(max(length, 1), block_n))))
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def packed_attention_triton(
+    query: torch.Tensor,
+    packed,
+    exact_k: torch.Tensor,
+    exact_v: torch.Tensor,
+    exact_mask: torch.Tensor | None,
+    *,
+    scaling: float,
+    inv_freq: torch.Tensor,
+    attention_scaling: float = 1.0,
+    hist_start: torch.Tensor | None = None,
+    q_positions: torch.Tensor | None = None,
+    window: int | None = None,
+    num_splits: int | None = None,
+    block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    rope_table: bool = True,
+) -> torch.Tensor:
+    """Attention over ``[packed history | exact block]``: the fused Triton version of
+    :func:`kvquant_hf.attention.packed_attention_torch` (same arguments and result).
+
+    Args:
+        query (`torch.Tensor`): ``[batch_size, num_q_heads, q_len, head_dim]`` with RoPE applied
+            (fp16, bf16 or fp32).
+        packed (`PackedKV` or None): the layer's packed history (see ``kvquant_hf.attention.PackedKV``);
+            None or ``length == 0``: no history.
+        exact_k / exact_v (`torch.Tensor`): ``[batch_size, num_kv_heads, E, head_dim]`` exact keys
+            (rotated) and values (attention-sink tokens and the new tokens), ``E`` may be 0.
+        exact_mask (`torch.Tensor`, optional): bool ``[batch_size, q_len, E]``, True = attend; None = all.
+        scaling (`float`): softmax scale.
+        inv_freq (`torch.Tensor`): float32 ``[head_dim / 2]`` RoPE frequencies of the history keys.
+        attention_scaling (`float`): factor on cos/sin (1.0 except yarn/longrope).
+        hist_start (`torch.Tensor`, optional): int ``[batch_size]``; history tokens ``j < hist_start[b]``
+            are masked (left padding).
+        q_positions (`torch.Tensor`, optional): int ``[batch_size, q_len]`` positions of the query rows.
+        window (`int`, optional): sliding window: history token ``j`` is visible to row ``r`` iff
+            ``q_positions[b, r] - positions[b, j] < window`` (needs ``q_positions``).
+        num_splits (`int`, optional): split-K factor of the history (grid dimension). Fix it for
+            CUDA-graph capture; default: enough programs to fill the GPU twice.
+        block_n, num_warps, num_stages, rope_table: tuning knobs of the history kernel.
+
+    Returns:
+        `torch.Tensor`: ``[batch_size, num_q_heads, q_len, head_dim]`` in the query dtype; rows with
+        nothing visible are 0.
+    """
+    _need(query.dim() == 4, f"query must be [batch, q_heads, q_len, head_dim]; got {tuple(query.shape)}.")
+    _need(query.dtype in (torch.float16, torch.bfloat16, torch.float32),
+          f"query dtype {query.dtype} is not supported; use float16, bfloat16 or float32.")
+    bsz, hq, lq, d = query.shape
+    dev = query.device
+    _need(exact_k.dim() == 4 and exact_k.shape[0] == bsz and exact_k.shape[3] == d,
+          f"exact_k must be [batch, kv_heads, E, head_dim] = [{bsz}, H, E, {d}]; got {tuple(exact_k.shape)}.")
+    h = exact_k.shape[1]
+    e = exact_k.shape[2]
+    _need(exact_v.shape == exact_k.shape, f"exact_v shape {tuple(exact_v.shape)} != exact_k {tuple(exact_k.shape)}.")
+    _need(h > 0 and hq % h == 0, f"query heads ({hq}) must be a multiple of kv heads ({h}).")
+    _need(d >= 16 and d & (d - 1) == 0, f"head_dim={d} is not supported by the Triton kernel; use a power of two >= 16.")
+    group = hq // h
+    if exact_mask is not None:
+        _need(exact_mask.shape == (bsz, lq, e) and exact_mask.dtype == torch.bool,
+              f"exact_mask must be bool [batch, q_len, E] = {(bsz, lq, e)}; got {exact_mask.dtype} "
+              f"{tuple(exact_mask.shape)}.")
+    _need(inv_freq.shape == (d // 2,), f"inv_freq must have shape ({d // 2},); got {tuple(inv_freq.shape)}.")
+    if window is not None:
+        _need(q_positions is not None, "window needs q_positions (the positions of the query rows).")
+        _need(isinstance(window, int) and window > 0, f"window={window!r} must be a positive int.")
+    if q_positions is not None:
+        _need(q_positions.shape == (bsz, lq) and not q_positions.dtype.is_floating_point and q_positions.device == dev,
+              f"q_positions must be an integer tensor [batch, q_len] = {(bsz, lq)} on {dev}; got "
+              f"{q_positions.dtype} {tuple(q_positions.shape)} on {q_positions.device}.")
+    if hist_start is not None:
+        _need(hist_start.shape == (bsz,) and not hist_start.dtype.is_floating_point and hist_start.device == dev,
+              f"hist_start must be an integer tensor [batch] = ({bsz},) on {dev}; got {hist_start.dtype} "
+              f"{tuple(hist_start.shape)} on {hist_start.device}.")
+
+    length = 0 if packed is None else int(packed.length)
+    m_rows = group * lq
+    block_m = min(64, max(16, triton.next_power_of_2(m_rows)))
+    num_mb = triton.cdiv(m_rows, block_m)
+    ieee = query.dtype == torch.float32
+    out = torch.empty_like(query)
+
+    if length > 0:
+        kb, vb = packed.key_bits, packed.value_bits
+        _need(kb in (2, 3, 4) and vb in (2, 3, 4), f"bits must be 2, 3 or 4; got key_bits={kb}, value_bits={vb}.")
+        _need(packed.head_dim == d, f"packed head_dim {packed.head_dim} != query head_dim {d}.")
+        cap = packed.k_codes.shape[2]
+        _need(length <= cap, f"packed.length={length} exceeds the capacity {cap}.")
+        expect = {
+            "k_codes": ((bsz, h, cap, d * kb // 8), torch.uint8),
+            "v_codes": ((bsz, h, cap, d * vb // 8), torch.uint8),
+            "k_out_idx": ((bsz, h, cap, packed.k_out_idx.shape[-1]), torch.uint8),
+            "v_out_idx": ((bsz, h, cap, packed.v_out_idx.shape[-1]), torch.uint8),
+            "k_out_val": ((bsz, h, cap, packed.k_out_idx.shape[-1]), None),
+            "v_out_val": ((bsz, h, cap, packed.v_out_idx.shape[-1]), None),
+            "v_scale": ((bsz, h, cap), None),
+            "v_zero": ((bsz, h, cap), None),
+            "positions": ((bsz, cap), torch.int32),
+        }
+        for name, (shape, dtype) in expect.items():
+            t = getattr(packed, name)
+            _need(tuple(t.shape) == shape, f"packed.{name} has shape {tuple(t.shape)}, expected {shape}.")
+            _need(dtype is None or t.dtype == dtype, f"packed.{name} has dtype {t.dtype}, expected {dtype}.")
+            _need(t.device == dev, f"packed.{name} is on {t.device}, the query on {dev}.")
+            _need(t.dim() < 4 or t.shape[3] <= 1 or t.stride(3) == 1,
+                  f"packed.{name} must be contiguous in its last dimension (strides {t.stride()}).")
+        _need(packed.k_lut.shape == (2**kb,) and packed.v_lut.shape == (2**vb,), "lookup tables have wrong sizes.")
+        k_slots = packed.k_out_idx.shape[-1]
+        v_slots = packed.v_out_idx.shape[-1]
+        klut = packed.k_lut.to(dev, torch.float32).contiguous()
+        vlut = packed.v_lut.to(dev, torch.float32).contiguous()
+        kzero = packed.k_zero.to(dev, torch.float32).contiguous()
+        kscale = packed.k_scale.to(dev, torch.float32).contiguous()
+        _need(kzero.shape == (h, d) and kscale.shape == (h, d), f"k_zero/k_scale must be [{h}, {d}].")
+        freq = inv_freq.to(dev, torch.float32).contiguous()
+        if num_splits is None:
+            num_splits = default_num_splits(bsz, h, num_mb, length, dev, block_n)
+        _need(isinstance(num_splits, int) and num_splits >= 1, f"num_splits={num_splits!r} must be an int >= 1.")
+        o_part = torch.empty(bsz, h, num_splits, num_mb * block_m, d, dtype=torch.float32, device=dev)
+        lse_part = torch.empty(bsz, h, num_splits, num_mb * block_m, dtype=torch.float32, device=dev)
+        hist = hist_start if hist_start is not None else packed.positions
+        qpos = q_positions if q_positions is not None else packed.positions
+        pk = packed
+        _packed_attn_split_kernel[(bsz * h * num_mb, num_splits)](
+            query, pk.k_codes, pk.k_out_val, pk.k_out_idx, pk.v_codes, pk.v_scale, pk.v_zero,
+            pk.v_out_val, pk.v_out_idx, klut, vlut, kzero, kscale, pk.positions, freq, hist, qpos,
+            o_part, lse_part,
+            length, lq, h, num_mb, num_splits,
+            float(scaling * attention_scaling * LOG2E), int(window) if window is not None else 0,
+            *query.stride(),
+            *pk.k_codes.stride()[:3], *pk.k_out_val.stride()[:3], *pk.k_out_idx.stride()[:3],
+            *pk.v_codes.stride()[:3], *pk.v_scale.stride()[:3], *pk.v_zero.stride()[:3],
+            *pk.v_out_val.stride()[:3], *pk.v_out_idx.stride()[:3],
+            *pk.positions.stride()[:2],
+            *(qpos.stride()[:2] if q_positions is not None else (0, 0)),
+            HEAD_DIM=d, GROUP=group, K_BITS=kb, V_BITS=vb, K_SLOTS=k_slots, V_SLOTS=v_slots,
+            BLOCK_M=block_m, BLOCK_N=block_n, HAS_HIST=hist_start is not None, HAS_WINDOW=window is not None,
+            ROPE_TABLE=rope_table, USE_DOT=d // 2 >= 16, IEEE=ieee,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+    else:
+        num_splits = 0
+        o_part = torch.empty(1, dtype=torch.float32, device=dev)
+        lse_part = o_part
+
+    em = exact_mask if exact_mask is not None else out
+    ek, ev = (exact_k, exact_v) if e > 0 else (query, query)
+    block_e = min(64, max(16, triton.next_power_of_2(max(e, 1))))
+    _packed_attn_merge_kernel[(bsz * h * num_mb,)](
+        query, ek, ev, em, o_part, lse_part, out,
+        e, lq, h, num_mb, num_splits, float(scaling * LOG2E),
+        *query.stride(),
+        *(exact_k.stride() if e > 0 else (0, 0, 0, 0)),
+        *(exact_v.stride() if e > 0 else (0, 0, 0, 0)),
+        *(exact_mask.stride() if exact_mask is not None else (0, 0, 0)),
+        *out.stride(),
+        HEAD_DIM=d, GROUP=group, BLOCK_M=block_m, BLOCK_E=block_e, HAS_EMASK=exact_mask is not None,
+        USE_DOT=d >= 16 and block_e >= 16, IEEE=ieee,
+        num_warps=4,
+    )
+    return out
