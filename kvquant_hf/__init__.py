@@ -1,0 +1,81 @@
+"""kvquant_hf: KVQuant KV-cache quantization for Hugging Face transformers (arXiv 2401.18079).
+
+Importing the package registers ``cache_implementation="kvquant"`` with ``model.generate``::
+
+    import kvquant_hf
+    out = model.generate(ids, cache_implementation="kvquant", cache_config={"signposts": "S", "bits": 4})
+
+Public API: :class:`KVQuantConfig`, :class:`KVQuantCache`, :func:`patch_model`, :func:`load_signposts`,
+:func:`validate_signposts`, :func:`calibrate`, and the errors in :mod:`kvquant_hf.errors`. Heavy modules
+(calibration, Triton kernels) are imported on first use only.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .cache import KVQuantCache, KVQuantLayer, UncalibratedCacheWarning
+from .config import KVQuantConfig
+from .errors import (
+    BackendUnavailableError,
+    KVQuantConfigError,
+    KVQuantError,
+    SignpostError,
+    UnsupportedModelError,
+)
+from .generation import build_kvquant_cache, install_generate_hook
+
+__version__ = "0.1.0"
+
+install_generate_hook()
+
+# name -> module that defines it, imported on first attribute access (keeps `import kvquant_hf` light)
+_LAZY = {
+    "patch_model": ".models",
+    "unpatch_model": ".models",
+    "SUPPORTED_MODEL_TYPES": ".models",
+    "load_signposts": ".signposts",
+    "save_signposts": ".signposts",
+    "validate_signposts": ".signposts",
+    "Signposts": ".signposts",
+    "LayerSignposts": ".signposts",
+    "calibrate": ".calibration",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvquant_hf' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "BackendUnavailableError",
+    "KVQuantCache",
+    "KVQuantConfig",
+    "KVQuantConfigError",
+    "KVQuantError",
+    "KVQuantLayer",
+    "LayerSignposts",
+    "SignpostError",
+    "Signposts",
+    "UncalibratedCacheWarning",
+    "UnsupportedModelError",
+    "__version__",
+    "build_kvquant_cache",
+    "calibrate",
+    "load_signposts",
+    "patch_model",
+    "save_signposts",
+    "unpatch_model",
+    "validate_signposts",
+]

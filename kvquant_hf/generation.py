@@ -1,0 +1,204 @@
+"""``model.generate(..., cache_implementation="kvquant")``: the generate hook.
+
+transformers 5.x accepts only its built-in ``cache_implementation`` names (``GenerationConfig.validate``
+raises on others) and has no registry for new ones. :func:`install_generate_hook` (run by ``import
+kvquant_hf``) does two things:
+
+1. it adds ``"kvquant"`` to ``transformers.generation.configuration_utils.ALL_CACHE_IMPLEMENTATIONS`` so a
+   ``GenerationConfig(cache_implementation="kvquant", cache_config={...})`` can be built, saved and loaded;
+2. it wraps ``GenerationMixin.generate``: when ``"kvquant"`` is requested (as a keyword, in the passed
+   ``generation_config`` or in ``model.generation_config``), or a :class:`~kvquant_hf.cache.KVQuantCache` is
+   passed, the wrapper patches the model (:func:`kvquant_hf.models.patch_model`), builds the cache from
+   ``cache_config`` (validated by :meth:`KVQuantConfig.from_dict`; signposts loaded and checked against the
+   model), and hands it to the original ``generate`` as a user cache, under the argument name of the installed
+   transformers (``cache`` from 5.24, ``past_key_values`` before). Everything else (greedy, sampling, beam
+   search, streamers, assisted decoding, ``return_dict_in_generate``) is transformers' own code.
+
+Example:
+
+```python
+>>> import kvquant_hf  # installs the hook
+>>> out = model.generate(ids, max_new_tokens=32, cache_implementation="kvquant",
+...                      cache_config={"signposts": "signposts/llama", "bits": 4})
+```
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+
+from transformers.generation import configuration_utils as _gen_config_utils
+from transformers.generation.utils import GenerationMixin
+
+from .cache import KVQuantCache
+from .config import KVQuantConfig
+from .errors import KVQuantConfigError
+
+CACHE_IMPLEMENTATION = "kvquant"
+_CACHE_KWARGS = ("cache", "past_key_values")
+_original_generate = None
+
+
+def _cache_kwarg_name(model) -> str:
+    """The name transformers' generate and forward use for the cache: ``cache`` (>= 5.24) or ``past_key_values``."""
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def build_kvquant_cache(model, cache_config: dict | KVQuantConfig | None = None) -> KVQuantCache:
+    """Patch ``model`` and build a :class:`KVQuantCache` for it from a ``cache_config`` dict.
+
+    Args:
+        model: a Llama/Mistral ``PreTrainedModel`` (other architectures raise ``UnsupportedModelError`` listing the
+            supported model types).
+        cache_config (`dict` or `KVQuantConfig`, *optional*): :class:`KVQuantConfig` keys; ``signposts`` may be a
+            folder written by ``calibrate.py`` or a loaded ``Signposts``. Unknown keys raise an error listing the
+            allowed ones.
+
+    Returns:
+        `KVQuantCache`: empty, one layer per decoder layer, signposts validated against ``model``.
+    """
+    from .models import patch_model
+
+    config = KVQuantConfig.from_dict(dict(cache_config) if isinstance(cache_config, dict) else (cache_config or {}))
+    patch_model(model)
+    return KVQuantCache(config, model_config=model.config)
+
+
+def prepare_model_for_cache(model, cache: KVQuantCache) -> None:
+    """Patch ``model`` for a user-built ``KVQuantCache`` and check that the cache fits it."""
+    from .models import patch_model
+
+    patch_model(model)
+    text_config = model.config.get_text_config(decoder=True)
+    n_layers = text_config.num_hidden_layers
+    sp = cache.key_signposts
+    if sp is not None:
+        from .signposts import validate_signposts
+
+        validate_signposts(sp, model, cache.config.key_bits)
+        if cache.value_signposts is not sp:
+            validate_signposts(cache.value_signposts, model, cache.config.value_bits)
+    elif len(cache.layers) not in (1, n_layers) and len(cache.layers) < n_layers:
+        raise KVQuantConfigError(
+            f"the KVQuantCache has {len(cache.layers)} layers but the model has {n_layers}; build it with "
+            "KVQuantCache(config, model_config=model.config)."
+        )
+
+
+def _requested_in(generation_config) -> bool:
+    return generation_config is not None and getattr(generation_config, "cache_implementation", None) == CACHE_IMPLEMENTATION
+
+
+def _max_total_tokens(inputs, kwargs: dict) -> int | None:
+    """prompt + max_new_tokens when both are known (a capacity hint; growth handles the rest)."""
+    ids = inputs if inputs is not None else kwargs.get("input_ids")
+    max_new = kwargs.get("max_new_tokens")
+    if ids is None or max_new is None or not hasattr(ids, "shape"):
+        return None
+    return int(ids.shape[-1]) + int(max_new)
+
+
+def kvquant_generate(self, *args, **kwargs):
+    """``GenerationMixin.generate`` with ``cache_implementation="kvquant"`` support (see the module docstring)."""
+    inputs = args[0] if args else kwargs.get("inputs")
+    if len(args) > 1:  # generation_config passed positionally
+        kwargs["generation_config"] = args[1]
+        args = args[:1]
+    passed_config = kwargs.get("generation_config")
+    requested = kwargs.get("cache_implementation") == CACHE_IMPLEMENTATION
+    restore_model_config = None
+    cache_config = kwargs.pop("cache_config", None) if requested else None
+    if requested:
+        kwargs.pop("cache_implementation")
+    if _requested_in(passed_config):
+        requested = True
+        if cache_config is None:
+            cache_config = passed_config.cache_config
+        passed_config = copy.deepcopy(passed_config)
+        passed_config.cache_implementation = None
+        passed_config.cache_config = None
+        kwargs["generation_config"] = passed_config
+    elif passed_config is None and "cache_implementation" not in kwargs and _requested_in(self.generation_config):
+        requested = True
+        if cache_config is None:
+            cache_config = kwargs.pop("cache_config", None) or self.generation_config.cache_config
+        restore_model_config = (self.generation_config.cache_implementation, self.generation_config.cache_config)
+
+    user_caches = {name: kwargs[name] for name in _CACHE_KWARGS if kwargs.get(name) is not None}
+    kvquant_user = {n: c for n, c in user_caches.items() if isinstance(c, KVQuantCache)}
+    if not requested and not kvquant_user:
+        return _original_generate(self, *args, **kwargs)
+
+    name = _cache_kwarg_name(self)
+    if requested:
+        if user_caches:
+            raise KVQuantConfigError(
+                f"generate got both cache_implementation='kvquant' and a cache object ({', '.join(user_caches)}=); "
+                "pass only one: the cache object, or cache_implementation with cache_config."
+            )
+        if kwargs.get("use_cache") is False:
+            raise KVQuantConfigError("cache_implementation='kvquant' needs use_cache=True (or leave use_cache unset).")
+        cache = build_kvquant_cache(self, cache_config)
+        total = _max_total_tokens(inputs, kwargs)
+        if total is not None:
+            cache.reserve(total)
+    else:
+        if len(kvquant_user) > 1 or len(user_caches) > 1:
+            raise KVQuantConfigError("pass the cache once: either cache= or past_key_values=, not both.")
+        cache = next(iter(kvquant_user.values()))
+        prepare_model_for_cache(self, cache)
+    for n in _CACHE_KWARGS:
+        kwargs.pop(n, None)
+    kwargs[name] = cache
+
+    if restore_model_config is None:
+        return _original_generate(self, *args, **kwargs)
+    self.generation_config.cache_implementation = None
+    self.generation_config.cache_config = None
+    try:
+        return _original_generate(self, *args, **kwargs)
+    finally:
+        self.generation_config.cache_implementation, self.generation_config.cache_config = restore_model_config
+
+
+def _register_cache_name() -> None:
+    """Let ``GenerationConfig.validate`` accept ``cache_implementation="kvquant"``."""
+    names = getattr(_gen_config_utils, "ALL_CACHE_IMPLEMENTATIONS", None)
+    if isinstance(names, tuple) and CACHE_IMPLEMENTATION not in names:
+        _gen_config_utils.ALL_CACHE_IMPLEMENTATIONS = names + (CACHE_IMPLEMENTATION,)
+
+
+def install_generate_hook() -> None:
+    """Make ``generate(cache_implementation="kvquant")`` work (idempotent; run by ``import kvquant_hf``)."""
+    global _original_generate
+    current = GenerationMixin.generate
+    if getattr(current, "_kvquant_hook", False):
+        return
+    _original_generate = current
+
+    @functools.wraps(current)
+    def generate(self, *args, **kwargs):
+        return kvquant_generate(self, *args, **kwargs)
+
+    generate._kvquant_hook = True
+    GenerationMixin.generate = generate
+    _register_cache_name()
+
+
+def uninstall_generate_hook() -> None:
+    """Restore the original ``GenerationMixin.generate`` (the ``"kvquant"`` name stays registered)."""
+    if _original_generate is not None and getattr(GenerationMixin.generate, "_kvquant_hook", False):
+        GenerationMixin.generate = _original_generate
+
+
+__all__ = [
+    "CACHE_IMPLEMENTATION",
+    "build_kvquant_cache",
+    "install_generate_hook",
+    "kvquant_generate",
+    "prepare_model_for_cache",
+    "uninstall_generate_hook",
+]

@@ -1,0 +1,307 @@
+"""`generate(cache_implementation="kvquant")` and passing a KVQuantCache object (CPU, tiny random models)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import make_tiny_llama, make_tiny_mistral
+from test_cache import make_lossless, make_signposts
+from transformers import GenerationConfig
+from transformers.generation.streamers import BaseStreamer, TextStreamer
+
+import kvquant_hf
+from kvquant_hf import cache as cache_mod
+from kvquant_hf import quant
+from kvquant_hf.errors import KVQuantConfigError, SignpostError, UnsupportedModelError
+from kvquant_hf.generation import _cache_kwarg_name
+from kvquant_hf.signposts import save_signposts
+
+PROMPT = torch.tensor([[5, 17, 99, 3, 42, 8, 77, 31, 64, 12]])
+
+
+@pytest.fixture(autouse=True)
+def _quiet_uncalibrated(monkeypatch):
+    monkeypatch.setattr(cache_mod, "_UNCALIBRATED_WARNED", True)
+
+
+@pytest.fixture
+def fp32_value_scales(monkeypatch):
+    original = quant.value_scale_dtype
+    monkeypatch.setattr(quant, "value_scale_dtype", lambda dt: torch.float32 if dt == torch.float32 else original(dt))
+
+
+def _setup(model):
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def _returned_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out["past_key_values"]
+
+
+class Collect(BaseStreamer):
+    def __init__(self):
+        self.chunks = []
+        self.ended = False
+
+    def put(self, value):
+        self.chunks.append(value.flatten().tolist())
+
+    def end(self):
+        self.ended = True
+
+
+class DigitsTokenizer:
+    """Just enough of a tokenizer for TextStreamer."""
+
+    def decode(self, ids, **kwargs):
+        ids = ids.tolist() if hasattr(ids, "tolist") else ids
+        return "".join(f"<{i}>" for i in ids)
+
+
+# --------------------------------------------------------------------------------------------
+# the string form
+# --------------------------------------------------------------------------------------------
+@pytest.mark.compat
+@pytest.mark.parametrize("make", [make_tiny_llama, lambda: make_tiny_mistral(sliding_window=6)], ids=["llama", "mistral"])
+def test_lossless_greedy_generate_matches_dynamic_cache(make, fp32_value_scales):
+    model = _setup(make())
+    factory, reference = make_lossless(model)
+    _setup(reference)
+    sp = factory().key_signposts
+    want = reference.generate(PROMPT, max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    got = model.generate(
+        PROMPT, max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True,
+        cache_implementation="kvquant",
+        cache_config={"signposts": sp, "bits": 4, "outlier_slots": 15, "sink_tokens": 2},
+    )
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=2e-5, rtol=1e-4)
+    cache = _returned_cache(got)
+    assert isinstance(cache, kvquant_hf.KVQuantCache)
+    assert cache.get_seq_length() == PROMPT.shape[1] + 12 - 1
+
+
+@pytest.mark.compat
+def test_string_and_object_forms_agree_and_return_the_cache():
+    model = _setup(make_tiny_llama())
+    cfg = {"bits": 3, "sink_tokens": 1, "outlier_fraction": 0.05}
+    a = model.generate(PROMPT, max_new_tokens=6, do_sample=False, cache_implementation="kvquant", cache_config=cfg,
+                       return_dict_in_generate=True)
+    user_cache = kvquant_hf.KVQuantCache(cfg, model_config=model.config)
+    b = model.generate(PROMPT, max_new_tokens=6, do_sample=False, **{_cache_kwarg_name(model): user_cache})
+    assert torch.equal(a.sequences, b)
+    assert user_cache.get_seq_length() == PROMPT.shape[1] + 6 - 1
+    assert _returned_cache(a).config.bits == 3
+    # past_key_values= works on every supported transformers version
+    c_cache = kvquant_hf.KVQuantCache(cfg, model_config=model.config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        c = model.generate(PROMPT, max_new_tokens=6, do_sample=False, past_key_values=c_cache)
+    assert torch.equal(c, b) and c_cache.get_seq_length() == user_cache.get_seq_length()
+
+
+def test_sampling_and_num_return_sequences():
+    model = _setup(make_tiny_llama())
+    kw = {"max_new_tokens": 6, "do_sample": True, "top_k": 20, "num_return_sequences": 3, "cache_implementation": "kvquant"}
+    torch.manual_seed(0)
+    a = model.generate(PROMPT, **kw)
+    torch.manual_seed(0)
+    b = model.generate(PROMPT, **kw)
+    assert a.shape == (3, PROMPT.shape[1] + 6)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.compat
+def test_lossless_beam_search_matches_dynamic_cache(fp32_value_scales):
+    model = _setup(make_tiny_llama())
+    factory, reference = make_lossless(model)
+    _setup(reference)
+    sp = factory().key_signposts
+    kw = {"max_new_tokens": 6, "num_beams": 3, "num_return_sequences": 2, "do_sample": False}
+    want = reference.generate(PROMPT.repeat(2, 1), **kw)
+    got = model.generate(PROMPT.repeat(2, 1), cache_implementation="kvquant",
+                         cache_config={"signposts": sp, "outlier_slots": 15, "sink_tokens": 2}, **kw)
+    assert got.shape == (4, PROMPT.shape[1] + 6)
+    assert torch.equal(got, want)
+
+
+def test_beam_search_lossy_runs_and_reorders(monkeypatch):
+    model = _setup(make_tiny_llama())
+    calls = []
+    original = kvquant_hf.KVQuantCache.reorder_cache
+
+    def spy(self, beam_idx):
+        calls.append(beam_idx.clone())
+        return original(self, beam_idx)
+
+    monkeypatch.setattr(kvquant_hf.KVQuantCache, "reorder_cache", spy)
+    out = model.generate(PROMPT, max_new_tokens=5, num_beams=4, do_sample=False, cache_implementation="kvquant",
+                         cache_config={"bits": 2})
+    assert out.shape == (1, PROMPT.shape[1] + 5)
+    assert calls and all(c.shape == (4,) for c in calls)
+
+
+@pytest.mark.compat
+def test_left_padded_batch_generate_equals_prompts_alone_lossless(fp32_value_scales):
+    model = _setup(make_tiny_llama())
+    factory, _ = make_lossless(model)
+    cfg = {"signposts": factory().key_signposts, "outlier_slots": 15, "sink_tokens": 2}
+    short = PROMPT[:, 4:]
+    ids = torch.cat([PROMPT, torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    batch = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                           cache_implementation="kvquant", cache_config=cfg)
+    alone0 = model.generate(PROMPT, max_new_tokens=8, do_sample=False, cache_implementation="kvquant", cache_config=cfg)
+    alone1 = model.generate(short, max_new_tokens=8, do_sample=False, cache_implementation="kvquant", cache_config=cfg)
+    assert torch.equal(batch[0, -8:], alone0[0, -8:])
+    assert torch.equal(batch[1, -8:], alone1[0, -8:])
+
+
+def test_assisted_decoding_crops_the_cache_and_matches_dynamic_cache(monkeypatch, fp32_value_scales):
+    model = _setup(make_tiny_llama())
+    factory, reference = make_lossless(model)
+    _setup(reference)
+    assistant = _setup(make_tiny_llama(seed=5))
+    crops = []
+    original = kvquant_hf.KVQuantCache.crop
+
+    def spy(self, n):
+        crops.append(n)
+        return original(self, n)
+
+    monkeypatch.setattr(kvquant_hf.KVQuantCache, "crop", spy)
+    want = reference.generate(PROMPT, max_new_tokens=10, do_sample=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = model.generate(PROMPT, max_new_tokens=10, do_sample=False, assistant_model=assistant,
+                             cache_implementation="kvquant",
+                             cache_config={"signposts": factory().key_signposts, "outlier_slots": 15, "sink_tokens": 2})
+    assert torch.equal(got, want)
+    assert any(n < 0 for n in crops)  # rejected draft tokens were dropped from the quantized cache
+
+
+def test_streamers():
+    model = _setup(make_tiny_llama())
+    collect = Collect()
+    out = model.generate(PROMPT, max_new_tokens=5, do_sample=False, streamer=collect, cache_implementation="kvquant")
+    assert collect.ended
+    assert [t for chunk in collect.chunks for t in chunk] == out[0].tolist()
+    text = TextStreamer(DigitsTokenizer(), skip_prompt=True)
+    printed = []
+    text.on_finalized_text = lambda s, stream_end=False: printed.append(s)
+    out = model.generate(PROMPT, max_new_tokens=5, do_sample=False, streamer=text, cache_implementation="kvquant")
+    assert "".join(printed) == DigitsTokenizer().decode(out[0, PROMPT.shape[1] :])
+
+
+def test_several_generate_calls_and_stock_caches_afterwards():
+    model = _setup(make_tiny_llama())
+    stock_before = model.generate(PROMPT, max_new_tokens=5, do_sample=False)
+    first = model.generate(PROMPT, max_new_tokens=5, do_sample=False, cache_implementation="kvquant",
+                           cache_config={"bits": 4})
+    second = model.generate(PROMPT, max_new_tokens=5, do_sample=False, cache_implementation="kvquant",
+                            cache_config={"bits": 4})
+    assert torch.equal(first, second)
+    assert model._kvquant_patched
+    # the patched model still works with transformers' own caches
+    assert torch.equal(model.generate(PROMPT, max_new_tokens=5, do_sample=False), stock_before)
+    assert torch.equal(
+        model.generate(PROMPT, max_new_tokens=5, do_sample=False, cache_implementation="dynamic"), stock_before
+    )
+
+
+def test_generation_config_forms():
+    model = _setup(make_tiny_llama())
+    expected = model.generate(PROMPT, max_new_tokens=4, do_sample=False, cache_implementation="kvquant",
+                              cache_config={"bits": 3})
+    gc = GenerationConfig(max_new_tokens=4, do_sample=False, cache_implementation="kvquant", cache_config={"bits": 3},
+                          pad_token_id=0)
+    assert torch.equal(model.generate(PROMPT, generation_config=gc), expected)
+    assert gc.cache_implementation == "kvquant"  # the caller's config is not modified
+    model.generation_config.cache_implementation = "kvquant"
+    model.generation_config.cache_config = {"bits": 3}
+    out = model.generate(PROMPT, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, expected)
+    assert isinstance(_returned_cache(out), kvquant_hf.KVQuantCache)
+    assert model.generation_config.cache_implementation == "kvquant"
+
+
+def test_signposts_folder_and_validation(tmp_path):
+    model = _setup(make_tiny_llama())
+    sp = make_signposts(model, quant.normal_float_signposts(4), -1.0, 1.0, bits=4)
+    save_signposts(sp, tmp_path)
+    from_folder = model.generate(PROMPT, max_new_tokens=4, do_sample=False, cache_implementation="kvquant",
+                                 cache_config={"signposts": str(tmp_path), "bits": 4})
+    from_object = model.generate(PROMPT, max_new_tokens=4, do_sample=False, cache_implementation="kvquant",
+                                 cache_config={"signposts": sp, "bits": 4})
+    assert torch.equal(from_folder, from_object)
+    with pytest.raises(SignpostError, match="bits"):
+        model.generate(PROMPT, max_new_tokens=2, cache_implementation="kvquant",
+                       cache_config={"signposts": str(tmp_path), "bits": 3})
+    mistral = _setup(make_tiny_mistral())
+    with pytest.raises(SignpostError, match="model_type"):
+        mistral.generate(PROMPT, max_new_tokens=2, cache_implementation="kvquant",
+                         cache_config={"signposts": str(tmp_path), "bits": 4})
+
+
+def test_generate_errors_are_clear():
+    model = _setup(make_tiny_llama())
+    with pytest.raises(KVQuantConfigError, match="allowed keys"):
+        model.generate(PROMPT, max_new_tokens=2, cache_implementation="kvquant", cache_config={"nbits": 4})
+    with pytest.raises(KVQuantConfigError, match="backend"):
+        model.generate(PROMPT, max_new_tokens=2, cache_implementation="kvquant", cache_config={"backend": "cuda"})
+    with pytest.raises(kvquant_hf.BackendUnavailableError):
+        model.generate(PROMPT, max_new_tokens=2, cache_implementation="kvquant", cache_config={"backend": "triton"})
+    cache = kvquant_hf.KVQuantCache(model_config=model.config)
+    with pytest.raises(KVQuantConfigError, match="only one"):
+        model.generate(PROMPT, max_new_tokens=2, cache_implementation="kvquant",
+                       **{_cache_kwarg_name(model): cache})
+
+
+def test_unsupported_architecture_lists_supported_model_types():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = _setup(Qwen2ForCausalLM(config).eval())
+    with pytest.raises(UnsupportedModelError, match="llama.*mistral|mistral.*llama"):
+        model.generate(PROMPT, max_new_tokens=2, cache_implementation="kvquant")
+    with pytest.raises(UnsupportedModelError, match="llama"):
+        model.generate(PROMPT, max_new_tokens=2, **{_cache_kwarg_name(model): kvquant_hf.KVQuantCache()})
+
+
+def test_import_registers_hook_without_importing_kernels():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, kvquant_hf\n"
+        "from transformers.generation.utils import GenerationMixin\n"
+        "assert getattr(GenerationMixin.generate, '_kvquant_hook', False)\n"
+        "assert 'triton_kernels' not in sys.modules and 'kvquant_hf.calibration' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+
+
+def test_token_by_token_feeding_is_fast_enough():
+    """The perplexity harness feeds windows token by token: 128 decode steps of a 2-layer model stay well under a
+    second per 32 tokens on CPU."""
+    import time
+
+    model = kvquant_hf.patch_model(make_tiny_llama())
+    sp = make_signposts(model, quant.normal_float_signposts(4), -1.0, 1.0, bits=4)
+    cache = kvquant_hf.KVQuantCache(bits=4, signposts=sp, model_config=model.config)
+    ids = torch.randint(0, 128, (1, 128), generator=torch.Generator().manual_seed(0))
+    kw = _cache_kwarg_name(model)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for t in range(ids.shape[1]):
+            model(ids[:, t : t + 1], **{kw: cache})
+    elapsed = time.perf_counter() - start
+    assert cache.get_seq_length() == 128
+    assert elapsed < 8.0, f"{elapsed:.2f}s for 128 decode steps"
