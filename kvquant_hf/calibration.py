@@ -1,0 +1,716 @@
+"""Offline calibration: activations and Fisher information -> per-layer signposts and key thresholds.
+
+Recipe (KVQuant, arXiv 2401.18079, Section 3.4 and Appendix; ``docs`` in ``METHOD.md``):
+
+1. Cut ``nsamples`` random windows of ``seqlen`` tokens from the calibration text (seeded).
+2. For each window run **one** forward and backward pass. Forward hooks on every layer's
+   ``self_attn.k_proj`` and ``self_attn.v_proj`` capture the *pre-RoPE* keys and the values; the
+   Fisher information of each activation element is the squared gradient of the LM loss (mean token
+   NLL over the window) with respect to it. Model parameters never need gradients (the graph is built
+   by making the embedding output require grad), and half-precision models backpropagate a scaled loss
+   so that small gradients do not underflow (the scale is divided out in float32).
+3. The first ``sink_tokens`` tokens of every window are excluded (they stay fp16 in the cache).
+4. Memory does not grow with the number of windows: a reservoir sample of at most
+   ``max_tokens_per_layer`` token rows (the same token positions for every layer) keeps the K and V rows
+   and their Fisher information on CPU in float32.
+5. Per layer:
+
+   * **key thresholds** per (kv head, channel) at the ``f/2`` and ``1 - f/2`` quantiles
+     (:func:`kvquant_hf.quant.key_thresholds_from_sample`; ``f = 0`` gives min/max);
+   * keys are normalized with ``(x - zero) * (1 / scale)`` and only in-range elements
+     (``lower <= x <= upper``) enter k-means;
+   * values are normalized per token exactly like :func:`kvquant_hf.quant.quantize_values`
+     (the ``n_slots = default_outlier_slots(f, head_dim)`` extremes are removed; the per-token scale and
+     zero are rounded to the value scale dtype); the removed extremes do not enter k-means;
+   * **weighted k-means** in 1-D (scikit-learn ``KMeans`` with ``sample_weight``), ``2**bits`` clusters,
+     sorted centroids, separately for K and V. Above ``kmeans_max_points`` points a subsample is drawn
+     with probability proportional to the weight (with replacement; the draw counts become the sample
+     weights), which preserves the weighted distribution that k-means fits;
+   * **Q-Norm** statistics: mean/std of the in-range normalized values and of their nearest-signpost
+     versions.
+
+   One capture pass serves every requested bit width.
+
+Fisher weighting modes: ``"fisher"`` (the reference code: weight = F = g**2), ``"fisher_x2"``
+(weight = F * s**2 with ``s`` the element's normalization scale, i.e. the Fisher-weighted error measured
+in the original activation space, as the paper writes the objective), ``"none"`` (plain k-means; no
+backward pass at all).
+
+Example:
+
+```python
+>>> from kvquant_hf.calibration import calibrate
+>>> from kvquant_hf.signposts import save_signposts
+>>> text = open("../shared/data/wikitext-2/valid.tokens.txt", encoding="utf-8").read()
+>>> result = calibrate(model, tokenizer, text, bits=(4, 3, 2), nsamples=16, seqlen=2048)
+>>> for b, sp in result.items():
+...     save_signposts(sp, "signposts/my-model")
+```
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import importlib.metadata
+import logging
+import math
+import re
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import quant
+from .config import SUPPORTED_BITS, default_outlier_slots
+from .errors import KVQuantConfigError, UnsupportedModelError
+from .models.loading import model_identity
+from .signposts import FISHER_WEIGHTINGS, FORMAT_VERSION, KIND, LayerSignposts, Signposts
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS_PER_LAYER = 16384
+DEFAULT_KMEANS_MAX_POINTS = 200_000
+_PROJ_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.(k_proj|v_proj)$")
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+CALIBRATION_DATASETS = ("wikitext2",)
+OFFLINE_TEXT_HINT = "--text-file ../shared/data/wikitext-2/valid.tokens.txt"
+
+
+def load_calibration_text(
+    text_file: str | None = None, dataset: str | None = None
+) -> tuple[str, dict[str, Any]]:
+    """Read the calibration text from a file or a named dataset; returns `(text, source_info)`.
+
+    Args:
+        text_file (`str`, *optional*): a UTF-8 text file, read in place (newlines kept as they are, so the
+            recorded `text_sha256` equals the file's SHA-256).
+        dataset (`str`, *optional*): "wikitext2" (the wikitext-2-raw-v1 train split through `datasets`,
+            rows joined with blank lines; needs the network or a local `datasets` cache).
+    """
+    if (text_file is None) == (dataset is None):
+        raise KVQuantConfigError("give exactly one of text_file (--text-file) or dataset (--dataset).")
+    if text_file is not None:
+        try:
+            with open(text_file, encoding="utf-8", newline="") as f:
+                text = f.read()
+        except OSError as exc:
+            raise KVQuantConfigError(f"cannot read the calibration text {text_file!r}: {exc}.") from exc
+        return text, {"text_file": text_file}
+    if dataset not in CALIBRATION_DATASETS:
+        raise KVQuantConfigError(
+            f"dataset={dataset!r} is not supported; choose one of {CALIBRATION_DATASETS} or use --text-file."
+        )
+    try:
+        from datasets import load_dataset
+
+        rows = load_dataset("wikitext", "wikitext-2-raw-v1", split="train")["text"]
+    except Exception as exc:  # datasets raises many types when offline (ConnectionError, FileNotFoundError...)
+        raise KVQuantConfigError(
+            f"could not load {dataset} with the `datasets` library ({type(exc).__name__}: {exc}); without network "
+            f"access pass a local text instead, e.g. {OFFLINE_TEXT_HINT}"
+        ) from exc
+    return "\n\n".join(rows), {"dataset": "wikitext-2-raw-v1/train"}
+
+
+def tokenize_calibration_text(tokenizer: Any, text: str | Sequence[str]) -> torch.Tensor:
+    """Token ids ``int64 [n]`` of a calibration text (a list of texts is joined with blank lines).
+
+    No special tokens are added: windows are cut from the middle of the stream.
+    """
+    if not isinstance(text, str):
+        text = "\n\n".join(text)
+    if tokenizer is None:
+        raise KVQuantConfigError("calibrate() got text but no tokenizer; pass the model's tokenizer or token ids.")
+    enc = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)
+    return torch.tensor(enc["input_ids"], dtype=torch.long)
+
+
+def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0) -> tuple[torch.Tensor, list[int]]:
+    """``nsamples`` random windows ``[nsamples, seqlen]`` of a token stream ``ids [n]`` and their starts.
+
+    Windows may overlap (uniform random starts, like the reference recipe); the draw is seeded.
+    """
+    n = int(ids.numel())
+    if nsamples < 1 or seqlen < 2:
+        raise KVQuantConfigError(f"nsamples={nsamples} and seqlen={seqlen} must be >= 1 and >= 2.")
+    if n < seqlen:
+        raise KVQuantConfigError(
+            f"the calibration text has only {n} tokens, fewer than seqlen={seqlen}; use a longer text or a smaller "
+            "seqlen (--seqlen)."
+        )
+    rng = np.random.default_rng(seed)
+    starts = [int(s) for s in rng.integers(0, n - seqlen + 1, size=nsamples)]
+    return torch.stack([ids[s : s + seqlen] for s in starts]), starts
+
+
+# --------------------------------------------------------------------------------------------
+# model plumbing
+# --------------------------------------------------------------------------------------------
+def find_kv_projections(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """``[(k_proj, v_proj)]`` per decoder layer, in layer order (``*.layers.{i}.self_attn.{k,v}_proj``)."""
+    found: dict[int, dict[str, nn.Module]] = {}
+    for name, module in model.named_modules():
+        m = _PROJ_RE.search(name)
+        if m:
+            found.setdefault(int(m.group(1)), {})[m.group(2)] = module
+    n_layers = model.config.num_hidden_layers
+    if sorted(found) != list(range(n_layers)) or any(len(v) != 2 for v in found.values()):
+        raise UnsupportedModelError(
+            f"calibration needs separate self_attn.k_proj and self_attn.v_proj modules in each of the {n_layers} "
+            f"decoder layers (Llama/Mistral style); found them in layers {sorted(found)} of "
+            f"{type(model).__name__}. Fused qkv projections are not supported."
+        )
+    return [(found[i]["k_proj"], found[i]["v_proj"]) for i in range(n_layers)]
+
+
+def _package_version() -> str:
+    import kvquant_hf
+
+    version = getattr(kvquant_hf, "__version__", None)  # kvquant_hf/__init__.py may define it
+    if version:
+        return str(version)
+    try:
+        return importlib.metadata.version("kvquant_hf")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# --------------------------------------------------------------------------------------------
+# capture: activations + Fisher in a bounded reservoir
+# --------------------------------------------------------------------------------------------
+@dataclass
+class CalibrationSample:
+    """Reservoir sample of per-layer token rows (CPU float32).
+
+    Args:
+        keys / values (`list[torch.Tensor]`): per layer `[n, num_kv_heads * head_dim]` pre-RoPE keys / values.
+        key_fisher / value_fisher (`list[torch.Tensor]`): squared gradients, same shapes (ones when the
+            Fisher weighting is "none").
+        model_dtype (`torch.dtype`): dtype of the captured activations (sets the value scale rounding).
+        tokens_seen (`int`): tokens offered to the reservoir (sinks excluded).
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    key_fisher: list[torch.Tensor]
+    value_fisher: list[torch.Tensor]
+    num_kv_heads: int
+    head_dim: int
+    model_dtype: torch.dtype
+    tokens_seen: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.keys[0].shape[0])
+
+
+class _Reservoir:
+    """Algorithm-R reservoir over token positions, shared by all layers (same rows everywhere)."""
+
+    def __init__(self, capacity: int, seed: int) -> None:
+        self.capacity = capacity
+        self.seen = 0
+        self.filled = 0
+        self.rng = np.random.default_rng(seed)
+
+    def assign(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots for the next ``n`` tokens: ``(src, dst)`` index tensors (token in window -> reservoir slot)."""
+        t = self.seen + np.arange(n)
+        dst = np.where(t < self.capacity, t, -1)
+        late = t >= self.capacity
+        if late.any():
+            j = np.floor(self.rng.random(int(late.sum())) * (t[late] + 1)).astype(np.int64)
+            dst[late] = np.where(j < self.capacity, j, -1)
+        self.seen += n
+        self.filled = min(self.capacity, self.seen)
+        keep = np.nonzero(dst >= 0)[0]
+        # a later token overwrites an earlier one that drew the same slot (sequential semantics)
+        _, last = np.unique(dst[keep][::-1], return_index=True)
+        keep = keep[::-1][last]
+        return torch.from_numpy(keep.copy()), torch.from_numpy(dst[keep].copy())
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    emb = model.get_input_embeddings()
+    return emb.weight.device
+
+
+def capture_calibration_sample(
+    model: nn.Module,
+    windows: torch.Tensor,
+    sink_tokens: int = 1,
+    fisher_weighting: str = "fisher",
+    max_tokens_per_layer: int = DEFAULT_MAX_TOKENS_PER_LAYER,
+    seed: int = 0,
+    progress: bool = True,
+) -> CalibrationSample:
+    """Run one forward (+ backward) pass per window and keep a bounded sample of K/V rows and Fisher.
+
+    Args:
+        model: a causal LM with `*.layers.{i}.self_attn.{k,v}_proj` modules (any dtype / device map).
+        windows (`torch.LongTensor` of shape `[nsamples, seqlen]`): token windows.
+        sink_tokens (`int`): leading tokens of each window to leave out.
+        fisher_weighting (`str`): "fisher", "fisher_x2" (both need gradients) or "none" (forward only).
+        max_tokens_per_layer (`int`): reservoir size (token rows kept per layer).
+        seed (`int`): seeds the reservoir.
+        progress (`bool`): show a tqdm bar.
+
+    Returns:
+        `CalibrationSample`
+    """
+    if fisher_weighting not in FISHER_WEIGHTINGS:
+        raise KVQuantConfigError(
+            f"fisher_weighting={fisher_weighting!r} is not supported; choose one of {FISHER_WEIGHTINGS}."
+        )
+    if windows.dim() != 2:
+        raise KVQuantConfigError(f"windows must be [nsamples, seqlen] token ids, got shape {tuple(windows.shape)}.")
+    nsamples, seqlen = windows.shape
+    if not 0 <= sink_tokens < seqlen - 1:
+        raise KVQuantConfigError(f"sink_tokens={sink_tokens} must be in [0, seqlen - 1) (seqlen={seqlen}).")
+    if max_tokens_per_layer < 1:
+        raise KVQuantConfigError(f"max_tokens_per_layer={max_tokens_per_layer} must be positive.")
+    projections = find_kv_projections(model)
+    ident = model_identity(model)
+    n_kv, head_dim = int(ident["num_key_value_heads"]), int(ident["head_dim"])
+    kv_dim = n_kv * head_dim
+    n_layers = len(projections)
+    use_grad = fisher_weighting != "none"
+    per_window = seqlen - sink_tokens
+    capacity = min(max_tokens_per_layer, nsamples * per_window)
+    buffers = [[torch.zeros(capacity, kv_dim, dtype=torch.float32) for _ in range(n_layers)] for _ in range(4)]
+    keys, values, key_fisher, value_fisher = buffers
+    if not use_grad:
+        for t in key_fisher + value_fisher:
+            t.fill_(1.0)
+    reservoir = _Reservoir(capacity, seed + 1)
+
+    acts: dict[tuple[int, int], torch.Tensor] = {}
+
+    def make_hook(layer: int, which: int):
+        def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+            if output.shape[-1] != kv_dim:
+                raise UnsupportedModelError(
+                    f"layer {layer} {'k_proj' if which == 0 else 'v_proj'} returned {output.shape[-1]} features, "
+                    f"expected num_key_value_heads * head_dim = {kv_dim}."
+                )
+            acts[(layer, which)] = output
+
+        return hook
+
+    def require_grad_hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        # parameters are frozen: make the graph start at the embeddings so that K/V get gradients
+        return output.requires_grad_(True) if use_grad and not output.requires_grad else output
+
+    handles = [model.get_input_embeddings().register_forward_hook(require_grad_hook)]
+    for i, (k_proj, v_proj) in enumerate(projections):
+        handles.append(k_proj.register_forward_hook(make_hook(i, 0)))
+        handles.append(v_proj.register_forward_hook(make_hook(i, 1)))
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    for p, _ in grad_flags:
+        p.requires_grad_(False)
+    model.eval()
+    device = _input_device(model)
+    model_dtype = None
+    try:
+        for w in tqdm(range(nsamples), desc="calibration windows", disable=not progress):
+            acts.clear()
+            ids = windows[w : w + 1].to(device)
+            with torch.inference_mode(False), torch.set_grad_enabled(use_grad):
+                out = model(input_ids=ids, use_cache=False)
+                if len(acts) != 2 * n_layers:
+                    raise UnsupportedModelError(
+                        f"the forward pass called {len(acts)} of the {2 * n_layers} k_proj/v_proj modules; "
+                        "calibration needs every layer to project keys and values."
+                    )
+                flat = [acts[(i, j)] for i in range(n_layers) for j in (0, 1)]
+                model_dtype = flat[0].dtype
+                if use_grad and not flat[0].requires_grad:
+                    raise UnsupportedModelError(
+                        "the captured keys do not require grad, so no Fisher information can be computed (does the "
+                        "model bypass get_input_embeddings()?); use fisher_weighting='none' for this model."
+                    )
+                if use_grad:
+                    logits = out.logits[0, :-1]
+                    loss = nn.functional.cross_entropy(logits.float(), ids[0, 1:].to(logits.device))
+                    # fp16 gradients of a mean over thousands of tokens underflow: scale, then undo in fp32
+                    grad_scale = float(seqlen - 1) if model_dtype in (torch.float16, torch.bfloat16) else 1.0
+                    grads = torch.autograd.grad(loss * grad_scale, flat, allow_unused=True)
+                del out
+            src, dst = reservoir.assign(per_window)
+            if src.numel() == 0:
+                continue
+            rows_cpu = src + sink_tokens
+            for idx, act in enumerate(flat):
+                layer, which = divmod(idx, 2)
+                rows_idx = rows_cpu.to(act.device)
+                rows = act[0].detach().index_select(0, rows_idx)
+                (keys if which == 0 else values)[layer][dst] = rows.float().cpu()
+                if use_grad:
+                    g = grads[idx]
+                    if g is None:
+                        fisher = torch.zeros(rows.shape, dtype=torch.float32)
+                    else:
+                        g = g[0].index_select(0, rows_idx).float() / grad_scale
+                        fisher = (g * g).cpu()
+                    (key_fisher if which == 0 else value_fisher)[layer][dst] = fisher
+            del flat
+            if use_grad:
+                del grads
+    finally:
+        acts.clear()
+        for h in handles:
+            h.remove()
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+    n = reservoir.filled
+    return CalibrationSample(
+        keys=[t[:n] for t in keys],
+        values=[t[:n] for t in values],
+        key_fisher=[t[:n] for t in key_fisher],
+        value_fisher=[t[:n] for t in value_fisher],
+        num_kv_heads=n_kv,
+        head_dim=head_dim,
+        model_dtype=model_dtype or torch.float32,
+        tokens_seen=reservoir.seen,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# per-layer math
+# --------------------------------------------------------------------------------------------
+def key_thresholds(keys: torch.Tensor, outlier_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``lower, upper [H, D]`` of pre-RoPE key rows ``[n, H, D]`` (quantiles ``f/2``, ``1 - f/2``)."""
+    return quant.key_thresholds_from_sample(keys.permute(1, 0, 2).unsqueeze(0), outlier_fraction)
+
+
+def normalize_keys(
+    keys: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalize key rows ``[n, H, D]`` per channel like :func:`kvquant_hf.quant.quantize_keys`.
+
+    Returns:
+        ``x_norm [n, H, D]`` float32, ``inlier [n, H, D]`` (``lower <= x <= upper``; outliers would be
+        stored exactly or clipped), ``scale [H, D]``.
+    """
+    x = keys.to(torch.float32)
+    zero, scale = quant.key_zero_scale(lower, upper)
+    x_norm = (x - zero) * (1.0 / scale)
+    inlier = (x >= lower.to(torch.float32)) & (x <= upper.to(torch.float32))
+    return x_norm, inlier, scale
+
+
+def normalize_values(
+    values: torch.Tensor, n_slots: int, model_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Normalize value vectors ``[..., D]`` per token exactly like :func:`kvquant_hf.quant.quantize_values`.
+
+    Args:
+        values: value vectors (any float dtype; converted to float32).
+        n_slots: extremes per vector removed as outliers (``a`` from the bottom, ``n_slots - a`` from the
+            top, ``a`` minimizing the remaining range, smallest ``a`` on ties).
+        model_dtype: the model's dtype, which sets the rounding of the per-token scale and zero.
+
+    Returns:
+        ``x_norm [..., D]`` float32, ``inlier [..., D]`` bool (False at the ``n_slots`` removed extremes),
+        ``scale [..., 1]`` float32 (the rounded per-token scale).
+    """
+    x = values.to(torch.float32)
+    d = x.shape[-1]
+    k = n_slots
+    if k >= d:
+        raise KVQuantConfigError(f"outlier slots ({k}) must be fewer than head_dim ({d}).")
+    sd = quant.value_scale_dtype(model_dtype)
+    srt = torch.sort(x, dim=-1, stable=True)
+    vals, order = srt.values, srt.indices
+    ranges = torch.stack([vals[..., d - 1 - (k - a)] - vals[..., a] for a in range(k + 1)], dim=-1)
+    a_best = torch.argmin(ranges, dim=-1, keepdim=True)
+    lo = torch.gather(vals, -1, a_best)
+    hi = torch.gather(vals, -1, d - 1 - (k - a_best))
+    zero = ((hi + lo) * 0.5).to(sd).to(torch.float32)
+    scale = ((hi - lo) * 0.5).clamp_min(quant.MIN_SCALE).to(sd).to(torch.float32).clamp_min(quant.MIN_SCALE)
+    x_norm = (x - zero) * (1.0 / scale)
+    pos = torch.arange(d, device=x.device)
+    kept_sorted = (pos >= a_best) & (pos <= d - 1 - (k - a_best))
+    inlier = torch.zeros_like(kept_sorted).scatter(-1, order, kept_sorted)
+    return x_norm, inlier, scale
+
+
+def kmeans_subsample(
+    x: torch.Tensor, weights: torch.Tensor | None, max_points: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Points and sample weights (float64 numpy) for 1-D weighted k-means, at most ``max_points`` of them.
+
+    Below the limit every point keeps its weight. Above it, points are drawn with replacement with
+    probability proportional to their weight and weighted by how often they were drawn (uniformly without
+    replacement, unit weights, when ``weights`` is None): the subsample follows the weighted distribution.
+    """
+    x = x.reshape(-1).to(torch.float32)
+    n = int(x.numel())
+    if weights is not None:
+        weights = weights.reshape(-1).to(torch.float64)
+        total = float(weights.sum())
+        if not math.isfinite(total) or total <= 0:
+            logger.warning("Fisher weights sum to %s; falling back to unweighted k-means for this tensor.", total)
+            weights = None
+    rng = np.random.default_rng(seed)
+    if n <= max_points:
+        pts = x.double().numpy()
+        w = np.ones(n) if weights is None else (weights / weights.mean()).numpy()
+        return pts, w
+    if weights is None:
+        idx = rng.choice(n, size=max_points, replace=False)
+        return x.double().numpy()[idx], np.ones(max_points)
+    p = (weights / weights.sum()).numpy()
+    draws = rng.choice(n, size=max_points, replace=True, p=p)
+    idx, counts = np.unique(draws, return_counts=True)
+    return x.double().numpy()[idx], counts.astype(np.float64)
+
+
+def weighted_kmeans_1d(
+    points: np.ndarray, sample_weight: np.ndarray | None, n_clusters: int, seed: int = 0, n_init: int = 3,
+    max_iter: int = 100,
+) -> torch.Tensor:
+    """Sorted float32 centroids ``[n_clusters]`` of 1-D weighted k-means (scikit-learn ``KMeans``).
+
+    With fewer distinct points than clusters the distinct values are completed with points of the uniform
+    grid on [-1, 1] so the table always has ``n_clusters`` sorted entries.
+    """
+    from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
+
+    pts = np.asarray(points, dtype=np.float64).reshape(-1)
+    distinct = np.unique(pts)
+    if distinct.size <= n_clusters:
+        grid = np.linspace(-1.0, 1.0, n_clusters)
+        fill = [g for g in grid if not np.isclose(distinct, g).any()][: n_clusters - distinct.size]
+        return torch.tensor(np.sort(np.concatenate([distinct, fill])), dtype=torch.float32)
+    km = KMeans(n_clusters=n_clusters, n_init=n_init, max_iter=max_iter, random_state=seed)
+    # 1-D problems are too small for OpenMP: one thread is several times faster than two or more
+    with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="openmp"):
+        warnings.simplefilter("ignore")  # ConvergenceWarning on heavily duplicated data
+        km.fit(pts.reshape(-1, 1), sample_weight=sample_weight)
+    return torch.tensor(np.sort(km.cluster_centers_.reshape(-1)), dtype=torch.float32)
+
+
+def qnorm_stats(x_in: torch.Tensor, signposts: torch.Tensor) -> torch.Tensor:
+    """Q-Norm statistics ``[mu, sd, mu_q, sd_q]`` (float32) of normalized values and their nearest signposts.
+
+    Nearest signpost as in :func:`kvquant_hf.quant.encode_nearest` (``#{m : x > mid_m}``, ties go low).
+    """
+    x = x_in.reshape(-1).to(torch.float32)
+    if x.numel() == 0:
+        return torch.tensor([0.0, 1.0, 0.0, 1.0])
+    mids = quant.signpost_midpoints(signposts)
+    xq = signposts.to(torch.float32)[torch.bucketize(x, mids, right=False)]
+    x64, xq64 = x.double(), xq.double()
+    return torch.tensor(
+        [x64.mean(), x64.std(unbiased=False), xq64.mean(), xq64.std(unbiased=False)], dtype=torch.float32
+    )
+
+
+@dataclass
+class _TensorStats:
+    """Normalized in-range values of one layer's K or V, their k-means subsample, for all bit widths."""
+
+    x_in: torch.Tensor
+    points: np.ndarray
+    weights: np.ndarray
+
+
+def _prepare(x_norm: torch.Tensor, inlier: torch.Tensor, weight: torch.Tensor | None, max_points: int,
+             seed: int) -> _TensorStats:
+    x_in = x_norm[inlier]
+    w_in = weight[inlier] if weight is not None else None
+    points, weights = kmeans_subsample(x_in, w_in, max_points, seed)
+    return _TensorStats(x_in=x_in, points=points, weights=weights)
+
+
+def signposts_from_sample(
+    sample: CalibrationSample,
+    bits: Sequence[int] = (4, 3, 2),
+    outlier_fraction: float = 0.01,
+    fisher_weighting: str = "fisher",
+    seed: int = 0,
+    kmeans_max_points: int = DEFAULT_KMEANS_MAX_POINTS,
+    kmeans_n_init: int = 3,
+    progress: bool = True,
+) -> dict[int, list[LayerSignposts]]:
+    """Per-layer thresholds, weighted k-means signposts and Q-Norm statistics for each bit width."""
+    h, d = sample.num_kv_heads, sample.head_dim
+    n_slots = default_outlier_slots(outlier_fraction, d)
+    out: dict[int, list[LayerSignposts]] = {b: [] for b in bits}
+    n_layers = len(sample.keys)
+    for layer in tqdm(range(n_layers), desc="k-means per layer", disable=not progress):
+        k = sample.keys[layer].view(-1, h, d)
+        v = sample.values[layer].view(-1, h, d)
+        lower, upper = key_thresholds(k, outlier_fraction)
+        kx, kin, kscale = normalize_keys(k, lower, upper)
+        vx, vin, vscale = normalize_values(v, n_slots, sample.model_dtype)
+        kw = vw = None
+        if fisher_weighting != "none":
+            kw = sample.key_fisher[layer].view(-1, h, d)
+            vw = sample.value_fisher[layer].view(-1, h, d)
+            if fisher_weighting == "fisher_x2":
+                kw = kw * kscale.square()
+                vw = vw * vscale.square()
+        kstats = _prepare(kx, kin, kw, kmeans_max_points, seed + 2 * layer)
+        vstats = _prepare(vx, vin, vw, kmeans_max_points, seed + 2 * layer + 1)
+        for b in bits:
+            ksp = weighted_kmeans_1d(kstats.points, kstats.weights, 2**b, seed, kmeans_n_init)
+            vsp = weighted_kmeans_1d(vstats.points, vstats.weights, 2**b, seed, kmeans_n_init)
+            out[b].append(
+                LayerSignposts(
+                    key_signposts=ksp,
+                    value_signposts=vsp,
+                    key_lower=lower.contiguous(),
+                    key_upper=upper.contiguous(),
+                    key_qnorm=qnorm_stats(kstats.x_in, ksp),
+                    value_qnorm=qnorm_stats(vstats.x_in, vsp),
+                )
+            )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------------
+def calibrate(
+    model: nn.Module,
+    tokenizer: Any,
+    data: str | Sequence[str] | torch.Tensor | Sequence[int],
+    bits: int | Sequence[int] = (4, 3, 2),
+    outlier_fraction: float = 0.01,
+    sink_tokens: int = 1,
+    nsamples: int = 16,
+    seqlen: int = 2048,
+    seed: int = 0,
+    fisher_weighting: str = "fisher",
+    max_tokens_per_layer: int = DEFAULT_MAX_TOKENS_PER_LAYER,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    kmeans_max_points: int = DEFAULT_KMEANS_MAX_POINTS,
+    kmeans_n_init: int = 3,
+    source_info: dict[str, Any] | None = None,
+) -> dict[int, Signposts]:
+    """Calibrate KVQuant signposts, key thresholds and Q-Norm statistics for a model.
+
+    Args:
+        model (`PreTrainedModel`): a causal LM with separate `k_proj`/`v_proj` (Llama, Mistral, Qwen2...),
+            any dtype, on any device or spread with an accelerate `device_map`.
+        tokenizer: its tokenizer (unused when `data` is token ids).
+        data: calibration text (`str` or list of texts joined with blank lines), a 1-D token stream
+            (`torch.LongTensor [n]` or list of ints) from which windows are drawn, or pre-cut windows
+            `torch.LongTensor [nsamples, seqlen]` used as they are.
+        bits (`int` or sequence): bit widths to produce (2, 3, 4); one capture pass serves them all.
+        outlier_fraction (`float`): dense-and-sparse fraction `f` in [0, 0.1]; key thresholds are the `f/2`
+            and `1 - f/2` quantiles per channel, values drop `ceil(f * head_dim)` extremes per token.
+        sink_tokens (`int`): leading tokens of each window excluded from calibration.
+        nsamples (`int`), seqlen (`int`): number and length of the random windows.
+        seed (`int`): seeds the windows, the reservoir, the subsampling and k-means.
+        fisher_weighting (`str`): "fisher" (F), "fisher_x2" (F * scale**2) or "none".
+        max_tokens_per_layer (`int`): token rows kept per layer (reservoir sample); CPU memory is about
+            `16 * max_tokens_per_layer * num_layers * num_kv_heads * head_dim` bytes.
+        device (`str`, *optional*): move the model there first (not allowed with a `device_map`); default:
+            where the model already is.
+        progress (`bool`): tqdm progress bars.
+        kmeans_max_points (`int`): k-means points per layer and tensor (weighted subsample above).
+        kmeans_n_init (`int`): k-means restarts.
+        source_info (`dict`, *optional*): recorded in `metadata.calibration` (e.g. `{"text_file": path}`).
+
+    Returns:
+        `dict[int, Signposts]`: one entry per bit width (not yet saved; see
+        :func:`kvquant_hf.signposts.save_signposts`).
+    """
+    t0 = time.perf_counter()
+    bits_list = [bits] if isinstance(bits, int) else list(dict.fromkeys(int(b) for b in bits))
+    bad = [b for b in bits_list if b not in SUPPORTED_BITS]
+    if bad or not bits_list:
+        raise KVQuantConfigError(f"bits={bits!r} is not supported; choose from {SUPPORTED_BITS}.")
+    if not isinstance(outlier_fraction, (int, float)) or not 0.0 <= outlier_fraction <= 0.1:
+        raise KVQuantConfigError(f"outlier_fraction={outlier_fraction!r} must be in [0, 0.1] (0.01 = 1%).")
+    if fisher_weighting not in FISHER_WEIGHTINGS:
+        raise KVQuantConfigError(
+            f"fisher_weighting={fisher_weighting!r} is not supported; choose one of {FISHER_WEIGHTINGS}."
+        )
+    if not isinstance(sink_tokens, int) or sink_tokens < 0:
+        raise KVQuantConfigError(f"sink_tokens={sink_tokens!r} must be a non-negative integer.")
+    if device is not None:
+        if getattr(model, "hf_device_map", None):
+            raise KVQuantConfigError("device=... cannot move a model loaded with a device_map; pass device=None.")
+        model.to(device)
+
+    info: dict[str, Any] = dict(source_info or {})
+    if isinstance(data, str) or (isinstance(data, Sequence) and data and isinstance(data[0], str)):
+        text = data if isinstance(data, str) else "\n\n".join(data)
+        info["text_sha256"] = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        ids = tokenize_calibration_text(tokenizer, text)
+        windows, starts = sample_windows(ids, nsamples, seqlen, seed)
+    else:
+        ids = torch.as_tensor(data, dtype=torch.long)
+        info["tokens_sha256"] = hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()
+        if ids.dim() == 2:
+            windows, starts = ids, None
+            nsamples, seqlen = ids.shape
+        elif ids.dim() == 1:
+            windows, starts = sample_windows(ids, nsamples, seqlen, seed)
+        else:
+            raise KVQuantConfigError(f"token ids must be 1-D [n] or 2-D [nsamples, seqlen], got {tuple(ids.shape)}.")
+    info["num_tokens_text"] = int(ids.numel())
+
+    sample = capture_calibration_sample(
+        model, windows, sink_tokens=sink_tokens, fisher_weighting=fisher_weighting,
+        max_tokens_per_layer=max_tokens_per_layer, seed=seed, progress=progress,
+    )
+    t_capture = time.perf_counter() - t0
+    per_bits = signposts_from_sample(
+        sample, bits_list, outlier_fraction=outlier_fraction, fisher_weighting=fisher_weighting, seed=seed,
+        kmeans_max_points=kmeans_max_points, kmeans_n_init=kmeans_n_init, progress=progress,
+    )
+    duration = time.perf_counter() - t0
+    ident = model_identity(model)
+    calibration = {
+        **info,
+        "nsamples": int(nsamples),
+        "seqlen": int(seqlen),
+        "seed": int(seed),
+        "window_starts": starts,
+        "max_tokens_per_layer": int(max_tokens_per_layer),
+        "tokens_per_layer": sample.num_tokens,
+        "tokens_seen": sample.tokens_seen,
+        "kmeans_max_points": int(kmeans_max_points),
+        "model_dtype": str(sample.model_dtype).replace("torch.", ""),
+        "capture_s": round(t_capture, 2),
+        "duration_s": round(duration, 2),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "kvquant_hf_version": _package_version(),
+    }
+    result = {}
+    for b in bits_list:
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "kind": KIND,
+            "model": ident,
+            "bits": b,
+            "outlier_fraction": float(outlier_fraction),
+            "outlier_slots_default": default_outlier_slots(outlier_fraction, ident["head_dim"]),
+            "sink_tokens": int(sink_tokens),
+            "fisher_weighting": fisher_weighting,
+            "calibration": dict(calibration),
+            "files": {},
+        }
+        result[b] = Signposts(layers=per_bits[b], metadata=meta)
+    return result

@@ -1,0 +1,103 @@
+"""Shared pytest fixtures: the real SmolLM2 (loaded once per session) and tiny random Llama models."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+# Triton kernels are tested in the interpreter on machines without a GPU. The flag is read when triton is
+# first imported (transformers imports it), so it must be set here, before anything imports torch/transformers.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch
+
+# `pytest` from the repo root without an installed package (python -m pytest adds the root itself)
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from kvquant_hf.errors import KVQuantError
+
+
+def make_tiny_llama(num_key_value_heads: int = 2, num_hidden_layers: int = 2, seed: int = 0):
+    """A tiny random `LlamaForCausalLM` (hidden 64, 4 query heads, head_dim 16, vocab 128), float32, eval."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=num_key_value_heads,
+        head_dim=16,
+        max_position_embeddings=1024,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """`(model, tokenizer)` of the embedded SmolLM2-135M-Instruct (float32, CPU), loaded once per session.
+
+    Tests must not modify the model in place.
+    """
+    from kvquant_hf.models.loading import load_model_and_tokenizer
+
+    try:
+        return load_model_and_tokenizer("smollm2")
+    except KVQuantError as exc:
+        pytest.skip(f"embedded SmolLM2 unavailable: {exc}")
+
+
+@pytest.fixture
+def tiny_llama():
+    """Tiny random GQA Llama: 2 layers, 4 query heads, 2 kv heads, head_dim 16, vocab 128."""
+    return make_tiny_llama(num_key_value_heads=2)
+
+
+@pytest.fixture
+def tiny_llama_mha():
+    """Tiny random MHA Llama: 2 layers, 4 query heads, 4 kv heads, head_dim 16, vocab 128."""
+    return make_tiny_llama(num_key_value_heads=4)
+
+
+# --- kvquant cache / generate tests (appended by the cache engineer) ------------------------------
+def pytest_configure(config):
+    config.addinivalue_line("markers", "compat: small subset also run against transformers 5.17 (.ci/compat_517.sh)")
+
+
+def make_tiny_mistral(sliding_window: int = 8, num_hidden_layers: int = 2, seed: int = 0):
+    """A tiny random `MistralForCausalLM` (GQA 4/2 heads, head_dim 16) whose sliding window is `sliding_window`."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        sliding_window=sliding_window,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = MistralForCausalLM(config).to(torch.float32)
+    model.eval()
+    return model
+
+
+@pytest.fixture
+def tiny_mistral():
+    """Tiny random Mistral: 2 layers, 4 query heads, 2 kv heads, head_dim 16, sliding_window 8."""
+    return make_tiny_mistral()
