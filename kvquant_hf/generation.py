@@ -32,7 +32,7 @@ import inspect
 from transformers.generation import configuration_utils as _gen_config_utils
 from transformers.generation.utils import GenerationMixin
 
-from .cache import KVQuantCache
+from .cache import KVQuantCache, _LazyLayers
 from .config import KVQuantConfig
 from .errors import KVQuantConfigError
 
@@ -81,7 +81,7 @@ def prepare_model_for_cache(model, cache: KVQuantCache) -> None:
         validate_signposts(sp, model, cache.config.key_bits)
         if cache.value_signposts is not sp:
             validate_signposts(cache.value_signposts, model, cache.config.value_bits)
-    elif len(cache.layers) not in (1, n_layers) and len(cache.layers) < n_layers:
+    if not isinstance(cache.layers, _LazyLayers) and len(cache.layers) != n_layers:
         raise KVQuantConfigError(
             f"the KVQuantCache has {len(cache.layers)} layers but the model has {n_layers}; build it with "
             "KVQuantCache(config, model_config=model.config)."

@@ -257,6 +257,8 @@ def test_generate_errors_are_clear():
         model.generate(PROMPT, max_new_tokens=2, cache_implementation="kvquant", cache_config={"backend": "cuda"})
     with pytest.raises(kvquant_hf.BackendUnavailableError):
         model.generate(PROMPT, max_new_tokens=2, cache_implementation="kvquant", cache_config={"backend": "triton"})
+    with pytest.raises(KVQuantConfigError, match="1 layers but the model has 2"):
+        model.generate(PROMPT, max_new_tokens=2, **{_cache_kwarg_name(model): kvquant_hf.KVQuantCache(num_layers=1)})
     cache = kvquant_hf.KVQuantCache(model_config=model.config)
     with pytest.raises(KVQuantConfigError, match="only one"):
         model.generate(PROMPT, max_new_tokens=2, cache_implementation="kvquant",
@@ -288,20 +290,34 @@ def test_import_registers_hook_without_importing_kernels():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
 
 
-def test_token_by_token_feeding_is_fast_enough():
-    """The perplexity harness feeds windows token by token: 128 decode steps of a 2-layer model stay well under a
-    second per 32 tokens on CPU."""
+def test_token_by_token_feeding_is_fast_and_never_reallocates_per_token():
+    """The perplexity harness feeds windows token by token: a decode step through the packed cache costs a small
+    multiple of a DynamicCache step on CPU (best of 3 runs of 32 steps each, robust to a loaded machine), and the
+    storage is reallocated once per block, not per token."""
     import time
+
+    from transformers import DynamicCache
 
     model = kvquant_hf.patch_model(make_tiny_llama())
     sp = make_signposts(model, quant.normal_float_signposts(4), -1.0, 1.0, bits=4)
-    cache = kvquant_hf.KVQuantCache(bits=4, signposts=sp, model_config=model.config)
-    ids = torch.randint(0, 128, (1, 128), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 128, (1, 96), generator=torch.Generator().manual_seed(0))
     kw = _cache_kwarg_name(model)
-    start = time.perf_counter()
-    with torch.no_grad():
-        for t in range(ids.shape[1]):
-            model(ids[:, t : t + 1], **{kw: cache})
-    elapsed = time.perf_counter() - start
-    assert cache.get_seq_length() == 128
-    assert elapsed < 8.0, f"{elapsed:.2f}s for 128 decode steps"
+
+    def best_time(make_cache):
+        best, cache = float("inf"), None
+        for _ in range(3):
+            cache = make_cache()
+            with torch.no_grad():
+                forward_ids = ids[:, :64]
+                model(forward_ids, **{kw: cache})
+                start = time.perf_counter()
+                for t in range(64, 96):
+                    model(ids[:, t : t + 1], **{kw: cache})
+                best = min(best, time.perf_counter() - start)
+        return best, cache
+
+    stock, _ = best_time(lambda: DynamicCache(config=model.config))
+    packed, cache = best_time(lambda: kvquant_hf.KVQuantCache(bits=4, signposts=sp, block_size=32,
+                                                              model_config=model.config))
+    assert cache.get_seq_length() == 96 and cache.layers[0].capacity == 96  # 64 (prompt) -> 96: blocks, not tokens
+    assert packed < 12 * stock, f"packed decode {packed:.3f}s vs DynamicCache {stock:.3f}s for 32 steps"
