@@ -165,6 +165,10 @@ class KVQuantLayer(CacheLayerMixin):
         self.n_clipped_host = 0
         self.clip_counter = None  # int32 [1] on the device (Triton path: counted without a host sync)
         self.has_hist_pad = False
+        # CUDA-graph decode (kvquant_hf.cuda_graph): the history length lives on the device and the host
+        # mirror `length` is advanced by the graph runner after each replay
+        self.graph_mode = False
+        self.length_dev = None  # int32 [1]
         self._key_thresholds_from_prompt = key_signposts is None
         self.k_lower = self.k_upper = self.k_zero = self.k_scale = None
         for name in _HISTORY_TENSORS + _SINK_TENSORS + _ROW_TENSORS:
@@ -382,6 +386,9 @@ class KVQuantLayer(CacheLayerMixin):
         if self.backend == "triton":
             module, _ = _triton_module()
             mask = exact_mask.contiguous() if exact_mask is not None else None
+            if self.graph_mode:
+                # fixed grid and a device-side length: one captured graph serves every step
+                kwargs.update(length_dev=self.length_dev, num_splits=self.graph_splits)
             return module.packed_attention_triton(
                 q.contiguous(), self.packed_view(), exact_k.contiguous(), exact_v.contiguous(), mask, **kwargs
             )
@@ -475,6 +482,9 @@ class KVQuantLayer(CacheLayerMixin):
         self._set_key_thresholds(lower, upper)
 
     def _append_history(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        if self.graph_mode:
+            self._append_history_graph(k, v, positions)
+            return
         n = k.shape[2]
         start, end = self.length, self.length + n
         self._ensure_capacity(end)
@@ -507,6 +517,56 @@ class KVQuantLayer(CacheLayerMixin):
         self.n_clipped_host += int(pk.n_clipped)
         self.length = end
 
+    # ---------------------------------------------------------------- CUDA-graph decode
+    def enter_graph_mode(self, extra_tokens: int, num_splits: int | None = None) -> None:
+        """Make decode steps capturable: capacity for ``extra_tokens`` more tokens reserved now (no growth later),
+        history length mirrored in an int32 device tensor that the kernels read and the append advances.
+        """
+        if not self.is_initialized or self.length == 0 or self.n_sink < self.config.sink_tokens:
+            raise KVQuantError(
+                f"layer {self.layer_idx}: CUDA-graph decode starts after the prompt is in the cache (prefill first)."
+            )
+        if self.backend != "triton" or not self.triton_quantize:
+            raise BackendUnavailableError(
+                f"layer {self.layer_idx}: CUDA-graph decode needs the Triton backend on CUDA (this layer uses "
+                f"{self.backend!r}); use backend='auto' or 'triton' on a GPU, or turn cuda_graph off."
+            )
+        self._ensure_capacity(self.length + int(extra_tokens))
+        if num_splits is None:
+            module, _ = _triton_module()
+            num_splits = module.default_num_splits(self.batch_size, self.num_heads, 1, self.capacity, self.device)
+        self.graph_splits = int(num_splits)
+        self.length_dev = torch.tensor([self.length], dtype=torch.int32, device=self.device)
+        self.graph_mode = True
+
+    def exit_graph_mode(self) -> None:
+        """Back to host-driven appends (the host length is the truth again)."""
+        self.graph_mode = False
+        self.length_dev = None
+
+    def sync_device_length(self) -> None:
+        """Copy the host length to the device mirror (after crop/rewind on the host)."""
+        if self.length_dev is not None:
+            self.length_dev.fill_(self.length)
+
+    def _append_history_graph(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        """Append at the device-side length without touching the host (graph capture and replay)."""
+        n = k.shape[2]
+        cfg = self.config
+        module, _ = _triton_module()
+        module.quantize_keys_triton(
+            k, self.k_lut, self.k_lower, self.k_upper, self.n_slots, cfg.key_bits,
+            out=(self.k_codes, self.k_out_val, self.k_out_idx), start=self.length_dev,
+            k_zero=self.k_zero, k_scale=self.k_scale, clip_counter=self.clip_counter,
+        )
+        module.quantize_values_triton(
+            v, self.v_lut, self.n_slots, cfg.value_bits,
+            out=(self.v_codes, self.v_scale, self.v_zero, self.v_out_val, self.v_out_idx), start=self.length_dev,
+        )
+        idx = self.length_dev.long() + torch.arange(n, device=self.device)
+        self.positions.index_copy_(1, idx, positions.to(torch.int32))
+        self.length_dev.add_(n)
+
     # ---------------------------------------------------------------- transformers Cache layer API
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         raise UnsupportedModelError(
@@ -535,6 +595,7 @@ class KVQuantLayer(CacheLayerMixin):
         self.n_sink = 0
         self.n_clipped_host = 0
         self.has_hist_pad = False
+        self.exit_graph_mode()
         if self.clip_counter is not None:
             self.clip_counter.zero_()
         if self.is_initialized:
@@ -556,6 +617,7 @@ class KVQuantLayer(CacheLayerMixin):
         keep = max(total + max_length, 0) if max_length < 0 else min(max_length, total)
         if keep >= self.n_sink:
             self.length = keep - self.n_sink
+            self.sync_device_length()
             return
         if self.has_hist_pad and self.length > 0:
             raise KVQuantError(

@@ -39,6 +39,9 @@ class KVQuantConfig:
         qnorm (`bool`): apply Q-Norm (calibrated mean/std correction folded into the lookup table).
         backend (`str`): "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
         block_size (`int`): capacity grows in blocks of this many tokens.
+        cuda_graph (`bool`): in ``generate``, capture one decode step in a CUDA graph after the prefill and
+            replay it for every new token (CUDA + Triton only; no padding changes between steps). Removes the
+            per-kernel launch overhead that dominates a transformers decode step on a fast GPU.
         signposts (`str`, optional): folder written by `calibrate.py` (its `nuqX` subfolder or the
             parent holding `nuq{bits}`); None means uncalibrated (NormalFloat table, key ranges
             taken from the prompt).
@@ -54,6 +57,7 @@ class KVQuantConfig:
     backend: str = "auto"
     block_size: int = 256
     signposts: str | None = None
+    cuda_graph: bool = False
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -91,6 +95,9 @@ class KVQuantConfig:
             raise KVQuantConfigError(
                 f"block_size={self.block_size!r} is invalid; use a positive multiple of 16 (default 256)."
             )
+
+        if not isinstance(self.cuda_graph, bool):
+            raise KVQuantConfigError(f"cuda_graph={self.cuda_graph!r} must be True or False.")
 
     def slots_for(self, head_dim: int) -> int:
         """Outlier slots per token and head for this head_dim."""

@@ -29,6 +29,8 @@ import copy
 import functools
 import inspect
 
+import torch
+
 from transformers.generation import configuration_utils as _gen_config_utils
 from transformers.generation.utils import GenerationMixin
 
@@ -154,14 +156,76 @@ def kvquant_generate(self, *args, **kwargs):
         kwargs.pop(n, None)
     kwargs[name] = cache
 
-    if restore_model_config is None:
-        return _original_generate(self, *args, **kwargs)
-    self.generation_config.cache_implementation = None
-    self.generation_config.cache_config = None
+    graph = _GraphForward(self, cache, name, inputs, kwargs) if cache.config.cuda_graph else None
+    if restore_model_config is not None:
+        self.generation_config.cache_implementation = None
+        self.generation_config.cache_config = None
     try:
+        if graph is not None:
+            graph.install()
         return _original_generate(self, *args, **kwargs)
     finally:
-        self.generation_config.cache_implementation, self.generation_config.cache_config = restore_model_config
+        if graph is not None:
+            graph.uninstall()
+        if restore_model_config is not None:
+            self.generation_config.cache_implementation, self.generation_config.cache_config = restore_model_config
+
+
+class _GraphForward:
+    """During one ``generate`` call, route single-token decode steps through a :class:`CUDAGraphDecoder`.
+
+    The first forward (the prefill) runs eagerly; the first decode step captures the graph; later steps
+    replay it. A step the graph cannot serve (padding in the mask, several tokens, another cache) raises
+    rather than silently running a different computation.
+    """
+
+    def __init__(self, model, cache: KVQuantCache, cache_kw: str, inputs, kwargs: dict):
+        from .errors import BackendUnavailableError
+
+        if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
+            raise BackendUnavailableError("cache_config['cuda_graph']=True needs the model on a CUDA GPU.")
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if ids is None or kwargs.get("max_new_tokens") is None:
+            raise KVQuantConfigError("cuda_graph=True needs input_ids and max_new_tokens (to size the graph).")
+        mask = kwargs.get("attention_mask")
+        if mask is not None and not bool(mask.all()):
+            raise KVQuantConfigError(
+                "cuda_graph=True does not support padded batches (the attention mask has zeros); "
+                "turn cuda_graph off for left-padded prompts."
+            )
+        self.model, self.cache, self.cache_kw = model, cache, cache_kw
+        self.batch = ids.shape[0] * int(kwargs.get("num_return_sequences", 1) or 1)
+        self.max_steps = int(kwargs["max_new_tokens"])
+        if int(kwargs.get("num_beams", 1) or 1) != 1:
+            raise KVQuantConfigError("cuda_graph=True supports greedy and sampling, not beam search.")
+        self.decoder = None
+
+    def install(self) -> None:
+        self.original = self.model.forward
+        self.__signature__ = inspect.signature(self.original)  # generate inspects forward's parameters
+        self.model.forward = self
+
+    def uninstall(self) -> None:
+        self.model.__dict__.pop("forward", None)
+        if self.decoder is not None:
+            self.decoder.close()
+
+    def __call__(self, *args, **kw):
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        ids = kw.get("input_ids", args[0] if args else None)
+        cache = kw.get(self.cache_kw)
+        if ids is None or ids.shape[1] != 1 or cache is not self.cache or self.cache.get_seq_length() == 0:
+            return self.original(*args, **kw)
+        pos = kw.get("position_ids")
+        if pos is None:
+            pos = torch.full((ids.shape[0], 1), self.cache.get_seq_length(), dtype=torch.long, device=ids.device)
+        if self.decoder is None:
+            from .cuda_graph import CUDAGraphDecoder
+
+            self.decoder = CUDAGraphDecoder(self.model, self.cache, ids.shape[0], self.max_steps)
+        logits = self.decoder.step(ids, pos).clone()
+        return CausalLMOutputWithPast(logits=logits, past_key_values=self.cache)
 
 
 def _register_cache_name() -> None:
