@@ -156,7 +156,8 @@ def test_quantize_launchers_validate():
     with pytest.raises(ValueError, match="head_dim"):
         quantize_keys_triton(k[..., :48], lut, lo[:, :48], hi[:, :48], 1, 4)
     with pytest.raises(ValueError, match="capacity"):
-        dest = (torch.zeros(1, 2, 4, 32, dtype=torch.uint8), torch.zeros(1, 2, 4, 1), torch.zeros(1, 2, 4, 1, dtype=torch.uint8))
+        dest = (torch.zeros(1, 2, 4, 32, dtype=torch.uint8), torch.zeros(1, 2, 4, 1),
+                torch.zeros(1, 2, 4, 1, dtype=torch.uint8))
         quantize_keys_triton(k, lut, lo, hi, 1, 4, out=dest, start=2)
     with pytest.raises(ValueError, match="dtype"):
         dest = (torch.zeros(1, 2, 4, 32, dtype=torch.uint8), torch.zeros(1, 2, 4, 1, dtype=torch.float16),
@@ -283,6 +284,24 @@ def test_packed_attention_without_history_and_fully_masked_rows():
         got = packed_attention_triton(q, packed, ek, ev, em, **kw)
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
         assert (got[1, :, 0] == 0).all()
+
+
+def test_packed_attention_tuple_table_cache_follows_the_lut():
+    """Repeated calls reuse the cached code-tuple table; an in-place change of the lut invalidates it."""
+    packed = _make_packed(1, 2, 50, 64, 4, 3, 1, torch.float32, 4)
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 4, 1, 64, generator=g)
+    ek = torch.zeros(1, 2, 0, 64)
+    kw = dict(scaling=0.125, inv_freq=_inv_freq(64))
+    first = packed_attention_triton(q, packed, ek, ek, None, **kw)
+    again = packed_attention_triton(q, packed, ek, ek, None, **kw)
+    assert torch.equal(first, again)
+    packed.v_lut.mul_(0.5)  # in place: same tensor object, new version
+    packed.k_lut.add_(0.1)
+    ref = packed_attention_torch(q, packed, ek, ek, None, **kw)
+    got = packed_attention_triton(q, packed, ek, ek, None, **kw)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, first)
 
 
 def test_packed_attention_tiny_head_dim_without_dot():

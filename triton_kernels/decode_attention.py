@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 LOG2E = 1.4426950408889634
 NEG_BIG = -1.0e30  # running-max init and the log-sum-exp of an empty split (finite: no inf - inf)
@@ -41,19 +43,30 @@ _TWO_PI_C1 = tl.constexpr(_C1)
 _TWO_PI_C2 = tl.constexpr(_C2)
 _TWO_PI_C3 = tl.constexpr(_C3)
 _INV_TWO_PI = tl.constexpr(1.0 / _TWO_PI)
+_K_NEG_BIG = tl.constexpr(NEG_BIG)  # the same constant inside kernels
+_K_MIN_SCALE = tl.constexpr(MIN_SCALE)  # the same constant inside kernels
 
 
 # ----------------------------------------------------------------------------------------------
 # device helpers
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _cos_sin(angle):
-    """cos/sin of float32 angles of any size (Cody-Waite reduction to [-pi, pi], error ~3e-7 rad)."""
+def _cos_sin_small(angle, FAST: tl.constexpr):
+    """cos/sin of angles already in about [-100 pi, 100 pi]: MUFU approximations on the GPU (FAST)."""
+    if FAST:
+        return libdevice.fast_cosf(angle), libdevice.fast_sinf(angle)
+    else:
+        return tl.cos(angle), tl.sin(angle)
+
+
+@triton.jit
+def _cos_sin(angle, FAST: tl.constexpr):
+    """cos/sin of float32 angles of any size (Cody-Waite reduction to [-pi, pi], error ~1e-6)."""
     k = tl.floor(angle * _INV_TWO_PI + 0.5)
     r = tl.fma(-k, _TWO_PI_C1, angle)
     r = tl.fma(-k, _TWO_PI_C2, r)
     r = tl.fma(-k, _TWO_PI_C3, r)
-    return tl.cos(r), tl.sin(r)
+    return _cos_sin_small(r, FAST)
 
 
 @triton.jit
@@ -69,29 +82,39 @@ def _mm(a, b, USE_DOT: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _unpack_codes(rows, row_mask, BITS: tl.constexpr, N: tl.constexpr):
-    """Unpack ``N`` little-endian ``BITS``-bit codes starting at byte pointers ``rows`` [BLOCK_N, 1].
+def _load_raw(rows, row_mask, BITS: tl.constexpr, N: tl.constexpr):
+    """Load the packed bytes of ``N`` codes at byte pointers ``rows`` [BLOCK_N, 1] (``N % 8 == 0``).
 
-    Returns int32 ``[BLOCK_N, N]``. ``N % 8 == 0`` so the segment starts on a byte boundary.
+    2/4 bits: the bytes, uint8 [BLOCK_N, N*BITS/8]; 3 bits: one 24-bit word per 8 codes, int32 [BLOCK_N, N/8].
     """
-    if BITS == 4:
-        byt = tl.load(rows + tl.arange(0, N // 2)[None, :], mask=row_mask, other=0).to(tl.int32)
-        codes = tl.interleave(byt & 15, byt >> 4)
-    elif BITS == 2:
-        byt = tl.load(rows + tl.arange(0, N // 4)[None, :], mask=row_mask, other=0).to(tl.int32)
-        codes = tl.interleave(tl.interleave(byt & 3, (byt >> 4) & 3), tl.interleave((byt >> 2) & 3, byt >> 6))
-    else:
-        # 8 codes in 3 bytes: one 24-bit word per group
+    if BITS == 3:
         grp = (tl.arange(0, N // 8) * 3)[None, :]
         b0 = tl.load(rows + grp, mask=row_mask, other=0).to(tl.int32)
         b1 = tl.load(rows + grp + 1, mask=row_mask, other=0).to(tl.int32)
         b2 = tl.load(rows + grp + 2, mask=row_mask, other=0).to(tl.int32)
-        w = b0 | (b1 << 8) | (b2 << 16)
-        codes = tl.interleave(
-            tl.interleave(tl.interleave(w & 7, (w >> 12) & 7), tl.interleave((w >> 6) & 7, (w >> 18) & 7)),
-            tl.interleave(tl.interleave((w >> 3) & 7, (w >> 15) & 7), tl.interleave((w >> 9) & 7, (w >> 21) & 7)),
-        )
-    return codes
+        return b0 | (b1 << 8) | (b2 << 16)
+    else:
+        return tl.load(rows + tl.arange(0, N * BITS // 8)[None, :], mask=row_mask, other=0)
+
+
+@triton.jit
+def _lut_half(raw, tab_ptr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, N: tl.constexpr):
+    """Signpost values (float32 [BLOCK_N, N], channel order) of the codes in ``raw`` (from :func:`_load_raw`).
+
+    One gather per byte (4 bits: 2 codes, 2 bits: 4 codes) or per 6-bit pair (3 bits) from a small table
+    of code tuples (:func:`_tuple_table`): fewer gathers than one per code, and the gathers happen
+    before the codes are spread over channels.
+    """
+    if BITS == 4:
+        idx = raw.to(tl.int32)  # [BLOCK_N, N/2]
+        vals = tl.load(tab_ptr + idx[:, :, None] * 2 + tl.arange(0, 2)[None, None, :])  # [BLOCK_N, N/2, 2]
+    elif BITS == 2:
+        idx = raw.to(tl.int32)  # [BLOCK_N, N/4]
+        vals = tl.load(tab_ptr + idx[:, :, None] * 4 + tl.arange(0, 4)[None, None, :])  # [BLOCK_N, N/4, 4]
+    else:
+        six = (raw[:, :, None] >> (tl.arange(0, 4) * 6)[None, None, :]) & 63  # [BLOCK_N, N/8, 4]
+        vals = tl.load(tab_ptr + six[:, :, :, None] * 2 + tl.arange(0, 2)[None, None, None, :])
+    return tl.reshape(vals, (BLOCK_N, N))
 
 
 @triton.jit
@@ -118,8 +141,8 @@ def _packed_attn_split_kernel(
     vz_ptr,  # fp16/bf16 [B, H, cap]
     vov_ptr,  # [B, H, cap, V_SLOTS]
     voi_ptr,  # uint8 [B, H, cap, V_SLOTS]
-    klut_ptr,  # f32 [2**K_BITS]
-    vlut_ptr,  # f32 [2**V_BITS]
+    ktab_ptr,  # f32 code-tuple table of the key signposts (_tuple_table)
+    vtab_ptr,  # f32 code-tuple table of the value signposts
     kzero_ptr,  # f32 [H, D] contiguous
     kscale_ptr,  # f32 [H, D] contiguous
     pos_ptr,  # int32 [B, cap]
@@ -158,7 +181,9 @@ def _packed_attn_split_kernel(
     HAS_WINDOW: tl.constexpr,
     ROPE_TABLE: tl.constexpr,
     USE_DOT: tl.constexpr,
+    DOT_F32: tl.constexpr,  # float32 dot operands (tf32, or IEEE if IEEE): bf16/fp32 queries
     IEEE: tl.constexpr,
+    FAST: tl.constexpr,  # GPU: MUFU cos/sin after range reduction (the interpreter has no libdevice)
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
     pid = tl.program_id(0).to(tl.int64)
@@ -167,7 +192,10 @@ def _packed_attn_split_kernel(
     bh = pid // NUM_MB
     h = bh % H
     b = bh // H
-    dt = q_ptr.dtype.element_ty
+    if DOT_F32:
+        dt = tl.float32
+    else:
+        dt = q_ptr.dtype.element_ty
 
     # query rows of this kv head: row r = lq * GROUP + g  ->  query head h * GROUP + g, query row lq
     rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -195,11 +223,9 @@ def _packed_attn_split_kernel(
 
     jn = tl.arange(0, BLOCK_N)
     if ROPE_TABLE:
-        jf = jn.to(tl.float32)[:, None] * freq[None, :]
-        tab_c = tl.cos(jf)  # R(j): |angle| < BLOCK_N, no reduction needed
-        tab_s = tl.sin(jf)
+        tab_c, tab_s = _cos_sin_small(jn.to(tl.float32)[:, None] * freq[None, :], FAST)  # R(j), |angle| < BLOCK_N
 
-    m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
+    m_i = tl.full([BLOCK_M], _K_NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc1 = tl.zeros([BLOCK_M, HALF], tl.float32)
     acc2 = tl.zeros([BLOCK_M, HALF], tl.float32)
@@ -207,41 +233,67 @@ def _packed_attn_split_kernel(
     kov_base = kov_ptr + b * stride_kvb + h * stride_kvh
     koi_base = koi_ptr + b * stride_kib + h * stride_kih
     vc_base = vc_ptr + b * stride_vcb + h * stride_vch
+    vs_base = vs_ptr + b * stride_vsb + h * stride_vsh
+    vz_base = vz_ptr + b * stride_vzb + h * stride_vzh
     vov_base = vov_ptr + b * stride_vvb + h * stride_vvh
     voi_base = voi_ptr + b * stride_vib + h * stride_vih
+    pos_base = pos_ptr + b * stride_pb
+    K_HALF_BYTES: tl.constexpr = HALF * K_BITS // 8
+    V_HALF_BYTES: tl.constexpr = HALF * V_BITS // 8
+
+    # software prefetch: the packed bytes, positions and value scales of the first block
+    offs = lo + jn
+    n_mask = offs < hi
+    nm = n_mask[:, None]
+    raw_k1 = _load_raw(kc_base + offs[:, None] * stride_kct, nm, K_BITS, HALF)
+    raw_k2 = _load_raw(kc_base + offs[:, None] * stride_kct + K_HALF_BYTES, nm, K_BITS, HALF)
+    raw_v1 = _load_raw(vc_base + offs[:, None] * stride_vct, nm, V_BITS, HALF)
+    raw_v2 = _load_raw(vc_base + offs[:, None] * stride_vct + V_HALF_BYTES, nm, V_BITS, HALF)
+    pos = tl.load(pos_base + offs * stride_pt, mask=n_mask, other=0)
+    vsc = tl.load(vs_base + offs * stride_vst, mask=n_mask, other=1.0)
+    vze = tl.load(vz_base + offs * stride_vzt, mask=n_mask, other=0.0)
     for t0 in range(lo, hi, BLOCK_N):
         offs = t0 + jn  # int64 token index
         n_mask = offs < hi
         nm = n_mask[:, None]
-        pos = tl.load(pos_ptr + b * stride_pb + offs * stride_pt, mask=n_mask, other=0)
-        p0 = tl.load(pos_ptr + b * stride_pb + t0 * stride_pt)
-
-        # keys: codes -> LUT -> per-channel scale/zero -> outlier slots, per RoPE half
-        kc_rows = kc_base + offs[:, None] * stride_kct
+        # outlier slots of this block (small: issued early, used after the unpacking)
         kov_rows = kov_base + offs[:, None] * stride_kvt
         koi_rows = koi_base + offs[:, None] * stride_kit
-        c1 = _unpack_codes(kc_rows, nm, K_BITS, HALF)
-        c2 = _unpack_codes(kc_rows + HALF * K_BITS // 8, nm, K_BITS, HALF)
-        k1 = tl.load(klut_ptr + c1) * ks1 + kz1  # [BLOCK_N, HALF]
-        k2 = tl.load(klut_ptr + c2) * ks2 + kz2
+        vov_rows = vov_base + offs[:, None] * stride_vvt
+        voi_rows = voi_base + offs[:, None] * stride_vit
+
+        # prefetch the next block while this one is computed
+        nxt = offs + BLOCK_N
+        n_nxt = nxt < hi
+        nm_nxt = n_nxt[:, None]
+        nraw_k1 = _load_raw(kc_base + nxt[:, None] * stride_kct, nm_nxt, K_BITS, HALF)
+        nraw_k2 = _load_raw(kc_base + nxt[:, None] * stride_kct + K_HALF_BYTES, nm_nxt, K_BITS, HALF)
+        nraw_v1 = _load_raw(vc_base + nxt[:, None] * stride_vct, nm_nxt, V_BITS, HALF)
+        nraw_v2 = _load_raw(vc_base + nxt[:, None] * stride_vct + V_HALF_BYTES, nm_nxt, V_BITS, HALF)
+        npos = tl.load(pos_base + nxt * stride_pt, mask=n_nxt, other=0)
+        nvsc = tl.load(vs_base + nxt * stride_vst, mask=n_nxt, other=1.0)
+        nvze = tl.load(vz_base + nxt * stride_vzt, mask=n_nxt, other=0.0)
+
+        # keys: codes -> LUT -> per-channel scale/zero -> outlier slots, per RoPE half
+        k1 = _lut_half(raw_k1, ktab_ptr, K_BITS, BLOCK_N, HALF) * ks1 + kz1  # [BLOCK_N, HALF]
+        k2 = _lut_half(raw_k2, ktab_ptr, K_BITS, BLOCK_N, HALF) * ks2 + kz2
         k1 = _replace_slots(k1, dh, kov_rows, koi_rows, nm, K_SLOTS)
         k2 = _replace_slots(k2, dh + HALF, kov_rows, koi_rows, nm, K_SLOTS)
 
         # RoPE: consecutive positions use R(p0) on the queries and the R(j) table on the keys
+        p0 = tl.sum(tl.where(jn == 0, pos, 0), axis=0)
         consec = tl.max(tl.abs(tl.where(n_mask, pos - p0 - jn, 0)), axis=0) == 0
         if consec:
-            c0, s0 = _cos_sin(p0.to(tl.float32) * freq)
+            c0, s0 = _cos_sin(p0.to(tl.float32) * freq, FAST)
             qa1 = q1 * c0[None, :] + q2 * s0[None, :]
             qa2 = q2 * c0[None, :] - q1 * s0[None, :]
             if ROPE_TABLE:
                 cs = tab_c
                 sn = tab_s
             else:
-                jf2 = jn.to(tl.float32)[:, None] * freq[None, :]
-                cs = tl.cos(jf2)
-                sn = tl.sin(jf2)
+                cs, sn = _cos_sin_small(jn.to(tl.float32)[:, None] * freq[None, :], FAST)
         else:
-            cs, sn = _cos_sin(pos.to(tl.float32)[:, None] * freq[None, :])
+            cs, sn = _cos_sin(pos.to(tl.float32)[:, None] * freq[None, :], FAST)
             qa1 = q1
             qa2 = q2
         kr1 = k1 * cs - k2 * sn
@@ -262,17 +314,10 @@ def _packed_attn_split_kernel(
         m_i = m_new
 
         # values: codes -> LUT -> per-token scale/zero -> outlier slots
-        vc_rows = vc_base + offs[:, None] * stride_vct
-        vov_rows = vov_base + offs[:, None] * stride_vvt
-        voi_rows = voi_base + offs[:, None] * stride_vit
-        vsc = tl.load(vs_ptr + b * stride_vsb + h * stride_vsh + offs * stride_vst, mask=n_mask, other=1.0)
-        vze = tl.load(vz_ptr + b * stride_vzb + h * stride_vzh + offs * stride_vzt, mask=n_mask, other=0.0)
-        vsc = tl.maximum(vsc.to(tl.float32), MIN_SCALE)[:, None]
-        vze = vze.to(tl.float32)[:, None]
-        e1 = _unpack_codes(vc_rows, nm, V_BITS, HALF)
-        e2 = _unpack_codes(vc_rows + HALF * V_BITS // 8, nm, V_BITS, HALF)
-        v1 = tl.load(vlut_ptr + e1) * vsc + vze
-        v2 = tl.load(vlut_ptr + e2) * vsc + vze
+        sc = tl.maximum(vsc.to(tl.float32), _K_MIN_SCALE)[:, None]
+        ze = vze.to(tl.float32)[:, None]
+        v1 = _lut_half(raw_v1, vtab_ptr, V_BITS, BLOCK_N, HALF) * sc + ze
+        v2 = _lut_half(raw_v2, vtab_ptr, V_BITS, BLOCK_N, HALF) * sc + ze
         v1 = _replace_slots(v1, dh, vov_rows, voi_rows, nm, V_SLOTS)
         v2 = _replace_slots(v2, dh + HALF, vov_rows, voi_rows, nm, V_SLOTS)
 
@@ -280,9 +325,17 @@ def _packed_attn_split_kernel(
         acc1 = acc1 * alpha[:, None] + _mm(pd, v1.to(dt), USE_DOT, IEEE)
         acc2 = acc2 * alpha[:, None] + _mm(pd, v2.to(dt), USE_DOT, IEEE)
 
+        raw_k1 = nraw_k1
+        raw_k2 = nraw_k2
+        raw_v1 = nraw_v1
+        raw_v2 = nraw_v2
+        pos = npos
+        vsc = nvsc
+        vze = nvze
+
     has = l_i > 0.0
     inv_l = 1.0 / tl.where(has, l_i, 1.0)
-    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), NEG_BIG)
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), _K_NEG_BIG)
     m_pad = NUM_MB * BLOCK_M
     part = (bh * NUM_SPLITS + split) * m_pad + rows  # [BLOCK_M] row index into the partial buffers
     tl.store(lse_ptr + part, lse)
@@ -320,6 +373,7 @@ def _packed_attn_merge_kernel(
     BLOCK_E: tl.constexpr,
     HAS_EMASK: tl.constexpr,
     USE_DOT: tl.constexpr,
+    DOT_F32: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -333,7 +387,7 @@ def _packed_attn_merge_kernel(
     hq = h * GROUP + rows % GROUP
     d = tl.arange(0, HEAD_DIM)
 
-    m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
+    m_i = tl.full([BLOCK_M], _K_NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     m_pad = NUM_MB * BLOCK_M
@@ -349,7 +403,10 @@ def _packed_attn_merge_kernel(
         m_i = m_new
 
     if E > 0:
-        edt = ek_ptr.dtype.element_ty
+        if DOT_F32:
+            edt = tl.float32
+        else:
+            edt = ek_ptr.dtype.element_ty
         q_rows = q_ptr + b * stride_qb + hq[:, None] * stride_qh + lq[:, None] * stride_ql
         q = tl.load(q_rows + d[None, :] * stride_qd, mask=row_mask[:, None], other=0.0).to(edt)
         je = tl.arange(0, BLOCK_E)
@@ -364,7 +421,7 @@ def _packed_attn_merge_kernel(
                 ev_ptr + b * stride_evb + h * stride_evh + e[:, None] * stride_eve + d[None, :] * stride_evd,
                 mask=e_mask[:, None], other=0.0,
             )
-            qk = _mm(q, tl.trans(k), USE_DOT, IEEE) * qk_scale
+            qk = _mm(q, tl.trans(k.to(edt)), USE_DOT, IEEE) * qk_scale
             visible = e_mask[None, :]
             if HAS_EMASK:
                 em = tl.load(
@@ -377,7 +434,7 @@ def _packed_attn_merge_kernel(
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(qk - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, USE_DOT, IEEE)
+            acc = acc * alpha[:, None] + _mm(p.to(edt), v.to(edt), USE_DOT, IEEE)
             m_i = m_new
 
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
@@ -388,6 +445,32 @@ def _packed_attn_merge_kernel(
 # ----------------------------------------------------------------------------------------------
 # host launcher
 # ----------------------------------------------------------------------------------------------
+_TABLES: dict = {}  # id(lut) -> (weakref to lut, lut._version, bits, table)
+
+
+def _tuple_table(lut: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signpost values of every code tuple that one gather reads, float32 and flat.
+
+    4 bits: ``[256, 2]`` (both codes of a byte, low nibble first); 2 bits: ``[256, 4]``; 3 bits: ``[64, 2]``
+    (6-bit pairs of codes). Cached per lookup-table tensor and its in-place version counter.
+    """
+    hit = _TABLES.get(id(lut))
+    if hit is not None and hit[0]() is lut and hit[1] == lut._version and hit[2] == bits:
+        return hit[3]
+    per = 2 if bits in (3, 4) else 4
+    idx = torch.arange(1 << (bits * per), device=lut.device)
+    codes = torch.stack([(idx >> (bits * i)) & ((1 << bits) - 1) for i in range(per)], dim=-1)
+    tab = lut.to(torch.float32)[codes].reshape(-1).contiguous()
+    if len(_TABLES) > 1024:
+        for key in [k for k, v in _TABLES.items() if v[0]() is None]:
+            del _TABLES[key]
+    _TABLES[id(lut)] = (weakref.ref(lut), lut._version, bits, tab)
+    return tab
+
+
+_LAST_KERNELS: dict = {}  # the last compiled kernels (register/spill reports in the benchmarks)
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -426,10 +509,11 @@ def packed_attention_triton(
     q_positions: torch.Tensor | None = None,
     window: int | None = None,
     num_splits: int | None = None,
-    block_n: int = 64,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    block_n: int = 32,
+    num_warps: int = 8,
+    num_stages: int = 1,
     rope_table: bool = True,
+    maxnreg: int | None = None,
 ) -> torch.Tensor:
     """Attention over ``[packed history | exact block]``: the fused Triton version of
     :func:`kvquant_hf.attention.packed_attention_torch` (same arguments and result).
@@ -452,7 +536,8 @@ def packed_attention_triton(
             ``q_positions[b, r] - positions[b, j] < window`` (needs ``q_positions``).
         num_splits (`int`, optional): split-K factor of the history (grid dimension). Fix it for
             CUDA-graph capture; default: enough programs to fill the GPU twice.
-        block_n, num_warps, num_stages, rope_table: tuning knobs of the history kernel.
+        block_n, num_warps, num_stages, rope_table, maxnreg: tuning knobs of the history kernel
+            (tokens per block, warps, software-pipelining stages, R(j) table in registers, register cap).
 
     Returns:
         `torch.Tensor`: ``[batch_size, num_q_heads, q_len, head_dim]`` in the query dtype; rows with
@@ -467,9 +552,10 @@ def packed_attention_triton(
           f"exact_k must be [batch, kv_heads, E, head_dim] = [{bsz}, H, E, {d}]; got {tuple(exact_k.shape)}.")
     h = exact_k.shape[1]
     e = exact_k.shape[2]
-    _need(exact_v.shape == exact_k.shape, f"exact_v shape {tuple(exact_v.shape)} != exact_k {tuple(exact_k.shape)}.")
+    _need(exact_v.shape == exact_k.shape,
+          f"exact_v shape {tuple(exact_v.shape)} != exact_k shape {tuple(exact_k.shape)}.")
     _need(h > 0 and hq % h == 0, f"query heads ({hq}) must be a multiple of kv heads ({h}).")
-    _need(d >= 16 and d & (d - 1) == 0, f"head_dim={d} is not supported by the Triton kernel; use a power of two >= 16.")
+    _need(d >= 16 and d & (d - 1) == 0, f"head_dim={d} is not supported by the Triton kernel; use a power of 2 >= 16.")
     group = hq // h
     if exact_mask is not None:
         _need(exact_mask.shape == (bsz, lq, e) and exact_mask.dtype == torch.bool,
@@ -492,6 +578,9 @@ def packed_attention_triton(
     m_rows = group * lq
     block_m = min(64, max(16, triton.next_power_of_2(m_rows)))
     num_mb = triton.cdiv(m_rows, block_m)
+    # dot operands: fp16 for fp16 models; float32 (tf32 on the GPU) for bf16 models, whose 8-bit mantissa
+    # would cost ~1e-2 relative error on the dequantized K/V and the probabilities; IEEE float32 for fp32.
+    dot_f32 = query.dtype != torch.float16
     ieee = query.dtype == torch.float32
     out = torch.empty_like(query)
 
@@ -522,8 +611,8 @@ def packed_attention_triton(
         _need(packed.k_lut.shape == (2**kb,) and packed.v_lut.shape == (2**vb,), "lookup tables have wrong sizes.")
         k_slots = packed.k_out_idx.shape[-1]
         v_slots = packed.v_out_idx.shape[-1]
-        klut = packed.k_lut.to(dev, torch.float32).contiguous()
-        vlut = packed.v_lut.to(dev, torch.float32).contiguous()
+        ktab = _tuple_table(packed.k_lut.to(dev), kb)
+        vtab = _tuple_table(packed.v_lut.to(dev), vb)
         kzero = packed.k_zero.to(dev, torch.float32).contiguous()
         kscale = packed.k_scale.to(dev, torch.float32).contiguous()
         _need(kzero.shape == (h, d) and kscale.shape == (h, d), f"k_zero/k_scale must be [{h}, {d}].")
@@ -536,9 +625,9 @@ def packed_attention_triton(
         hist = hist_start if hist_start is not None else packed.positions
         qpos = q_positions if q_positions is not None else packed.positions
         pk = packed
-        _packed_attn_split_kernel[(bsz * h * num_mb, num_splits)](
+        _LAST_KERNELS["split"] = _packed_attn_split_kernel[(bsz * h * num_mb, num_splits)](
             query, pk.k_codes, pk.k_out_val, pk.k_out_idx, pk.v_codes, pk.v_scale, pk.v_zero,
-            pk.v_out_val, pk.v_out_idx, klut, vlut, kzero, kscale, pk.positions, freq, hist, qpos,
+            pk.v_out_val, pk.v_out_idx, ktab, vtab, kzero, kscale, pk.positions, freq, hist, qpos,
             o_part, lse_part,
             length, lq, h, num_mb, num_splits,
             float(scaling * attention_scaling * LOG2E), int(window) if window is not None else 0,
@@ -550,8 +639,9 @@ def packed_attention_triton(
             *(qpos.stride()[:2] if q_positions is not None else (0, 0)),
             HEAD_DIM=d, GROUP=group, K_BITS=kb, V_BITS=vb, K_SLOTS=k_slots, V_SLOTS=v_slots,
             BLOCK_M=block_m, BLOCK_N=block_n, HAS_HIST=hist_start is not None, HAS_WINDOW=window is not None,
-            ROPE_TABLE=rope_table, USE_DOT=d // 2 >= 16, IEEE=ieee,
-            num_warps=num_warps, num_stages=num_stages,
+            ROPE_TABLE=rope_table, USE_DOT=d // 2 >= 16, DOT_F32=dot_f32, IEEE=ieee,
+            FAST=query.is_cuda,
+            num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
         )
     else:
         num_splits = 0
@@ -570,7 +660,7 @@ def packed_attention_triton(
         *(exact_mask.stride() if exact_mask is not None else (0, 0, 0)),
         *out.stride(),
         HEAD_DIM=d, GROUP=group, BLOCK_M=block_m, BLOCK_E=block_e, HAS_EMASK=exact_mask is not None,
-        USE_DOT=d >= 16 and block_e >= 16, IEEE=ieee,
+        USE_DOT=d >= 16 and block_e >= 16, DOT_F32=dot_f32, IEEE=ieee,
         num_warps=4,
     )
     return out

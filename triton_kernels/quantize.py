@@ -43,6 +43,8 @@ class ValueCodes(NamedTuple):
     zero: torch.Tensor  # fp16/bf16 [B, H, S]
     out_val: torch.Tensor  # model dtype [B, H, S, n_slots]
     out_idx: torch.Tensor  # uint8 [B, H, S, n_slots]
+_K_UNUSED_SLOT = tl.constexpr(UNUSED_SLOT)  # the same constant inside kernels
+_K_MIN_SCALE = tl.constexpr(MIN_SCALE)  # the same constant inside kernels
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,7 +155,7 @@ def _quantize_keys_kernel(
             used = best > 0.0
             hit = ch[None, :] == sel[:, None]
             val = tl.max(tl.where(hit, x, float("-inf")), axis=1)
-            tl.store(oidx_rows + s, tl.where(used, sel, UNUSED_SLOT).to(tl.uint8), mask=t_mask)
+            tl.store(oidx_rows + s, tl.where(used, sel, _K_UNUSED_SLOT).to(tl.uint8), mask=t_mask)
             tl.store(oval_rows + s, tl.where(used, val, 0.0).to(oval_ptr.dtype.element_ty), mask=t_mask)
             n_used += used.to(tl.int32)
             score = tl.where(hit, -1.0, score)
@@ -252,13 +254,13 @@ def _quantize_values_kernel(
     hi = _pick_f32(top_v, (N_SLOTS - a_best)[:, None], KP)
 
     zero = ((hi + lo) * 0.5).to(scale_ptr.dtype.element_ty)
-    scale = tl.maximum((hi - lo) * 0.5, MIN_SCALE).to(scale_ptr.dtype.element_ty)
+    scale = tl.maximum((hi - lo) * 0.5, _K_MIN_SCALE).to(scale_ptr.dtype.element_ty)
     dst = t + start
     tl.store(zero_ptr + b * stride_zb + h * stride_zh + dst * stride_zs, zero, mask=t_mask)
     tl.store(scale_ptr + b * stride_sb + h * stride_sh + dst * stride_ss, scale, mask=t_mask)
 
     zero32 = zero.to(tl.float32)
-    scale32 = tl.maximum(scale.to(tl.float32), MIN_SCALE)
+    scale32 = tl.maximum(scale.to(tl.float32), _K_MIN_SCALE)
     inv_scale = tl.math.div_rn(tl.full(scale32.shape, 1.0, tl.float32), scale32)
     x_norm = (x - zero32[:, None]) * inv_scale[:, None]
     codes = _encode_nearest(x_norm, lut_ptr, BITS)
