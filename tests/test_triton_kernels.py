@@ -334,3 +334,46 @@ def test_packed_attention_validates():
         packed_attention_triton(q, bad, ek, ek, None, **kw)
     with pytest.raises(ValueError, match="capacity"):
         packed_attention_triton(q, PackedKV(**{**packed.__dict__, "length": 99}), ek, ek, None, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# device-side offsets (CUDA-graph decode): the same results as host-side ints
+# ----------------------------------------------------------------------------------------------
+def test_quantize_with_device_start_equals_host_start():
+    b, h, s, d, bits, n_slots, cap, start = 1, 2, 1, 64, 4, 1, 12, 5
+    k, lut, lo, hi = _key_setup(b, h, s, d, bits, torch.float16, seed=21)
+    v = torch.randn(b, h, s, d).to(torch.float16)
+    dests = []
+    for st in (start, torch.tensor([start], dtype=torch.int32)):
+        kd = (torch.zeros(b, h, cap, d * bits // 8, dtype=torch.uint8), torch.zeros(b, h, cap, n_slots,
+              dtype=torch.float16), torch.zeros(b, h, cap, n_slots, dtype=torch.uint8))
+        vd = (torch.zeros(b, h, cap, d * bits // 8, dtype=torch.uint8), torch.zeros(b, h, cap, dtype=torch.float16),
+              torch.zeros(b, h, cap, dtype=torch.float16), torch.zeros(b, h, cap, n_slots, dtype=torch.float16),
+              torch.zeros(b, h, cap, n_slots, dtype=torch.uint8))
+        quantize_keys_triton(k, lut, lo, hi, n_slots, bits, out=kd, start=st)
+        quantize_values_triton(v, lut, n_slots, bits, out=vd, start=st)
+        dests.append(kd + vd)
+    for host, dev in zip(*dests):
+        assert torch.equal(host, dev)
+    assert dests[1][0][:, :, start].any() and not dests[1][0][:, :, start + 1:].any()
+    with pytest.raises(ValueError, match="int32"):
+        quantize_keys_triton(k, lut, lo, hi, n_slots, bits, out=dests[0][:3], start=torch.tensor([1]))
+
+
+@pytest.mark.parametrize("held", [1, 37, 70])
+def test_packed_attention_device_length(held):
+    """`length_dev` (read by the kernel) decides how much history is attended, whatever packed.length says."""
+    b, h, group, d, cap_len = 1, 2, 4, 64, 70
+    g = torch.Generator().manual_seed(held)
+    packed = _make_packed(b, h, cap_len, d, 3, 3, 1, torch.float32, 9)
+    q = torch.randn(b, h * group, 1, d, generator=g)
+    ek = torch.randn(b, h, 2, d, generator=g)
+    ev = torch.randn(b, h, 2, d, generator=g)
+    kw = dict(scaling=d ** -0.5, inv_freq=_inv_freq(d), attention_scaling=1.0)
+    ref_packed = PackedKV(**{**packed.__dict__, "length": held})
+    ref = packed_attention_torch(q, ref_packed, ek, ev, None, **kw)
+    got = packed_attention_triton(q, packed, ek, ev, None, num_splits=4,
+                                  length_dev=torch.tensor([held], dtype=torch.int32), **kw)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="num_splits"):
+        packed_attention_triton(q, packed, ek, ev, None, length_dev=torch.tensor([held], dtype=torch.int32), **kw)

@@ -152,6 +152,7 @@ def _packed_attn_split_kernel(
     o_ptr,  # f32 [B, H, NUM_SPLITS, M_PAD, D] normalized partial outputs
     lse_ptr,  # f32 [B, H, NUM_SPLITS, M_PAD] log2-sum-exp of each split (NEG_BIG if empty)
     L,  # history tokens held
+    len_ptr,  # int32 [1] history tokens held, read on the device (LEN_ON_DEVICE: CUDA-graph decode)
     LQ,  # query rows per head
     H,  # kv heads
     NUM_MB,  # row blocks per kv head
@@ -184,8 +185,11 @@ def _packed_attn_split_kernel(
     DOT_F32: tl.constexpr,  # float32 dot operands (tf32, or IEEE if IEEE): bf16/fp32 queries
     IEEE: tl.constexpr,
     FAST: tl.constexpr,  # GPU: MUFU cos/sin after range reduction (the interpreter has no libdevice)
+    LEN_ON_DEVICE: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
+    if LEN_ON_DEVICE:
+        L = tl.load(len_ptr).to(tl.int64)
     pid = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     mb = pid % NUM_MB
@@ -514,6 +518,7 @@ def packed_attention_triton(
     num_stages: int = 1,
     rope_table: bool = True,
     maxnreg: int | None = None,
+    length_dev: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over ``[packed history | exact block]``: the fused Triton version of
     :func:`kvquant_hf.attention.packed_attention_torch` (same arguments and result).
@@ -538,6 +543,9 @@ def packed_attention_triton(
             CUDA-graph capture; default: enough programs to fill the GPU twice.
         block_n, num_warps, num_stages, rope_table, maxnreg: tuning knobs of the history kernel
             (tokens per block, warps, software-pipelining stages, R(j) table in registers, register cap).
+        length_dev (`torch.Tensor`, optional): int32 ``[1]`` on the device: the history length read by the
+            kernel instead of ``packed.length`` (CUDA-graph decode; give a fixed ``num_splits`` too). The caller
+            guarantees it does not exceed the capacity.
 
     Returns:
         `torch.Tensor`: ``[batch_size, num_q_heads, q_len, head_dim]`` in the query dtype; rows with
@@ -575,6 +583,10 @@ def packed_attention_triton(
               f"{tuple(hist_start.shape)} on {hist_start.device}.")
 
     length = 0 if packed is None else int(packed.length)
+    if length_dev is not None:
+        _need(length_dev.shape == (1,) and length_dev.dtype == torch.int32 and length_dev.device == dev,
+              f"length_dev must be an int32 tensor of shape (1,) on {dev}.")
+        _need(num_splits is not None, "length_dev needs a fixed num_splits (the grid cannot follow the length).")
     m_rows = group * lq
     block_m = min(64, max(16, triton.next_power_of_2(m_rows)))
     num_mb = triton.cdiv(m_rows, block_m)
@@ -629,7 +641,7 @@ def packed_attention_triton(
             query, pk.k_codes, pk.k_out_val, pk.k_out_idx, pk.v_codes, pk.v_scale, pk.v_zero,
             pk.v_out_val, pk.v_out_idx, ktab, vtab, kzero, kscale, pk.positions, freq, hist, qpos,
             o_part, lse_part,
-            length, lq, h, num_mb, num_splits,
+            length, length_dev if length_dev is not None else pk.positions, lq, h, num_mb, num_splits,
             float(scaling * attention_scaling * LOG2E), int(window) if window is not None else 0,
             *query.stride(),
             *pk.k_codes.stride()[:3], *pk.k_out_val.stride()[:3], *pk.k_out_idx.stride()[:3],
@@ -640,7 +652,7 @@ def packed_attention_triton(
             HEAD_DIM=d, GROUP=group, K_BITS=kb, V_BITS=vb, K_SLOTS=k_slots, V_SLOTS=v_slots,
             BLOCK_M=block_m, BLOCK_N=block_n, HAS_HIST=hist_start is not None, HAS_WINDOW=window is not None,
             ROPE_TABLE=rope_table, USE_DOT=d // 2 >= 16, DOT_F32=dot_f32, IEEE=ieee,
-            FAST=query.is_cuda,
+            FAST=query.is_cuda, LEN_ON_DEVICE=length_dev is not None,
             num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
         )
     else:

@@ -107,6 +107,7 @@ def _quantize_keys_kernel(
     clip_ptr,  # int32 [1] clipped-outlier counter (only if COUNT_CLIPPED)
     S,  # new tokens
     start,  # token offset in the destination
+    start_ptr,  # int32 [1] token offset read on the device (START_ON_DEVICE: CUDA-graph decode)
     H,  # kv heads
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_cb, stride_ch, stride_cs,
@@ -117,6 +118,7 @@ def _quantize_keys_kernel(
     N_SLOTS: tl.constexpr,
     BLOCK_T: tl.constexpr,
     COUNT_CLIPPED: tl.constexpr,
+    START_ON_DEVICE: tl.constexpr,
 ):
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_t = tl.program_id(1).to(tl.int64)
@@ -142,7 +144,10 @@ def _quantize_keys_kernel(
     excess = tl.maximum(tl.maximum(lo - x, x - hi), 0.0)
     excess = tl.math.div_rn(excess, tl.broadcast_to(scale, excess.shape))
 
-    dst = t + start
+    if START_ON_DEVICE:
+        dst = t + tl.load(start_ptr).to(tl.int64)
+    else:
+        dst = t + start
     if N_SLOTS > 0:
         oval_rows = oval_ptr + b * stride_vb + h * stride_vh + dst * stride_vs
         oidx_rows = oidx_ptr + b * stride_ib + h * stride_ih + dst * stride_is
@@ -187,6 +192,7 @@ def _quantize_values_kernel(
     oidx_ptr,  # uint8 [B, H, cap, N_SLOTS]
     S,
     start,
+    start_ptr,  # int32 [1] (START_ON_DEVICE)
     H,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_cb, stride_ch, stride_cs,
@@ -199,6 +205,7 @@ def _quantize_values_kernel(
     N_SLOTS: tl.constexpr,
     KP: tl.constexpr,  # next power of two >= N_SLOTS + 1
     BLOCK_T: tl.constexpr,
+    START_ON_DEVICE: tl.constexpr,
 ):
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_t = tl.program_id(1).to(tl.int64)
@@ -255,7 +262,10 @@ def _quantize_values_kernel(
 
     zero = ((hi + lo) * 0.5).to(scale_ptr.dtype.element_ty)
     scale = tl.maximum((hi - lo) * 0.5, _K_MIN_SCALE).to(scale_ptr.dtype.element_ty)
-    dst = t + start
+    if START_ON_DEVICE:
+        dst = t + tl.load(start_ptr).to(tl.int64)
+    else:
+        dst = t + start
     tl.store(zero_ptr + b * stride_zb + h * stride_zh + dst * stride_zs, zero, mask=t_mask)
     tl.store(scale_ptr + b * stride_sb + h * stride_sh + dst * stride_ss, scale, mask=t_mask)
 
@@ -312,6 +322,19 @@ def _check_dest(t: torch.Tensor, name: str, shape: tuple, dtype: torch.dtype, de
         raise ValueError(f"destination {name} must be contiguous in its last dimension (stride {t.stride()}).")
 
 
+def _device_start(start, out, dev: torch.device):
+    """``start`` may be an int32 ``[1]`` device tensor (CUDA-graph decode): the offset is then read by the
+    kernel, and the caller guarantees ``start + seq_len <= capacity`` (no host sync to check it)."""
+    if not isinstance(start, torch.Tensor):
+        return start, None
+    if out is None:
+        raise ValueError("a device-side start needs `out` (the storage to write into).")
+    if start.shape != (1,) or start.dtype != torch.int32 or start.device != dev:
+        raise ValueError(f"a device-side start must be an int32 tensor of shape (1,) on {dev}; got "
+                         f"{start.dtype} {tuple(start.shape)} on {start.device}.")
+    return 0, start
+
+
 def _check_range(cap: int, start: int, s: int) -> None:
     if not isinstance(start, int) or start < 0 or start + s > cap:
         raise ValueError(f"cannot write {s} tokens at offset start={start!r} into a capacity of {cap} tokens.")
@@ -347,7 +370,8 @@ def quantize_keys_triton(
         out (`tuple`, optional): destination storage ``(codes uint8 [B, H, cap, D*bits/8],
             out_val k.dtype [B, H, cap, n_slots], out_idx uint8 [B, H, cap, n_slots])``; the tokens are
             written at ``[start, start + seq_len)`` of the capacity dimension. New tensors if None.
-        start (`int`): token offset in ``out``.
+        start (`int` or `torch.Tensor`): token offset in ``out``; an int32 ``[1]`` device tensor is read by
+            the kernel (CUDA-graph decode; the full destination tensors are returned then).
         k_zero, k_scale (`torch.Tensor`, optional): ``quant.key_zero_scale(k_lower, k_upper)`` if
             already computed (saves two tiny launches per call).
         clip_counter (`torch.Tensor`, optional): int32 ``[1]`` on the device; the number of outliers
@@ -363,6 +387,7 @@ def quantize_keys_triton(
         )
     nbytes = d * bits // 8
     dev = k.device
+    start, start_dev = _device_start(start, out, dev)
     lower = k_lower.to(dev, torch.float32).contiguous()
     upper = k_upper.to(dev, torch.float32).contiguous()
     if k_zero is None or k_scale is None:
@@ -398,15 +423,17 @@ def quantize_keys_triton(
         _quantize_keys_kernel[grid](
             k, lut, lower, upper, k_zero, k_scale, codes, oval, oidx,
             clip_counter if clip_counter is not None else codes,
-            s, start, h,
+            s, start, start_dev if start_dev is not None else codes, h,
             k.stride(0), k.stride(1), k.stride(2), k.stride(3),
             codes.stride(0), codes.stride(1), codes.stride(2),
             oval.stride(0), oval.stride(1), oval.stride(2),
             oidx.stride(0), oidx.stride(1), oidx.stride(2),
             HEAD_DIM=d, BITS=bits, N_SLOTS=n_slots, BLOCK_T=block_t,
-            COUNT_CLIPPED=clip_counter is not None,
+            COUNT_CLIPPED=clip_counter is not None, START_ON_DEVICE=start_dev is not None,
             num_warps=4,
         )
+    if start_dev is not None:
+        return KeyCodes(codes, oval, oidx)
     sl = slice(start, start + s)
     return KeyCodes(codes[:, :, sl], oval[:, :, sl], oidx[:, :, sl])
 
@@ -429,7 +456,8 @@ def quantize_values_triton(
         out (`tuple`, optional): destination storage ``(codes uint8 [B, H, cap, D*bits/8], scale [B, H, cap],
             zero [B, H, cap], out_val v.dtype [B, H, cap, n_slots], out_idx uint8 [B, H, cap, n_slots])``
             with scale/zero in bf16 for bf16 values and fp16 otherwise (``quant.value_scale_dtype``).
-        start (`int`): token offset in ``out``.
+        start (`int` or `torch.Tensor`): token offset in ``out``; an int32 ``[1]`` device tensor is read by
+            the kernel (CUDA-graph decode; the full destination tensors are returned then).
 
     Returns:
         `ValueCodes`: views of the written tokens ``(codes, scale, zero, out_val, out_idx)``.
@@ -439,6 +467,7 @@ def quantize_values_triton(
         raise ValueError(f"n_slots={n_slots} is too many for head_dim={d}; need 2 * (n_slots + 1) <= head_dim.")
     nbytes = d * bits // 8
     dev = v.device
+    start, start_dev = _device_start(start, out, dev)
     sd = torch.bfloat16 if v.dtype == torch.bfloat16 else torch.float16
     lut = v_lut.to(torch.float32).contiguous()
     if out is None:
@@ -466,7 +495,7 @@ def quantize_values_triton(
         grid = (b * h, triton.cdiv(s, block_t))
         _quantize_values_kernel[grid](
             v, lut, codes, scale, zero, oval, oidx,
-            s, start, h,
+            s, start, start_dev if start_dev is not None else codes, h,
             v.stride(0), v.stride(1), v.stride(2), v.stride(3),
             codes.stride(0), codes.stride(1), codes.stride(2),
             scale.stride(0), scale.stride(1), scale.stride(2),
@@ -474,7 +503,10 @@ def quantize_values_triton(
             oval.stride(0), oval.stride(1), oval.stride(2),
             oidx.stride(0), oidx.stride(1), oidx.stride(2),
             HEAD_DIM=d, BITS=bits, N_SLOTS=n_slots, KP=triton.next_power_of_2(n_slots + 1), BLOCK_T=block_t,
+            START_ON_DEVICE=start_dev is not None,
             num_warps=4,
         )
+    if start_dev is not None:
+        return ValueCodes(codes, scale, zero, oval, oidx)
     sl = slice(start, start + s)
     return ValueCodes(codes[:, :, sl], scale[:, :, sl], zero[:, :, sl], oval[:, :, sl], oidx[:, :, sl])
