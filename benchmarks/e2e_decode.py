@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import cuda_time_ms, md_table, random_model, write_results  # noqa: E402
+from common import cuda_time_ms, md_table, random_model, results_dir, write_results  # noqa: E402
 
 CACHE_KW = "past_key_values"  # accepted by 5.17 and (deprecated alias) by newer 5.x
 
@@ -157,6 +158,8 @@ def main(argv=None):
             torch.cuda.reset_peak_memory_stats()
             print(row, flush=True)
             rows.append(row)
+            with open(os.path.join(results_dir(), "e2e_decode_partial.jsonl"), "a") as fh:
+                fh.write(json.dumps(row) + "\n")
     cols = ["method", "context", "batch", "ms_per_step", "attention_ms", "append_ms", "other_ms", "cache_gib",
             "peak_gib", "error"]
     md = "# End-to-end decode step, " + args.shape + " (random bf16 weights)\n\n" + md_table(rows, cols)
