@@ -56,6 +56,33 @@ def _bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def _bench_graph(fn) -> float:
+    """Median time of ``fn`` replayed from a CUDA graph: GPU time without Python launch overhead."""
+    if SMOKE:
+        return _bench(fn)
+    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+
+
+def kernel_breakdown(fn, n: int = 10) -> str:
+    """Device time per kernel name (profiler), averaged over ``n`` calls."""
+    if SMOKE:
+        return ""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    parts = []
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t > 0:
+            parts.append(f"{ev.key[:40]}: {t / n:.1f} us")
+    return "; ".join(parts)
+
+
 def copy_bandwidth_gbs(nbytes: int = 4 << 30) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device=DEV)
     src.random_()
@@ -107,16 +134,14 @@ def bench_sdpa(b, length):
     q = torch.randn(b, HQ, 1, D, dtype=torch.float16, device=DEV)
     qf = q.view(b, H, HQ // H, D)  # GQA folded into the query length: each KV head read once
     t_fold = _bench(lambda: F.scaled_dot_product_attention(qf, k, v, scale=D ** -0.5))
-    try:
-        t_gqa = _bench(lambda: F.scaled_dot_product_attention(q, k, v, scale=D ** -0.5, enable_gqa=True))
-    except Exception as exc:  # older torch
-        print("enable_gqa failed:", exc)
-        t_gqa = float("nan")
+    gqa = lambda: F.scaled_dot_product_attention(q, k, v, scale=D ** -0.5, enable_gqa=True)  # noqa: E731
+    t_gqa = _bench(gqa)
+    t_gqa_graph = _bench_graph(gqa)
     nbytes = 2 * k.numel() * 2 + 2 * q.numel() * 2
-    return t_fold, t_gqa, nbytes
+    return t_fold, t_gqa, t_gqa_graph, nbytes
 
 
-def run_packed(p, b, length, **cfg):
+def run_packed(p, b, length, breakdown=False, **cfg):
     q = torch.randn(b, HQ, 1, D, dtype=torch.float16, device=DEV)
     ek = torch.randn(b, H, SINK + 1, D, dtype=torch.float16, device=DEV)
     ev = torch.randn(b, H, SINK + 1, D, dtype=torch.float16, device=DEV)
@@ -124,7 +149,9 @@ def run_packed(p, b, length, **cfg):
     fn = lambda: packed_attention_triton(q, p, ek, ev, None, scaling=D ** -0.5, inv_freq=freq, **cfg)  # noqa: E731
     out = fn()
     assert torch.isfinite(out).all(), "non-finite output"
-    return _bench(fn)
+    if breakdown:
+        print("breakdown", cfg, kernel_breakdown(fn), flush=True)
+    return _bench(fn), _bench_graph(fn)
 
 
 def dump_kernel(tag: str, out_dir: str) -> None:
@@ -168,7 +195,8 @@ def bench_append(b, s, bits, dtype=torch.float16):
         quantize_keys_triton(k, lut, lo, hi, SLOTS, bits, out=kout, start=3, k_zero=zero, k_scale=scale)
         quantize_values_triton(v, lut, SLOTS, bits, out=vout, start=3)
 
-    return _bench(fn)
+    fn()
+    return _bench(fn), _bench_graph(fn)
 
 
 def main(argv=None):
@@ -193,59 +221,52 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     rows = []
     dumped = set()
+
+    def add(b, length, method, t_eager, t_graph, nbytes, t_ref, note=""):
+        """Speedup and bandwidth from the CUDA-graph (GPU) time; the eager time adds Python launch cost."""
+        rows.append(dict(batch=b, context=length, method=method, us=t_graph * 1e3, us_eager=t_eager * 1e3,
+                         speedup=t_ref / t_graph, mbytes=nbytes / 1e6, gbs=nbytes / (t_graph * 1e-3) / 1e9,
+                         pct_copy_bw=100 * nbytes / (t_graph * 1e-3) / 1e9 / bw, note=note))
+        print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
+
     for b in args.batches:
         for length in args.contexts:
             fp16_gb = 2 * b * H * length * D * 2 / 1e9
             if fp16_gb * 1.3 > free_gb:
                 print(f"skip batch {b} context {length}: fp16 K/V needs {fp16_gb:.0f} GB", flush=True)
                 continue
-            t_fold, t_gqa, sdpa_bytes = bench_sdpa(b, length)
-            t_sdpa = min(t for t in (t_fold, t_gqa) if t == t)
-            rows.append(dict(batch=b, context=length, method="fp16 SDPA", us=t_sdpa * 1e3, speedup=1.0,
-                             mbytes=sdpa_bytes / 1e6, gbs=sdpa_bytes / (t_sdpa * 1e-3) / 1e9,
-                             pct_copy_bw=100 * sdpa_bytes / (t_sdpa * 1e-3) / 1e9 / bw,
-                             note=f"folded {t_fold * 1e3:.1f} us, enable_gqa {t_gqa * 1e3:.1f} us"))
-            print(rows[-1], flush=True)
+            t_fold, t_gqa, t_sdpa, sdpa_bytes = bench_sdpa(b, length)
+            add(b, length, "fp16 SDPA", t_gqa, t_sdpa, sdpa_bytes, t_sdpa,
+                note=f"enable_gqa; GQA folded into q_len: {t_fold * 1e3:.1f} us eager")
             gc.collect()
             if not SMOKE:
                 torch.cuda.empty_cache()
             for bits in args.bits:
                 p = make_packed(b, length, bits, SLOTS)
                 nbytes = packed_bytes(p, b, length, SINK + 1)
-                t = run_packed(p, b, length)
+                sweep = args.sweep and b == 1 and (length == 131072 or SMOKE) and bits == 4
+                te, tg = run_packed(p, b, length, breakdown=sweep or (b == 1 and length == 131072))
                 if bits in args.dump and bits not in dumped:
                     dump_kernel(f"stage1_nuq{bits}", out)
                     dumped.add(bits)
                 splits = default_num_splits(b, H, 1, length, torch.device(DEV), 32)
-                rows.append(dict(batch=b, context=length, method=f"nuq{bits}-1%", us=t * 1e3, speedup=t_sdpa / t,
-                                 mbytes=nbytes / 1e6, gbs=nbytes / (t * 1e-3) / 1e9,
-                                 pct_copy_bw=100 * nbytes / (t * 1e-3) / 1e9 / bw, note=f"splits {splits}"))
-                print(rows[-1], flush=True)
-                if args.sweep and b == 1 and (length == 131072 or SMOKE) and bits == 4:
-                    base = dict(block_n=32, num_warps=8, num_stages=1)
-                    variants = [dict(block_n=bn, num_warps=nw) for bn, nw in ((16, 4), (32, 4), (64, 4), (64, 8))]
-                    variants += [dict(num_stages=2), dict(block_n=64, num_stages=2), dict(rope_table=False),
-                                 dict(maxnreg=128), dict(block_n=16, num_warps=4, maxnreg=128),
-                                 dict(num_splits=splits // 2), dict(num_splits=splits * 2),
-                                 dict(num_splits=splits * 4)]
-                    for var in variants:
-                        cfg = {**base, **var}
+                add(b, length, f"nuq{bits}-1%", te, tg, nbytes, t_sdpa, note=f"default config, splits {splits}")
+                if sweep:
+                    variants = [dict(block_n=32, num_warps=8), dict(block_n=64, num_warps=4),
+                                dict(block_n=32, num_warps=4, maxnreg=128), dict(block_n=16, num_warps=4, maxnreg=96),
+                                dict(block_n=32, num_warps=8, maxnreg=128), dict(block_n=64, num_warps=8, maxnreg=128),
+                                dict(rope_table=False), dict(num_splits=splits * 2), dict(num_splits=splits * 4)]
+                    for cfg in variants:
                         try:
-                            tv = run_packed(p, b, length, **cfg)
+                            tve, tvg = run_packed(p, b, length, **cfg)
                         except Exception as exc:
                             print("variant failed", cfg, repr(exc)[:300], flush=True)
                             continue
-                        rows.append(dict(batch=b, context=length, method=f"nuq{bits}-1% sweep", us=tv * 1e3,
-                                         speedup=t_sdpa / tv, mbytes=nbytes / 1e6, gbs=nbytes / (tv * 1e-3) / 1e9,
-                                         pct_copy_bw=100 * nbytes / (tv * 1e-3) / 1e9 / bw, note=str(cfg)))
-                        print(rows[-1], flush=True)
+                        add(b, length, f"nuq{bits}-1% sweep", tve, tvg, nbytes, t_sdpa, note=str(cfg))
                     p0 = make_packed(b, length, bits, 0)
                     n0 = packed_bytes(p0, b, length, SINK + 1)
-                    t0 = run_packed(p0, b, length)
-                    rows.append(dict(batch=b, context=length, method=f"nuq{bits}-0% (no slots)", us=t0 * 1e3,
-                                     speedup=t_sdpa / t0, mbytes=n0 / 1e6, gbs=n0 / (t0 * 1e-3) / 1e9,
-                                     pct_copy_bw=100 * n0 / (t0 * 1e-3) / 1e9 / bw, note="0 outlier slots"))
-                    print(rows[-1], flush=True)
+                    te0, tg0 = run_packed(p0, b, length)
+                    add(b, length, f"nuq{bits}-0% (no slots)", te0, tg0, n0, t_sdpa, note="0 outlier slots")
                     del p0
                 del p
                 gc.collect()
@@ -255,12 +276,12 @@ def main(argv=None):
     append_rows = []
     for bits in args.bits:
         for b, s in ((1, 1), (8, 1), (1, 4096)) if not SMOKE else ((1, 1), (1, 7)):
-            t = bench_append(b, s, bits)
-            append_rows.append(dict(bits=bits, batch=b, new_tokens=s, us_per_call=t * 1e3,
-                                    us_per_token=t * 1e3 / s))
+            te, tg = bench_append(b, s, bits)
+            append_rows.append(dict(bits=bits, batch=b, new_tokens=s, us_per_call=tg * 1e3, us_eager=te * 1e3,
+                                    us_per_token=tg * 1e3 / s))
             print(append_rows[-1], flush=True)
 
-    cols = ["batch", "context", "method", "us", "speedup", "mbytes", "gbs", "pct_copy_bw", "note"]
+    cols = ["batch", "context", "method", "us", "us_eager", "speedup", "mbytes", "gbs", "pct_copy_bw", "note"]
     with open(os.path.join(out, "decode_attention.csv"), "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols)
         w.writeheader()
@@ -273,20 +294,27 @@ def main(argv=None):
         "# Decode attention, one layer, Llama-3-8B shape (32 q heads, 8 KV heads, head_dim 128)",
         "",
         f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
-        f"- device: {'cpu smoke run' if SMOKE else torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}",
+        f"- device: {'cpu smoke run' if SMOKE else torch.cuda.get_device_name()}; torch {torch.__version__}; "
+        f"triton {triton.__version__}",
         f"- command: `PYTHONPATH=. python benchmarks/decode_attention.py {' '.join(sys.argv[1:])}`",
         f"- measured device-to-device copy bandwidth (read + write): {bw:.0f} GB/s",
         "",
-        "| batch | context | method | time (us) | speedup vs fp16 | MB read+written | GB/s | % of copy BW | note |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Times: `us` = CUDA-graph replay (GPU time; speedup, GB/s and % use it), `eager` = plain Python calls",
+        "(adds the launch overhead of the Triton launchers).",
+        "",
+        "| batch | context | method | us | eager us | speedup vs fp16 | MB read+written | GB/s | % of copy BW | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['batch']} | {r['context']} | {r['method']} | {r['us']:.1f} | {r['speedup']:.2f}x | "
+        lines.append(f"| {r['batch']} | {r['context']} | {r['method']} | {r['us']:.1f} | {r['us_eager']:.1f} | "
+                     f"{r['speedup']:.2f}x | "
                      f"{r['mbytes']:.1f} | {r['gbs']:.0f} | {r['pct_copy_bw']:.0f}% | {r['note']} |")
     lines += ["", "## Append (quantize kernels: keys + values, 2 slots)", "",
-              "| bits | batch | new tokens | us per call | us per token |", "|---|---|---|---|---|"]
+              "| bits | batch | new tokens | us per call (graph) | eager us | us per token |",
+              "|---|---|---|---|---|---|"]
     for r in append_rows:
         lines.append(f"| {r['bits']} | {r['batch']} | {r['new_tokens']} | {r['us_per_call']:.1f} | "
+                     f"{r['us_eager']:.1f} | "
                      f"{r['us_per_token']:.3f} |")
     with open(os.path.join(out, "decode_attention.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")

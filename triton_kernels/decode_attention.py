@@ -514,7 +514,7 @@ def packed_attention_triton(
     window: int | None = None,
     num_splits: int | None = None,
     block_n: int = 32,
-    num_warps: int = 8,
+    num_warps: int = 4,
     num_stages: int = 1,
     rope_table: bool = True,
     maxnreg: int | None = None,
