@@ -144,6 +144,10 @@ def main(argv=None):
                 continue
             _free()
             row = {"method": method, "context": context, "batch": batch}
+            if not method.startswith("kvquant"):
+                from kvquant_hf.models import unpatch_model
+
+                unpatch_model(model)  # baselines run the stock attention (dynamo traces it)
             try:
                 if method.startswith("kvquant"):
                     bits = int(method.split("_")[1][3:])

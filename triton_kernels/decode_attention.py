@@ -452,6 +452,11 @@ def _packed_attn_merge_kernel(
 _TABLES: dict = {}  # id(lut) -> (weakref to lut, lut._version, bits, table)
 
 
+def _version_of(lut: torch.Tensor) -> int:
+    """In-place version of a tensor; inference tensors (made under torch.inference_mode) keep none."""
+    return -1 if lut.is_inference() else lut._version
+
+
 def _tuple_table(lut: torch.Tensor, bits: int) -> torch.Tensor:
     """Signpost values of every code tuple that one gather reads, float32 and flat.
 
@@ -459,7 +464,7 @@ def _tuple_table(lut: torch.Tensor, bits: int) -> torch.Tensor:
     (6-bit pairs of codes). Cached per lookup-table tensor and its in-place version counter.
     """
     hit = _TABLES.get(id(lut))
-    if hit is not None and hit[0]() is lut and hit[1] == lut._version and hit[2] == bits:
+    if hit is not None and hit[0]() is lut and hit[1] == _version_of(lut) and hit[2] == bits:
         return hit[3]
     per = 2 if bits in (3, 4) else 4
     idx = torch.arange(1 << (bits * per), device=lut.device)
@@ -468,7 +473,7 @@ def _tuple_table(lut: torch.Tensor, bits: int) -> torch.Tensor:
     if len(_TABLES) > 1024:
         for key in [k for k, v in _TABLES.items() if v[0]() is None]:
             del _TABLES[key]
-    _TABLES[id(lut)] = (weakref.ref(lut), lut._version, bits, tab)
+    _TABLES[id(lut)] = (weakref.ref(lut), _version_of(lut), bits, tab)
     return tab
 
 
