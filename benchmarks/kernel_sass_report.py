@@ -1,0 +1,98 @@
+"""Compile the stage-1 packed-attention kernel for sm_90 on a machine without a GPU and summarize its SASS.
+
+Registers, stack (spills), shared memory and an instruction histogram per config, using the ptxas and
+cuobjdump bundled with the `triton` wheel: no device time needed to see what a change does to the code.
+Shapes are the Llama-3-8B benchmark's (H=8, D=128, 128K tokens); integer arguments get Triton's usual
+specializations (==1 -> constexpr, %16 -> divisibility). Output: one line per config; the last config's
+SASS and TTGIR are left in /tmp/k.sass and /tmp/k.ttgir.
+
+Usage: ``python benchmarks/kernel_sass_report.py '[{"bits": 4, "num_warps": 4, "block_n": 32}]'``
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+from triton_kernels import decode_attention as da  # noqa: E402
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+HISTOGRAM = ["LDG", "LDS", "STS", "LDL", "STL", "HMMA", "MUFU", "IMAD", "LOP3", "FFMA", "FMUL", "FSEL", "ISETP",
+             "PRMT", "SHF", "F2FP", "BAR", "SHFL"]
+
+
+def compile_split(bits=4, dt="fp16", block_n=32, num_warps=4, num_stages=1, slots=2, rope_table=True, group=4,
+                  fast=True, maxnreg=None, length=131072, h=8, d=128):
+    """``triton.compile`` the stage-1 kernel for sm_90 with the benchmark's strides."""
+    fn = da._packed_attn_split_kernel
+    cap = length
+    nb = d * bits // 8
+    vals = dict(L=length, LQ=1, H=h, NUM_MB=1, NUM_SPLITS=33, window=0,
+                stride_qb=32 * d, stride_qh=d, stride_ql=d, stride_qd=1,
+                stride_kcb=h * cap * nb, stride_kch=cap * nb, stride_kct=nb,
+                stride_kvb=h * cap * slots, stride_kvh=cap * slots, stride_kvt=slots,
+                stride_kib=h * cap * slots, stride_kih=cap * slots, stride_kit=slots,
+                stride_vcb=h * cap * nb, stride_vch=cap * nb, stride_vct=nb,
+                stride_vsb=h * cap, stride_vsh=cap, stride_vst=1,
+                stride_vzb=h * cap, stride_vzh=cap, stride_vzt=1,
+                stride_vvb=h * cap * slots, stride_vvh=cap * slots, stride_vvt=slots,
+                stride_vib=h * cap * slots, stride_vih=cap * slots, stride_vit=slots,
+                stride_pb=cap, stride_pt=1, stride_qpb=0, stride_qpl=0)
+    ptrs = {"q_ptr": dt, "kc_ptr": "u8", "kov_ptr": dt, "koi_ptr": "u8", "vc_ptr": "u8", "vs_ptr": dt,
+            "vz_ptr": dt, "vov_ptr": dt, "voi_ptr": "u8", "pos_ptr": "i32", "hist_ptr": "i32", "qpos_ptr": "i32",
+            "len_ptr": "i32"}
+    cx = dict(HEAD_DIM=d, GROUP=group, K_BITS=bits, V_BITS=bits, K_SLOTS=slots, V_SLOTS=slots, BLOCK_M=16,
+              BLOCK_N=block_n, HAS_HIST=False, HAS_WINDOW=False, ROPE_TABLE=rope_table, USE_DOT=True,
+              DOT_F32=dt != "fp16", IEEE=False, FAST=fast, LEN_ON_DEVICE=False)
+    sig, attrs, consts = {}, {}, dict(cx)
+    for i, name in enumerate(fn.arg_names):
+        if name in cx:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + ptrs.get(name, "fp32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "qk_scale":
+            sig[name] = "fp32"
+        elif vals[name] == 1:
+            sig[name] = "constexpr"
+            consts[name] = 1
+        else:
+            sig[name] = "i32"
+            if vals[name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    options = dict(num_warps=num_warps, num_stages=num_stages)
+    if maxnreg:
+        options["maxnreg"] = maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def summarize(kernel, tag: str) -> str:
+    """Registers, stack, shared memory and an instruction histogram of a compiled kernel."""
+    with open("/tmp/k.cubin", "wb") as fh:
+        fh.write(kernel.asm["cubin"])
+    with open("/tmp/k.ttgir", "w") as fh:
+        fh.write(kernel.asm["ttgir"])
+    sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", "/tmp/k.cubin"], capture_output=True,
+                          text=True).stdout
+    with open("/tmp/k.sass", "w") as fh:
+        fh.write(sass)
+    res = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", "/tmp/k.cubin"], capture_output=True,
+                         text=True).stdout
+    usage = re.search(r"REG:(\d+) STACK:(\d+)", res)
+    ops = Counter(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass))
+    hist = " ".join(f"{k}={ops.get(k, 0)}" for k in HISTOGRAM)
+    return (f"{tag} regs {usage.group(1)} stack {usage.group(2)} smem {kernel.metadata.shared} "
+            f"instructions {sum(ops.values())} {hist}")
+
+
+if __name__ == "__main__":
+    for kw in json.loads(sys.argv[1] if len(sys.argv) > 1 else '[{"bits": 4}]'):
+        print(summarize(compile_split(**kw), json.dumps(kw)), flush=True)
