@@ -6,7 +6,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import sys
 
 import torch
@@ -61,19 +60,9 @@ def random_model(shape: str, dtype=torch.bfloat16, device="cuda", num_layers: in
 
 def cuda_time_ms(fn, warmup: int = 2, iters: int = 5) -> float:
     """Median wall time of ``fn()`` in ms measured with CUDA events (one event pair per call)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    from kvquant_hf.benchmarking import cuda_median_ms
+
+    return cuda_median_ms(fn, warmup, iters)
 
 
 def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:

@@ -38,20 +38,22 @@ def _step_inputs(model, batch, context):
     return ids, pos
 
 
-def _random_kv(model, batch, length, layer_dtype):
+def _fill(cache, model, batch, length):
+    """Fill every layer of a transformers cache with ``length`` random K/V tokens (one update per layer)."""
     cfg = model.config
     shape = (batch, cfg.num_key_value_heads, length, cfg.head_dim)
-    return torch.randn(shape, dtype=layer_dtype, device="cuda"), torch.randn(shape, dtype=layer_dtype, device="cuda")
+    for i in range(cfg.num_hidden_layers):
+        k = torch.randn(shape, dtype=model.dtype, device="cuda")
+        v = torch.randn(shape, dtype=model.dtype, device="cuda")
+        cache.update(k, v, i)
+        del k, v
+    return cache
 
 
 def bench_dynamic(model, batch, context):
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
-    for i in range(model.config.num_hidden_layers):
-        k, v = _random_kv(model, batch, context, model.dtype)
-        cache.update(k, v, i)
-        del k, v
+    cache = _fill(DynamicCache(config=model.config), model, batch, context)
     ids, pos = _step_inputs(model, batch, context)
 
     def step():
@@ -67,11 +69,7 @@ def bench_dynamic(model, batch, context):
 def bench_static_compile(model, batch, context):
     from transformers import StaticCache
 
-    cache = StaticCache(config=model.config, max_cache_len=context + 16)
-    for i in range(model.config.num_hidden_layers):
-        k, v = _random_kv(model, batch, context, model.dtype)
-        cache.update(k, v, i)
-        del k, v
+    cache = _fill(StaticCache(config=model.config, max_cache_len=context + 16), model, batch, context)
     ids, pos = _step_inputs(model, batch, context)
     compiled = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     lengths = [layer.cumulative_length for layer in cache.layers]
@@ -91,11 +89,7 @@ def bench_static_compile(model, batch, context):
 def bench_quanto(model, batch, context):
     from transformers import QuantizedCache
 
-    cache = QuantizedCache(backend="quanto", config=model.config, nbits=4)
-    for i in range(model.config.num_hidden_layers):
-        k, v = _random_kv(model, batch, context, model.dtype)
-        cache.update(k, v, i)
-        del k, v
+    cache = _fill(QuantizedCache(backend="quanto", config=model.config, nbits=4), model, batch, context)
     ids, pos = _step_inputs(model, batch, context)
 
     def step():

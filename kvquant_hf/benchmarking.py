@@ -78,7 +78,8 @@ def fast_filled_cache(model, batch: int, tokens: int, cache_config: dict | KVQua
     return cache
 
 
-def _cuda_median_ms(fn, warmup: int, iters: int) -> float:
+def cuda_median_ms(fn, warmup: int = 2, iters: int = 5) -> float:
+    """Median time of ``fn()`` in ms, CUDA events around each call (after ``warmup`` calls)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -138,7 +139,7 @@ def kvquant_decode_benchmark(model, batch: int, context: int, bits: int, cuda_gr
             decoder.rewind(1)
 
         with torch.inference_mode():
-            result["ms_per_step"] = _cuda_median_ms(step, warmup, iters)
+            result["ms_per_step"] = cuda_median_ms(step, warmup, iters)
         decoder.close()
     else:
         def step():
@@ -146,7 +147,7 @@ def kvquant_decode_benchmark(model, batch: int, context: int, bits: int, cuda_gr
             cache.crop(-1)
 
         with torch.inference_mode():
-            result["ms_per_step"] = _cuda_median_ms(step, warmup, iters)
+            result["ms_per_step"] = cuda_median_ms(step, warmup, iters)
             cats = {"attention_ms": ("packed_attn",), "append_ms": ("quantize",)}
             bd = step_breakdown(step, cats)
         result.update(attention_ms=bd["attention_ms"], append_ms=bd["append_ms"], other_kernels_ms=bd["other"])
