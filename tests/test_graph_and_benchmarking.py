@@ -1,0 +1,71 @@
+"""CUDA-graph decode (GPU only) and the fast-fill benchmark helpers (CPU)."""
+
+import pytest
+import torch
+
+import kvquant_hf
+from kvquant_hf import KVQuantConfig
+from kvquant_hf.benchmarking import fast_filled_cache
+from kvquant_hf.errors import BackendUnavailableError, KVQuantConfigError
+
+
+def test_cuda_graph_flag_is_validated():
+    assert KVQuantConfig(cuda_graph=True).cuda_graph is True
+    with pytest.raises(KVQuantConfigError, match="cuda_graph"):
+        KVQuantConfig(cuda_graph="yes")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a GPU")
+def test_cuda_graph_without_gpu_is_a_clear_error(tiny_llama):
+    ids = torch.randint(0, 128, (1, 12))
+    with pytest.raises(BackendUnavailableError, match="CUDA"):
+        tiny_llama.generate(ids, max_new_tokens=3, cache_implementation="kvquant",
+                            cache_config={"bits": 4, "cuda_graph": True})
+
+
+def test_fast_filled_cache_holds_tokens_and_decodes(tiny_llama):
+    cache = fast_filled_cache(tiny_llama, batch=2, tokens=300, cache_config={"bits": 3, "sink_tokens": 2})
+    assert cache.get_seq_length() == 300
+    layer = cache.layers[0]
+    assert layer.n_sink == 2 and layer.length == 298 and layer.capacity >= 298
+    stats = cache.memory_stats()
+    assert stats["seq_length"] == 300 and stats["quantized_tokens"] == 298
+    ids = torch.randint(0, 128, (2, 1))
+    pos = torch.full((2, 1), 300)
+    with torch.inference_mode():
+        logits = tiny_llama(input_ids=ids, position_ids=pos, past_key_values=cache).logits
+    assert torch.isfinite(logits).all()
+    assert cache.get_seq_length() == 301
+    cache.crop(-1)
+    assert cache.get_seq_length() == 300
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_decode_equals_eager():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvquant_hf.cuda_graph import CUDAGraphDecoder
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    model = LlamaForCausalLM(cfg).cuda().float().eval()
+    kvquant_hf.patch_model(model)
+    prompt = torch.randint(0, 256, (1, 100), device="cuda")
+    with torch.inference_mode():
+        cache = kvquant_hf.KVQuantCache({"bits": 4}, model_config=cfg)
+        logits = model(prompt, past_key_values=cache).logits[:, -1]
+        toks, eager = [], []
+        for t in range(6):
+            nxt = logits.argmax(-1, keepdim=True)
+            toks.append(nxt)
+            logits = model(nxt, position_ids=torch.tensor([[100 + t]], device="cuda"), past_key_values=cache).logits[:, -1]
+            eager.append(logits)
+        cache.crop(-6)
+        dec = CUDAGraphDecoder(model, cache, batch_size=1, max_steps=6)
+        for t in range(6):
+            out = dec.step(toks[t], torch.tensor([[100 + t]], device="cuda"))[:, -1]
+            torch.testing.assert_close(out, eager[t], atol=1e-4, rtol=1e-4)
+        with pytest.raises(kvquant_hf.KVQuantError, match="max_steps"):
+            dec.step(toks[0], torch.tensor([[106]], device="cuda"))
+        dec.close()
