@@ -23,12 +23,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--name", default="gpu_checks")
     args = ap.parse_args(argv)
 
     import kvquant_hf
     from kvquant_hf.cuda_graph import CUDAGraphDecoder
 
-    model = random_model("llama3-8b", num_layers=args.layers)
+    model = random_model("llama3-8b", num_layers=args.layers, dtype=getattr(torch, args.dtype))
     kvquant_hf.patch_model(model)
     g = torch.Generator(device="cuda").manual_seed(0)
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt), device="cuda", generator=g)
@@ -68,8 +70,8 @@ def main(argv=None):
                  "pass": agree == 16 and max(diffs) <= 2e-2 * max(scale, 1.0)})
     for r in rows:
         print(r, flush=True)
-    md = "# GPU correctness checks (Llama-3-8B shape, random bf16 weights)\n\n" + md_table(rows, ["check", "result", "pass"])
-    print(write_results("gpu_checks", rows, md, meta={"layers": args.layers}))
+    md = f"# GPU correctness checks (Llama-3-8B shape, {args.layers} layers, random {args.dtype} weights)\n\n" + md_table(rows, ["check", "result", "pass"])
+    print(write_results(args.name, rows, md, meta={"layers": args.layers, "dtype": args.dtype}))
 
 
 if __name__ == "__main__":
