@@ -42,6 +42,9 @@ class KVQuantConfig:
         cuda_graph (`bool`): in ``generate``, capture one decode step in a CUDA graph after the prefill and
             replay it for every new token (CUDA + Triton only; no padding changes between steps). Removes the
             per-kernel launch overhead that dominates a transformers decode step on a fast GPU.
+        prefill_chunk_size (`int`): in ``generate``, prompts longer than this are prefilled in chunks of this many
+            tokens; each chunk attends to the packed earlier chunks, so the prompt's fp K/V never exist at once
+            (0 = one call for the whole prompt).
         signposts (`str`, optional): folder written by `calibrate.py` (its `nuqX` subfolder or the
             parent holding `nuq{bits}`); None means uncalibrated (NormalFloat table, key ranges
             taken from the prompt).
@@ -58,6 +61,7 @@ class KVQuantConfig:
     block_size: int = 256
     signposts: str | None = None
     cuda_graph: bool = False
+    prefill_chunk_size: int = 4096
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -96,6 +100,11 @@ class KVQuantConfig:
                 f"block_size={self.block_size!r} is invalid; use a positive multiple of 16 (default 256)."
             )
 
+        if not isinstance(self.prefill_chunk_size, int) or self.prefill_chunk_size < 0:
+            raise KVQuantConfigError(
+                f"prefill_chunk_size={self.prefill_chunk_size!r} is invalid; use a positive number of tokens "
+                "(or 0 to prefill the whole prompt in one call)."
+            )
         if not isinstance(self.cuda_graph, bool):
             raise KVQuantConfigError(f"cuda_graph={self.cuda_graph!r} must be True or False.")
 

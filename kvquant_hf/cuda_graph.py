@@ -35,14 +35,17 @@ class CUDAGraphDecoder:
         batch_size (`int`): rows per step.
         max_steps (`int`): decode steps this decoder may take (capacity is reserved for them now).
         num_splits (`int`, optional): split-K grid of the attention kernel (default fills the GPU at capacity).
+        forward (callable, optional): what to capture instead of ``model(...)`` (keyword arguments only).
     """
 
-    def __init__(self, model, cache: KVQuantCache, batch_size: int, max_steps: int, num_splits: int | None = None):
+    def __init__(self, model, cache: KVQuantCache, batch_size: int, max_steps: int, num_splits: int | None = None,
+                 forward=None):
         if not torch.cuda.is_available():
             raise BackendUnavailableError("CUDA-graph decode needs a CUDA GPU; turn cuda_graph off on this machine.")
         if not isinstance(cache, KVQuantCache):
             raise KVQuantError(f"CUDAGraphDecoder needs a KVQuantCache, got {type(cache).__name__}.")
         self.model = model
+        self.forward = forward if forward is not None else model
         self.cache = cache
         self.batch_size = batch_size
         self.max_steps = int(max_steps)
@@ -69,7 +72,7 @@ class CUDAGraphDecoder:
             self.static_logits = self._forward()
 
     def _forward(self) -> torch.Tensor:
-        out = self.model(input_ids=self.static_ids, position_ids=self.static_pos, use_cache=True,
+        out = self.forward(input_ids=self.static_ids, position_ids=self.static_pos, use_cache=True,
                          **{self._cache_kw: self.cache})
         return out.logits
 

@@ -156,49 +156,55 @@ def kvquant_generate(self, *args, **kwargs):
         kwargs.pop(n, None)
     kwargs[name] = cache
 
-    graph = _GraphForward(self, cache, name, inputs, kwargs) if cache.config.cuda_graph else None
+    router = _ForwardRouter(self, cache, name, inputs, kwargs)
     if restore_model_config is not None:
         self.generation_config.cache_implementation = None
         self.generation_config.cache_config = None
     try:
-        if graph is not None:
-            graph.install()
+        router.install()
         return _original_generate(self, *args, **kwargs)
     finally:
-        if graph is not None:
-            graph.uninstall()
+        router.uninstall()
         if restore_model_config is not None:
             self.generation_config.cache_implementation, self.generation_config.cache_config = restore_model_config
 
 
-class _GraphForward:
-    """During one ``generate`` call, route single-token decode steps through a :class:`CUDAGraphDecoder`.
+class _ForwardRouter:
+    """During one ``generate`` call, route the model's forward for the KVQuant cache.
 
-    The first forward (the prefill) runs eagerly; the first decode step captures the graph; later steps
-    replay it. A step the graph cannot serve (padding in the mask, several tokens, another cache) raises
-    rather than silently running a different computation.
+    * **Chunked prefill**: a call with more than ``config.prefill_chunk_size`` new tokens runs chunk by chunk;
+      each chunk attends to the packed history of the earlier chunks (through the kernels on CUDA) and to itself
+      exactly, then is packed, so the whole prompt's fp K/V never exists at once. The last chunk's output is
+      returned (``generate`` reads the last position's logits).
+    * **CUDA-graph decode** (``config.cuda_graph``): the first single-token step after the prefill captures a
+      :class:`~kvquant_hf.cuda_graph.CUDAGraphDecoder`; later steps replay it.
+
+    Calls with another cache, ``inputs_embeds`` or a 4D mask run the original forward unchanged (chunking
+    them would need a mask per chunk).
     """
 
     def __init__(self, model, cache: KVQuantCache, cache_kw: str, inputs, kwargs: dict):
-        from .errors import BackendUnavailableError
-
-        if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
-            raise BackendUnavailableError("cache_config['cuda_graph']=True needs the model on a CUDA GPU.")
-        ids = inputs if inputs is not None else kwargs.get("input_ids")
-        if ids is None or kwargs.get("max_new_tokens") is None:
-            raise KVQuantConfigError("cuda_graph=True needs input_ids and max_new_tokens (to size the graph).")
-        mask = kwargs.get("attention_mask")
-        if mask is not None and not bool(mask.all()):
-            raise KVQuantConfigError(
-                "cuda_graph=True does not support padded batches (the attention mask has zeros); "
-                "turn cuda_graph off for left-padded prompts."
-            )
         self.model, self.cache, self.cache_kw = model, cache, cache_kw
-        self.batch = ids.shape[0] * int(kwargs.get("num_return_sequences", 1) or 1)
-        self.max_steps = int(kwargs["max_new_tokens"])
-        if int(kwargs.get("num_beams", 1) or 1) != 1:
-            raise KVQuantConfigError("cuda_graph=True supports greedy and sampling, not beam search.")
+        self.chunk = cache.config.prefill_chunk_size
+        self.graph = cache.config.cuda_graph
         self.decoder = None
+        if self.graph:
+            from .errors import BackendUnavailableError
+
+            if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
+                raise BackendUnavailableError("cache_config['cuda_graph']=True needs the model on a CUDA GPU.")
+            ids = inputs if inputs is not None else kwargs.get("input_ids")
+            if ids is None or kwargs.get("max_new_tokens") is None:
+                raise KVQuantConfigError("cuda_graph=True needs input_ids and max_new_tokens (to size the graph).")
+            mask = kwargs.get("attention_mask")
+            if mask is not None and not bool(mask.all()):
+                raise KVQuantConfigError(
+                    "cuda_graph=True does not support padded batches (the attention mask has zeros); "
+                    "turn cuda_graph off for left-padded prompts."
+                )
+            if int(kwargs.get("num_beams", 1) or 1) != 1:
+                raise KVQuantConfigError("cuda_graph=True supports greedy and sampling, not beam search.")
+            self.max_steps = int(kwargs["max_new_tokens"])
 
     def install(self) -> None:
         self.original = self.model.forward
@@ -211,19 +217,47 @@ class _GraphForward:
             self.decoder.close()
 
     def __call__(self, *args, **kw):
+        ids = kw.get("input_ids", args[0] if args else None)
+        if ids is None or kw.get(self.cache_kw) is not self.cache or kw.get("inputs_embeds") is not None:
+            return self.original(*args, **kw)
+        if args:
+            kw["input_ids"] = ids
+            args = args[1:]
+        mask = kw.get("attention_mask")
+        if self.chunk and ids.shape[1] > self.chunk and (mask is None or mask.dim() == 2) and not args:
+            return self._chunked_prefill(ids, kw)
+        if self.graph and ids.shape[1] == 1 and self.cache.get_seq_length() > 0:
+            return self._graph_step(ids, kw)
+        return self.original(*args, **kw)
+
+    def _chunked_prefill(self, ids: torch.Tensor, kw: dict):
+        b, n = ids.shape
+        past = self.cache.get_seq_length()
+        pos, mask, cache_position = kw.get("position_ids"), kw.get("attention_mask"), kw.get("cache_position")
+        out = None
+        for s in range(0, n, self.chunk):
+            e = min(n, s + self.chunk)
+            ckw = dict(kw, input_ids=ids[:, s:e])
+            ckw["position_ids"] = (pos[:, s:e] if pos is not None else
+                                   torch.arange(past + s, past + e, device=ids.device).expand(b, e - s))
+            if mask is not None:
+                ckw["attention_mask"] = mask[:, : past + e]
+            if cache_position is not None:
+                ckw["cache_position"] = cache_position[s:e]
+            out = self.original(**ckw)
+        return out
+
+    def _graph_step(self, ids: torch.Tensor, kw: dict):
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
-        ids = kw.get("input_ids", args[0] if args else None)
-        cache = kw.get(self.cache_kw)
-        if ids is None or ids.shape[1] != 1 or cache is not self.cache or self.cache.get_seq_length() == 0:
-            return self.original(*args, **kw)
         pos = kw.get("position_ids")
         if pos is None:
             pos = torch.full((ids.shape[0], 1), self.cache.get_seq_length(), dtype=torch.long, device=ids.device)
         if self.decoder is None:
             from .cuda_graph import CUDAGraphDecoder
 
-            self.decoder = CUDAGraphDecoder(self.model, self.cache, ids.shape[0], self.max_steps)
+            self.decoder = CUDAGraphDecoder(self.model, self.cache, ids.shape[0], self.max_steps,
+                                            forward=self.original)
         logits = self.decoder.step(ids, pos).clone()
         return CausalLMOutputWithPast(logits=logits, past_key_values=self.cache)
 

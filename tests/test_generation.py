@@ -321,3 +321,52 @@ def test_token_by_token_feeding_is_fast_and_never_reallocates_per_token():
                                                               model_config=model.config))
     assert cache.get_seq_length() == 96 and cache.layers[0].capacity == 96  # 64 (prompt) -> 96: blocks, not tokens
     assert packed < 12 * stock, f"packed decode {packed:.3f}s vs DynamicCache {stock:.3f}s for 32 steps"
+
+
+# --------------------------------------------------------------------------------------------
+# chunked prefill inside generate
+# --------------------------------------------------------------------------------------------
+LONG_PROMPT = torch.tensor([[(7 * i + 3) % 128 for i in range(37)]])
+
+
+@pytest.mark.compat
+def test_chunked_prefill_lossless_matches_dynamic_cache(fp32_value_scales):
+    model = _setup(make_tiny_llama())
+    factory, reference = make_lossless(model)
+    _setup(reference)
+    sp = factory().key_signposts
+    want = reference.generate(LONG_PROMPT, max_new_tokens=6, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True)
+    got = model.generate(LONG_PROMPT, max_new_tokens=6, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, cache_implementation="kvquant",
+                         cache_config={"signposts": sp, "bits": 4, "outlier_slots": 15, "sink_tokens": 2,
+                                       "prefill_chunk_size": 8})
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=2e-5, rtol=1e-4)
+
+
+def test_chunked_prefill_equals_manual_chunks_and_differs_from_one_call():
+    """Each chunk attends to the *packed* earlier chunks: generate's chunking equals feeding the same chunks by
+    hand, and (lossy setting) differs from prefilling the whole prompt in one call."""
+    model = _setup(make_tiny_llama())
+    cfg = {"bits": 2, "prefill_chunk_size": 10}
+    with torch.no_grad():
+        got = model.generate(LONG_PROMPT, max_new_tokens=1, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, cache_implementation="kvquant", cache_config=cfg)
+        one = model.generate(LONG_PROMPT, max_new_tokens=1, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, cache_implementation="kvquant",
+                             cache_config={**cfg, "prefill_chunk_size": 0})
+        cache = kvquant_hf.KVQuantCache({"bits": 2}, model_config=model.config)
+        n = LONG_PROMPT.shape[1]
+        for s in range(0, n, 10):
+            e = min(n, s + 10)
+            logits = model(LONG_PROMPT[:, s:e], position_ids=torch.arange(s, e)[None],
+                           **{_cache_kwarg_name(model): cache}).logits
+    torch.testing.assert_close(got.logits[0], logits[:, -1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got.logits[0], one.logits[0], atol=1e-4)
+    assert _returned_cache(got).get_seq_length() == n
+
+
+def test_prefill_chunk_size_is_validated():
+    with pytest.raises(KVQuantConfigError, match="prefill_chunk_size"):
+        kvquant_hf.KVQuantConfig(prefill_chunk_size=-1)
