@@ -62,7 +62,6 @@ def bench_dynamic(model, batch, context):
 
     with torch.inference_mode():
         ms = cuda_time_ms(step)
-    del cache
     return ms
 
 
@@ -81,7 +80,6 @@ def bench_static_compile(model, batch, context):
 
     with torch.inference_mode():
         ms = cuda_time_ms(step, warmup=3)
-    del cache, compiled
     torch._dynamo.reset()
     return ms
 
@@ -97,7 +95,6 @@ def bench_quanto(model, batch, context):
 
     with torch.inference_mode():
         ms = cuda_time_ms(step, warmup=1, iters=3)
-    del cache
     return ms
 
 

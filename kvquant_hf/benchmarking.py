@@ -152,5 +152,4 @@ def kvquant_decode_benchmark(model, batch: int, context: int, bits: int, cuda_gr
             bd = step_breakdown(step, cats)
         result.update(attention_ms=bd["attention_ms"], append_ms=bd["append_ms"], other_kernels_ms=bd["other"])
         result["other_ms"] = result["ms_per_step"] - bd["attention_ms"] - bd["append_ms"]
-    del cache
     return result

@@ -37,7 +37,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     args = ap.parse_args(argv)
 
-    import kvquant_hf
+    import kvquant_hf  # noqa: F401  (registers cache_implementation="kvquant")
     from kvquant_hf.evaluation.perplexity import evaluate_perplexity
     from kvquant_hf.models.loading import load_model_and_tokenizer
 
