@@ -73,15 +73,17 @@ def real_cache_ppl(model, windows: torch.Tensor, cache_factory, prefill: int = 0
     return float(torch.exp(nll / (n * (length - 1))))
 
 
-def bits_for_shape(head_dim: int, bits: int, tokens: int = 600) -> dict:
-    """memory_stats() of a KVQuantCache holding ``tokens`` tokens of a tiny random model of this head_dim."""
+def bits_for_shape(head_dim: int, bits: int, tokens: int = 600, dtype: torch.dtype = torch.float32,
+                   kv_heads: int = 1) -> dict:
+    """memory_stats() of a KVQuantCache holding ``tokens`` tokens of a tiny random model of this head_dim and dtype
+    (outlier values are stored in the model dtype, so fp32 models pay 40 bits per slot, fp16/bf16 24)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import kvquant_hf
 
-    cfg = LlamaConfig(vocab_size=256, hidden_size=2 * head_dim, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=head_dim)
-    model = LlamaForCausalLM(cfg).eval()
+    cfg = LlamaConfig(vocab_size=256, hidden_size=2 * kv_heads * head_dim, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2 * kv_heads, num_key_value_heads=kv_heads, head_dim=head_dim)
+    model = LlamaForCausalLM(cfg).to(dtype).eval()
     kvquant_hf.patch_model(model)
     cache = kvquant_hf.KVQuantCache({"bits": bits, "outlier_fraction": 0.01}, model_config=cfg)
     with torch.inference_mode(), __import__("warnings").catch_warnings():
