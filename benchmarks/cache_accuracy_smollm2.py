@@ -99,6 +99,11 @@ def main(argv=None):
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--skip-ppl", action="store_true")
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    ap.add_argument("--seqlen", type=int, default=2048, help="window length of the perplexity comparison")
+    ap.add_argument("--agreement-bits", type=int, nargs="*", default=[4, 3, 2])
+    ap.add_argument("--skip-uncalibrated", action="store_true")
+    ap.add_argument("--skip-bits", action="store_true")
+    ap.add_argument("--agreement-uncalibrated", action="store_true", help="also nuq4 without signposts")
     args = ap.parse_args(argv)
 
     import kvquant_hf
@@ -114,9 +119,10 @@ def main(argv=None):
     if not args.skip_ppl:
         methods = ["fp16"] + [f"nuq{b}" for b in args.bits]
         t0 = time.time()
-        sim = evaluate_perplexity(model, ids, methods, seqlen=2048, windows=args.windows, signposts=args.signposts)
+        sim = evaluate_perplexity(model, ids, methods, seqlen=args.seqlen, windows=args.windows,
+                                  signposts=args.signposts)
         out["ppl_seconds"] = {"simulated": time.time() - t0}
-        wins = ids[: args.windows * 2048].reshape(args.windows, 2048)
+        wins = ids[: args.windows * args.seqlen].reshape(args.windows, args.seqlen)
         real = {}
         for b in args.bits:
             t0 = time.time()
@@ -126,12 +132,6 @@ def main(argv=None):
             out["ppl_seconds"][f"real_nuq{b}"] = time.time() - t0
             print("real", b, real[f"nuq{b}"], flush=True)
         sp4 = os.path.join(args.signposts, "nuq4")
-        cal512 = real_cache_ppl(model, wins, lambda: kvquant_hf.KVQuantCache(
-            {"bits": 4, "signposts": sp4}, model_config=model.config), prefill=512)
-        with __import__("warnings").catch_warnings():
-            __import__("warnings").simplefilter("ignore")
-            unc = real_cache_ppl(model, wins, lambda: kvquant_hf.KVQuantCache({"bits": 4}, model_config=model.config),
-                                 prefill=512)
         for m in methods:
             row = {"method": m + ("-1%" if m != "fp16" else ""), "simulated_ppl": sim[m]["ppl"]}
             if m in real:
@@ -139,12 +139,19 @@ def main(argv=None):
                 row["real_vs_sim_%"] = 100 * (real[m] / sim[m]["ppl"] - 1)
                 row["vs_fp16_%"] = 100 * (real[m] / sim["fp16"]["ppl"] - 1)
             out["ppl"].append(row)
+    if not args.skip_ppl and not args.skip_uncalibrated:
+        cal512 = real_cache_ppl(model, wins, lambda: kvquant_hf.KVQuantCache(
+            {"bits": 4, "signposts": sp4}, model_config=model.config), prefill=512)
+        with __import__("warnings").catch_warnings():
+            __import__("warnings").simplefilter("ignore")
+            unc = real_cache_ppl(model, wins, lambda: kvquant_hf.KVQuantCache({"bits": 4}, model_config=model.config),
+                                 prefill=512)
         out["ppl"].append({"method": "nuq4-1% calibrated, prefill 512 then decode", "real_ppl": cal512,
                            "vs_fp16_%": 100 * (cal512 / sim["fp16"]["ppl"] - 1)})
         out["ppl"].append({"method": "nuq4 uncalibrated (NF table, key ranges from the 512-token prompt), prefill 512",
                            "real_ppl": unc, "vs_fp16_%": 100 * (unc / sim["fp16"]["ppl"] - 1)})
 
-    for head_dim in (64, 128):
+    for head_dim in (64, 128) if not args.skip_bits else ():
         for bits in (4, 3, 2):
             s = bits_for_shape(head_dim, bits)
             out["bits"].append({"head_dim": head_dim, "method": f"nuq{bits}-1%", "outlier_slots": s["outlier_slots"],
@@ -152,16 +159,24 @@ def main(argv=None):
                                 "avg_bits": s["avg_bits_per_element"], "avg_bits_all_bytes": s["avg_bits_per_element_all"],
                                 "compression_vs_fp16": s["compression_ratio"]})
 
-    for bits in args.bits:
+    for bits in args.agreement_bits:
         sp = os.path.join(args.signposts, f"nuq{bits}")
         rate, per = teacher_forced_agreement(
             model, ids, lambda: kvquant_hf.KVQuantCache({"bits": bits, "signposts": sp}, model_config=model.config))
         out["agreement"].append({"method": f"nuq{bits}-1%", "agreement": rate, "min_prompt": min(per)})
         print(out["agreement"][-1], flush=True)
+    if args.agreement_uncalibrated:
+        with __import__("warnings").catch_warnings():
+            __import__("warnings").simplefilter("ignore")
+            rate, per = teacher_forced_agreement(
+                model, ids, lambda: kvquant_hf.KVQuantCache({"bits": 4}, model_config=model.config))
+        out["agreement"].append({"method": "nuq4 uncalibrated (key ranges from the prompt)", "agreement": rate,
+                                 "min_prompt": min(per)})
+        print(out["agreement"][-1], flush=True)
 
     md = ["# KVQuantCache on SmolLM2-135M-Instruct (CPU)", ""]
     if out["ppl"]:
-        md += [f"## Real cache vs simulated quantization (WikiText-2 test, first {args.windows} windows of 2048)",
+        md += [f"## Real cache vs simulated quantization (WikiText-2 test, first {args.windows} windows of {args.seqlen})",
                "", md_table(out["ppl"], ["method", "simulated_ppl", "real_ppl", "real_vs_sim_%", "vs_fp16_%"]), ""]
     md += ["## Stored bits per K/V element (`cache.memory_stats()`, from `get_memory_footprint()`)", "",
            "`avg_bits` counts codes, per-token value scale/zero and outlier slots per quantized element; "
