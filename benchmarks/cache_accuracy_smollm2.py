@@ -55,6 +55,14 @@ def teacher_forced_agreement(model, ids: torch.Tensor, cache_factory, prompt_len
     return float(hits.sum() / (prompts * new_tokens)), per_prompt
 
 
+def _dump_partial(record: dict) -> None:
+    """Append one finished measurement to ``cache_accuracy_smollm2_partial.jsonl`` (long CPU runs)."""
+    from common import results_dir
+
+    with open(os.path.join(results_dir(), "cache_accuracy_smollm2_partial.jsonl"), "a") as fh:
+        fh.write(json.dumps(record, default=float) + "\n")
+
+
 def real_cache_ppl(model, windows: torch.Tensor, cache_factory, prefill: int = 0) -> float:
     """PPL of ``windows [N, L]`` through a real cache (all windows as one batch): the first ``prefill`` tokens in
     one call (a prompt: exact among themselves), then token by token (each attends to packed history)."""
@@ -131,6 +139,8 @@ def main(argv=None):
                 model, wins, lambda: kvquant_hf.KVQuantCache({"bits": b, "signposts": sp}, model_config=model.config))
             out["ppl_seconds"][f"real_nuq{b}"] = time.time() - t0
             print("real", b, real[f"nuq{b}"], flush=True)
+            _dump_partial({"simulated": {m: sim[m]["ppl"] for m in methods}, "real": real,
+                           "seconds": out["ppl_seconds"], "windows": args.windows, "seqlen": args.seqlen})
         sp4 = os.path.join(args.signposts, "nuq4")
         for m in methods:
             row = {"method": m + ("-1%" if m != "fp16" else ""), "simulated_ppl": sim[m]["ppl"]}
@@ -165,6 +175,7 @@ def main(argv=None):
             model, ids, lambda: kvquant_hf.KVQuantCache({"bits": bits, "signposts": sp}, model_config=model.config))
         out["agreement"].append({"method": f"nuq{bits}-1%", "agreement": rate, "min_prompt": min(per)})
         print(out["agreement"][-1], flush=True)
+        _dump_partial({"agreement": out["agreement"]})
     if args.agreement_uncalibrated:
         with __import__("warnings").catch_warnings():
             __import__("warnings").simplefilter("ignore")
