@@ -1,14 +1,14 @@
 """Ablation of KVQuant's ideas on SmolLM2-135M-Instruct (WikiText-2 test, first windows of 2048 tokens).
 
-Starting from the full method (nuqX-1%: pre-RoPE per-channel keys with calibrated thresholds, Fisher-weighted
-nuq signposts, one outlier slot per token and head, 1 sink token, no Q-Norm), each row changes one thing:
+Two anchors, each row changing one thing:
 
-* keys per token (online per-token range, like values) instead of per channel;
-* keys after RoPE (per-channel thresholds calibrated on post-RoPE keys) instead of before;
-* uniform signposts (intX grid in the same normalized ranges) instead of nuq;
-* signposts without Fisher weighting / with F * s^2 weighting;
-* 0% outliers (min/max key thresholds, no slots), 2 or 4 slots per token (1% thresholds);
-* sink 0 or 4 tokens; Q-Norm on.
+* the **reference calibration** (what ``calibrate.py`` writes: pre-RoPE per-channel keys with thresholds at the
+  0.5/99.5th percentiles, Fisher-weighted k-means nuq tables, one outlier slot per token and head, 1 sink
+  token, no Q-Norm) with each of the five ideas removed or varied: keys per token, keys after RoPE, uniform
+  instead of nuq tables, Fisher vs none vs F * s^2 table weighting, 0% / 1% / more outlier slots, sink 0/1/4,
+  Q-Norm;
+* the **tuned calibration** (``signpost_variants_smollm2.py``: Fisher-optimized per-channel key thresholds,
+  uniform or channel-Fisher k-means tables) with its options (tables, slots, Q-Norm, sink).
 
 Only rows marked "storable" can be stored by ``KVQuantCache`` (the others are simulation-only probes).
 intX / KIVI-X rows come from the first windows of the accuracy run (``accuracy_smollm2.py``, group
@@ -16,7 +16,7 @@ intX / KIVI-X rows come from the first windows of the accuracy run (``accuracy_s
 
 Usage::
 
-    python benchmarks/ablation_smollm2.py --windows 8 --bits 4 3 2
+    python benchmarks/ablation_smollm2.py --windows 8 --bits 4 3 2 [--variants ...]
     python benchmarks/ablation_smollm2.py --render-only
 """
 
@@ -45,20 +45,34 @@ VALID_TEXT = os.path.normpath(os.path.join(_ROOT, "..", "shared", "data", "wikit
 SIGNPOSTS = "/work/signposts"
 RESULTS = os.path.join(_ROOT, "benchmarks", "results")
 
-#: variant -> (description, changes on top of the full method)
+#: variant -> (description, settings that differ from BASE). Two anchors: the reference calibration (as
+#: calibrate.py writes it) and the tuned calibration of ``signpost_variants_smollm2.py``.
 VARIANTS: dict[str, tuple[str, dict]] = {
-    "full": ("full method (nuqX-1%)", {}),
+    # --- reference calibration (1% percentile thresholds, Fisher-weighted k-means tables) and one idea varied
+    "full": ("reference calibration, 1 slot (nuqX-1% as calibrate.py writes it)", {}),
     "keys-per-token": ("keys per token (online range), pre-RoPE", {"key_granularity": "token"}),
     "keys-post-rope": ("keys per channel after RoPE (post-RoPE 1% thresholds)", {"key_rope": "post"}),
     "uniform": ("uniform signposts (int grid) in the same ranges", {"lut": "uniform"}),
-    "no-fisher": ("signposts: k-means without Fisher weights", {"signposts": "smollm2-1pct-nofisher"}),
-    "fisher-x2": ("signposts: k-means weighted by F * s^2", {"signposts": "smollm2-1pct-fx2"}),
+    "no-fisher": ("tables: k-means without Fisher weights", {"signposts": "smollm2-1pct-nofisher"}),
+    "fisher-x2": ("tables: k-means weighted by F * s^2", {"signposts": "smollm2-1pct-fx2"}),
     "outliers-0": ("0% outliers (min/max key thresholds, no slots)", {"signposts": "smollm2-0pct", "slots": 0}),
     "slots-2": ("2 outlier slots per token (1% thresholds)", {"slots": 2}),
     "slots-4": ("4 outlier slots per token (1% thresholds)", {"slots": 4}),
     "sink-0": ("no attention sink", {"sink": 0}),
     "sink-4": ("4 sink tokens", {"sink": 4}),
     "qnorm": ("Q-Norm on", {"qnorm": True}),
+    # --- tuned calibration (Fisher-optimized per-channel key thresholds) and its options
+    "opt-uniform": ("tuned: Fisher-opt key thresholds, uniform tables, 1 slot", {"signposts": "smollm2-1pct-optu"}),
+    "opt-uniform-slots-2": ("tuned: Fisher-opt key thresholds, uniform tables, 2 slots",
+                            {"signposts": "smollm2-1pct-optu", "slots": 2}),
+    "opt-kmeans": ("tuned: Fisher-opt key thresholds, k-means (F_channel * s^2) tables, 1 slot",
+                   {"signposts": "smollm2-1pct-optkm"}),
+    "opt-kmeans-slots-2": ("tuned: Fisher-opt key thresholds, k-means (F_channel * s^2) tables, 2 slots",
+                           {"signposts": "smollm2-1pct-optkm", "slots": 2}),
+    "opt-kmeans-qnorm": ("tuned: Fisher-opt key thresholds, k-means tables, 1 slot, Q-Norm",
+                         {"signposts": "smollm2-1pct-optkm", "qnorm": True}),
+    "opt-kmeans-sink-4": ("tuned: Fisher-opt key thresholds, k-means tables, 1 slot, 4 sink tokens",
+                          {"signposts": "smollm2-1pct-optkm", "sink": 4}),
 }
 BASE = {"signposts": "smollm2-1pct", "slots": 1, "sink": 1, "qnorm": False, "lut": "signposts",
         "key_granularity": "channel", "key_rope": "pre"}
