@@ -97,14 +97,14 @@ def post_rope_thresholds(model, tok, path: str, nwindows: int = 4, seqlen: int =
     from kvquant_hf.evaluation.perplexity import load_token_ids
     from kvquant_hf.simulated import build_simulated_cache
 
-    ids = load_token_ids(tok, text_file=VALID_TEXT)
+    ids = load_token_ids(tok, text_file=os.environ.get("KVQUANT_VALID_TEXT", VALID_TEXT))
     g = torch.Generator().manual_seed(0)
     starts = torch.randint(0, ids.numel() - seqlen, (nwindows,), generator=g).tolist()
     keys: list[list[torch.Tensor]] = [[] for _ in range(model.config.num_hidden_layers)]
     with torch.no_grad():
         for s in starts:
             cache = build_simulated_cache(model, "fp16")
-            model(ids[s : s + seqlen][None], cache=cache)
+            model(ids[s : s + seqlen][None].to(next(model.parameters()).device), cache=cache)
             for i, layer in enumerate(cache.layers):
                 keys[i].append(layer.keys[:, :, 1:].clone())
     out = [quant.key_thresholds_from_sample(torch.cat(k, 2), fraction) for k in keys]
@@ -173,7 +173,7 @@ def render(args) -> None:
         "# Ablation: KVQuant on SmolLM2-135M-Instruct",
         "",
         f"WikiText-2 test text (`test.raw.txt`), first {n} non-overlapping windows of {args.seqlen} tokens, "
-        f"simulated quantization (decode-equivalent), CPU float32. {fp16_line}",
+        f"simulated quantization (decode-equivalent), {meta.get("device", "cpu")} float32. {fp16_line}",
         "Each row changes one thing from the full method nuqX-1% (pre-RoPE per-channel keys with calibrated "
         "thresholds, Fisher-weighted nuq signposts, 1 outlier slot per token and head (= 1% of head_dim 64), "
         "1 sink token, no Q-Norm). 'storable' = KVQuantCache can store exactly this setting.",
@@ -226,6 +226,7 @@ def main() -> None:
     p.add_argument("--accuracy-dir", default="/work/runs/accuracy_smollm2", help="baselines.json for int/KIVI rows")
     p.add_argument("--with-fp16", action="store_true", help="also run fp16 here (else taken from the accuracy run)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the simulated caches run on the model's device)")
     p.add_argument("--render-only", action="store_true")
     args = p.parse_args()
     os.makedirs(args.work_dir, exist_ok=True)
@@ -237,7 +238,7 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         tune_cpu_allocator()
-        model, tok = load_model_and_tokenizer("smollm2")
+        model, tok = load_model_and_tokenizer("smollm2", device=args.device)
         patch_model(model)
         ids = load_token_ids(tok, text_file=args.text_file)
         methods, sps, params, skipped, _ = build_methods(args.bits, args.variants, args.signposts_root, model, tok,
@@ -250,7 +251,9 @@ def main() -> None:
             with open(path) as f:
                 state = json.load(f)["results"]
         meta = {**run_info(), "command": " ".join([os.path.basename(sys.executable), *sys.argv]), "skipped": skipped,
-                "windows": args.windows, "machine": f"{platform.node()} {os.cpu_count()} CPUs"}
+                "windows": args.windows, "machine": f"{platform.node()} {os.cpu_count()} CPUs"
+                + (f", {torch.cuda.get_device_name(0)}" if args.device.startswith("cuda") else ""),
+                "device": args.device}
         t0 = time.time()
 
         def checkpoint(res):

@@ -55,13 +55,25 @@ NUQ_0PCT = {
     "nuq3-0%": dict(bits=3, signposts="smollm2-0pct", outlier_slots=0, sink_tokens=1, qnorm=False),
     "nuq2-0%": dict(bits=2, signposts="smollm2-0pct", outlier_slots=0, sink_tokens=1, qnorm=False),
 }
+#: the tuned calibration (benchmarks/signpost_variants_smollm2.py: Fisher-optimized per-channel key thresholds,
+#: uniform tables): 1 slot per token and head (1.6% of head_dim 64) and 2 slots (3.1%)
+NUQ_TUNED = {
+    "nuq4-1%-tuned": dict(bits=4, signposts="smollm2-1pct-optu", outlier_slots=1, sink_tokens=1, qnorm=False),
+    "nuq3-1%-tuned": dict(bits=3, signposts="smollm2-1pct-optu", outlier_slots=1, sink_tokens=1, qnorm=False),
+    "nuq2-1%-tuned": dict(bits=2, signposts="smollm2-1pct-optu", outlier_slots=1, sink_tokens=1, qnorm=False),
+    "nuq4-2slots-tuned": dict(bits=4, signposts="smollm2-1pct-optu", outlier_slots=2, sink_tokens=1, qnorm=False),
+    "nuq3-2slots-tuned": dict(bits=3, signposts="smollm2-1pct-optu", outlier_slots=2, sink_tokens=1, qnorm=False),
+    "nuq2-2slots-tuned": dict(bits=2, signposts="smollm2-1pct-optu", outlier_slots=2, sink_tokens=1, qnorm=False),
+}
 GROUPS = {
     "baselines": ["fp16", "int4", "int3", "int2", "kivi4", "kivi2"],
     "nuq-1pct": NUQ_1PCT,
     "nuq-0pct": NUQ_0PCT,
+    "nuq-tuned": NUQ_TUNED,
 }
-ORDER = ["fp16", "nuq4-1%", "nuq4-0%", "int4", "kivi4", "nuq3-1%", "nuq3-0%", "int3", "nuq2-1%", "nuq2-0%", "int2",
-         "kivi2"]
+ORDER = ["fp16", "nuq4-1%", "nuq4-1%-tuned", "nuq4-2slots-tuned", "nuq4-0%", "int4", "kivi4",
+         "nuq3-1%", "nuq3-1%-tuned", "nuq3-2slots-tuned", "nuq3-0%", "int3",
+         "nuq2-1%", "nuq2-1%-tuned", "nuq2-2slots-tuned", "nuq2-0%", "int2", "kivi2"]
 TARGETS = {"nuq4-1%": 1.0, "nuq3-1%": 3.0, "nuq2-1%": 15.0}  # max % above fp16 (issue "Foundation")
 
 
@@ -89,6 +101,8 @@ def run_group(group: str, args: argparse.Namespace, model, tok, ids) -> None:
     methods, sps = group_methods(group, args.signposts_root)
     meta = {"group": group, "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
             "started": datetime.datetime.now().isoformat(timespec="seconds"), "torch_threads": torch.get_num_threads(),
+            "device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "signposts": sps, "windows_requested": args.windows}
 
     def checkpoint(res):
@@ -101,6 +115,13 @@ def run_group(group: str, args: argparse.Namespace, model, tok, ids) -> None:
     res = evaluate_perplexity(model, ids, methods, seqlen=args.seqlen, windows=args.windows, signposts=sps or None,
                               progress=log, state=state, on_window=checkpoint)
     checkpoint(res)
+
+
+def _where(metas: dict) -> str:
+    """Where the groups ran, e.g. 'cuda (NVIDIA H200), torch.float32 model'."""
+    seen = sorted({f"{m.get('device', 'cpu')}{' (' + m['gpu'] + ')' if m.get('gpu') and 'cuda' in str(m.get('device')) else ''}"
+                   f", {m.get('dtype', 'torch.float32')} model" for m in metas.values()})
+    return "; ".join(seen)
 
 
 def _fmt_delta(ppl: float, base: float) -> str:
@@ -133,7 +154,7 @@ def render(args: argparse.Namespace) -> None:
         "PPL = exp(mean token NLL). Simulated quantization (`kvquant_hf.simulated`): every token attends to the "
         "quantized K/V of earlier tokens and to its own exact K/V, i.e. what token-by-token decoding through "
         "`KVQuantCache` computes (checked equal to the real cache in `tests/test_perplexity.py`). "
-        "CPU, float32 model (the 'fp16' row is the unquantized model).",
+        f"{_where(metas)} (the 'fp16' row is the unquantized model).",
         "",
         "| method | PPL | delta vs fp16 | avg bits | windows | target |",
         "| --- | ---: | ---: | ---: | ---: | --- |",
@@ -170,7 +191,7 @@ def render(args: argparse.Namespace) -> None:
         "text, Fisher-weighted k-means, per-channel pre-RoPE key thresholds at the 0.5/99.5th percentiles for 1%, "
         "min/max for 0%), 1 sink token, outlier slots = ceil(fraction * head_dim) (1 for 1%, 0 for 0%).",
     ]
-    for name, cfg in {**NUQ_1PCT, **NUQ_0PCT}.items():
+    for name, cfg in {**NUQ_1PCT, **NUQ_0PCT, **NUQ_TUNED}.items():
         if name in merged:
             lines.append(f"- {name}: {cfg}")
     if cal:
@@ -191,7 +212,7 @@ def render(args: argparse.Namespace) -> None:
         f"- rendered {datetime.datetime.now().isoformat(timespec='seconds')} on {platform.node()} "
         f"({platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}); "
         "`python benchmarks/accuracy_smollm2.py --render-only`",
-        "- seconds per method (all windows, shared 2-core machine): "
+        "- seconds per method (all windows): "
         + ", ".join(f"{n} {merged[n]['seconds']:.0f}" for n in merged),
     ]
     os.makedirs(RESULTS, exist_ok=True)
@@ -215,6 +236,8 @@ def main() -> None:
     p.add_argument("--work-dir", default="/work/runs/accuracy_smollm2", help="per-group checkpoints (resumable)")
     p.add_argument("--name", default="accuracy_smollm2", help="results/<name>.md and .json")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (1 is fastest when shared)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the simulated caches run on the model's device)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="model dtype")
     p.add_argument("--render-only", action="store_true")
     args = p.parse_args()
     os.makedirs(args.work_dir, exist_ok=True)
@@ -225,7 +248,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         tune_cpu_allocator()
         t0 = time.time()
-        model, tok = load_model_and_tokenizer("smollm2")
+        model, tok = load_model_and_tokenizer("smollm2", dtype=args.dtype, device=args.device)
         ids = load_token_ids(tok, text_file=args.text_file)
         print(f"loaded model and {ids.numel()} tokens in {time.time() - t0:.0f} s "
               f"({ids.numel() // args.seqlen} windows of {args.seqlen})", flush=True)

@@ -38,18 +38,20 @@ def teacher_forced_agreement(model, ids: torch.Tensor, cache_factory, prompt_len
 
     n = ids.numel()
     stride = (n - prompt_len - new_tokens) // prompts
-    batch = torch.stack([ids[p * stride : p * stride + prompt_len] for p in range(prompts)])
+    dev = next(model.parameters()).device
+    batch = torch.stack([ids[p * stride : p * stride + prompt_len] for p in range(prompts)]).to(dev)
     with torch.inference_mode():
         ref = model.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, past_key_values=DynamicCache())
         cont = ref[:, prompt_len:]
         cache = cache_factory()
         logits = model(batch, past_key_values=cache).logits[:, -1]
+        dev = batch.device
         hits = torch.zeros(prompts)
         for t in range(new_tokens):
             hits += (logits.argmax(-1) == cont[:, t]).float()
             if t + 1 < new_tokens:
-                pos = torch.full((prompts, 1), prompt_len + t)
+                pos = torch.full((prompts, 1), prompt_len + t, device=dev)
                 logits = model(cont[:, t : t + 1], past_key_values=cache, position_ids=pos).logits[:, -1]
     per_prompt = (hits / new_tokens).tolist()
     return float(hits.sum() / (prompts * new_tokens)), per_prompt
@@ -68,14 +70,14 @@ def real_cache_ppl(model, windows: torch.Tensor, cache_factory, prefill: int = 0
     one call (a prompt: exact among themselves), then token by token (each attends to packed history)."""
     n, length = windows.shape
     cache = cache_factory()
-    nll = torch.zeros((), dtype=torch.float64)
+    nll = torch.zeros((), dtype=torch.float64, device=windows.device)
     with torch.inference_mode():
         if prefill > 1:
             logits = model(windows[:, :prefill], past_key_values=cache).logits[:, :-1]
             nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                                      windows[:, 1:prefill].reshape(-1), reduction="sum").double()
         for t in range(max(prefill - 1, 0), length - 1):
-            pos = torch.full((n, 1), t)
+            pos = torch.full((n, 1), t, device=windows.device)
             logits = model(windows[:, t : t + 1], past_key_values=cache, position_ids=pos).logits[:, -1]
             nll += torch.nn.functional.cross_entropy(logits.float(), windows[:, t + 1], reduction="sum").double()
     return float(torch.exp(nll / (n * (length - 1))))
@@ -112,6 +114,9 @@ def main(argv=None):
     ap.add_argument("--skip-uncalibrated", action="store_true")
     ap.add_argument("--skip-bits", action="store_true")
     ap.add_argument("--agreement-uncalibrated", action="store_true", help="also nuq4 without signposts")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda: the real cache uses the Triton kernels)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--name", default="cache_accuracy_smollm2", help="results file name")
     args = ap.parse_args(argv)
 
     import kvquant_hf
@@ -119,7 +124,7 @@ def main(argv=None):
     from kvquant_hf.models.loading import load_model_and_tokenizer
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    model, tok = load_model_and_tokenizer("smollm2")
+    model, tok = load_model_and_tokenizer("smollm2", dtype=args.dtype, device=args.device)
     text = open(args.text_file, encoding="utf-8").read()
     ids = tok(text, return_tensors="pt").input_ids[0]
     out = {"ppl": [], "bits": [], "agreement": []}
@@ -130,7 +135,7 @@ def main(argv=None):
         sim = evaluate_perplexity(model, ids, methods, seqlen=args.seqlen, windows=args.windows,
                                   signposts=args.signposts)
         out["ppl_seconds"] = {"simulated": time.time() - t0}
-        wins = ids[: args.windows * args.seqlen].reshape(args.windows, args.seqlen)
+        wins = ids[: args.windows * args.seqlen].reshape(args.windows, args.seqlen).to(args.device)
         real = {}
         for b in args.bits:
             t0 = time.time()
@@ -185,7 +190,8 @@ def main(argv=None):
                                  "min_prompt": min(per)})
         print(out["agreement"][-1], flush=True)
 
-    md = ["# KVQuantCache on SmolLM2-135M-Instruct (CPU)", ""]
+    where = f"{args.device}, {args.dtype}" + (f", {torch.cuda.get_device_name(0)}" if args.device.startswith("cuda") else "")
+    md = [f"# KVQuantCache on SmolLM2-135M-Instruct ({where})", ""]
     if out["ppl"]:
         md += [f"## Real cache vs simulated quantization (WikiText-2 test, first {args.windows} windows of {args.seqlen})",
                "", md_table(out["ppl"], ["method", "simulated_ppl", "real_ppl", "real_vs_sim_%", "vs_fp16_%"]), ""]
@@ -197,8 +203,9 @@ def main(argv=None):
                                   "avg_bits_all_bytes", "compression_vs_fp16"]), "",
            "## Teacher-forced greedy agreement with the fp model (8 prompts x 512 tokens, 64 new tokens)", "",
            md_table(out["agreement"], ["method", "agreement", "min_prompt"])]
-    print(write_results("cache_accuracy_smollm2", out["ppl"] + out["bits"] + out["agreement"], "\n".join(md),
-                        meta={"signposts": args.signposts}))
+    print(write_results(args.name, out["ppl"] + out["bits"] + out["agreement"], "\n".join(md),
+                        meta={"signposts": args.signposts, "device": args.device, "dtype": args.dtype,
+                              "command": " ".join(["python", *sys.argv])}))
     print(json.dumps(out, indent=1, default=float))
 
 

