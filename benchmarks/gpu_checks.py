@@ -1,7 +1,8 @@
 """GPU correctness checks of the cache on a Llama-3-8B-shaped model with random bf16 weights.
 
 1. Greedy generation with ``backend="triton"`` equals ``backend="torch"`` for 32 new tokens.
-2. CUDA-graph decode equals eager decode: the same 16 tokens fed both ways from the same cache state give
+2. ``generate(..., cache_config={"cuda_graph": True})`` gives the same 32 greedy tokens as eager decoding.
+3. CUDA-graph decode equals eager decode: the same 16 tokens fed both ways from the same cache state give
    the same logits (max abs difference reported) and the same greedy tokens.
 
 Usage (H200): ``PYTHONPATH=. python benchmarks/gpu_checks.py [--layers 32]``
@@ -43,6 +44,12 @@ def main(argv=None):
                                            cache_config={"bits": 4, "backend": backend})[0, args.prompt:]
     same = int((outs["triton"] == outs["torch"]).sum())
     rows.append({"check": "greedy 32 tokens, backend=triton vs torch (nuq4-1%, uncalibrated)",
+                 "result": f"{same}/32 tokens equal", "pass": same == 32})
+    with torch.inference_mode():
+        graphed = model.generate(prompt, max_new_tokens=32, do_sample=False, cache_implementation="kvquant",
+                                 cache_config={"bits": 4, "cuda_graph": True})[0, args.prompt:]
+    same = int((graphed == outs["triton"]).sum())
+    rows.append({"check": "greedy 32 tokens, generate(cache_config={'cuda_graph': True}) vs eager triton",
                  "result": f"{same}/32 tokens equal", "pass": same == 32})
 
     with torch.inference_mode():
