@@ -61,10 +61,16 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "sink-0": ("no attention sink", {"sink": 0}),
     "sink-4": ("4 sink tokens", {"sink": 4}),
     "qnorm": ("Q-Norm on", {"qnorm": True}),
+    "keys-only": ("only keys quantized (values exact): the keys' share of the loss", {"quantize": "keys"}),
+    "values-only": ("only values quantized (keys exact): the values' share of the loss", {"quantize": "values"}),
     # --- tuned calibration (Fisher-optimized per-channel key thresholds) and its options
     "opt-uniform": ("tuned: Fisher-opt key thresholds, uniform tables, 1 slot", {"signposts": "smollm2-1pct-optu"}),
     "opt-uniform-slots-2": ("tuned: Fisher-opt key thresholds, uniform tables, 2 slots",
                             {"signposts": "smollm2-1pct-optu", "slots": 2}),
+    "opt-uniform-slots-2-keys-only": ("tuned, 2 slots, only keys quantized",
+                                      {"signposts": "smollm2-1pct-optu", "slots": 2, "quantize": "keys"}),
+    "opt-uniform-slots-2-values-only": ("tuned, 2 slots, only values quantized",
+                                        {"signposts": "smollm2-1pct-optu", "slots": 2, "quantize": "values"}),
     "opt-kmeans": ("tuned: Fisher-opt key thresholds, k-means (F_channel * s^2) tables, 1 slot",
                    {"signposts": "smollm2-1pct-optkm"}),
     "opt-kmeans-slots-2": ("tuned: Fisher-opt key thresholds, k-means (F_channel * s^2) tables, 2 slots",
@@ -74,7 +80,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "opt-kmeans-sink-4": ("tuned: Fisher-opt key thresholds, k-means tables, 1 slot, 4 sink tokens",
                           {"signposts": "smollm2-1pct-optkm", "sink": 4}),
 }
-BASE = {"signposts": "smollm2-1pct", "slots": 1, "sink": 1, "qnorm": False, "lut": "signposts",
+BASE = {"signposts": "smollm2-1pct", "slots": 1, "sink": 1, "qnorm": False, "lut": "signposts", "quantize": "both",
         "key_granularity": "channel", "key_rope": "pre"}
 
 
@@ -128,7 +134,8 @@ def build_methods(bits_list, variants, signposts_root, model, tok, work_dir):
                 skipped.append(name)
                 continue
             spec = MethodSpec("nuq", bits, outlier_slots=cfg["slots"], sink_tokens=cfg["sink"], qnorm=cfg["qnorm"],
-                              key_granularity=cfg["key_granularity"], key_rope=cfg["key_rope"], name=name)
+                              key_granularity=cfg["key_granularity"], key_rope=cfg["key_rope"], quantize=cfg["quantize"],
+                              name=name)
             methods.append(spec)
             configs[name] = cfg
             if cfg["lut"] == "signposts" and cfg["key_rope"] == "pre":
@@ -173,7 +180,7 @@ def render(args) -> None:
         "# Ablation: KVQuant on SmolLM2-135M-Instruct",
         "",
         f"WikiText-2 test text (`test.raw.txt`), first {n} non-overlapping windows of {args.seqlen} tokens, "
-        f"simulated quantization (decode-equivalent), {meta.get("device", "cpu")} float32. {fp16_line}",
+        f"simulated quantization (decode-equivalent), {meta.get('device', 'cpu')} float32. {fp16_line}",
         "Each row changes one thing from the full method nuqX-1% (pre-RoPE per-channel keys with calibrated "
         "thresholds, Fisher-weighted nuq signposts, 1 outlier slot per token and head (= 1% of head_dim 64), "
         "1 sink token, no Q-Norm). 'storable' = KVQuantCache can store exactly this setting.",
@@ -192,7 +199,8 @@ def render(args) -> None:
             if p is None:
                 continue
             desc = VARIANTS.get(variant, (variant, {}))[0]
-            storable = "yes" if r["spec"]["key_granularity"] == "channel" and r["spec"]["key_rope"] == "pre" else "no"
+            storable = "yes" if (r["spec"]["key_granularity"] == "channel" and r["spec"]["key_rope"] == "pre"
+                                 and r["spec"].get("quantize", "both") == "both") else "no"
             rows.append((desc, p, r["avg_bits"], storable))
         for b in (f"int{bits}", f"kivi{bits}"):
             if b in baselines and first_windows_ppl(baselines[b], n):

@@ -208,6 +208,9 @@ def render(args: argparse.Namespace) -> None:
     for group, meta in metas.items():
         lines.append(f"- `{group}`: `{meta.get('command')}` (started {meta.get('started')}, "
                      f"torch threads {meta.get('torch_threads')})")
+    if any("cuda" in str(m.get("device")) for m in metas.values()):
+        lines.append("- on the GPU machine all groups ran at once through `bash benchmarks/run_accuracy_gpu.sh` "
+                     "(two device calls: the model travels in two halves, see the script's header)")
     lines += [
         f"- rendered {datetime.datetime.now().isoformat(timespec='seconds')} on {platform.node()} "
         f"({platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}); "

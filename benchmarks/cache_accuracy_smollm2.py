@@ -47,14 +47,14 @@ def teacher_forced_agreement(model, ids: torch.Tensor, cache_factory, prompt_len
         cache = cache_factory()
         logits = model(batch, past_key_values=cache).logits[:, -1]
         dev = batch.device
-        hits = torch.zeros(prompts)
+        hits = torch.zeros(prompts, device=batch.device)
         for t in range(new_tokens):
             hits += (logits.argmax(-1) == cont[:, t]).float()
             if t + 1 < new_tokens:
                 pos = torch.full((prompts, 1), prompt_len + t, device=dev)
                 logits = model(cont[:, t : t + 1], past_key_values=cache, position_ids=pos).logits[:, -1]
-    per_prompt = (hits / new_tokens).tolist()
-    return float(hits.sum() / (prompts * new_tokens)), per_prompt
+    per_prompt = (hits / new_tokens).cpu().tolist()
+    return float(hits.sum().cpu() / (prompts * new_tokens)), per_prompt
 
 
 def _dump_partial(record: dict) -> None:

@@ -79,6 +79,8 @@ class MethodSpec:
         key_granularity (`str`): "channel" (KVQuant: offline per-channel thresholds) or "token" (online
             per-token range, like values). Only "channel" is storable by the real cache.
         key_rope (`str`): "pre" (KVQuant: quantize before RoPE) or "post". Only "pre" is storable.
+        quantize (`str`): "both" (default), or "keys" / "values" to quantize only that side and keep the other
+            exact (nuq only; a diagnostic for where the error comes from, not storable).
         name (`str`, optional): label used in results (default: ``family + bits``).
     """
 
@@ -90,6 +92,7 @@ class MethodSpec:
     kivi_group: int = 32
     key_granularity: str = "channel"
     key_rope: str = "pre"
+    quantize: str = "both"
     name: str | None = None
 
     def __post_init__(self) -> None:
@@ -107,6 +110,11 @@ class MethodSpec:
             raise KVQuantConfigError(f"key_granularity={self.key_granularity!r}; use 'channel' or 'token'.")
         if self.key_rope not in ("pre", "post"):
             raise KVQuantConfigError(f"key_rope={self.key_rope!r}; use 'pre' or 'post'.")
+        if self.quantize not in ("both", "keys", "values"):
+            raise KVQuantConfigError(f"quantize={self.quantize!r}; use 'both', 'keys' or 'values'.")
+        if self.quantize != "both" and self.family != "nuq":
+            raise KVQuantConfigError("quantize='keys'/'values' is a nuq diagnostic; use quantize='both' for "
+                                     f"{self.family}.")
         if self.sink_tokens < 0 or self.outlier_slots < 0:
             raise KVQuantConfigError("sink_tokens and outlier_slots must be >= 0.")
         if self.name is None:
@@ -115,7 +123,8 @@ class MethodSpec:
     @property
     def storable(self) -> bool:
         """Whether the real ``KVQuantCache`` can store exactly this (nuq with KVQuant's key layout)."""
-        return self.family == "nuq" and self.key_granularity == "channel" and self.key_rope == "pre"
+        return (self.family == "nuq" and self.key_granularity == "channel" and self.key_rope == "pre"
+                and self.quantize == "both")
 
 
 def parse_method(method: str | MethodSpec, **overrides: Any) -> MethodSpec:
@@ -629,6 +638,10 @@ class NuqLayer(SimulatedLayer):
             k_hat = rope_rotate(k_hat, inputs.positions.expand(key.shape[0], -1), inputs.rope.inv_freq,
                                 inputs.rope.attention_scaling)
         v_hat = fake_quant_values(value, v_lut, slots, bits)
+        if spec.quantize == "values":
+            k_hat = key_rot.to(torch.float32)
+        elif spec.quantize == "keys":
+            v_hat = value.to(torch.float32)
         return k_hat, v_hat
 
 

@@ -263,3 +263,27 @@ def test_avg_bits():
     assert method_avg_bits(parse_method("kivi2"), 64) == pytest.approx((2 + 1 + 2 + 0.5) / 2)
     assert method_avg_bits(parse_method("fp16"), 64) == 16.0
     assert math.isclose(method_avg_bits(parse_method("nuq2", outlier_slots=0), 128), (2 + 2 + 32 / 128) / 2)
+
+
+def test_quantize_one_side_only_keeps_the_other_exact(tiny_llama):
+    """The keys-only / values-only diagnostics quantize exactly one side, like the full method does."""
+    patch_model(tiny_llama)
+    ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(11))
+    fp = build_simulated_cache(tiny_llama, "fp16")
+    _logits(tiny_llama, ids, fp)
+    both = build_simulated_cache(tiny_llama, MethodSpec("nuq", 2, outlier_slots=1), nuq_params=_params(2))
+    _logits(tiny_llama, ids, both)
+    for side in ("keys", "values"):
+        spec = MethodSpec("nuq", 2, outlier_slots=1, quantize=side)
+        assert not spec.storable
+        cache = build_simulated_cache(tiny_llama, spec, nuq_params=_params(2))
+        _logits(tiny_llama, ids, cache)
+        got, ref, full = cache.layers[0], fp.layers[0], both.layers[0]  # layer 0 inputs do not depend on the cache
+        exact_side, quant_side = ("values", "keys") if side == "keys" else ("keys", "values")
+        torch.testing.assert_close(getattr(got, exact_side), getattr(ref, exact_side), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(getattr(got, quant_side), getattr(full, quant_side), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(getattr(got, quant_side), getattr(ref, quant_side))
+    with pytest.raises(KVQuantConfigError, match="quantize"):
+        MethodSpec("nuq", 2, quantize="neither")
+    with pytest.raises(KVQuantConfigError, match="nuq diagnostic"):
+        MethodSpec("int", 2, quantize="keys")
