@@ -103,6 +103,26 @@ def _max_total_tokens(inputs, kwargs: dict) -> int | None:
     return int(ids.shape[-1]) + int(max_new)
 
 
+def _expansion(model, kwargs: dict) -> int:
+    """Rows per prompt that generate will run: beams or returned sequences."""
+    gc = kwargs.get("generation_config") or model.generation_config
+    beams = kwargs.get("num_beams", getattr(gc, "num_beams", 1)) or 1
+    returned = kwargs.get("num_return_sequences", getattr(gc, "num_return_sequences", 1)) or 1
+    return max(int(beams), int(returned))
+
+
+def _check_capacity(model, cache: KVQuantCache, total: int, inputs, kwargs: dict) -> None:
+    """Refuse (``CapacityError``) a request whose cache cannot fit in the free device memory, before allocating.
+
+    Only devices whose free memory can be queried (CUDA) are checked; see :func:`kvquant_hf.planner.check_request`.
+    """
+    from .planner import check_request
+
+    ids = inputs if inputs is not None else kwargs.get("input_ids")
+    batch = int(ids.shape[0]) * _expansion(model, kwargs)
+    check_request(model, cache.config, total, batch, prompt_tokens=int(ids.shape[-1]))
+
+
 def kvquant_generate(self, *args, **kwargs):
     """``GenerationMixin.generate`` with ``cache_implementation="kvquant"`` support (see the module docstring)."""
     inputs = args[0] if args else kwargs.get("inputs")
@@ -146,12 +166,16 @@ def kvquant_generate(self, *args, **kwargs):
         cache = build_kvquant_cache(self, cache_config)
         total = _max_total_tokens(inputs, kwargs)
         if total is not None:
+            _check_capacity(self, cache, total, inputs, kwargs)
             cache.reserve(total)
     else:
         if len(kvquant_user) > 1 or len(user_caches) > 1:
             raise KVQuantConfigError("pass the cache once: either cache= or past_key_values=, not both.")
         cache = next(iter(kvquant_user.values()))
         prepare_model_for_cache(self, cache)
+        total = _max_total_tokens(inputs, kwargs)
+        if total is not None and cache.get_seq_length() == 0:
+            _check_capacity(self, cache, total, inputs, kwargs)
     for n in _CACHE_KWARGS:
         kwargs.pop(n, None)
     kwargs[name] = cache
