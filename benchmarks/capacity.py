@@ -63,7 +63,8 @@ def _free(device: str) -> None:
 
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(i)
 
 
 def gpu_memory() -> dict[str, dict[str, float]]:
@@ -135,7 +136,7 @@ def decode_steps(model, cache, start: int, steps: int, device: str) -> list[floa
     for s in range(steps):
         ids = torch.randint(0, model.config.vocab_size, (1, 1), device=first)
         pos = torch.full((1, 1), start + s, dtype=torch.long, device=first)
-        if device.startswith("cuda"):
+        if device.startswith("cuda") and len({d.index for d in _layer_devices(model)}) == 1:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
             with torch.inference_mode():
@@ -143,10 +144,12 @@ def decode_steps(model, cache, start: int, steps: int, device: str) -> list[floa
             b.record()
             torch.cuda.synchronize()
             times.append(a.elapsed_time(b))
-        else:
+        else:  # CPU, or layers on several GPUs: wall time between full synchronizations
+            _sync(device)
             t0 = time.perf_counter()
             with torch.inference_mode():
                 model(input_ids=ids, position_ids=pos, **{kw: cache}, logits_to_keep=1)
+            _sync(device)
             times.append((time.perf_counter() - t0) * 1e3)
     return times
 
@@ -198,7 +201,9 @@ def capacity_row(model, method: str, args, device: str, budget: Budget) -> dict:
     predicted = int(p_dec.max_tokens * args.scale)
     row = {"section": "capacity", "method": method, "free_gib": sum(free.values()) / GiB,
            "predicted_tokens": p_dec.max_tokens, "predicted_generate_tokens": p_gen.max_tokens,
-           "bytes_per_token": p_dec.devices[0].bytes_per_token,
+           "bytes_per_token": sum(d.bytes_per_token for d in p_dec.devices),
+           "predicted_per_device": p_dec.per_device_tokens,
+           "layers_per_device": {d.device: len(d.layers) for d in p_dec.devices},
            "predicted_cache_gib": sum(p_dec.cache_bytes(predicted).values()) / GiB}
     if predicted < args.decode_steps + 2:
         row["error"] = "the planner predicts no room for the cache"

@@ -96,10 +96,12 @@ def random_model_device_map(shape: str, devices: list[str], dtype=torch.bfloat16
             else:
                 p.normal_(0.0, 0.02)
     rot = model.model.rotary_emb  # its inv_freq buffer is computed at construction: rebuild it on its device
-    model.model.rotary_emb = type(rot)(config=cfg, device=torch.device(devices[0]))
+    with torch.device(devices[0]):
+        model.model.rotary_emb = type(rot)(config=cfg)
     model.eval()
     if len(set(dmap.values())) > 1:
-        model = dispatch_model(model, device_map=dmap)
+        skip = set(getattr(model, "_skip_keys_device_placement", None) or []) | {"cache", "past_key_values"}
+        model = dispatch_model(model, device_map=dmap, skip_keys=sorted(skip))
     return model, dmap
 
 

@@ -74,3 +74,35 @@ def test_allocation_only_equals_filled_memory():
     assert a.get_memory_footprint(include_spare=True) == b.get_memory_footprint(include_spare=True)
     assert capacity.decode_steps(model, a, 2990, 1, "cpu")[0] > 0
     assert a.get_seq_length() == 2991
+
+
+def test_multi_gpu_capacity_smoke(results):
+    """The multi-GPU script end to end on CPU (one device): meta-built model materialized per device, planner,
+    fast fill at the predicted size, decode steps."""
+    import multi_gpu_capacity
+
+    repo, out = results
+    rows = multi_gpu_capacity.main(["--shape", "tiny", "--devices", "cpu", "--dtype", "float32", "--free-mib", "8",
+                                    "--headroom-mib", "0", "--decode-steps", "2", "--scale", "0.5"])
+    (row,) = rows
+    assert "error" not in row, row
+    assert row["predicted_per_device"] == {"cpu": row["predicted_tokens"]}
+    assert row["context"] == row["held_tokens"] == int(row["predicted_tokens"] * 0.5)
+    assert json.loads((out / "multi_gpu_capacity.json").read_text())["environment"]["devices"] == ["cpu"]
+
+
+def test_random_model_device_map_is_a_working_model():
+    """Weights materialized per device and the rebuilt rotary embedding give a model that runs and generates."""
+    import torch
+    from common import random_model_device_map
+
+    model, dmap = random_model_device_map("tiny", ["cpu"], dtype=torch.float32)
+    assert dmap["model.layers.0"] == "cpu" and dmap["lm_head"] == "cpu"
+    assert not any(p.is_meta for p in model.parameters())
+    ref = type(model.model.rotary_emb)(config=model.config)
+    assert torch.equal(model.model.rotary_emb.inv_freq, ref.inv_freq)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+    model.generation_config.pad_token_id = 0
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="kvquant",
+                         cache_config={"bits": 2})
+    assert out.shape == (1, 11)
