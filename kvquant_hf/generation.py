@@ -118,6 +118,8 @@ def _check_capacity(model, cache: KVQuantCache, total: int, inputs, kwargs: dict
     """
     from .planner import check_request
 
+    if not cache.config.capacity_check:
+        return
     ids = inputs if inputs is not None else kwargs.get("input_ids")
     batch = int(ids.shape[0]) * _expansion(model, kwargs)
     check_request(model, cache.config, total, batch, prompt_tokens=int(ids.shape[-1]))

@@ -14,6 +14,7 @@ from kvquant_hf.benchmarking import fast_filled_cache
 from kvquant_hf.cache import KVQuantCache, KVQuantLayer, grown_capacities, layer_tensor_bytes, reserved_capacity
 from kvquant_hf.config import KVQuantConfig
 from kvquant_hf.errors import KVQuantConfigError, KVQuantError
+from kvquant_hf.generation import _cache_kwarg_name
 
 GiB = 2**30
 PROMPT = torch.tensor([[5, 17, 99, 3, 42, 8, 77, 31, 64, 12]])
@@ -252,6 +253,16 @@ def test_generate_refuses_a_request_that_cannot_fit(monkeypatch):
     with pytest.raises(planner.CapacityError, match="batch 2"):
         model.generate(PROMPT.repeat(2, 1), max_new_tokens=new, do_sample=False,
                        cache_implementation="kvquant", cache_config=cfg)
+    with pytest.raises(planner.CapacityError, match="batch 3"):
+        model.generate(PROMPT, max_new_tokens=new, do_sample=True, num_return_sequences=3,
+                       cache_implementation="kvquant", cache_config=cfg)
+    # a user-built cache is checked too; capacity_check=False turns the check off
+    with pytest.raises(planner.CapacityError):
+        model.generate(PROMPT, max_new_tokens=new + 1, do_sample=False,
+                       **{_cache_kwarg_name(model): KVQuantCache(cfg, model_config=model.config)})
+    out = model.generate(PROMPT, max_new_tokens=new + 1, do_sample=False, cache_implementation="kvquant",
+                         cache_config={**cfg, "capacity_check": False})
+    assert out.shape[1] == small.max_tokens + 1
 
 
 def test_generate_without_memory_figures_does_not_check():
