@@ -17,6 +17,9 @@ context per sequence that fits, per device and overall. The arithmetic is the ca
 * **activations**: the peak temporaries of one prefill chunk (``prefill_chunk_size`` tokens, or the whole
   prompt when it is 0) or one decode step through a decoder layer: hidden states, q/k/v, the exact block and its
   mask, the attention kernel's split buffers, the MLP, and the last-position logits;
+* **the chunk mask**: for every prefill chunk after the first, transformers builds a 4D attention mask of
+  ``chunk x (held + chunk)`` (bool for sdpa), which grows with the context (4 KiB per token at a 4096-token chunk;
+  12 GiB at 3M tokens); counted per token when the prompt is chunked;
 * **headroom**: a fixed reserve per device (CUDA workspaces, allocator fragmentation), 512 MiB by default.
 
 Every layer holds every token, so with layers spread over several devices (accelerate ``device_map``) the
@@ -156,7 +159,8 @@ class DevicePlan:
     ``memory_bytes`` is the free memory the plan started from; ``weights_bytes`` counts the parameters and
     buffers placed there (subtracted only when ``weights_resident`` is False, i.e. they still have to be loaded);
     ``activation_bytes`` the peak temporaries of a prefill chunk / decode step; ``cache_bytes`` the cache at
-    ``max_tokens``; ``bytes_per_token`` the marginal cost of one more token per sequence over this device's layers.
+    ``max_tokens``; ``mask_bytes`` the model's attention mask of a prefill chunk at ``max_tokens`` (it grows with
+    the context); ``bytes_per_token`` the marginal cost of one more token per sequence over this device's layers.
     """
 
     device: str
@@ -169,6 +173,7 @@ class DevicePlan:
     bytes_per_token: float
     max_tokens: int
     cache_bytes: int
+    mask_bytes: int = 0
 
     @property
     def budget_bytes(self) -> int:
@@ -234,7 +239,8 @@ class CapacityPlan:
                 f"  {d.device}: layers {d.layers[0] if d.layers else '-'}..{d.layers[-1] if d.layers else '-'} "
                 f"({len(d.layers)}), free {d.memory_bytes / GiB:.2f} GiB, weights {d.weights_bytes / GiB:.2f} GiB"
                 f"{' (resident)' if d.weights_resident else ''}, activations {d.activation_bytes / GiB:.2f} GiB, "
-                f"cache {d.cache_bytes / GiB:.2f} GiB, {d.bytes_per_token:.0f} B/token -> {d.max_tokens:,} tokens"
+                f"cache {d.cache_bytes / GiB:.2f} GiB, chunk mask {d.mask_bytes / GiB:.2f} GiB, "
+                f"{d.bytes_per_token:.0f} B/token -> {d.max_tokens:,} tokens"
             )
         return "\n".join(lines)
 
@@ -486,6 +492,22 @@ def plan_capacity(
         n = len(dplan.layers)
         return n * layer_bytes(dplan.device, tokens) + (growth_transient(dplan.device, tokens) if n else 0)
 
+    # The model's 4D attention mask of a prefill chunk after the first: transformers sizes it [B, 1, chunk,
+    # held + chunk] from cache.get_mask_sizes (bool for sdpa, the model dtype for eager; none for a single-token
+    # decode step or a first chunk without padding). It grows with the context, so it counts per token.
+    chunked = cfg is not None and chunk > 1 and (prompt_tokens is None or int(prompt_tokens) > chunk)
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
+    mask_es = 0 if not chunked or "flash" in impl else (1 if impl in ("sdpa", "flex_attention") else _element_size(dtype))
+
+    def mask_bytes(dplan: DevicePlan, tokens: int) -> int:
+        if not mask_es or not dplan.layers:
+            return 0
+        copies = 2 if len(devices) > 1 and dplan.device == layer_devices[0] else 1  # the original + a moved copy
+        return copies * alloc_round(batch_size * chunk * int(tokens) * mask_es, dplan.device)
+
+    def device_token_bytes(dplan: DevicePlan, tokens: int) -> int:
+        return device_cache_bytes(dplan, tokens) + mask_bytes(dplan, tokens)
+
     if cfg is not None:
         per_token = history_token_bytes(cfg, shape.num_kv_heads, shape.head_dim, dtype) * batch_size
     else:
@@ -501,18 +523,19 @@ def plan_capacity(
         budget = dp.budget_bytes
         # largest token count whose allocation fits the budget (monotone: binary search)
         lo, hi = 0, 1
-        while hi < max_tokens_limit and device_cache_bytes(dp, hi) <= budget:
+        while hi < max_tokens_limit and device_token_bytes(dp, hi) <= budget:
             lo, hi = hi, hi * 2
-        if device_cache_bytes(dp, lo) > budget:
+        if device_token_bytes(dp, lo) > budget:
             lo = -1
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if device_cache_bytes(dp, mid) <= budget:
+            if device_token_bytes(dp, mid) <= budget:
                 lo = mid
             else:
                 hi = mid
         dp.max_tokens = max(0, lo)
         dp.cache_bytes = device_cache_bytes(dp, dp.max_tokens)
+        dp.mask_bytes = mask_bytes(dp, dp.max_tokens)
         plans.append(dp)
     max_tokens = min(p.max_tokens for p in plans)
     return CapacityPlan(method="fp16" if cfg is None else f"nuq{cfg.key_bits}", batch_size=batch_size,

@@ -141,8 +141,15 @@ def test_llama3_8b_h200_targets():
     assert dev.weights_bytes == 2 * 8_030_261_248 and not dev.weights_resident
     # per token: 32 layers x (8 heads x (64 + 64 codes + 2x2 scale/zero + 2x2x3 slots) + 4 position)
     assert dev.bytes_per_token == 32 * (8 * (64 + 64 + 4 + 12) + 4) == 36992
-    expected = (dev.budget_bytes) / dev.bytes_per_token
+    # a long prompt is prefilled in 4096-token chunks, and transformers builds each chunk's bool mask over the
+    # whole context: 4096 more bytes per token at the last chunk
+    expected = dev.budget_bytes / (dev.bytes_per_token + 4096)
     assert abs(nuq4.max_tokens - expected) / expected < 0.005  # allocator rounding (2 MiB) per tensor, blocks
+    assert dev.mask_bytes == -(-4096 * nuq4.max_tokens // 2**21) * 2**21
+    decode = kvquant_hf.plan_capacity(None, {"bits": 4}, prompt_tokens=1, **kw)  # filled cache, then decode
+    assert decode.devices[0].mask_bytes == 0
+    expected = decode.devices[0].budget_bytes / dev.bytes_per_token
+    assert abs(decode.max_tokens - expected) / expected < 0.005
     assert nuq4.max_tokens >= 3_000_000
     assert nuq2.max_tokens >= 5_000_000
     assert 850_000 < fp16.max_tokens < 1_050_000
@@ -152,10 +159,11 @@ def test_llama3_8b_h200_targets():
 
 def test_multi_device_arithmetic():
     cfg = _llama3_8b_config()
-    one = kvquant_hf.plan_capacity(None, {"bits": 2}, model_config=cfg, free_memory={"cuda:0": 100 * GiB})
+    dec = dict(prompt_tokens=1)  # decode scenario: no chunk mask
+    one = kvquant_hf.plan_capacity(None, {"bits": 2}, model_config=cfg, free_memory={"cuda:0": 100 * GiB}, **dec)
     layers = ["cuda:0"] * 16 + ["cuda:1"] * 16
     two = kvquant_hf.plan_capacity(None, {"bits": 2}, model_config=cfg, device_map=layers,
-                                   free_memory={"cuda:0": 100 * GiB, "cuda:1": 100 * GiB})
+                                   free_memory={"cuda:0": 100 * GiB, "cuda:1": 100 * GiB}, **dec)
     d0, d1 = two.devices
     assert (d0.device, d1.device) == ("cuda:0", "cuda:1")
     assert d0.layers == list(range(16)) and d1.layers == list(range(16, 32))
@@ -167,15 +175,23 @@ def test_multi_device_arithmetic():
     # an uneven split: the fuller device limits the context
     uneven = kvquant_hf.plan_capacity(None, {"bits": 2}, model_config=cfg,
                                       device_map=["cuda:0"] * 24 + ["cuda:1"] * 8,
-                                      free_memory={"cuda:0": 100 * GiB, "cuda:1": 100 * GiB})
+                                      free_memory={"cuda:0": 100 * GiB, "cuda:1": 100 * GiB}, **dec)
     assert uneven.limiting_device == "cuda:0"
     assert uneven.max_tokens == uneven.per_device_tokens["cuda:0"] < uneven.per_device_tokens["cuda:1"]
     # accelerate-style map gives the same plan as the list
     amap = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": 1, "lm_head": 1}
     amap.update({f"model.layers.{i}": 0 if i < 16 else 1 for i in range(32)})
     same = kvquant_hf.plan_capacity(None, {"bits": 2}, model_config=cfg, device_map=amap,
-                                    free_memory={"cuda:0": 100 * GiB, "cuda:1": 100 * GiB})
+                                    free_memory={"cuda:0": 100 * GiB, "cuda:1": 100 * GiB}, **dec)
     assert same.per_device_tokens == two.per_device_tokens
+    # chunked prefill of a long prompt: every device holds the chunk's mask, the first one twice (original + copy)
+    chunked = kvquant_hf.plan_capacity(None, {"bits": 2}, model_config=cfg, device_map=layers,
+                                       free_memory={"cuda:0": 100 * GiB, "cuda:1": 100 * GiB})
+    c0, c1 = chunked.devices
+    n = chunked.max_tokens
+    assert c0.mask_bytes > 0 and chunked.limiting_device == "cuda:0"
+    assert abs(c0.mask_bytes - 2 * 4096 * c0.max_tokens) < 2**22 and abs(c1.mask_bytes - 4096 * c1.max_tokens) < 2**21
+    assert n < two.max_tokens
 
 
 def test_plan_reads_layer_devices_from_the_model():
