@@ -491,13 +491,17 @@ class KVQuantLayer(CacheLayerMixin):
                 return None, None
             visible = torch.ones(n_new, n_new, dtype=torch.bool, device=dev).tril().expand(b, n_new, n_new)
         elif mask.dim() == 4:
-            if mask.shape[-1] < past + n_new or mask.shape[-2] != n_new:
+            # [stored | new] columns (transformers sizes masks with get_mask_sizes), or only the new block's
+            # columns (chunked prefill builds [B, 1, chunk, chunk] so no mask grows with the context)
+            new_only = mask.shape[-1] == n_new and past > 0
+            if (mask.shape[-1] < past + n_new and not new_only) or mask.shape[-2] != n_new:
                 raise KVQuantError(
                     f"layer {self.layer_idx}: the attention mask has shape {tuple(mask.shape)} but the cache holds "
                     f"{past} tokens and {n_new} arrive; the mask must cover [stored | new] (the model must use "
-                    "cache.get_mask_sizes, as patched models do)."
+                    "cache.get_mask_sizes, as patched models do) or only the new tokens."
                 )
-            visible = _mask_to_bool(mask[:, 0, :, past : past + n_new]).to(dev).expand(b, n_new, n_new)
+            block = mask[:, 0, :, :n_new] if new_only else mask[:, 0, :, past : past + n_new]
+            visible = _mask_to_bool(block).to(dev).expand(b, n_new, n_new)
             real = torch.diagonal(visible, dim1=-2, dim2=-1)
         elif mask.dim() == 2:
             real = _mask_to_bool(mask[:, past : past + n_new]).to(dev).expand(b, n_new)

@@ -266,12 +266,30 @@ class _ForwardRouter:
             ckw = dict(kw, input_ids=ids[:, s:e])
             ckw["position_ids"] = (pos[:, s:e] if pos is not None else
                                    torch.arange(past + s, past + e, device=ids.device).expand(b, e - s))
-            if mask is not None:
-                ckw["attention_mask"] = mask[:, : past + e]
+            if past + s == 0:
+                if mask is not None:  # the first call: the cache reads left padding from its diagonal
+                    ckw["attention_mask"] = mask[:, :e]
+            else:
+                ckw["attention_mask"] = self._block_mask(mask, past + s, past + e, ckw["position_ids"])
             if cache_position is not None:
                 ckw["cache_position"] = cache_position[s:e]
             out = self.original(**ckw)
         return out
+
+    def _block_mask(self, mask, start: int, end: int, positions: torch.Tensor) -> torch.Tensor:
+        """``[B, 1, c, c]`` bool mask of one later chunk over its own tokens only: causal, its padding columns,
+        the sliding window. The cache attends to the earlier tokens without reading mask columns, and a mask
+        sized by transformers would span the whole context (``c x (held + c)``: 12 GiB at 3M tokens)."""
+        c, b, dev = end - start, positions.shape[0], positions.device
+        visible = torch.ones(c, c, dtype=torch.bool, device=dev).tril().expand(b, c, c)
+        if mask is not None:
+            visible = visible & mask[:, start:end].to(dev, torch.bool)[:, None, :]
+        text = self.model.config.get_text_config(decoder=True) if hasattr(self.model.config, "get_text_config") \
+            else self.model.config
+        window = getattr(text, "sliding_window", None)
+        if window and (getattr(text, "use_sliding_window", True) is not False):
+            visible = visible & (positions[:, :, None] - positions[:, None, :] < int(window))
+        return visible[:, None]
 
     def _graph_step(self, ids: torch.Tensor, kw: dict):
         from transformers.modeling_outputs import CausalLMOutputWithPast

@@ -17,9 +17,9 @@ context per sequence that fits, per device and overall. The arithmetic is the ca
 * **activations**: the peak temporaries of one prefill chunk (``prefill_chunk_size`` tokens, or the whole
   prompt when it is 0) or one decode step through a decoder layer: hidden states, q/k/v, the exact block and its
   mask, the attention kernel's split buffers, the MLP, and the last-position logits;
-* **the chunk mask**: for every prefill chunk after the first, transformers builds a 4D attention mask of
-  ``chunk x (held + chunk)`` (bool for sdpa), which grows with the context (4 KiB per token at a 4096-token chunk;
-  12 GiB at 3M tokens); counted per token when the prompt is chunked;
+* **masks**: chunked prefill hands each later chunk a ``[B, 1, chunk, chunk]`` mask of its own tokens (the one
+  transformers would build spans the whole context: 12 GiB at 3M tokens with 4096-token chunks), counted with the
+  activations, so nothing but the cache grows with the context;
 * **headroom**: a fixed reserve per device (CUDA workspaces, allocator fragmentation), 512 MiB by default.
 
 Every layer holds every token, so with layers spread over several devices (accelerate ``device_map``) the
@@ -159,8 +159,7 @@ class DevicePlan:
     ``memory_bytes`` is the free memory the plan started from; ``weights_bytes`` counts the parameters and
     buffers placed there (subtracted only when ``weights_resident`` is False, i.e. they still have to be loaded);
     ``activation_bytes`` the peak temporaries of a prefill chunk / decode step; ``cache_bytes`` the cache at
-    ``max_tokens``; ``mask_bytes`` the model's attention mask of a prefill chunk at ``max_tokens`` (it grows with
-    the context); ``bytes_per_token`` the marginal cost of one more token per sequence over this device's layers.
+    ``max_tokens``; ``bytes_per_token`` the marginal cost of one more token per sequence over this device's layers.
     """
 
     device: str
@@ -173,7 +172,6 @@ class DevicePlan:
     bytes_per_token: float
     max_tokens: int
     cache_bytes: int
-    mask_bytes: int = 0
 
     @property
     def budget_bytes(self) -> int:
@@ -239,8 +237,7 @@ class CapacityPlan:
                 f"  {d.device}: layers {d.layers[0] if d.layers else '-'}..{d.layers[-1] if d.layers else '-'} "
                 f"({len(d.layers)}), free {d.memory_bytes / GiB:.2f} GiB, weights {d.weights_bytes / GiB:.2f} GiB"
                 f"{' (resident)' if d.weights_resident else ''}, activations {d.activation_bytes / GiB:.2f} GiB, "
-                f"cache {d.cache_bytes / GiB:.2f} GiB, chunk mask {d.mask_bytes / GiB:.2f} GiB, "
-                f"{d.bytes_per_token:.0f} B/token -> {d.max_tokens:,} tokens"
+                f"cache {d.cache_bytes / GiB:.2f} GiB, {d.bytes_per_token:.0f} B/token -> {d.max_tokens:,} tokens"
             )
         return "\n".join(lines)
 
@@ -333,8 +330,8 @@ def activation_bytes(shape: ModelShape, dtype: torch.dtype, batch: int, chunk: i
     stream = 3 * t * hd * es  # residual, normed input, block output
     qkv = t * (hq + 2 * h) * d * es
     rotated = t * (hq + h) * d * es
-    if method == "kvquant":
-        exact = 2 * batch * h * (chunk + sink_tokens) * d * es + batch * chunk * (chunk + sink_tokens)
+    if method == "kvquant":  # exact block K/V, its mask and the chunk's own [B, 1, c, c] mask
+        exact = 2 * batch * h * (chunk + sink_tokens) * d * es + batch * chunk * (2 * chunk + sink_tokens)
         if device.startswith("cuda"):  # Triton: float32 split-K partial outputs and log-sum-exps
             group = hq // h
             m_rows = group * chunk
@@ -492,21 +489,8 @@ def plan_capacity(
         n = len(dplan.layers)
         return n * layer_bytes(dplan.device, tokens) + (growth_transient(dplan.device, tokens) if n else 0)
 
-    # The model's 4D attention mask of a prefill chunk after the first: transformers sizes it [B, 1, chunk,
-    # held + chunk] from cache.get_mask_sizes (bool for sdpa, the model dtype for eager; none for a single-token
-    # decode step or a first chunk without padding). It grows with the context, so it counts per token.
-    chunked = cfg is not None and chunk > 1 and (prompt_tokens is None or int(prompt_tokens) > chunk)
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
-    mask_es = 0 if not chunked or "flash" in impl else (1 if impl in ("sdpa", "flex_attention") else _element_size(dtype))
-
-    def mask_bytes(dplan: DevicePlan, tokens: int) -> int:
-        if not mask_es or not dplan.layers:
-            return 0
-        copies = 2 if len(devices) > 1 and dplan.device == layer_devices[0] else 1  # the original + a moved copy
-        return copies * alloc_round(batch_size * chunk * int(tokens) * mask_es, dplan.device)
-
     def device_token_bytes(dplan: DevicePlan, tokens: int) -> int:
-        return device_cache_bytes(dplan, tokens) + mask_bytes(dplan, tokens)
+        return device_cache_bytes(dplan, tokens)
 
     if cfg is not None:
         per_token = history_token_bytes(cfg, shape.num_kv_heads, shape.head_dim, dtype) * batch_size
@@ -535,7 +519,6 @@ def plan_capacity(
                 hi = mid
         dp.max_tokens = max(0, lo)
         dp.cache_bytes = device_cache_bytes(dp, dp.max_tokens)
-        dp.mask_bytes = mask_bytes(dp, dp.max_tokens)
         plans.append(dp)
     max_tokens = min(p.max_tokens for p in plans)
     return CapacityPlan(method="fp16" if cfg is None else f"nuq{cfg.key_bits}", batch_size=batch_size,
