@@ -219,6 +219,11 @@ class _ForwardRouter:
 
             if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
                 raise BackendUnavailableError("cache_config['cuda_graph']=True needs the model on a CUDA GPU.")
+            if len({p.device for p in model.parameters()}) > 1:
+                raise KVQuantConfigError(
+                    "cuda_graph=True captures one GPU's work; this model is spread over several devices "
+                    "(device_map). Turn cuda_graph off (each layer's cache and kernels already run on its device)."
+                )
             ids = inputs if inputs is not None else kwargs.get("input_ids")
             if ids is None or kwargs.get("max_new_tokens") is None:
                 raise KVQuantConfigError("cuda_graph=True needs input_ids and max_new_tokens (to size the graph).")
