@@ -110,8 +110,8 @@ def allocate_cache(model, method: str, tokens: int, filled: int, fill: bool):
             del k, v
         return cache
     ccfg = cache_config(method)
-    if fill:
-        return fast_filled_cache(model, 1, filled, ccfg, reserve=tokens)
+    if fill:  # small slabs: the fill's temporaries (a few MiB) must fit next to a cache at the measured maximum
+        return fast_filled_cache(model, 1, filled, ccfg, reserve=tokens, slab=4096)
     cache = kvquant_hf.KVQuantCache(ccfg, model_config=cfg)
     kvquant_hf.patch_model(model)
     cache.reserve(tokens)
@@ -241,7 +241,13 @@ def capacity_row(model, method: str, args, device: str, budget: Budget) -> dict:
     steps = args.decode_steps
     _free(device)
     t0 = time.time()
-    cache = allocate_cache(model, method, measured, measured - steps, fill=True)
+    try:
+        cache = allocate_cache(model, method, measured, measured - steps, fill=True)
+    except torch.OutOfMemoryError:  # the fill's few MiB of temporaries did not fit: 0.5% lower
+        _free(device)
+        measured = int(measured * 0.995)
+        row["fill_note"] = "filled at 99.5% of the measured maximum (the fill's temporaries did not fit)"
+        cache = allocate_cache(model, method, measured, measured - steps, fill=True)
     _sync(device)
     row["fill_s"] = time.time() - t0
     row["context"] = measured
@@ -316,7 +322,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--layers", type=int, default=None, help="fewer layers (faster; capacities scale up)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--methods", nargs="*", default=list(METHODS), help="capacity rows (none: prefill only)")
     ap.add_argument("--decode-steps", type=int, default=5)
     ap.add_argument("--search-steps", type=int, default=7, help="bisection steps for the measured maximum (0: off)")
     ap.add_argument("--search-span", type=float, default=0.05, help="search within +-span of the prediction")

@@ -19,12 +19,13 @@ from .config import KVQuantConfig
 
 
 def fast_fill_layer(layer: KVQuantLayer, batch: int, heads: int, head_dim: int, tokens: int, dtype: torch.dtype,
-                    device: torch.device | str, seed: int = 0, spare: int | None = None) -> None:
+                    device: torch.device | str, seed: int = 0, spare: int | None = None, slab: int = 1 << 16) -> None:
     """Give ``layer`` ``tokens`` tokens per sequence (sink + packed history) of random but well-formed data.
 
     Codes are uniform random, value scales/zeros of unit size, about 1% of slots used per vector, positions
     ``0..tokens-1``, key thresholds +-1 per channel. Capacity is what is needed plus ``spare`` tokens (default one
-    block), or what ``layer.reserve`` asked for if that is more.
+    block), or what ``layer.reserve`` asked for if that is more. ``slab``: tokens written per step (bounds the
+    random generator's temporaries to about ``slab * heads * (key_bytes + 40)`` bytes per sequence).
     """
     g = torch.Generator(device=device).manual_seed(seed)
     sample = torch.randn(batch, heads, 1, head_dim, dtype=dtype, device=device)
@@ -41,7 +42,6 @@ def fast_fill_layer(layer: KVQuantLayer, batch: int, heads: int, head_dim: int, 
         layer.sink_valid[:, :n_sink] = True
     layer.n_sink = n_sink
     # fill in slabs to bound the temporary memory of the random generator
-    slab = 1 << 16
     for s0 in range(0, hist, slab):
         s1 = min(hist, s0 + slab)
         for name in ("k_codes", "v_codes"):
@@ -64,7 +64,7 @@ def fast_fill_layer(layer: KVQuantLayer, batch: int, heads: int, head_dim: int, 
 
 
 def fast_filled_cache(model, batch: int, tokens: int, cache_config: dict | KVQuantConfig | None = None,
-                      seed: int = 0, reserve: int | None = None) -> KVQuantCache:
+                      seed: int = 0, reserve: int | None = None, slab: int = 1 << 16) -> KVQuantCache:
     """A `KVQuantCache` for ``model`` whose every layer holds ``tokens`` tokens per sequence (see module doc).
 
     Each layer lives on the device of its decoder layer (accelerate ``device_map`` placements included).
@@ -83,7 +83,7 @@ def fast_filled_cache(model, batch: int, tokens: int, cache_config: dict | KVQua
     for i, layer in enumerate(cache.layers):
         device = next(layers[i].parameters()).device
         fast_fill_layer(layer, batch, cfg.num_key_value_heads, head_dim, tokens, model.dtype, device, seed + i,
-                        spare=0 if reserve is not None else None)
+                        spare=0 if reserve is not None else None, slab=slab)
     return cache
 
 
