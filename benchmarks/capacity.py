@@ -40,11 +40,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import md_table, random_model, write_results  # noqa: E402
+from common import md_table, random_model, write_results
 
-import kvquant_hf  # noqa: E402
-from kvquant_hf.benchmarking import fast_filled_cache  # noqa: E402
-from kvquant_hf.planner import GiB, free_device_memory  # noqa: E402
+import kvquant_hf
+from kvquant_hf.benchmarking import fast_filled_cache
+from kvquant_hf.planner import GiB, free_device_memory
 
 METHODS = ("fp16", "nuq4", "nuq3", "nuq2")
 
@@ -271,7 +271,7 @@ def prefill_row(model, method: str, length: int, device: str, chunk: int) -> dic
     """Time ``generate(max_new_tokens=1)`` on a random prompt of ``length`` tokens (prefill + one step)."""
     first = next(model.parameters()).device
     ids = torch.randint(0, model.config.vocab_size, (1, length), device=first)
-    kwargs = dict(max_new_tokens=1, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    kwargs = {"max_new_tokens": 1, "do_sample": False, "pad_token_id": 0, "attention_mask": torch.ones_like(ids)}
     if method != "fp16":
         kwargs.update(cache_implementation="kvquant", cache_config=cache_config(method, chunk))
     _free(device)
@@ -294,12 +294,12 @@ def prefill_row(model, method: str, length: int, device: str, chunk: int) -> dic
 def render(rows: list[dict], args) -> str:
     cap = [r for r in rows if r["section"] == "capacity"]
     pre = [r for r in rows if r["section"] == "prefill"]
-    md = [f"# Capacity on one GPU: {args.shape}"
-          f"{f' ({args.layers} layers)' if args.layers else ''}, random {args.dtype} weights\n",
-          "Predicted = `plan_capacity` in the decode scenario (cache filled, then one token per step); "
+    md = [(f"# Capacity on one GPU: {args.shape}"
+          f"{f' ({args.layers} layers)' if args.layers else ''}, random {args.dtype} weights\n"),
+          ("Predicted = `plan_capacity` in the decode scenario (cache filled, then one token per step); "
           "predicted (generate) = with a 4096-token prefill chunk's activations. Measured = the largest context "
           "that allocates and decodes one step (bisection with out-of-memory as the test); the cache is then "
-          "filled (fast fill) at that size and the decode steps timed (CUDA events, median after the first).\n",
+          "filled (fast fill) at that size and the decode steps timed (CUDA events, median after the first).\n"),
           md_table(cap, ["method", "free_gib", "bytes_per_token", "predicted_tokens", "predicted_generate_tokens",
                          "measured_tokens", "predicted_vs_measured", "context", "cache_gib", "decode_ms",
                          "peak_gib", "fill_s", "error"])]

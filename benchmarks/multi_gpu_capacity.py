@@ -27,10 +27,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-import capacity  # noqa: E402
-from common import md_table, random_model_device_map, write_results  # noqa: E402
+import capacity
+from common import md_table, random_model_device_map, write_results
 
-import kvquant_hf  # noqa: E402
+import kvquant_hf
 
 
 def main(argv=None) -> list[dict]:
@@ -68,10 +68,10 @@ def main(argv=None) -> list[dict]:
         print(row, flush=True)
         rows.append(row)
     md = [f"# Capacity over {len(devices)} device(s): {args.shape}, random {args.dtype} weights, device_map\n",
-          f"Layers per device: {meta['layers_per_device']}. Predicted = `plan_capacity` (decode scenario) from "
+          (f"Layers per device: {meta['layers_per_device']}. Predicted = `plan_capacity` (decode scenario) from "
           "each device's free memory, the minimum over devices; measured = bisection on allocate + one decode "
           "step (out-of-memory = does not fit); then fast fill at that size and timed decode steps (wall time "
-          "between synchronizations of every GPU).\n",
+          "between synchronizations of every GPU).\n"),
           md_table(rows, ["method", "free_gib", "predicted_per_device", "predicted_tokens", "measured_tokens",
                           "predicted_vs_measured", "context", "cache_gib", "decode_ms", "fill_s", "error"])]
     for r in rows:

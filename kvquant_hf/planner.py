@@ -35,7 +35,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,7 +75,7 @@ class ModelShape:
     mlp_bias: bool = False
 
     @classmethod
-    def from_config(cls, config: Any) -> "ModelShape":
+    def from_config(cls, config: Any) -> ModelShape:
         cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         heads = int(cfg.num_attention_heads)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -230,8 +229,8 @@ class CapacityPlan:
         }
 
     def summary(self) -> str:
-        lines = [f"{self.method}: {self.max_tokens:,} tokens per sequence x batch {self.batch_size} "
-                 f"(limited by {self.limiting_device})"]
+        lines = [(f"{self.method}: {self.max_tokens:,} tokens per sequence x batch {self.batch_size} "
+                 f"(limited by {self.limiting_device})")]
         for d in self.devices:
             lines.append(
                 f"  {d.device}: layers {d.layers[0] if d.layers else '-'}..{d.layers[-1] if d.layers else '-'} "
@@ -290,9 +289,9 @@ def _config_placement(shape: ModelShape, dtype: torch.dtype, device_map: Any, de
         def lookup(name: str) -> str:
             best = None
             for key, dev in device_map.items():
-                if key == "" or name == key or name.startswith(key + "."):
-                    if best is None or len(key) > len(best[0]):
-                        best = (key, dev)
+                matches = key == "" or name == key or name.startswith(key + ".")
+                if matches and (best is None or len(key) > len(best[0])):
+                    best = (key, dev)
             if best is None:
                 raise KVQuantConfigError(f"device_map has no entry for {name!r}.")
             return _device_key(best[1])

@@ -81,7 +81,7 @@ def test_multi_gpu_capacity_smoke(results):
     fast fill at the predicted size, decode steps."""
     import multi_gpu_capacity
 
-    repo, out = results
+    _repo, out = results
     rows = multi_gpu_capacity.main(["--shape", "tiny", "--devices", "cpu", "--dtype", "float32", "--free-mib", "8",
                                     "--headroom-mib", "0", "--decode-steps", "2", "--scale", "0.5"])
     (row,) = rows

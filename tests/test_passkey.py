@@ -101,7 +101,7 @@ def test_cli_json_contract_real_caches(monkeypatch, tmp_path):
     data = json.loads(out_path.read_text())
     assert set(data) == {"config", "methods", "environment"}
     assert set(data["methods"]) == {"fp16", "nuq4", "kivi2"}
-    for m, res in data["methods"].items():
+    for res in data["methods"].values():
         assert res["total"] == 2 * 2 * 2
         assert res["accuracy"] == res["correct"] / res["total"]
         assert [(c["length"], c["depth"]) for c in res["cells"]] == [(400, 0.0), (400, 1.0), (600, 0.0), (600, 1.0)]

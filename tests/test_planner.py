@@ -122,7 +122,7 @@ def test_plan_capacity_matches_a_real_fill():
 
 def test_plan_capacity_without_reservation_counts_growth():
     model = make_tiny_llama()
-    kw = dict(free_memory={"cpu": _free_for(model, 300_000, 64)}, batch_size=1, prompt_tokens=64)
+    kw = {"free_memory": {"cpu": _free_for(model, 300_000, 64)}, "batch_size": 1, "prompt_tokens": 64}
     reserved = kvquant_hf.plan_capacity(model, {"block_size": 16}, **kw)
     grown = kvquant_hf.plan_capacity(model, {"block_size": 16}, reserved=False, **kw)
     assert 0 < grown.max_tokens < reserved.max_tokens
@@ -132,7 +132,7 @@ def test_llama3_8b_h200_targets():
     """The issue's targets on one H200 (about 139.8 GiB usable), model weights loaded from a config."""
     cfg = _llama3_8b_config()
     free = {"cuda:0": int(139.8 * GiB)}
-    kw = dict(model_config=cfg, free_memory=free, dtype=torch.bfloat16)
+    kw = {"model_config": cfg, "free_memory": free, "dtype": torch.bfloat16}
     nuq4 = kvquant_hf.plan_capacity(None, {"bits": 4, "outlier_fraction": 0.01}, **kw)
     nuq2 = kvquant_hf.plan_capacity(None, {"bits": 2, "outlier_fraction": 0.01}, **kw)
     fp16 = kvquant_hf.plan_capacity(None, "fp16", **kw)
@@ -157,7 +157,7 @@ def test_llama3_8b_h200_targets():
 
 def test_multi_device_arithmetic():
     cfg = _llama3_8b_config()
-    dec = dict(prompt_tokens=1)  # decode scenario: no chunk mask
+    dec = {"prompt_tokens": 1}  # decode scenario: no chunk mask
     one = kvquant_hf.plan_capacity(None, {"bits": 2}, model_config=cfg, free_memory={"cuda:0": 100 * GiB}, **dec)
     layers = ["cuda:0"] * 16 + ["cuda:1"] * 16
     two = kvquant_hf.plan_capacity(None, {"bits": 2}, model_config=cfg, device_map=layers,

@@ -96,8 +96,8 @@ def extract_passkey(answer: str) -> str | None:
 
 def _generate(model, ids: torch.Tensor, method: str, new_tokens: int, signposts: str | None, chunk: int,
               pad_id: int) -> list[int]:
-    kwargs: dict[str, Any] = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id,
-                                  attention_mask=torch.ones_like(ids))
+    kwargs: dict[str, Any] = {"max_new_tokens": new_tokens, "do_sample": False, "pad_token_id": pad_id,
+                              "attention_mask": torch.ones_like(ids)}
     if method.startswith("nuq"):
         cfg = {"bits": int(method[3:]), "prefill_chunk_size": chunk}
         if signposts:
@@ -106,10 +106,9 @@ def _generate(model, ids: torch.Tensor, method: str, new_tokens: int, signposts:
     elif method == "fp16":
         out = model.generate(ids, **kwargs)
     else:  # simulated kivi / int cache: patched attention, the cache object handed to generate
+        from ..generation import _cache_kwarg_name
         from ..models import patch_model
         from ..simulated import build_simulated_cache
-
-        from ..generation import _cache_kwarg_name
 
         patch_model(model)
         cache = build_simulated_cache(model, method)
