@@ -32,6 +32,13 @@ SHAPES = {
 }
 
 
+#: A tiny shape for CPU smoke tests of the GPU scripts (random weights, head_dim 32).
+SHAPES["tiny"] = dict(
+    vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=32, rope_theta=10000.0, max_position_embeddings=1 << 20,
+)
+
+
 def make_config(shape: str, num_layers: int | None = None):
     """A transformers config of a published shape (optionally fewer layers)."""
     from transformers import LlamaConfig, MistralConfig
@@ -56,6 +63,46 @@ def random_model(shape: str, dtype=torch.bfloat16, device="cuda", num_layers: in
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn_implementation)
     return model.eval()
+
+
+def random_model_device_map(shape: str, devices: list[str], dtype=torch.bfloat16, num_layers: int | None = None,
+                            attn_implementation: str = "sdpa"):
+    """A causal LM of ``shape`` with random weights spread over ``devices`` with accelerate (``device_map``).
+
+    Built on the meta device, then each module is materialized directly on its device (no CPU copy of the
+    weights): embedding (and rotary embedding) on the first device, decoder layers split evenly in order,
+    final norm and LM head on the last. Returns ``(model, device_map)``; accelerate's hooks move activations
+    between devices.
+    """
+    from accelerate import dispatch_model
+    from transformers import AutoModelForCausalLM
+
+    cfg = make_config(shape, num_layers)
+    cfg._attn_implementation = attn_implementation
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attn_implementation)
+    n = cfg.num_hidden_layers
+    dmap = {"model.embed_tokens": devices[0], "model.rotary_emb": devices[0], "model.norm": devices[-1],
+            "lm_head": devices[-1]}
+    for i in range(n):
+        dmap[f"model.layers.{i}"] = devices[i * len(devices) // n]
+    for name, dev in dmap.items():
+        model.get_submodule(name).to_empty(device=dev)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+    rot = model.model.rotary_emb  # its inv_freq buffer is computed at construction: rebuild it on its device
+    with torch.device(devices[0]):
+        model.model.rotary_emb = type(rot)(config=cfg)
+    model.eval()
+    if len(set(dmap.values())) > 1:
+        skip = set(getattr(model, "_skip_keys_device_placement", None) or []) | {"cache", "past_key_values"}
+        model = dispatch_model(model, device_map=dmap, skip_keys=sorted(skip))
+    return model, dmap
 
 
 def cuda_time_ms(fn, warmup: int = 2, iters: int = 5) -> float:
@@ -98,8 +145,26 @@ def results_dir() -> str:
     return out
 
 
-def write_results(name: str, rows: list[dict], markdown: str, meta: dict | None = None) -> str:
-    """Write ``name.json`` (rows + environment) and ``name.md``; returns the markdown path."""
+def write_results(name: str, rows: list[dict], markdown: str, meta: dict | None = None,
+                  repo_and_out: bool = False) -> str:
+    """Write ``name.json`` (rows + environment) and ``name.md``; returns the markdown path.
+
+    ``repo_and_out``: write to ``benchmarks/results/`` and, when ``$OUT`` is set, copy both files there too.
+    """
+    if repo_and_out:
+        out_env = os.environ.pop("OUT", None)
+        try:
+            path = write_results(name, rows, markdown, meta)
+        finally:
+            if out_env is not None:
+                os.environ["OUT"] = out_env
+        if out_env:
+            import shutil
+
+            os.makedirs(out_env, exist_ok=True)
+            for ext in ("json", "md"):
+                shutil.copy(os.path.join(os.path.dirname(path), f"{name}.{ext}"), os.path.join(out_env, f"{name}.{ext}"))
+        return path
     out = results_dir()
     env = environment()
     if meta:

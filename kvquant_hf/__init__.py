@@ -6,7 +6,7 @@ Importing the package registers ``cache_implementation="kvquant"`` with ``model.
     out = model.generate(ids, cache_implementation="kvquant", cache_config={"signposts": "S", "bits": 4})
 
 Public API: :class:`KVQuantConfig`, :class:`KVQuantCache`, :func:`patch_model`, :func:`load_signposts`,
-:func:`validate_signposts`, :func:`calibrate`, and the errors in :mod:`kvquant_hf.errors`. Heavy modules
+:func:`validate_signposts`, :func:`calibrate`, :func:`plan_capacity` (memory planner), and the errors in :mod:`kvquant_hf.errors`. Heavy modules
 (calibration, Triton kernels) are imported on first use only.
 """
 
@@ -41,6 +41,9 @@ _LAZY = {
     "Signposts": ".signposts",
     "LayerSignposts": ".signposts",
     "calibrate": ".calibration",
+    "plan_capacity": ".planner",
+    "CapacityPlan": ".planner",
+    "CapacityError": ".planner",
 }
 
 
@@ -60,6 +63,8 @@ def __dir__() -> list[str]:
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "BackendUnavailableError",
+    "CapacityError",
+    "CapacityPlan",
     "KVQuantCache",
     "KVQuantConfig",
     "KVQuantConfigError",
@@ -75,6 +80,7 @@ __all__ = [
     "calibrate",
     "load_signposts",
     "patch_model",
+    "plan_capacity",
     "save_signposts",
     "unpatch_model",
     "validate_signposts",

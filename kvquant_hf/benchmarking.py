@@ -19,11 +19,13 @@ from .config import KVQuantConfig
 
 
 def fast_fill_layer(layer: KVQuantLayer, batch: int, heads: int, head_dim: int, tokens: int, dtype: torch.dtype,
-                    device: torch.device | str, seed: int = 0) -> None:
+                    device: torch.device | str, seed: int = 0, spare: int | None = None, slab: int = 1 << 16) -> None:
     """Give ``layer`` ``tokens`` tokens per sequence (sink + packed history) of random but well-formed data.
 
     Codes are uniform random, value scales/zeros of unit size, about 1% of slots used per vector, positions
-    ``0..tokens-1``, key thresholds +-1 per channel. Capacity is exactly what is needed (plus one block).
+    ``0..tokens-1``, key thresholds +-1 per channel. Capacity is what is needed plus ``spare`` tokens (default one
+    block), or what ``layer.reserve`` asked for if that is more. ``slab``: tokens written per step (bounds the
+    random generator's temporaries to about ``slab * heads * (key_bytes + 40)`` bytes per sequence).
     """
     g = torch.Generator(device=device).manual_seed(seed)
     sample = torch.randn(batch, heads, 1, head_dim, dtype=dtype, device=device)
@@ -32,7 +34,7 @@ def fast_fill_layer(layer: KVQuantLayer, batch: int, heads: int, head_dim: int, 
     layer._set_key_thresholds(-ones, ones)
     n_sink = min(layer.config.sink_tokens, tokens)
     hist = tokens - n_sink
-    layer._ensure_capacity(hist + layer.config.block_size)
+    layer._ensure_capacity(hist + (layer.config.block_size if spare is None else spare))
     if n_sink:
         layer.sink_k[:, :, :n_sink].normal_(generator=g)
         layer.sink_v[:, :, :n_sink].normal_(generator=g)
@@ -40,7 +42,6 @@ def fast_fill_layer(layer: KVQuantLayer, batch: int, heads: int, head_dim: int, 
         layer.sink_valid[:, :n_sink] = True
     layer.n_sink = n_sink
     # fill in slabs to bound the temporary memory of the random generator
-    slab = 1 << 16
     for s0 in range(0, hist, slab):
         s1 = min(hist, s0 + slab)
         for name in ("k_codes", "v_codes"):
@@ -63,18 +64,26 @@ def fast_fill_layer(layer: KVQuantLayer, batch: int, heads: int, head_dim: int, 
 
 
 def fast_filled_cache(model, batch: int, tokens: int, cache_config: dict | KVQuantConfig | None = None,
-                      seed: int = 0) -> KVQuantCache:
-    """A `KVQuantCache` for ``model`` whose every layer holds ``tokens`` tokens per sequence (see module doc)."""
+                      seed: int = 0, reserve: int | None = None, slab: int = 1 << 16) -> KVQuantCache:
+    """A `KVQuantCache` for ``model`` whose every layer holds ``tokens`` tokens per sequence (see module doc).
+
+    Each layer lives on the device of its decoder layer (accelerate ``device_map`` placements included).
+    ``reserve``: allocate the capacity ``generate`` would for ``reserve`` tokens per sequence (``cache.reserve``,
+    no extra block), which is what :func:`kvquant_hf.plan_capacity` predicts.
+    """
     from .models import patch_model
 
     patch_model(model)
     cfg = model.config
     cache = KVQuantCache(cache_config or {}, model_config=cfg)
+    if reserve is not None:
+        cache.reserve(max(int(reserve), tokens))
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     layers = model.model.layers
     for i, layer in enumerate(cache.layers):
         device = next(layers[i].parameters()).device
-        fast_fill_layer(layer, batch, cfg.num_key_value_heads, head_dim, tokens, model.dtype, device, seed + i)
+        fast_fill_layer(layer, batch, cfg.num_key_value_heads, head_dim, tokens, model.dtype, device, seed + i,
+                        spare=0 if reserve is not None else None, slab=slab)
     return cache
 
 

@@ -21,6 +21,7 @@ the first call (the diagonal of its mask) and the sliding window is applied from
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
@@ -120,8 +121,92 @@ def _mask_to_bool(mask: torch.Tensor) -> torch.Tensor:
     return mask != 0
 
 
+def _device_guard(device: torch.device):
+    """Make ``device`` the current CUDA device while Triton launches there (Triton launches on the current
+    device; with an accelerate ``device_map`` a layer's cache lives on another GPU than the current one)."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def _round_up(n: int, block: int) -> int:
     return -(-n // block) * block
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def history_token_bytes(config: KVQuantConfig, num_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes one packed history token costs per sequence and layer (the single source of the cache's accounting).
+
+    ``H * (D*key_bits/8 + D*value_bits/8 + 2*scale_bytes + 2*S*(dtype_bytes + 1)) + 4``: key and value codes,
+    value scale/zero, K and V outlier slots (value + uint8 channel), int32 position.
+    """
+    es = _element_size(dtype)
+    ss = _element_size(quant.value_scale_dtype(dtype))
+    slot = config.slots_for(head_dim) * (es + 1)
+    key_bytes = quant.packed_dim(head_dim, config.key_bits)
+    value_bytes = quant.packed_dim(head_dim, config.value_bits)
+    return num_heads * (key_bytes + slot + value_bytes + 2 * ss + slot) + 4
+
+
+def sink_token_bytes(num_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes one sink token costs per sequence and layer: exact K and V in the model dtype + int32 position."""
+    return 2 * num_heads * head_dim * _element_size(dtype) + 4
+
+
+def layer_tensor_bytes(config: KVQuantConfig, batch: int, num_heads: int, head_dim: int, dtype: torch.dtype,
+                       capacity: int) -> list[int]:
+    """``nbytes`` of every tensor one initialized :class:`KVQuantLayer` allocates at history ``capacity``.
+
+    The same tensors as :meth:`KVQuantLayer.lazy_initialization` / ``_ensure_capacity`` create (history, sink,
+    per-row state, lookup tables, key thresholds, clip counter), so a planner summing them predicts the
+    allocation exactly (``kvquant_hf.planner``). The clip counter and the key thresholds are counted even where
+    a layer may not hold them (torch backend, uncalibrated before the first prompt): a few KiB at most.
+    """
+    es = _element_size(dtype)
+    ss = _element_size(quant.value_scale_dtype(dtype))
+    h, d, b, cap = num_heads, head_dim, batch, capacity
+    s = config.slots_for(d)
+    ns = config.sink_tokens
+    sizes = [
+        b * h * cap * quant.packed_dim(d, config.key_bits),  # k_codes
+        b * h * cap * s * es, b * h * cap * s,  # k_out_val, k_out_idx
+        b * h * cap * quant.packed_dim(d, config.value_bits),  # v_codes
+        b * h * cap * ss, b * h * cap * ss,  # v_scale, v_zero
+        b * h * cap * s * es, b * h * cap * s,  # v_out_val, v_out_idx
+        b * cap * 4,  # positions
+        b * h * ns * d * es, b * h * ns * d * es,  # sink_k, sink_v
+        b * ns * 4, b * ns,  # sink_positions, sink_valid
+        b * 8,  # hist_start
+        4 * 2**config.key_bits, 4 * 2**config.value_bits,  # k_lut, v_lut (float32)
+        4 * h * d, 4 * h * d, 4 * h * d, 4 * h * d,  # k_lower, k_upper, k_zero, k_scale (float32)
+        4,  # clip_counter
+    ]
+    return sizes
+
+
+def reserved_capacity(config: KVQuantConfig, total_tokens: int) -> int:
+    """History capacity a layer allocates when ``total_tokens`` per sequence are reserved up front (``reserve``)."""
+    hist = int(total_tokens) - config.sink_tokens
+    return _round_up(hist, config.block_size) if hist > 0 else 0
+
+
+def grown_capacities(config: KVQuantConfig, history_tokens: int, append: int) -> list[int]:
+    """Capacities a layer passes through without a reservation when ``history_tokens`` arrive in appends of
+    ``append`` tokens (prefill chunks, or 1 per decode step): the geometric growth of ``_ensure_capacity``
+    (each growth copies the old arrays into new ones, so both exist for a moment)."""
+    caps: list[int] = []
+    cap = length = 0
+    target, append = max(0, int(history_tokens)), max(1, int(append))
+    while length < target:
+        end = min(length + append, target)
+        if end > cap:
+            cap = _round_up(max(end, math.ceil(cap * GROWTH_FACTOR)), config.block_size)
+            caps.append(cap)
+        length = min(end + (cap - end) // append * append, target)
+    return caps
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,9 +474,10 @@ class KVQuantLayer(CacheLayerMixin):
             if self.graph_mode:
                 # fixed grid and a device-side length: one captured graph serves every step
                 kwargs.update(length_dev=self.length_dev, num_splits=self.graph_splits)
-            return module.packed_attention_triton(
-                q.contiguous(), self.packed_view(), exact_k.contiguous(), exact_v.contiguous(), mask, **kwargs
-            )
+            with _device_guard(self.device):
+                return module.packed_attention_triton(
+                    q.contiguous(), self.packed_view(), exact_k.contiguous(), exact_v.contiguous(), mask, **kwargs
+                )
         return packed_attention_torch(q, self.packed_view(), exact_k, exact_v, exact_mask, **kwargs)
 
     def _new_block_mask(
@@ -405,13 +491,17 @@ class KVQuantLayer(CacheLayerMixin):
                 return None, None
             visible = torch.ones(n_new, n_new, dtype=torch.bool, device=dev).tril().expand(b, n_new, n_new)
         elif mask.dim() == 4:
-            if mask.shape[-1] < past + n_new or mask.shape[-2] != n_new:
+            # [stored | new] columns (transformers sizes masks with get_mask_sizes), or only the new block's
+            # columns (chunked prefill builds [B, 1, chunk, chunk] so no mask grows with the context)
+            new_only = mask.shape[-1] == n_new and past > 0
+            if (mask.shape[-1] < past + n_new and not new_only) or mask.shape[-2] != n_new:
                 raise KVQuantError(
                     f"layer {self.layer_idx}: the attention mask has shape {tuple(mask.shape)} but the cache holds "
                     f"{past} tokens and {n_new} arrive; the mask must cover [stored | new] (the model must use "
-                    "cache.get_mask_sizes, as patched models do)."
+                    "cache.get_mask_sizes, as patched models do) or only the new tokens."
                 )
-            visible = _mask_to_bool(mask[:, 0, :, past : past + n_new]).to(dev).expand(b, n_new, n_new)
+            block = mask[:, 0, :, :n_new] if new_only else mask[:, 0, :, past : past + n_new]
+            visible = _mask_to_bool(block).to(dev).expand(b, n_new, n_new)
             real = torch.diagonal(visible, dim1=-2, dim2=-1)
         elif mask.dim() == 2:
             real = _mask_to_bool(mask[:, past : past + n_new]).to(dev).expand(b, n_new)
@@ -491,15 +581,16 @@ class KVQuantLayer(CacheLayerMixin):
         cfg = self.config
         if self.triton_quantize:
             module, _ = _triton_module()
-            module.quantize_keys_triton(
-                k, self.k_lut, self.k_lower, self.k_upper, self.n_slots, cfg.key_bits,
-                out=(self.k_codes, self.k_out_val, self.k_out_idx), start=start,
-                k_zero=self.k_zero, k_scale=self.k_scale, clip_counter=self.clip_counter,
-            )
-            module.quantize_values_triton(
-                v, self.v_lut, self.n_slots, cfg.value_bits,
-                out=(self.v_codes, self.v_scale, self.v_zero, self.v_out_val, self.v_out_idx), start=start,
-            )
+            with _device_guard(self.device):
+                module.quantize_keys_triton(
+                    k, self.k_lut, self.k_lower, self.k_upper, self.n_slots, cfg.key_bits,
+                    out=(self.k_codes, self.k_out_val, self.k_out_idx), start=start,
+                    k_zero=self.k_zero, k_scale=self.k_scale, clip_counter=self.clip_counter,
+                )
+                module.quantize_values_triton(
+                    v, self.v_lut, self.n_slots, cfg.value_bits,
+                    out=(self.v_codes, self.v_scale, self.v_zero, self.v_out_val, self.v_out_idx), start=start,
+                )
             self.positions[:, start:end] = positions.to(torch.int32)
             self.length = end
             return
@@ -661,18 +752,13 @@ class KVQuantLayer(CacheLayerMixin):
         """Bytes one packed token costs per sequence: codes, value scale/zero, outlier slots (K and V), position."""
         if not self.is_initialized:
             return 0
-        h, s = self.num_heads, self.n_slots
-        es = torch.empty((), dtype=self.dtype).element_size()
-        ss = torch.empty((), dtype=self.scale_dtype).element_size()
-        slot = s * (es + 1)
-        return h * (self.key_bytes + slot + self.value_bytes + 2 * ss + slot) + 4
+        return history_token_bytes(self.config, self.num_heads, self.head_dim, self.dtype)
 
     def bytes_per_sink_token(self) -> int:
         """Bytes one sink token costs per sequence: exact K and V in the model dtype, plus its int32 position."""
         if not self.is_initialized:
             return 0
-        es = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_heads * self.head_dim * es + 4
+        return sink_token_bytes(self.num_heads, self.head_dim, self.dtype)
 
     def memory_footprint(self, include_spare: bool = False) -> int:
         """Bytes of this layer's token storage (see :meth:`KVQuantCache.get_memory_footprint`)."""

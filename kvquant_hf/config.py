@@ -45,6 +45,8 @@ class KVQuantConfig:
         prefill_chunk_size (`int`): in ``generate``, prompts longer than this are prefilled in chunks of this many
             tokens; each chunk attends to the packed earlier chunks, so the prompt's fp K/V never exist at once
             (0 = one call for the whole prompt).
+        capacity_check (`bool`): in ``generate``, refuse (``CapacityError``) a request whose cache cannot fit in
+            the free GPU memory according to :func:`kvquant_hf.plan_capacity`, before allocating anything.
         signposts (`str`, optional): folder written by `calibrate.py` (its `nuqX` subfolder or the
             parent holding `nuq{bits}`); None means uncalibrated (NormalFloat table, key ranges
             taken from the prompt).
@@ -62,6 +64,7 @@ class KVQuantConfig:
     signposts: str | None = None
     cuda_graph: bool = False
     prefill_chunk_size: int = 4096
+    capacity_check: bool = True
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -105,6 +108,8 @@ class KVQuantConfig:
                 f"prefill_chunk_size={self.prefill_chunk_size!r} is invalid; use a positive number of tokens "
                 "(or 0 to prefill the whole prompt in one call)."
             )
+        if not isinstance(self.capacity_check, bool):
+            raise KVQuantConfigError(f"capacity_check={self.capacity_check!r} must be True or False.")
         if not isinstance(self.cuda_graph, bool):
             raise KVQuantConfigError(f"cuda_graph={self.cuda_graph!r} must be True or False.")
 

@@ -103,6 +103,28 @@ def _max_total_tokens(inputs, kwargs: dict) -> int | None:
     return int(ids.shape[-1]) + int(max_new)
 
 
+def _expansion(model, kwargs: dict) -> int:
+    """Rows per prompt that generate will run: beams or returned sequences."""
+    gc = kwargs.get("generation_config") or model.generation_config
+    beams = kwargs.get("num_beams", getattr(gc, "num_beams", 1)) or 1
+    returned = kwargs.get("num_return_sequences", getattr(gc, "num_return_sequences", 1)) or 1
+    return max(int(beams), int(returned))
+
+
+def _check_capacity(model, cache: KVQuantCache, total: int, inputs, kwargs: dict) -> None:
+    """Refuse (``CapacityError``) a request whose cache cannot fit in the free device memory, before allocating.
+
+    Only devices whose free memory can be queried (CUDA) are checked; see :func:`kvquant_hf.planner.check_request`.
+    """
+    from .planner import check_request
+
+    if not cache.config.capacity_check:
+        return
+    ids = inputs if inputs is not None else kwargs.get("input_ids")
+    batch = int(ids.shape[0]) * _expansion(model, kwargs)
+    check_request(model, cache.config, total, batch, prompt_tokens=int(ids.shape[-1]))
+
+
 def kvquant_generate(self, *args, **kwargs):
     """``GenerationMixin.generate`` with ``cache_implementation="kvquant"`` support (see the module docstring)."""
     inputs = args[0] if args else kwargs.get("inputs")
@@ -146,12 +168,16 @@ def kvquant_generate(self, *args, **kwargs):
         cache = build_kvquant_cache(self, cache_config)
         total = _max_total_tokens(inputs, kwargs)
         if total is not None:
+            _check_capacity(self, cache, total, inputs, kwargs)
             cache.reserve(total)
     else:
         if len(kvquant_user) > 1 or len(user_caches) > 1:
             raise KVQuantConfigError("pass the cache once: either cache= or past_key_values=, not both.")
         cache = next(iter(kvquant_user.values()))
         prepare_model_for_cache(self, cache)
+        total = _max_total_tokens(inputs, kwargs)
+        if total is not None and cache.get_seq_length() == 0:
+            _check_capacity(self, cache, total, inputs, kwargs)
     for n in _CACHE_KWARGS:
         kwargs.pop(n, None)
     kwargs[name] = cache
@@ -193,6 +219,11 @@ class _ForwardRouter:
 
             if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
                 raise BackendUnavailableError("cache_config['cuda_graph']=True needs the model on a CUDA GPU.")
+            if len({p.device for p in model.parameters()}) > 1:
+                raise KVQuantConfigError(
+                    "cuda_graph=True captures one GPU's work; this model is spread over several devices "
+                    "(device_map). Turn cuda_graph off (each layer's cache and kernels already run on its device)."
+                )
             ids = inputs if inputs is not None else kwargs.get("input_ids")
             if ids is None or kwargs.get("max_new_tokens") is None:
                 raise KVQuantConfigError("cuda_graph=True needs input_ids and max_new_tokens (to size the graph).")
@@ -240,12 +271,30 @@ class _ForwardRouter:
             ckw = dict(kw, input_ids=ids[:, s:e])
             ckw["position_ids"] = (pos[:, s:e] if pos is not None else
                                    torch.arange(past + s, past + e, device=ids.device).expand(b, e - s))
-            if mask is not None:
-                ckw["attention_mask"] = mask[:, : past + e]
+            if past + s == 0:
+                if mask is not None:  # the first call: the cache reads left padding from its diagonal
+                    ckw["attention_mask"] = mask[:, :e]
+            else:
+                ckw["attention_mask"] = self._block_mask(mask, past + s, past + e, ckw["position_ids"])
             if cache_position is not None:
                 ckw["cache_position"] = cache_position[s:e]
             out = self.original(**ckw)
         return out
+
+    def _block_mask(self, mask, start: int, end: int, positions: torch.Tensor) -> torch.Tensor:
+        """``[B, 1, c, c]`` bool mask of one later chunk over its own tokens only: causal, its padding columns,
+        the sliding window. The cache attends to the earlier tokens without reading mask columns, and a mask
+        sized by transformers would span the whole context (``c x (held + c)``: 12 GiB at 3M tokens)."""
+        c, b, dev = end - start, positions.shape[0], positions.device
+        visible = torch.ones(c, c, dtype=torch.bool, device=dev).tril().expand(b, c, c)
+        if mask is not None:
+            visible = visible & mask[:, start:end].to(dev, torch.bool)[:, None, :]
+        text = self.model.config.get_text_config(decoder=True) if hasattr(self.model.config, "get_text_config") \
+            else self.model.config
+        window = getattr(text, "sliding_window", None)
+        if window and (getattr(text, "use_sliding_window", True) is not False):
+            visible = visible & (positions[:, :, None] - positions[:, None, :] < int(window))
+        return visible[:, None]
 
     def _graph_step(self, ids: torch.Tensor, kw: dict):
         from transformers.modeling_outputs import CausalLMOutputWithPast

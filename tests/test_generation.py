@@ -370,3 +370,51 @@ def test_chunked_prefill_equals_manual_chunks_and_differs_from_one_call():
 def test_prefill_chunk_size_is_validated():
     with pytest.raises(KVQuantConfigError, match="prefill_chunk_size"):
         kvquant_hf.KVQuantConfig(prefill_chunk_size=-1)
+
+
+def _manual_chunks(model, prompt, mask, cfg, chunk):
+    """Reference: feed the chunks by hand with transformers' own (context-wide) masks."""
+    cache = kvquant_hf.KVQuantCache(cfg, model_config=model.config)
+    n = prompt.shape[1]
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        pos = (mask[:, :e].long().cumsum(-1) - 1).clamp(min=0)[:, s:e] if mask is not None else torch.arange(s, e)[None]
+        logits = model(prompt[:, s:e], position_ids=pos, attention_mask=mask[:, :e] if mask is not None else None,
+                       **{_cache_kwarg_name(model): cache}).logits
+    return logits[:, -1], cache
+
+
+@pytest.mark.parametrize("make", [make_tiny_llama, make_tiny_mistral])
+def test_chunked_prefill_masks_stay_chunk_sized(monkeypatch, make):
+    """Later chunks get a [B, 1, c, c] mask (not c x context), with the same result as transformers' full masks,
+    left padding (a pad longer than one chunk) and Mistral's sliding window included."""
+    model = _setup(make())
+    prompt = torch.tensor([[(5 * i + 1) % 128 for i in range(31)], [(3 * i + 2) % 128 for i in range(31)]])
+    mask = torch.ones_like(prompt)
+    mask[1, :9] = 0  # left padding longer than the 7-token chunk
+    prompt[1, :9] = 0
+    cfg = {"bits": 3, "sink_tokens": 2, "prefill_chunk_size": 7}
+    seen = []
+    original = cache_mod.KVQuantLayer.attend
+
+    def spy(self, inputs):
+        if self.layer_idx == 0 and inputs.attention_mask is not None:
+            seen.append(tuple(inputs.attention_mask.shape))
+        return original(self, inputs)
+
+    monkeypatch.setattr(cache_mod.KVQuantLayer, "attend", spy)
+    with torch.no_grad():
+        got = model.generate(prompt, attention_mask=mask, max_new_tokens=1, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, cache_implementation="kvquant", cache_config=cfg)
+        n_gen = len(seen)
+        want, ref_cache = _manual_chunks(model, prompt, mask, {k: v for k, v in cfg.items()
+                                                               if k != "prefill_chunk_size"}, 7)
+    chunk_masks = seen[1:5]
+    assert chunk_masks == [(2, 1, 7, 7)] * 3 + [(2, 1, 3, 3)], seen[:n_gen]
+    assert seen[n_gen] == (2, 1, 7, 7) or seen[n_gen][-1] == 7  # the reference's first chunk
+    assert seen[n_gen + 1][-1] == 14  # transformers' own mask spans the context
+    torch.testing.assert_close(got.logits[0], want, atol=1e-5, rtol=1e-5)
+    got_cache = _returned_cache(got)
+    for a, b in zip(got_cache.layers, ref_cache.layers):
+        assert torch.equal(a.k_codes[:, :, : b.length], b.k_codes[:, :, : b.length])
+        assert torch.equal(a.hist_start, b.hist_start)

@@ -1,4 +1,4 @@
-"""Evaluation used by benchmarks, notebooks and tests: perplexity (simulated or real KV cache).
+"""Evaluation used by benchmarks, notebooks and tests: perplexity (simulated or real KV cache), passkey retrieval.
 
 Names are imported lazily so that ``python -m kvquant_hf.evaluation.perplexity`` runs without warnings.
 """
@@ -16,6 +16,8 @@ _EXPORTS = {
     "score_window_incremental": "perplexity",
     "score_window_simulated": "perplexity",
     "summary_table": "perplexity",
+    "run_passkey": "passkey",
+    "build_prompt": "passkey",
 }
 
 __all__ = [
@@ -26,6 +28,8 @@ __all__ = [
     "score_window_incremental",
     "score_window_simulated",
     "summary_table",
+    "run_passkey",
+    "build_prompt",
 ]
 
 
