@@ -136,6 +136,30 @@ def test_simulated_equals_real_cache(tiny_llama, prefill, sink):
                                    rtol=1e-4, atol=1e-3)
 
 
+def test_chunked_prefill_real_cache_equals_simulated_chunks(tiny_llama):
+    """--chunk N on the real cache = the simulated cache fed the same chunks, exact within each chunk."""
+    pytest.importorskip("kvquant_hf.cache")
+    from kvquant_hf.simulated import build_simulated_cache
+
+    sps = _handmade_signposts(tiny_llama)
+    ids = _ids(seed=4)[:48]
+    real = evaluate_perplexity(tiny_llama, ids, ["nuq2"], seqlen=48, windows=1, signposts=sps, cache="real", chunk=16)
+    patch_model(tiny_llama)
+    sim = build_simulated_cache(tiny_llama, "nuq2", signposts=sps[2] if isinstance(sps, dict) else sps)
+    sim.set_within_call("exact")
+    logits = []
+    with torch.no_grad():
+        for s0, e in ((0, 16), (16, 32), (32, 47)):
+            pos = torch.arange(s0, e)[None]
+            logits.append(tiny_llama(input_ids=ids[None, s0:e], position_ids=pos, cache=sim).logits[0])
+    nll = float(torch.nn.functional.cross_entropy(torch.cat(logits).float(), ids[1:48], reduction="sum"))
+    assert real["nuq2"]["window_nll"][0] == pytest.approx(nll, rel=1e-4, abs=1e-3)
+    token_by_token = evaluate_perplexity(tiny_llama, ids, ["nuq2"], seqlen=48, windows=1, signposts=sps, cache="real")
+    assert token_by_token["nuq2"]["window_nll"][0] != pytest.approx(nll, rel=1e-6)  # chunking changes the result
+    with pytest.raises(KVQuantConfigError, match="chunk"):
+        evaluate_perplexity(tiny_llama, ids, ["nuq2"], seqlen=48, windows=1, signposts=sps, cache="real", chunk=0)
+
+
 class _CharTokenizer:
     """Minimal tokenizer for the CLI test: one token per byte, vocab 128."""
 

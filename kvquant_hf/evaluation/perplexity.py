@@ -142,17 +142,24 @@ def score_window_simulated(model: Any, window: torch.Tensor, cache: Any, prefill
 
 
 @torch.no_grad()
-def score_window_incremental(model: Any, window: torch.Tensor, cache: Any, prefill: int = 0) -> tuple[float, int]:
-    """Like :func:`score_window_simulated` but as in generation: ``prefill`` tokens in one call, then one
-    decode step per token through ``cache`` (every scored token attends to the stored history)."""
+def score_window_incremental(
+    model: Any, window: torch.Tensor, cache: Any, prefill: int = 0, chunk: int = 1
+) -> tuple[float, int]:
+    """Like :func:`score_window_simulated` but as in generation: ``prefill`` tokens in one call, then calls of
+    ``chunk`` tokens through ``cache``: ``chunk=1`` is token-by-token decoding (every scored token attends to the
+    stored history), ``chunk > 1`` is chunked prefill (each chunk attends to the packed history and to itself
+    exactly; with ``prefill=0`` the first call is the first chunk)."""
+    if not isinstance(chunk, int) or chunk < 1:
+        raise KVQuantConfigError(f"chunk={chunk!r} must be an int >= 1 (tokens per call after the prefill).")
     ids = window.reshape(1, -1).to(_model_device(model))
     n = ids.shape[1]
-    first = max(1, min(prefill, n))
+    first = max(1, min(prefill if prefill > 0 or chunk == 1 else chunk, n))
     kw = _cache_kwarg(model)
     logits = [model(input_ids=ids[:, :first], use_cache=True, **{kw: cache}).logits[0]]
-    for t in range(first, n - 1):
-        pos = torch.tensor([[t]], device=ids.device)
-        logits.append(model(input_ids=ids[:, t : t + 1], position_ids=pos, use_cache=True, **{kw: cache}).logits[0])
+    for t in range(first, n - 1, chunk):
+        e = min(t + chunk, n - 1)
+        pos = torch.arange(t, e, device=ids.device)[None]
+        logits.append(model(input_ids=ids[:, t:e], position_ids=pos, use_cache=True, **{kw: cache}).logits[0])
     lg = torch.cat(logits, 0)[: n - 1]
     return _nll_sum(lg, ids[0, 1:]), n - 1
 
@@ -199,8 +206,10 @@ class _MethodRunner:
         nuq_params: Sequence[NuqLayerParams] | None,
         outlier_fraction: float,
         prefill: int,
+        chunk: int = 1,
     ):
         self.model = model
+        self.chunk = chunk
         self.spec = spec
         self.cache_kind = cache_kind
         self.prefill = prefill
@@ -256,7 +265,7 @@ class _MethodRunner:
         if self.cache_kind == "simulated":
             nll, n = score_window_simulated(self.model, window, cache, self.prefill)
         else:
-            nll, n = score_window_incremental(self.model, window, cache, self.prefill)
+            nll, n = score_window_incremental(self.model, window, cache, self.prefill, self.chunk)
         self.n_clipped += int(getattr(cache, "n_clipped", 0) or 0)
         self.n_keys += int(getattr(cache, "n_keys", 0) or 0)
         return nll, n
@@ -282,6 +291,7 @@ def evaluate_perplexity(
     qnorm: bool = False,
     cache: str = "simulated",
     prefill: int = 0,
+    chunk: int = 1,
     progress: bool | Callable[[str], None] = False,
     state: dict[str, Any] | None = None,
     on_window: Callable[[dict[str, Any]], None] | None = None,
@@ -304,6 +314,7 @@ def evaluate_perplexity(
         cache: "simulated" (one forward per window) or "real" (``KVQuantCache``, token-by-token decode).
         prefill: tokens of each window given in the first call (they attend to each other exactly, like a
             prompt); the rest are scored as decode steps. 0: every token is a decode step.
+        chunk: real cache only: tokens per call after the prefill (1: decode steps; > 1: chunked prefill).
         progress: True to print a line per window (or a callable taking the line).
         state: a previous result of this function (or its ``"_state"``) to resume from: windows already
             scored for a method are skipped (same ``seqlen``/windows required).
@@ -327,7 +338,7 @@ def evaluate_perplexity(
         raise KVQuantConfigError(f"method names must be distinct, got {names}; give MethodSpecs distinct names.")
     nuq_params = nuq_params or {}
     runners = {
-        s.name: _MethodRunner(model, s, cache, signposts, nuq_params.get(s.name), outlier_fraction, prefill)
+        s.name: _MethodRunner(model, s, cache, signposts, nuq_params.get(s.name), outlier_fraction, prefill, chunk)
         for s in specs
     }
     results: dict[str, dict[str, Any]] = {}
@@ -419,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", choices=CACHE_KINDS, default="simulated")
     p.add_argument("--prefill", type=int, default=0,
                    help="tokens of each window given in one first call (exact among themselves), then decode")
+    p.add_argument("--chunk", type=int, default=1,
+                   help="--cache real: tokens per call after the prefill (1: token-by-token decode; e.g. 1024: "
+                        "chunked prefill, each chunk exact among itself over the packed history)")
     p.add_argument("--json", default=None, help="write results here (checkpointed after every window; resumes)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
@@ -482,7 +496,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             state = json.load(f).get("results")
     meta = {**run_info(args), "model": args.model, "dtype": dtype, "device": device, "text_file": args.text_file,
             "seqlen": args.seqlen, "signposts": args.signposts, "outlier_fraction": args.outlier_fraction,
-            "sink_tokens": args.sink_tokens, "qnorm": args.qnorm, "cache": args.cache, "prefill": args.prefill}
+            "sink_tokens": args.sink_tokens, "qnorm": args.qnorm, "cache": args.cache, "prefill": args.prefill,
+            "chunk": args.chunk}
 
     def checkpoint(res: dict[str, Any]) -> None:
         if args.json:
@@ -495,6 +510,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model, tok, args.methods, text_file=args.text_file, seqlen=args.seqlen, windows=args.windows,
         signposts=args.signposts, outlier_fraction=args.outlier_fraction, outlier_slots=args.outlier_slots,
         sink_tokens=args.sink_tokens, qnorm=args.qnorm, cache=args.cache, prefill=args.prefill,
+        chunk=args.chunk,
         progress=not args.quiet, state=state, on_window=checkpoint,
     )
     checkpoint(res)
