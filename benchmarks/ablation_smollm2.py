@@ -196,9 +196,13 @@ def render(args) -> None:
                 continue
             variant = name.split(":", 1)[1]
             p = first_windows_ppl(r, n)
-            if p is None:
-                continue
             desc = VARIANTS.get(variant, (variant, {}))[0]
+            if p is None:  # an unfinished run: compare on the windows it has (fp16 on the same windows)
+                m = len(r.get("window_nll") or [])
+                if m == 0 or not fp16:
+                    continue
+                p = first_windows_ppl(r, m) * fp16_ppl / first_windows_ppl(fp16, m)  # same delta vs fp16
+                desc += f" (first {m} windows, delta on those; PPL rescaled)"
             storable = "yes" if (r["spec"]["key_granularity"] == "channel" and r["spec"]["key_rope"] == "pre"
                                  and r["spec"].get("quantize", "both") == "both") else "no"
             rows.append((desc, p, r["avg_bits"], storable))

@@ -154,6 +154,8 @@ def test_chunked_prefill_real_cache_equals_simulated_chunks(tiny_llama):
             logits.append(tiny_llama(input_ids=ids[None, s0:e], position_ids=pos, cache=sim).logits[0])
     nll = float(torch.nn.functional.cross_entropy(torch.cat(logits).float(), ids[1:48], reduction="sum"))
     assert real["nuq2"]["window_nll"][0] == pytest.approx(nll, rel=1e-4, abs=1e-3)
+    harness = evaluate_perplexity(tiny_llama, ids, ["nuq2"], seqlen=48, windows=1, signposts=sps, chunk=16)
+    assert harness["nuq2"]["window_nll"][0] == pytest.approx(nll, rel=1e-4, abs=1e-3)  # simulated, chunked
     token_by_token = evaluate_perplexity(tiny_llama, ids, ["nuq2"], seqlen=48, windows=1, signposts=sps, cache="real")
     assert token_by_token["nuq2"]["window_nll"][0] != pytest.approx(nll, rel=1e-6)  # chunking changes the result
     with pytest.raises(KVQuantConfigError, match="chunk"):

@@ -262,7 +262,12 @@ class _MethodRunner:
 
     def score(self, window: torch.Tensor) -> tuple[float, int]:
         cache = self.new_cache()
-        if self.cache_kind == "simulated":
+        if self.cache_kind == "simulated" and self.chunk > 1:
+            # chunked prefill semantics: each call's tokens see each other exactly (as the real cache does)
+            if hasattr(cache, "set_within_call"):
+                cache.set_within_call("exact")
+            nll, n = score_window_incremental(self.model, window, cache, self.prefill, self.chunk)
+        elif self.cache_kind == "simulated":
             nll, n = score_window_simulated(self.model, window, cache, self.prefill)
         else:
             nll, n = score_window_incremental(self.model, window, cache, self.prefill, self.chunk)
@@ -314,7 +319,8 @@ def evaluate_perplexity(
         cache: "simulated" (one forward per window) or "real" (``KVQuantCache``, token-by-token decode).
         prefill: tokens of each window given in the first call (they attend to each other exactly, like a
             prompt); the rest are scored as decode steps. 0: every token is a decode step.
-        chunk: real cache only: tokens per call after the prefill (1: decode steps; > 1: chunked prefill).
+        chunk: tokens per call after the prefill (1: decode steps; > 1: chunked prefill: each call's tokens
+            attend to each other exactly, also in the simulated caches, which then run one call per chunk).
         progress: True to print a line per window (or a callable taking the line).
         state: a previous result of this function (or its ``"_state"``) to resume from: windows already
             scored for a method are skipped (same ``seqlen``/windows required).
@@ -431,8 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill", type=int, default=0,
                    help="tokens of each window given in one first call (exact among themselves), then decode")
     p.add_argument("--chunk", type=int, default=1,
-                   help="--cache real: tokens per call after the prefill (1: token-by-token decode; e.g. 1024: "
-                        "chunked prefill, each chunk exact among itself over the packed history)")
+                   help="tokens per call after the prefill (1: token-by-token decode / one simulated forward; e.g. "
+                        "1024: chunked prefill, each chunk exact among itself over the quantized history)")
     p.add_argument("--json", default=None, help="write results here (checkpointed after every window; resumes)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
