@@ -125,6 +125,7 @@ def main(argv=None):
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     model, tok = load_model_and_tokenizer("smollm2", dtype=args.dtype, device=args.device)
+    kvquant_hf.patch_model(model)  # KVQuantCache attends itself (generate would patch too; direct calls need it)
     text = open(args.text_file, encoding="utf-8").read()
     ids = tok(text, return_tensors="pt").input_ids[0]
     out = {"ppl": [], "bits": [], "agreement": []}

@@ -99,7 +99,7 @@ def test_cli_json_contract_real_caches(monkeypatch, tmp_path):
                         "--methods", "fp16", "nuq4", "kivi2", "--chunk", "128", "--json", str(out_path),
                         "--device", "cpu"])
     data = json.loads(out_path.read_text())
-    assert set(data) == {"config", "methods", "environment"}
+    assert set(data) == {"config", "complete", "methods", "environment"} and data["complete"] is True
     assert set(data["methods"]) == {"fp16", "nuq4", "kivi2"}
     for res in data["methods"].values():
         assert res["total"] == 2 * 2 * 2
@@ -116,6 +116,13 @@ def test_cli_json_contract_real_caches(monkeypatch, tmp_path):
     assert all(type(c).__name__ == "KVQuantCache" and c.config.prefill_chunk_size == 128 for c in caches)
     assert kivi_calls and max(kivi_calls) > 300 and 1 in kivi_calls  # the prompt, then one token per step
     assert out["config"]["methods"] == ["fp16", "nuq4", "kivi2"]
+
+
+def test_checkpoint_after_every_cell():
+    seen = []
+    passkey.run_passkey(make_tiny_llama(), ByteTokenizer(), [400], [0, 1], 1, ["fp16"],
+                        on_cell=lambda res: seen.append(len(res["fp16"]["cells"])))
+    assert seen == [1, 2]
 
 
 def test_unknown_method():

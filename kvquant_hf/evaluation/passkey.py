@@ -94,6 +94,19 @@ def extract_passkey(answer: str) -> str | None:
     return m.group(1) if m else None
 
 
+_SIGNPOSTS: dict = {}
+
+
+def _loaded_signposts(folder: str, bits: int):
+    """Signposts of ``folder`` for ``bits``, loaded (and checksum-verified) once per process, not per prompt."""
+    key = (os.path.abspath(folder), bits)
+    if key not in _SIGNPOSTS:
+        from ..signposts import load_signposts
+
+        _SIGNPOSTS[key] = load_signposts(folder, bits=bits)
+    return _SIGNPOSTS[key]
+
+
 def _generate(model, ids: torch.Tensor, method: str, new_tokens: int, signposts: str | None, chunk: int,
               pad_id: int) -> list[int]:
     kwargs: dict[str, Any] = {"max_new_tokens": new_tokens, "do_sample": False, "pad_token_id": pad_id,
@@ -101,7 +114,7 @@ def _generate(model, ids: torch.Tensor, method: str, new_tokens: int, signposts:
     if method.startswith("nuq"):
         cfg = {"bits": int(method[3:]), "prefill_chunk_size": chunk}
         if signposts:
-            cfg["signposts"] = signposts
+            cfg["signposts"] = _loaded_signposts(signposts, int(method[3:]))
         out = model.generate(ids, cache_implementation="kvquant", cache_config=cfg, **kwargs)
     elif method == "fp16":
         out = model.generate(ids, **kwargs)
@@ -118,8 +131,11 @@ def _generate(model, ids: torch.Tensor, method: str, new_tokens: int, signposts:
 
 def run_passkey(model, tokenizer, lengths: Sequence[int], depths: Sequence[float], trials: int,
                 methods: Sequence[str], signposts: str | None = None, chunk: int = 1024, new_tokens: int = 8,
-                seed: int = 0, log=None) -> dict[str, Any]:
-    """Run the passkey grid; returns ``{method: {"accuracy", "correct", "total", "cells": [...]}}``."""
+                seed: int = 0, log=None, on_cell=None) -> dict[str, Any]:
+    """Run the passkey grid; returns ``{method: {"accuracy", "correct", "total", "cells": [...]}}``.
+
+    ``on_cell(results)`` is called after every (length, depth) cell with the results so far (checkpoints).
+    """
     for m in methods:
         if not _METHOD_RE.match(m):
             raise KVQuantConfigError(f"method {m!r} is not supported; use fp16, nuq2/3/4, kivi2/3/4 or int2/3/4.")
@@ -153,8 +169,11 @@ def run_passkey(model, tokenizer, lengths: Sequence[int], depths: Sequence[float
                 results[m]["cells"].append(cell)
                 results[m]["correct"] += cell["correct"]
                 results[m]["total"] += cell["trials"]
+                results[m]["accuracy"] = results[m]["correct"] / max(1, results[m]["total"])
                 if log:
                     log(f"{m:6s} length {length:>6} depth {depth:.2f}: {cell['correct']}/{cell['trials']}")
+            if on_cell:
+                on_cell(results)
     for m in methods:
         results[m]["accuracy"] = results[m]["correct"] / max(1, results[m]["total"])
     return results
@@ -205,24 +224,34 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     model, tok = load_model_and_tokenizer(args.model, dtype=getattr(torch, dtype), device=device)
     start = time.time()
+
+    def document(results: dict[str, Any], complete: bool) -> dict[str, Any]:
+        return {
+            "config": {k: v for k, v in vars(args).items() if k != "json"} | {"device": device, "dtype": dtype},
+            "complete": complete,
+            "methods": results,
+            "environment": {
+                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - start, 1),
+                "device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
+                "torch": torch.__version__, "command": " ".join(["python -m kvquant_hf.evaluation.passkey"] + list(
+                    sys.argv[1:] if argv is None else argv)),
+            },
+        }
+
+    def write(results: dict[str, Any], complete: bool) -> None:
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            tmp = args.json + ".tmp"
+            with open(tmp, "w") as fh:
+                json.dump(document(results, complete), fh, indent=1)
+            os.replace(tmp, args.json)
+
     results = run_passkey(model, tok, args.lengths, args.depths, args.trials, args.methods, args.signposts,
-                          args.chunk, args.new_tokens, args.seed, log=lambda s: print(s, flush=True))
-    out = {
-        "config": {k: v for k, v in vars(args).items() if k != "json"} | {"device": device, "dtype": dtype},
-        "methods": results,
-        "environment": {
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - start, 1),
-            "device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
-            "torch": torch.__version__, "command": " ".join(["python -m kvquant_hf.evaluation.passkey"] + list(
-                sys.argv[1:] if argv is None else argv)),
-        },
-    }
+                          args.chunk, args.new_tokens, args.seed, log=lambda s: print(s, flush=True),
+                          on_cell=lambda res: write(res, False))
     print(summary_table(results))
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=1)
-    return out
+    write(results, True)
+    return document(results, True)
 
 
 if __name__ == "__main__":
