@@ -473,9 +473,12 @@ def plan_capacity(
 
     def growth_transient(dev: str, tokens: int) -> int:
         """Without a reservation: the previous capacity's arrays of one layer, alive while it grows.
-        fp16 (``DynamicCache``): every update concatenates, so one layer's K and V exist twice for a moment."""
+        fp16 (``DynamicCache``): every update concatenates, so one layer's K and V exist twice for a moment; for
+        GQA models transformers' SDPA path repeats the K/V heads when it passes a mask (``repeat_kv``), a
+        ``group``-times larger copy of one layer's K and V (measured on the H200: the fp16 row of
+        ``benchmarks/results/capacity.md`` ran out of memory without this term)."""
         if cfg is None:
-            return layer_bytes(dev, tokens)
+            return layer_bytes(dev, tokens) * max(1, shape.num_heads // max(1, shape.num_kv_heads))
         if reserved:
             return 0
         caps = grown_capacities(cfg, max(0, tokens - sink), chunk)
