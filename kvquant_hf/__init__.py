@@ -19,8 +19,10 @@ from .cache import KVQuantCache, KVQuantLayer, UncalibratedCacheWarning
 from .config import KVQuantConfig
 from .errors import (
     BackendUnavailableError,
+    CacheMismatchError,
     KVQuantConfigError,
     KVQuantError,
+    KVQuantNumericalError,
     SignpostError,
     UnsupportedModelError,
 )
@@ -60,11 +62,13 @@ def __dir__() -> list[str]:
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "BackendUnavailableError",
+    "CacheMismatchError",
     "KVQuantCache",
     "KVQuantConfig",
     "KVQuantConfigError",
     "KVQuantError",
     "KVQuantLayer",
+    "KVQuantNumericalError",
     "LayerSignposts",
     "SignpostError",
     "Signposts",
