@@ -262,9 +262,10 @@ def test_library_code_never_unpickles():
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("version", ["4.46.3", "5.16.0", "6.0.0"])
 def test_unsupported_transformers_versions_are_rejected(monkeypatch, version):
-    import transformers
+    import sys
 
     model = _setup(make_tiny_llama())
+    transformers = sys.modules["transformers"]  # the object check_transformers_version imports
     installed = transformers.__version__
     monkeypatch.setattr(transformers, "__version__", version)
     with pytest.raises(UnsupportedModelError, match=rf"transformers {version} is not supported.*>=5.17,<6"):
