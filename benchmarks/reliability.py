@@ -32,7 +32,7 @@ PROMPT = torch.tensor([[5, 17, 99, 3, 42, 8, 77, 31, 64, 12]])
 NEW = 8
 
 
-def tiny(kind: str = "llama", layers: int = 2, kv_heads: int = 2, seed: int = 0):
+def tiny(kind: str = "llama", layers: int = 2, kv_heads: int = 2, seed: int = 0, head_dim: int = 16):
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config
     from transformers import Qwen2ForCausalLM
 
@@ -45,7 +45,7 @@ def tiny(kind: str = "llama", layers: int = 2, kv_heads: int = 2, seed: int = 0)
     elif kind == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common))
     else:
-        model = LlamaForCausalLM(LlamaConfig(head_dim=16, **common))
+        model = LlamaForCausalLM(LlamaConfig(head_dim=head_dim, **common))
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None
     return model.eval()
@@ -149,6 +149,15 @@ def main(argv=None):
             path.write_bytes(pickle.dumps(Payload(str(tmp / "PWNED"))))
             meta = json.loads(meta_path.read_text())
             meta["files"][layer_filename(1)] = sha256_file(str(path))  # checksum matches the pickle
+            meta_path.write_text(json.dumps(meta))
+        elif how == "nan_threshold":
+            from safetensors.torch import save_file
+
+            tensors = random_signposts(model, bits=4).layers[1].tensors()
+            tensors["key_upper"][0, 3] = float("nan")
+            save_file(tensors, str(path))
+            meta = json.loads(meta_path.read_text())
+            meta["files"][layer_filename(1)] = sha256_file(str(path))  # consistent folder, bad numbers
             meta_path.write_text(json.dumps(meta))
         elif how == "extra_pickles":
             for name in ("layer_000.pt", "signposts.pkl", "metadata.bin"):
@@ -290,7 +299,10 @@ def main(argv=None):
         ("metadata.json replaced by a malicious pickle", g(signposts=damaged("metadata_pickle"), bits=4)),
         ("layer file replaced by a malicious pickle (checksum updated)", g(signposts=damaged("layer_pickle"), bits=4)),
         ("malicious pickles added next to valid files", g(signposts=damaged("extra_pickles"), bits=4)),
+        ("signpost file with a NaN threshold (checksum updated)", g(signposts=damaged("nan_threshold"), bits=4)),
         ("unsupported architecture (Qwen2)", lambda: gen(tiny("qwen2"), cache_implementation="kvquant")),
+        ("float64 model", lambda: gen(tiny().to(torch.float64), cache_implementation="kvquant")),
+        ("head_dim 24 (not a multiple of 16)", lambda: gen(tiny(head_dim=24), cache_implementation="kvquant")),
         ("transformers 4.46.0", lambda: with_version("4.46.0")),
         ("transformers 6.0.0", lambda: with_version("6.0.0")),
         ("backend='triton' on a CPU model", g(backend="triton")),

@@ -688,3 +688,50 @@ def test_generation_after_exceptions_of_every_kind_equals_the_reference():
         attempts[4]()
     cache.reset()
     assert torch.equal(_gen(model, 6, **_kv(model, cache)), expected)
+
+
+# --------------------------------------------------------------------------------------------
+# more bad input: valid-looking files with bad numbers, unsupported dtypes and head sizes
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("defect", ["nan_threshold", "inf_table", "unsorted_table", "upper_below_lower"])
+def test_signpost_files_with_bad_numbers_and_matching_checksums_are_rejected(tmp_path, defect):
+    from safetensors.torch import save_file
+
+    model = _setup(make_tiny_llama())
+    sp = random_signposts(model, bits=4)
+    folder = save_signposts(sp, tmp_path)
+    tensors = sp.layers[1].tensors()
+    if defect == "nan_threshold":
+        tensors["key_upper"][0, 3] = float("nan")
+        match = r"layer 1 'key_upper' contains NaN or inf"
+    elif defect == "inf_table":
+        tensors["value_signposts"][-1] = float("inf")
+        match = r"layer 1 'value_signposts' contains NaN or inf"
+    elif defect == "unsorted_table":
+        tensors["key_signposts"] = tensors["key_signposts"].flip(0)
+        match = r"layer 1 'key_signposts' is not sorted"
+    else:
+        tensors["key_lower"], tensors["key_upper"] = tensors["key_upper"], tensors["key_lower"]
+        match = r"layer 1 has key_upper < key_lower"
+    path = os.path.join(folder, layer_filename(1))
+    save_file(tensors, path)
+    meta_path = os.path.join(folder, METADATA_FILE)
+    meta = json.loads(Path(meta_path).read_text())
+    meta["files"][layer_filename(1)] = sha256_file(path)  # a consistent folder with bad numbers
+    Path(meta_path).write_text(json.dumps(meta))
+    with pytest.raises(SignpostError, match=match + r".*calibrate.py"):
+        _gen(model, 2, cache_implementation="kvquant", cache_config={"signposts": str(tmp_path), "bits": 4})
+
+
+def test_unsupported_model_dtype_and_head_dim_are_clear_errors():
+    model = _setup(make_tiny_llama()).to(torch.float64)
+    with pytest.raises(KVQuantConfigError, match=r"dtype torch.float64 are not supported.*float16, bfloat16 or float32"):
+        _gen(model, 2, cache_implementation="kvquant")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    odd = _setup(LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=128,
+                                               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                               head_dim=24)).eval())
+    with pytest.raises(KVQuantConfigError, match=r"head_dim=24 is not supported; it must be a multiple of 16"):
+        _gen(odd, 2, cache_implementation="kvquant")
+    assert _gen(odd, 2).shape == (1, PROMPT.shape[1] + 2)  # the stock path still works on the patched model
