@@ -143,12 +143,67 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
 
 
+class _LastKV:
+    """Keeps the last pre-RoPE keys/values ``[B, H, L, D]`` each layer's k_proj/v_proj produced."""
+
+    def __init__(self, model):
+        self.k, self.v, self.handles = {}, {}, []
+        cfg = model.config.get_text_config()
+        d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        for i, layer in enumerate(model.model.layers):
+            for name, store in (("k_proj", self.k), ("v_proj", self.v)):
+                def hook(_m, _i, out, i=i, store=store):
+                    store[i] = out.detach().view(out.shape[0], out.shape[1], -1, d).transpose(1, 2)
+                self.handles.append(getattr(layer.self_attn, name).register_forward_hook(hook))
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def kernel_check(cache, last_k: dict, last_v: dict, model, seed: int) -> dict:
+    """Triton kernels (interpreter on CPU, or the GPU) against the torch reference on the cache as it is now:
+    the attention of a probe query over each layer's whole packed history + sink, and the re-quantization of the
+    token stored last from its captured K/V (bit identity with what the cache holds)."""
+    import triton_kernels
+    from kvquant_hf.attention import packed_attention_torch
+    from kvquant_hf.layer_api import RopeContext, apply_rope
+
+    g = torch.Generator().manual_seed(seed)
+    rotary = model.model.rotary_emb
+    cfg = model.config.get_text_config()
+    worst, identical = 0.0, True
+    for i, layer in enumerate(cache.layers):
+        view = layer.packed_view()
+        dev, d = layer.device, layer.head_dim
+        q = torch.randn(layer.batch_size, cfg.num_attention_heads, 1, d, generator=g).to(dev)
+        rope = RopeContext(None, None, rotary.inv_freq, float(getattr(rotary, "attention_scaling", 1.0)))
+        cos, sin = rope.cos_sin(layer.sink_positions[:, : layer.n_sink])
+        ek = apply_rope(layer.sink_k[:, :, : layer.n_sink].float(), cos, sin)
+        ev = layer.sink_v[:, :, : layer.n_sink].float()
+        kw = dict(scaling=d**-0.5, inv_freq=rotary.inv_freq, attention_scaling=rope.attention_scaling)
+        ref = packed_attention_torch(q, view, ek, ev, None, **kw)
+        got = triton_kernels.packed_attention_triton(q, view, ek.contiguous(), ev.contiguous(), None, **kw)
+        worst = max(worst, _rel(got.float(), ref.float()))
+        idx = layer.length - 1
+        k, v = last_k[i][:, :, -1:], last_v[i][:, :, -1:]
+        pk = triton_kernels.quantize_keys_triton(k, layer.k_lut, layer.k_lower, layer.k_upper, layer.n_slots,
+                                                 layer.config.key_bits)
+        pv = triton_kernels.quantize_values_triton(v, layer.v_lut, layer.n_slots, layer.config.value_bits)
+        identical &= all(torch.equal(a, getattr(layer, n)[:, :, idx : idx + 1]) for a, n in (
+            (pk.codes, "k_codes"), (pk.out_val, "k_out_val"), (pk.out_idx, "k_out_idx"), (pv.codes, "v_codes"),
+            (pv.scale, "v_scale"), (pv.zero, "v_zero"), (pv.out_val, "v_out_val"), (pv.out_idx, "v_out_idx")))
+    return {"kernel_attn_rel_diff": worst, "kernel_quantize_bit_identical": identical}
+
+
 def soak(model, device: str, steps: int, prompt_len: int, check_every: int, cache_config: dict,
-         max_seconds: float = float("inf"), seed: int = 0, log=print, cuda_graph: bool = False) -> dict:
+         max_seconds: float = float("inf"), seed: int = 0, log=print, cuda_graph: bool = False,
+         kernels: bool = False) -> dict:
     """Run the soak on a (patched or not) model; returns ``{"rows": [...], "summary": {...}}``.
 
     With ``cuda_graph`` (CUDA + Triton) the steps between checkpoints are replayed from a CUDA graph
     (:class:`~kvquant_hf.cuda_graph.CUDAGraphDecoder`, re-captured after each checkpoint); checkpoints run eagerly.
+    With ``kernels`` each checkpoint also runs :func:`kernel_check` (on CPU: the Triton interpreter).
     """
     import kvquant_hf
     from kvquant_hf.generation import _cache_kwarg_name
@@ -165,6 +220,7 @@ def soak(model, device: str, steps: int, prompt_len: int, check_every: int, cach
     rows, t0 = [], time.time()
     decode_s = 0.0
     decoder = None
+    last = _LastKV(model) if kernels else None
     if cuda_graph:
         from kvquant_hf.cuda_graph import CUDAGraphDecoder
     with torch.inference_mode():
@@ -193,6 +249,7 @@ def soak(model, device: str, steps: int, prompt_len: int, check_every: int, cach
                 decoder.close()
                 decoder = None
             row = {"step": done, "tokens": cache.get_seq_length()}
+            step_kv = (dict(last.k), dict(last.v)) if last is not None else None  # before the references run
             # exact model over the whole sequence
             ref = model(ids[:, : pos + 1], use_cache=False, logits_to_keep=1).logits[:, -1].float()
             row["rel_err_vs_fp"] = _rel(logits, ref)
@@ -214,6 +271,8 @@ def soak(model, device: str, steps: int, prompt_len: int, check_every: int, cach
                 row["top1_vs_torch"] = bool(logits.argmax(-1).eq(ref_t.argmax(-1)).all())
                 row["storage_bit_identical"] = all(
                     torch.equal(getattr(layer, n)[:, :, idx], s[n]) for layer, s in zip(cache.layers, saved) for n in s)
+            if kernels and not cuda_graph:
+                row.update(kernel_check(cache, *step_kv, model, seed + done))
             accounted = cache.get_memory_footprint(include_spare=True)
             actual = _tensor_bytes(cache)
             alloc = _allocated(device) - base_alloc
@@ -226,6 +285,8 @@ def soak(model, device: str, steps: int, prompt_len: int, check_every: int, cach
             log({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()})
             if over:
                 break
+    if last is not None:
+        last.remove()
     first, last = rows[0], rows[-1]
     summary = {
         "steps_done": done, "steps_requested": steps, "prompt": prompt_len, "final_tokens": last["tokens"],
@@ -239,6 +300,9 @@ def soak(model, device: str, steps: int, prompt_len: int, check_every: int, cach
         "final_accounted_MiB": last["accounted_MiB"], "final_allocator_growth_MiB": last["allocator_growth_MiB"],
         "n_clipped": last["n_clipped"], "n_nonfinite": last["n_nonfinite"],
     }
+    if kernels and "kernel_attn_rel_diff" in last:
+        summary.update(max_kernel_attn_rel_diff=max(r["kernel_attn_rel_diff"] for r in rows),
+                       kernel_quantize_bit_identical=all(r["kernel_quantize_bit_identical"] for r in rows))
     if backend_check:
         summary.update(max_rel_diff_vs_torch=max(r["rel_diff_vs_torch"] for r in rows),
                        top1_vs_torch=f"{sum(r['top1_vs_torch'] for r in rows)}/{len(rows)}",
@@ -258,6 +322,8 @@ def markdown(result: dict, title: str, edge_rows: list[dict] | None = None) -> s
     cols = ["step", "tokens", "rel_err_vs_fp", "top1_vs_fp"]
     if "max_rel_diff_vs_torch" in s:
         cols += ["rel_diff_vs_torch", "top1_vs_torch", "storage_bit_identical"]
+    if "max_kernel_attn_rel_diff" in s:
+        cols += ["kernel_attn_rel_diff", "kernel_quantize_bit_identical"]
     cols += ["accounted_MiB", "tensor_MiB", "allocator_growth_MiB", "unaccounted_MiB", "n_clipped", "ms_per_step"]
     lines += ["", "## Checkpoints", "", md_table(result["rows"], cols)]
     if edge_rows:
@@ -279,6 +345,8 @@ def main(argv=None):
     ap.add_argument("--outlier-fraction", type=float, default=0.01)
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--max-seconds", type=float, default=float("inf"), help="stop early (reported) after this long")
+    ap.add_argument("--kernel-check", action="store_true",
+                    help="at checkpoints, Triton kernels vs torch on the live cache (on CPU: the Triton interpreter)")
     ap.add_argument("--cuda-graph", action="store_true",
                     help="replay decode steps from CUDA graphs between checkpoints")
     ap.add_argument("--seed", type=int, default=0)
@@ -291,6 +359,10 @@ def main(argv=None):
     args.steps = args.steps or (20000 if gpu else 2000)
     args.check_every = args.check_every or max(1, args.steps // 20)
     torch.set_grad_enabled(False)
+    if args.kernel_check and not gpu:
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            raise SystemExit("--kernel-check on CPU needs TRITON_INTERPRET=1 before triton is imported")
+        os.environ["TRITON_INTERPRET"] = "1"  # read when triton is first imported (by transformers)
 
     edge_rows = None
     if gpu:
@@ -300,7 +372,7 @@ def main(argv=None):
     model = load_model(args)
     cfg = {"bits": args.bits, "outlier_fraction": args.outlier_fraction, "backend": args.backend}
     result = soak(model, args.device, args.steps, args.prompt, args.check_every, cfg, args.max_seconds, args.seed,
-                  log=lambda r: print(r, flush=True), cuda_graph=args.cuda_graph)
+                  log=lambda r: print(r, flush=True), cuda_graph=args.cuda_graph, kernels=args.kernel_check)
     result["summary"]["cuda_graph"] = args.cuda_graph
     if edge_rows:
         result["summary"]["edge_kernels_bit_identical"] = all(r["bit_identical"] for r in edge_rows)
