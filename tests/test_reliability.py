@@ -725,7 +725,7 @@ def test_signpost_files_with_bad_numbers_and_matching_checksums_are_rejected(tmp
 
 def test_unsupported_model_dtype_and_head_dim_are_clear_errors():
     model = _setup(make_tiny_llama()).to(torch.float64)
-    with pytest.raises(KVQuantConfigError, match=r"dtype torch.float64 are not supported.*float16, bfloat16 or float32"):
+    with pytest.raises(KVQuantConfigError, match=r"dtype torch.float64 are not supported.*float16, bfloat16 or float"):
         _gen(model, 2, cache_implementation="kvquant")
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -735,3 +735,60 @@ def test_unsupported_model_dtype_and_head_dim_are_clear_errors():
     with pytest.raises(KVQuantConfigError, match=r"head_dim=24 is not supported; it must be a multiple of 16"):
         _gen(odd, 2, cache_implementation="kvquant")
     assert _gen(odd, 2).shape == (1, PROMPT.shape[1] + 2)  # the stock path still works on the patched model
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA-graph decode: the host-side logic of the nonfinite rule (the graph itself needs a GPU)
+# --------------------------------------------------------------------------------------------
+def test_graph_mode_contains_on_the_device_without_a_host_sync():
+    layer = _layer()  # nonfinite="error", but a captured graph cannot raise: contain and count instead
+    layer.attend(synthetic_inputs(1, 4, 2, 4, 0))
+    layer.graph_mode = True
+    k = torch.ones(1, 2, 1, HEAD_DIM)
+    v = torch.ones(1, 2, 1, HEAD_DIM)
+    k[0, 1, 0, 3] = float("nan")
+    k2, v2 = layer._check_finite(k, v, torch.tensor([[4]]))
+    assert torch.equal(k2, torch.zeros_like(k)) and torch.equal(v2, torch.zeros_like(v))
+    assert layer.n_nonfinite == 1
+    layer.graph_mode = False
+
+
+def test_cuda_graph_decoder_rolls_back_and_raises_on_nonfinite(monkeypatch):
+    from kvquant_hf.cuda_graph import CUDAGraphDecoder
+
+    model = patch_model(make_tiny_llama())
+    cache = KVQuantCache({"bits": 4}, model_config=model.config)
+    forward(model, PROMPT, cache)
+    for layer in cache.layers:  # what enter_graph_mode sets up, without CUDA
+        layer.length_dev = torch.tensor([layer.length], dtype=torch.int32)
+
+    class FakeGraph:  # a "replay" that appends one token per layer on the device, poisoned when asked
+        poison = False
+
+        def replay(self):
+            for layer in cache.layers:
+                layer.length_dev.add_(1)
+                if self.poison and layer.layer_idx == 1:
+                    layer.nonfinite_counter.add_(1)
+
+    dec = CUDAGraphDecoder.__new__(CUDAGraphDecoder)
+    dec.cache, dec.batch_size, dec.max_steps, dec.steps = cache, 1, 8, 0
+    dec.static_ids = torch.zeros(1, 1, dtype=torch.long)
+    dec.static_pos = torch.zeros(1, 1, dtype=torch.long)
+    dec.static_logits = torch.zeros(1, 1, 128)
+    dec.graph = FakeGraph()
+    dec.check_nonfinite = True
+    dec._nonfinite_seen = dec._nonfinite_counts()
+    n0 = cache.get_seq_length()
+    dec.step(torch.tensor([[1]]), torch.tensor([[n0]]))
+    assert cache.get_seq_length() == n0 + 1
+    dec.graph.poison = True
+    with pytest.raises(KVQuantNumericalError, match=r"layer 1: .*CUDA-graph decode step at position\(s\) \[11\].*"
+                                                    r"rolled back"):
+        dec.step(torch.tensor([[2]]), torch.tensor([[n0 + 1]]))
+    assert cache.get_seq_length() == n0 + 1 and dec.steps == 1
+    assert [int(layer.length_dev) for layer in cache.layers] == [layer.length for layer in cache.layers]
+    assert dec._nonfinite_counts() == [0, 0]
+    dec.check_nonfinite = False  # nonfinite="zero": the contained token stays, counted
+    dec.step(torch.tensor([[2]]), torch.tensor([[n0 + 1]]))
+    assert cache.get_seq_length() == n0 + 2 and cache.memory_stats()["n_nonfinite"] == 1
