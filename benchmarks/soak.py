@@ -14,6 +14,10 @@ sees the same sequence) are decoded one at a time. Every ``--check-every`` steps
   (``torch.cuda.memory_allocated`` on GPU, process RSS on CPU): ``unaccounted`` = allocator growth - tensor bytes
   should stay flat (no leak).
 
+* **kernels** (``--kernel-check``; on CPU through the Triton interpreter) -- the Triton attention of a probe query
+  over each layer's whole live history against the torch reference, and the Triton quantize kernels re-encoding the
+  token stored last (from its captured pre-RoPE K/V) against what the cache holds, bit for bit.
+
 GPU mode also starts with an edge-value check of the Triton quantize kernels (all equal, all zero, -0.0,
 +-65504, tiny, huge fp32; fp16/bf16/fp32) against ``quant.py``, bit for bit, since the CPU interpreter cannot check
 bf16 rounding.
@@ -21,7 +25,7 @@ bf16 rounding.
 Usage::
 
     PYTHONPATH=. python benchmarks/soak.py --device cuda --steps 20000 --layers 4      # 8B-shaped, random bf16
-    PYTHONPATH=. python benchmarks/soak.py --device cpu --steps 2000                    # tiny random Llama
+    PYTHONPATH=. python benchmarks/soak.py --device cpu --steps 2000 --kernel-check     # tiny random Llama
     PYTHONPATH=. python benchmarks/soak.py --device cpu --steps 2000 --model smollm2    # the embedded SmolLM2
 
 Results go to ``$OUT`` (or ``benchmarks/results/``) as ``soak_<device>.json`` and ``.md``.
