@@ -56,7 +56,8 @@ class KVQuantConfig:
             taken from the prompt).
         nonfinite (`str`): what to do with NaN/Inf in new keys or values. ``"error"`` (default): raise
             :class:`~kvquant_hf.errors.KVQuantNumericalError` naming the layer, rows and positions; nothing of
-            that forward call stays in the cache (layers that already stored it are rolled back).
+            that forward call stays in the cache (layers that already stored it are rolled back; in ``generate``'s
+            chunked prefill, the earlier chunks of the prompt too).
             ``"zero"``: every token whose key or value (any head) is not finite is stored, and attended to, as
             all-zero K and V in every head; other tokens and the per-channel state are untouched; the count is
             ``memory_stats()["n_nonfinite"]``. In CUDA-graph decode both policies contain on the device; with

@@ -36,7 +36,7 @@ from transformers.generation.utils import GenerationMixin
 
 from .cache import KVQuantCache, _LazyLayers
 from .config import KVQuantConfig
-from .errors import KVQuantConfigError
+from .errors import KVQuantConfigError, KVQuantNumericalError
 
 CACHE_IMPLEMENTATION = "kvquant"
 _CACHE_KWARGS = ("cache", "past_key_values")
@@ -235,16 +235,23 @@ class _ForwardRouter:
         past = self.cache.get_seq_length()
         pos, mask, cache_position = kw.get("position_ids"), kw.get("attention_mask"), kw.get("cache_position")
         out = None
-        for s in range(0, n, self.chunk):
-            e = min(n, s + self.chunk)
-            ckw = dict(kw, input_ids=ids[:, s:e])
-            ckw["position_ids"] = (pos[:, s:e] if pos is not None else
-                                   torch.arange(past + s, past + e, device=ids.device).expand(b, e - s))
-            if mask is not None:
-                ckw["attention_mask"] = mask[:, : past + e]
-            if cache_position is not None:
-                ckw["cache_position"] = cache_position[s:e]
-            out = self.original(**ckw)
+        try:
+            for s in range(0, n, self.chunk):
+                e = min(n, s + self.chunk)
+                ckw = dict(kw, input_ids=ids[:, s:e])
+                ckw["position_ids"] = (pos[:, s:e] if pos is not None else
+                                       torch.arange(past + s, past + e, device=ids.device).expand(b, e - s))
+                if mask is not None:
+                    ckw["attention_mask"] = mask[:, : past + e]
+                if cache_position is not None:
+                    ckw["cache_position"] = cache_position[s:e]
+                out = self.original(**ckw)
+        except KVQuantNumericalError:
+            # the failing chunk was rolled back by the cache; the earlier chunks of this call go too
+            for layer in self.cache.layers:
+                if layer.is_initialized and layer.get_seq_length() > past:
+                    layer._rollback(past)
+            raise
         return out
 
     def _graph_step(self, ids: torch.Tensor, kw: dict):

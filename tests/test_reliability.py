@@ -792,3 +792,15 @@ def test_cuda_graph_decoder_rolls_back_and_raises_on_nonfinite(monkeypatch):
     dec.check_nonfinite = False  # nonfinite="zero": the contained token stays, counted
     dec.step(torch.tensor([[2]]), torch.tensor([[n0 + 1]]))
     assert cache.get_seq_length() == n0 + 2 and cache.memory_stats()["n_nonfinite"] == 1
+
+
+def test_nonfinite_in_a_later_prefill_chunk_rolls_back_the_whole_prompt():
+    model = _setup(make_tiny_llama())
+    cache = KVQuantCache({"bits": 4, "prefill_chunk_size": 4}, model_config=model.config)
+    handle = _poison(model, layer_idx=1, call=2)  # the third 4-token chunk of the 10-token prompt
+    with pytest.raises(KVQuantNumericalError, match=r"layer 1: .* position\(s\) \[9\]"):
+        _gen(model, 4, **_kv(model, cache))
+    handle.remove()
+    assert [layer.get_seq_length() for layer in cache.layers] == [0, 0]
+    expected = _gen(model, 4, cache_implementation="kvquant", cache_config={"prefill_chunk_size": 4})
+    assert torch.equal(_gen(model, 4, **_kv(model, cache)), expected)
