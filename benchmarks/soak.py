@@ -223,7 +223,7 @@ def soak(model, device: str, steps: int, prompt_len: int, check_every: int, cach
     backend_check = device.startswith("cuda")
     rows, t0 = [], time.time()
     decode_s = 0.0
-    decoder = None
+    decoder, graph_error = None, None
     last = _LastKV(model) if kernels else None
     if cuda_graph:
         from kvquant_hf.cuda_graph import CUDAGraphDecoder
@@ -235,9 +235,16 @@ def soak(model, device: str, steps: int, prompt_len: int, check_every: int, cach
             pos = prompt_len + t
             ts = time.time()
             tok, pos_t = ids[:, pos : pos + 1], torch.tensor([[pos]], device=device)
-            if cuda_graph:
-                if decoder is None:  # capture for the steps up to the next checkpoint
+            if cuda_graph and decoder is None:  # capture for the steps up to the next checkpoint
+                try:
                     decoder = CUDAGraphDecoder(model, cache, 1, min(check_every - t % check_every, steps - t))
+                except Exception as exc:  # noqa: BLE001 - report it and go on eagerly
+                    graph_error = f"{type(exc).__name__}: {exc}"
+                    log({"cuda_graph_error": graph_error, "step": t})
+                    for layer in cache.layers:
+                        layer.exit_graph_mode()
+                    cuda_graph = False
+            if cuda_graph:
                 logits = decoder.step(tok, pos_t)[:, -1].float()
             else:
                 logits = _step(model, kw, cache, tok, pos_t)
@@ -304,6 +311,8 @@ def soak(model, device: str, steps: int, prompt_len: int, check_every: int, cach
         "final_accounted_MiB": last["accounted_MiB"], "final_allocator_growth_MiB": last["allocator_growth_MiB"],
         "n_clipped": last["n_clipped"], "n_nonfinite": last["n_nonfinite"],
     }
+    if graph_error:
+        summary["cuda_graph_error (fell back to eager)"] = graph_error
     if kernels and "kernel_attn_rel_diff" in last:
         summary.update(max_kernel_attn_rel_diff=max(r["kernel_attn_rel_diff"] for r in rows),
                        kernel_quantize_bit_identical=all(r["kernel_quantize_bit_identical"] for r in rows))
