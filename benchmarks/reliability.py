@@ -6,7 +6,8 @@ right after it must equal the reference generate made before anything was tried 
 saw the failure must, after ``reset()``, give the same tokens again).
 
 Writes ``reliability.md`` / ``.json`` to ``$OUT`` or ``benchmarks/results/``; the CPU soak figures
-(``benchmarks/soak.py``, ``soak_cpu.json`` in the same folder) are appended when present (``--soak`` runs it).
+(``benchmarks/soak.py``: ``soak_cpu.json`` and ``soak_cpu_kernels.json`` in the same folder) are appended when
+present (``--soak`` runs the first).
 
 Usage: ``PYTHONPATH=. python benchmarks/reliability.py [--soak]``
 """
@@ -360,16 +361,24 @@ def main(argv=None):
         md_table([{k: cell(v) for k, v in r.items()} for r in rows],
                  ["input", "exception", "kvquant_error", "message", "state_intact"]),
     ]
-    soak_json = os.path.join(results_dir(), "soak_cpu.json")
-    if os.path.exists(soak_json):
+    for name, title, note in (
+        ("soak_cpu", "CPU soak (benchmarks/soak.py)",
+         "Memory: `unaccounted` = process RSS growth - tensor bytes held by the cache; it must stay flat."),
+        ("soak_cpu_kernels", "CPU soak with Triton kernel checks (benchmarks/soak.py --kernel-check)",
+         "Written as soak_cpu.* and renamed. The RSS here also holds the Triton interpreter's own allocations "
+         "made at each checkpoint (compare the run above, without them)."),
+    ):
+        soak_json = os.path.join(results_dir(), f"{name}.json")
+        if not os.path.exists(soak_json):
+            continue
         import soak
 
         with open(soak_json) as fh:
             data = json.load(fh)
         env = data["environment"]
         result = {"rows": [r for r in data["rows"] if "step" in r], "summary": env["summary"]}
-        md += ["", soak.markdown(result, "CPU soak (benchmarks/soak.py)").replace("# CPU soak", "## CPU soak", 1)
-               .replace("\n## ", "\n### "), "", f"Soak command: `{env['command']}` ({env['date']}, {env['device']})"]
+        body = soak.markdown(result, "X").split("\n", 1)[1].replace("\n## ", "\n### ")
+        md += ["", f"## {title}", "", f"Command: `{env['command']}` ({env['date']}, {env['device']}). {note}", body]
     meta = {"all_as_documented": all_ok, "pickle_executed": pwned}
     print(write_results("reliability", rows, "\n".join(md), meta=meta))
     return 0 if all_ok else 1
