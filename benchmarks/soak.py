@@ -12,7 +12,8 @@ sees the same sequence) are decoded one at a time. Every ``--check-every`` steps
 * **memory** -- ``cache.get_memory_footprint(include_spare=True)`` (the cache's own accounting) against the bytes
   of the tensors it actually holds, and the allocator's growth since before the cache existed
   (``torch.cuda.memory_allocated`` on GPU, process RSS on CPU): ``unaccounted`` = allocator growth - tensor bytes
-  should stay flat (no leak).
+  should stay flat; and, exactly, the bytes of every tensor storage alive in the process (found through the garbage
+  collector) minus the cache's tensor bytes, which must not change at all between checkpoints (no leak).
 
 * **kernels** (``--kernel-check``; on CPU through the Triton interpreter) -- the Triton attention of a probe query
   over each layer's whole live history against the torch reference, and the Triton quantize kernels re-encoding the
@@ -127,6 +128,21 @@ def _tensor_bytes(cache) -> int:
     return total
 
 
+def _live_tensor_bytes() -> int:
+    """Bytes of every distinct tensor storage alive in the process (model, cache, anything leaked)."""
+    import gc
+
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
+            storage = obj.untyped_storage()
+            key = (storage.device.type, storage.data_ptr())
+            if key not in seen:
+                seen.add(key)
+                total += storage.nbytes()
+    return total
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -218,6 +234,7 @@ def soak(model, device: str, steps: int, prompt_len: int, check_every: int, cach
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (1, prompt_len + steps + 1), generator=g).to(device)
     base_alloc = _allocated(device)
+    base_live = _live_tensor_bytes()
     cache = kvquant_hf.KVQuantCache(cache_config, model_config=model.config)
     cache.reserve(prompt_len + steps + 1)
     backend_check = device.startswith("cuda")
@@ -287,10 +304,12 @@ def soak(model, device: str, steps: int, prompt_len: int, check_every: int, cach
             accounted = cache.get_memory_footprint(include_spare=True)
             actual = _tensor_bytes(cache)
             alloc = _allocated(device) - base_alloc
+            live = _live_tensor_bytes() - base_live
             stats = cache.memory_stats()
             row.update(accounted_MiB=accounted / 2**20, tensor_MiB=actual / 2**20,
                        accounted_over_tensors=accounted / actual, allocator_growth_MiB=alloc / 2**20,
-                       unaccounted_MiB=(alloc - actual) / 2**20, n_clipped=stats["n_clipped"],
+                       unaccounted_MiB=(alloc - actual) / 2**20, live_tensor_growth_MiB=live / 2**20,
+                       live_tensors_minus_cache_MiB=(live - actual) / 2**20, n_clipped=stats["n_clipped"],
                        n_nonfinite=stats["n_nonfinite"], ms_per_step=1e3 * decode_s / done)
             rows.append(row)
             log({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()})
@@ -308,6 +327,8 @@ def soak(model, device: str, steps: int, prompt_len: int, check_every: int, cach
         "accounted_over_tensors": (min(r["accounted_over_tensors"] for r in rows),
                                    max(r["accounted_over_tensors"] for r in rows)),
         "unaccounted_MiB_range": (min(r["unaccounted_MiB"] for r in rows), max(r["unaccounted_MiB"] for r in rows)),
+        "live_tensors_minus_cache_MiB_range": (min(r["live_tensors_minus_cache_MiB"] for r in rows),
+                                               max(r["live_tensors_minus_cache_MiB"] for r in rows)),
         "final_accounted_MiB": last["accounted_MiB"], "final_allocator_growth_MiB": last["allocator_growth_MiB"],
         "n_clipped": last["n_clipped"], "n_nonfinite": last["n_nonfinite"],
     }
@@ -337,7 +358,8 @@ def markdown(result: dict, title: str, edge_rows: list[dict] | None = None) -> s
         cols += ["rel_diff_vs_torch", "top1_vs_torch", "storage_bit_identical"]
     if "max_kernel_attn_rel_diff" in s:
         cols += ["kernel_attn_rel_diff", "kernel_quantize_bit_identical"]
-    cols += ["accounted_MiB", "tensor_MiB", "allocator_growth_MiB", "unaccounted_MiB", "n_clipped", "ms_per_step"]
+    cols += ["accounted_MiB", "tensor_MiB", "allocator_growth_MiB", "unaccounted_MiB", "live_tensors_minus_cache_MiB",
+             "n_clipped", "ms_per_step"]
     lines += ["", "## Checkpoints", "", md_table(result["rows"], cols)]
     if edge_rows:
         lines += ["", "## Triton quantize kernels on edge values (vs quant.py, bit for bit)", "",
