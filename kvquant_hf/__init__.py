@@ -19,8 +19,10 @@ from .cache import KVQuantCache, KVQuantLayer, UncalibratedCacheWarning
 from .config import KVQuantConfig
 from .errors import (
     BackendUnavailableError,
+    CacheMismatchError,
     KVQuantConfigError,
     KVQuantError,
+    KVQuantNumericalError,
     SignpostError,
     UnsupportedModelError,
 )
@@ -65,11 +67,13 @@ __all__ = [
     "BackendUnavailableError",
     "CapacityError",
     "CapacityPlan",
+    "CacheMismatchError",
     "KVQuantCache",
     "KVQuantConfig",
     "KVQuantConfigError",
     "KVQuantError",
     "KVQuantLayer",
+    "KVQuantNumericalError",
     "LayerSignposts",
     "SignpostError",
     "Signposts",

@@ -27,6 +27,7 @@ import importlib.util
 import logging
 import math
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -35,7 +36,14 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from . import quant
 from .attention import PackedKV, packed_attention_torch
 from .config import KVQuantConfig
-from .errors import BackendUnavailableError, KVQuantConfigError, KVQuantError, UnsupportedModelError
+from .errors import (
+    BackendUnavailableError,
+    CacheMismatchError,
+    KVQuantConfigError,
+    KVQuantError,
+    KVQuantNumericalError,
+    UnsupportedModelError,
+)
 from .layer_api import AttendInputs, apply_rope
 
 logger = logging.getLogger(__name__)
@@ -249,6 +257,8 @@ class KVQuantLayer(CacheLayerMixin):
         self.capacity = 0
         self.n_clipped_host = 0
         self.clip_counter = None  # int32 [1] on the device (Triton path: counted without a host sync)
+        self.nonfinite_counter = None  # int64 [1] on the device: tokens contained by the "zero" policy
+        self.owner = None  # weakref to the KVQuantCache (rolls the other layers back after a numerical error)
         self.has_hist_pad = False
         # CUDA-graph decode (kvquant_hf.cuda_graph): the history length lives on the device and the host
         # mirror `length` is advanced by the graph runner after each replay
@@ -293,6 +303,7 @@ class KVQuantLayer(CacheLayerMixin):
         # the Triton value kernel keeps 2 * (slots + 1) <= head_dim extremes in registers; beyond, torch quantizes
         self.triton_quantize = self.backend == "triton" and 2 * (self.n_slots + 1) <= d
         self.clip_counter = torch.zeros(1, dtype=torch.int32, device=self.device) if self.triton_quantize else None
+        self.nonfinite_counter = torch.zeros(1, dtype=torch.int64, device=self.device)
         self._load_quantizer_params()
         self.capacity = 0
         for name in _HISTORY_TENSORS:
@@ -414,30 +425,50 @@ class KVQuantLayer(CacheLayerMixin):
             `torch.Tensor`: ``[B, L, Hq, D]`` in the query dtype.
         """
         q, k, v = inputs.query, inputs.key, inputs.value
+        if k.dim() != 4 or v.shape != k.shape:
+            raise CacheMismatchError(
+                f"layer {self.layer_idx}: keys {tuple(k.shape)} and values {tuple(v.shape)} must both be "
+                "[batch, kv_heads, seq, head_dim] of the same shape."
+            )
+        if v.dtype != k.dtype or v.device != k.device:
+            raise CacheMismatchError(
+                f"layer {self.layer_idx}: keys are {k.dtype} on {k.device} but values are {v.dtype} on {v.device}; "
+                "the model's k_proj and v_proj must share a dtype and device."
+            )
         b, h, n_new, d = k.shape
-        if not self.is_initialized or (self.length == 0 and self.n_sink == 0 and b != self.batch_size):
-            self.lazy_initialization(k, v)
+        if not self.is_initialized or (self.length == 0 and self.n_sink == 0 and (b, h, d, k.dtype, k.device) != (
+                self.batch_size, self.num_heads, self.head_dim, self.dtype, self.device)):
+            self.lazy_initialization(k, v)  # first use, or an empty (reset) cache reused with another shape/dtype
         elif (b, h, d) != (self.batch_size, self.num_heads, self.head_dim):
-            raise KVQuantError(
+            raise CacheMismatchError(
                 f"layer {self.layer_idx}: new keys have batch/heads/head_dim {(b, h, d)} but the cache holds "
                 f"{(self.batch_size, self.num_heads, self.head_dim)}; call cache.reset() or use a new KVQuantCache."
             )
         if k.device != self.device:
-            raise KVQuantError(
+            raise CacheMismatchError(
                 f"layer {self.layer_idx}: keys arrived on {k.device} but this layer's cache lives on {self.device}; "
-                "keep each layer on one device for the whole generation."
+                "keep each layer on one device for the whole generation (call cache.reset() before moving the model)."
             )
+        if k.dtype != self.dtype:
+            raise CacheMismatchError(
+                f"layer {self.layer_idx}: keys arrived as {k.dtype} but this layer's cache holds {self.dtype}; "
+                "do not change the model dtype mid-generation (call cache.reset() or use a new KVQuantCache)."
+            )
+        k, v = self._check_finite(k, v, inputs.positions)
         past = self.n_sink + self.length
         positions = inputs.positions.to(self.device, torch.int64).expand(b, n_new)
         window = inputs.sliding_window
         new_visible, real = self._new_block_mask(inputs.attention_mask, past, n_new, positions, window)
 
         # exact block: [sink (rotated on the fly from stored positions) | new tokens (rotated like the model does)]
-        k_new_rot = apply_rope(k, inputs.rope.cos.to(k.dtype), inputs.rope.sin.to(k.dtype))
+        # the torch path attends in float32 anyway: rotate in float32 too, so fp16 keys near 65504 cannot overflow
+        # in RoPE (the Triton path rotates the exact block in the model dtype, as transformers does)
+        rot_dtype = k.dtype if self.backend == "triton" else torch.float32
+        k_new_rot = apply_rope(k.to(rot_dtype), inputs.rope.cos.to(rot_dtype), inputs.rope.sin.to(rot_dtype))
         if self.n_sink:
             sink_pos = self.sink_positions[:, : self.n_sink]
-            cos, sin = inputs.rope.cos_sin(sink_pos, dtype=k.dtype)
-            sink_k = apply_rope(self.sink_k[:, :, : self.n_sink], cos, sin)
+            cos, sin = inputs.rope.cos_sin(sink_pos, dtype=rot_dtype)
+            sink_k = apply_rope(self.sink_k[:, :, : self.n_sink].to(rot_dtype), cos, sin)
             exact_k = torch.cat([sink_k, k_new_rot], dim=2)
             exact_v = torch.cat([self.sink_v[:, :, : self.n_sink], v], dim=2)
             sink_visible = self.sink_valid[:, None, : self.n_sink].expand(b, n_new, self.n_sink)
@@ -460,6 +491,63 @@ class KVQuantLayer(CacheLayerMixin):
         )
         self._store(k, v, positions, real)
         return out.transpose(1, 2)
+
+    def _check_finite(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        """Apply ``config.nonfinite`` to the new keys/values (see :class:`~kvquant_hf.config.KVQuantConfig`).
+
+        A token is *bad* when any element of its key or value, in any head, is NaN or Inf. ``"error"`` raises
+        :class:`KVQuantNumericalError` before anything is stored and rolls back the layers that already stored this
+        forward call (one host sync per layer and call); ``"zero"`` (and CUDA-graph mode, which cannot sync) stores
+        bad tokens as zeros in every head and counts them on the device.
+        """
+        bad_k = ~torch.isfinite(k).all(-1).all(1)  # [B, L]
+        bad_v = ~torch.isfinite(v).all(-1).all(1)
+        bad = bad_k | bad_v
+        if self.config.nonfinite == "error" and not self.graph_mode:
+            if not bool(bad.any()):
+                return k, v
+            rows = sorted({int(r) for r in bad.nonzero()[:, 0]})
+            pos = positions.to(bad.device).expand(bad.shape)[bad][:8].tolist()
+            tensors = [name for name, t in (("keys", bad_k), ("values", bad_v)) if bool(t.any())]
+            self._rollback_siblings()
+            raise KVQuantNumericalError(
+                f"layer {self.layer_idx}: NaN or Inf in the new {' and '.join(tensors)} of batch row(s) {rows} at "
+                f"position(s) {pos}{' ...' if int(bad.sum()) > 8 else ''}; nothing of this call was stored (the cache "
+                "holds what it held before it). Check the model inputs/weights for overflow (e.g. fp16 activations "
+                "beyond 65504), or pass cache_config={'nonfinite': 'zero'} to store such tokens as zeros.",
+                layer_idx=self.layer_idx, rows=rows, positions=pos, tensors=tensors,
+            )
+        keep = ~bad[:, None, :, None]
+        zero = torch.zeros((), dtype=k.dtype, device=k.device)
+        self.nonfinite_counter += bad.sum()
+        return torch.where(keep, k, zero), torch.where(keep, v, zero)
+
+    def _rollback_siblings(self) -> None:
+        """After a rejected call: give every layer of the cache back the length this layer has (not yet stored)."""
+        cache = self.owner() if self.owner is not None else None
+        if cache is None:
+            return
+        target = self.get_seq_length()
+        for layer in cache.layers:
+            if layer is self or not layer.is_initialized or layer.get_seq_length() <= target:
+                continue
+            try:
+                layer._rollback(target)
+            except KVQuantError:  # cannot crop a padded sink: start the sequence again
+                for other in cache.layers:
+                    other.reset()
+                return
+
+    def _rollback(self, seq_len: int) -> None:
+        if seq_len == 0:
+            self.reset()
+        else:
+            self.crop(seq_len)
+
+    @property
+    def n_nonfinite(self) -> int:
+        """Tokens with NaN/Inf keys or values stored as zeros (``nonfinite="zero"``) since the last reset."""
+        return int(self.nonfinite_counter.item()) if self.nonfinite_counter is not None else 0
 
     @property
     def n_clipped(self) -> int:
@@ -689,6 +777,8 @@ class KVQuantLayer(CacheLayerMixin):
         self.exit_graph_mode()
         if self.clip_counter is not None:
             self.clip_counter.zero_()
+        if self.nonfinite_counter is not None:
+            self.nonfinite_counter.zero_()
         if self.is_initialized:
             self.hist_start.zero_()
             self.sink_valid.zero_()
@@ -869,7 +959,9 @@ class KVQuantCache(Cache):
     def _make_layer(self, idx: int) -> KVQuantLayer:
         ks = self.key_signposts.layers[idx] if self.key_signposts is not None else None
         vs = self.value_signposts.layers[idx] if self.value_signposts is not None else None
-        return KVQuantLayer(self.kvquant_config, idx, ks, vs)
+        layer = KVQuantLayer(self.kvquant_config, idx, ks, vs)
+        layer.owner = weakref.ref(self)
+        return layer
 
     @property
     def config(self) -> KVQuantConfig:
@@ -924,7 +1016,9 @@ class KVQuantCache(Cache):
             ``key_bits_per_element`` / ``value_bits_per_element`` / ``avg_bits_per_element`` (quantized tokens:
             codes, scales and outlier slots per stored element), ``avg_bits_per_element_all`` (every byte of
             ``bytes`` over every held K/V element, sink and positions included), ``n_clipped`` (key outliers beyond
-            the slots, clipped to the threshold), ``key_outlier_slot_fill`` (fraction of key slots in use),
+            the slots, clipped to the threshold), ``n_nonfinite`` (tokens with NaN/Inf keys or values stored as
+            zeros under ``nonfinite="zero"``; the largest count over layers), ``key_outlier_slot_fill`` (fraction of
+            key slots in use),
             ``outlier_slots``, ``calibrated``, ``backend``.
         """
         layers = [layer for layer in self.layers if layer.is_initialized]
@@ -933,7 +1027,7 @@ class KVQuantCache(Cache):
             "bytes": 0, "bytes_allocated": 0, "fp16_bytes": 0, "compression_ratio": float("nan"),
             "key_bits_per_element": float("nan"), "value_bits_per_element": float("nan"),
             "avg_bits_per_element": float("nan"), "avg_bits_per_element_all": float("nan"),
-            "n_clipped": 0, "key_outlier_slot_fill": float("nan"), "outlier_slots": None,
+            "n_clipped": 0, "n_nonfinite": 0, "key_outlier_slot_fill": float("nan"), "outlier_slots": None,
             "calibrated": self.is_calibrated, "backend": None,
         }
         if not layers:
@@ -953,6 +1047,7 @@ class KVQuantCache(Cache):
             all_elements += 2 * layer.batch_size * layer.num_heads * layer.get_seq_length() * layer.head_dim
             stats["fp16_bytes"] += 2 * 2 * layer.batch_size * layer.num_heads * layer.get_seq_length() * layer.head_dim
             stats["n_clipped"] += layer.n_clipped
+            stats["n_nonfinite"] = max(stats["n_nonfinite"], layer.n_nonfinite)
             if layer.n_slots and layer.length:
                 slots_used += int((layer.k_out_idx[:, :, : layer.length] != quant.UNUSED_SLOT).sum())
                 slots_total += vecs * layer.n_slots

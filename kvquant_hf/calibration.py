@@ -440,8 +440,9 @@ def normalize_values(
     a_best = torch.argmin(ranges, dim=-1, keepdim=True)
     lo = torch.gather(vals, -1, a_best)
     hi = torch.gather(vals, -1, d - 1 - (k - a_best))
-    zero = ((hi + lo) * 0.5).to(sd).to(torch.float32)
-    scale = ((hi - lo) * 0.5).clamp_min(quant.MIN_SCALE).to(sd).to(torch.float32).clamp_min(quant.MIN_SCALE)
+    smax = torch.finfo(sd).max  # same range arithmetic as quant.quantize_values
+    zero = (hi * 0.5 + lo * 0.5).clamp(-smax, smax).to(sd).to(torch.float32)
+    scale = (hi * 0.5 - lo * 0.5).clamp(quant.MIN_SCALE, smax).to(sd).to(torch.float32).clamp_min(quant.MIN_SCALE)
     x_norm = (x - zero) * (1.0 / scale)
     pos = torch.arange(d, device=x.device)
     kept_sorted = (pos >= a_best) & (pos <= d - 1 - (k - a_best))

@@ -10,8 +10,14 @@ from .errors import KVQuantConfigError
 
 SUPPORTED_BITS = (2, 3, 4)
 SUPPORTED_BACKENDS = ("auto", "torch", "triton")
+NONFINITE_POLICIES = ("error", "zero")
 MAX_SINK_TOKENS = 64
 MAX_OUTLIER_SLOTS = 16
+
+
+def _is_int(value: Any) -> bool:
+    """A real integer (``True``/``False`` and floats are rejected)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def default_outlier_slots(outlier_fraction: float, head_dim: int) -> int:
@@ -50,6 +56,14 @@ class KVQuantConfig:
         signposts (`str`, optional): folder written by `calibrate.py` (its `nuqX` subfolder or the
             parent holding `nuq{bits}`); None means uncalibrated (NormalFloat table, key ranges
             taken from the prompt).
+        nonfinite (`str`): what to do with NaN/Inf in new keys or values. ``"error"`` (default): raise
+            :class:`~kvquant_hf.errors.KVQuantNumericalError` naming the layer, rows and positions; nothing of
+            that forward call stays in the cache (layers that already stored it are rolled back; in ``generate``'s
+            chunked prefill, the earlier chunks of the prompt too).
+            ``"zero"``: every token whose key or value (any head) is not finite is stored, and attended to, as
+            all-zero K and V in every head; other tokens and the per-channel state are untouched; the count is
+            ``memory_stats()["n_nonfinite"]``. In CUDA-graph decode both policies contain on the device; with
+            ``"error"`` the decoder then rolls the step back and raises.
     """
 
     bits: int = 4
@@ -65,6 +79,7 @@ class KVQuantConfig:
     cuda_graph: bool = False
     prefill_chunk_size: int = 4096
     capacity_check: bool = True
+    nonfinite: str = "error"
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -74,36 +89,37 @@ class KVQuantConfig:
             self.value_bits = self.bits
         for name in ("bits", "key_bits", "value_bits"):
             value = getattr(self, name)
-            if value not in SUPPORTED_BITS:
+            if not _is_int(value) or value not in SUPPORTED_BITS:
                 raise KVQuantConfigError(
                     f"{name}={value!r} is not supported; choose one of {SUPPORTED_BITS} (nuq2, nuq3, nuq4)."
                 )
-        if not isinstance(self.outlier_fraction, (int, float)) or not 0.0 <= self.outlier_fraction <= 0.1:
+        if (isinstance(self.outlier_fraction, bool) or not isinstance(self.outlier_fraction, (int, float))
+                or not 0.0 <= self.outlier_fraction <= 0.1):
             raise KVQuantConfigError(
                 f"outlier_fraction={self.outlier_fraction!r} is out of range; use a fraction in [0, 0.1] "
                 "(0.01 means 1% of values are stored exactly)."
             )
         if self.outlier_slots is not None and (
-            not isinstance(self.outlier_slots, int) or not 0 <= self.outlier_slots <= MAX_OUTLIER_SLOTS
+            not _is_int(self.outlier_slots) or not 0 <= self.outlier_slots <= MAX_OUTLIER_SLOTS
         ):
             raise KVQuantConfigError(
                 f"outlier_slots={self.outlier_slots!r} is out of range; use an integer in [0, {MAX_OUTLIER_SLOTS}] "
                 "or None for ceil(outlier_fraction * head_dim)."
             )
-        if not isinstance(self.sink_tokens, int) or not 0 <= self.sink_tokens <= MAX_SINK_TOKENS:
+        if not _is_int(self.sink_tokens) or not 0 <= self.sink_tokens <= MAX_SINK_TOKENS:
             raise KVQuantConfigError(
                 f"sink_tokens={self.sink_tokens!r} is out of range; use an integer in [0, {MAX_SINK_TOKENS}]."
             )
-        if self.backend not in SUPPORTED_BACKENDS:
+        if not isinstance(self.backend, str) or self.backend not in SUPPORTED_BACKENDS:
             raise KVQuantConfigError(
                 f"backend={self.backend!r} is not supported; choose one of {SUPPORTED_BACKENDS}."
             )
-        if not isinstance(self.block_size, int) or self.block_size < 16 or self.block_size % 16:
+        if not _is_int(self.block_size) or self.block_size < 16 or self.block_size % 16:
             raise KVQuantConfigError(
                 f"block_size={self.block_size!r} is invalid; use a positive multiple of 16 (default 256)."
             )
 
-        if not isinstance(self.prefill_chunk_size, int) or self.prefill_chunk_size < 0:
+        if not _is_int(self.prefill_chunk_size) or self.prefill_chunk_size < 0:
             raise KVQuantConfigError(
                 f"prefill_chunk_size={self.prefill_chunk_size!r} is invalid; use a positive number of tokens "
                 "(or 0 to prefill the whole prompt in one call)."
@@ -112,6 +128,21 @@ class KVQuantConfig:
             raise KVQuantConfigError(f"capacity_check={self.capacity_check!r} must be True or False.")
         if not isinstance(self.cuda_graph, bool):
             raise KVQuantConfigError(f"cuda_graph={self.cuda_graph!r} must be True or False.")
+        if not isinstance(self.qnorm, bool):
+            raise KVQuantConfigError(f"qnorm={self.qnorm!r} must be True or False.")
+        if not isinstance(self.nonfinite, str) or self.nonfinite not in NONFINITE_POLICIES:
+            raise KVQuantConfigError(
+                f"nonfinite={self.nonfinite!r} is not supported; choose one of {NONFINITE_POLICIES} ('error' raises "
+                "KVQuantNumericalError on NaN/Inf keys or values, 'zero' stores such tokens as zeros)."
+            )
+        if self.signposts is not None and not (
+            isinstance(self.signposts, str) or hasattr(self.signposts, "__fspath__")
+            or hasattr(self.signposts, "layers")
+        ):
+            raise KVQuantConfigError(
+                f"signposts={type(self.signposts).__name__} is not supported; pass the folder written by calibrate.py "
+                "(a str or path), a loaded Signposts, or None (uncalibrated)."
+            )
 
     def slots_for(self, head_dim: int) -> int:
         """Outlier slots per token and head for this head_dim."""

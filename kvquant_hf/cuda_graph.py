@@ -23,7 +23,7 @@ import inspect
 import torch
 
 from .cache import KVQuantCache
-from .errors import BackendUnavailableError, KVQuantError
+from .errors import BackendUnavailableError, KVQuantError, KVQuantNumericalError
 
 
 class CUDAGraphDecoder:
@@ -70,6 +70,12 @@ class CUDAGraphDecoder:
         self.graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(self.graph):
             self.static_logits = self._forward()
+        # graph mode contains NaN/Inf tokens on the device; with nonfinite="error" each step is checked afterwards
+        self.check_nonfinite = cache.config.nonfinite == "error"
+        self._nonfinite_seen = self._nonfinite_counts()
+
+    def _nonfinite_counts(self) -> list[int]:
+        return torch.cat([layer.nonfinite_counter for layer in self.cache.layers]).tolist()
 
     def _forward(self) -> torch.Tensor:
         out = self.forward(input_ids=self.static_ids, position_ids=self.static_pos, use_cache=True,
@@ -94,6 +100,19 @@ class CUDAGraphDecoder:
         for layer in self.cache.layers:
             layer.length += 1
         self.steps += 1
+        if self.check_nonfinite:
+            counts = self._nonfinite_counts()  # one host sync per step
+            if counts != self._nonfinite_seen:
+                bad = [i for i, (a, b) in enumerate(zip(counts, self._nonfinite_seen)) if a != b]
+                self.rewind(1)
+                for layer, n in zip(self.cache.layers, self._nonfinite_seen):
+                    layer.nonfinite_counter.fill_(n)
+                raise KVQuantNumericalError(
+                    f"layer {bad[0]}: NaN or Inf in the new keys/values of the CUDA-graph decode step at position(s) "
+                    f"{position_ids.flatten().tolist()[:8]}; the step was rolled back (the cache holds what it held "
+                    "before it). Pass cache_config={'nonfinite': 'zero'} to store such tokens as zeros instead.",
+                    layer_idx=bad[0], positions=position_ids.flatten().tolist()[:8], tensors=["keys/values"],
+                )
         return self.static_logits
 
     def rewind(self, n: int) -> None:

@@ -19,3 +19,25 @@ class UnsupportedModelError(KVQuantError, NotImplementedError):
 
 class BackendUnavailableError(KVQuantError, RuntimeError):
     """A backend (for example Triton on a machine without a GPU) that cannot run here."""
+
+
+class CacheMismatchError(KVQuantError, ValueError):
+    """New keys/values that do not fit the cache they are written to (batch, heads, head_dim, dtype, device)."""
+
+
+class KVQuantNumericalError(KVQuantError, FloatingPointError):
+    """NaN or Inf in new keys/values with ``nonfinite="error"`` (the default); nothing of the call was stored.
+
+    Attributes:
+        layer_idx (`int`): the model layer that received them.
+        rows (`list[int]`): batch rows holding a non-finite token.
+        positions (`list[int]`): their positions (the first few).
+        tensors (`list[str]`): ``"keys"`` and/or ``"values"``.
+    """
+
+    def __init__(self, message: str, layer_idx: int = -1, rows=(), positions=(), tensors=()):
+        super().__init__(message)
+        self.layer_idx = layer_idx
+        self.rows = list(rows)
+        self.positions = list(positions)
+        self.tensors = list(tensors)

@@ -36,7 +36,7 @@ from transformers.generation.utils import GenerationMixin
 
 from .cache import KVQuantCache, _LazyLayers
 from .config import KVQuantConfig
-from .errors import KVQuantConfigError
+from .errors import KVQuantConfigError, KVQuantNumericalError
 
 CACHE_IMPLEMENTATION = "kvquant"
 _CACHE_KWARGS = ("cache", "past_key_values")
@@ -266,19 +266,26 @@ class _ForwardRouter:
         past = self.cache.get_seq_length()
         pos, mask, cache_position = kw.get("position_ids"), kw.get("attention_mask"), kw.get("cache_position")
         out = None
-        for s in range(0, n, self.chunk):
-            e = min(n, s + self.chunk)
-            ckw = dict(kw, input_ids=ids[:, s:e])
-            ckw["position_ids"] = (pos[:, s:e] if pos is not None else
-                                   torch.arange(past + s, past + e, device=ids.device).expand(b, e - s))
-            if past + s == 0:
-                if mask is not None:  # the first call: the cache reads left padding from its diagonal
-                    ckw["attention_mask"] = mask[:, :e]
-            else:
-                ckw["attention_mask"] = self._block_mask(mask, past + s, past + e, ckw["position_ids"])
-            if cache_position is not None:
-                ckw["cache_position"] = cache_position[s:e]
-            out = self.original(**ckw)
+        try:
+            for s in range(0, n, self.chunk):
+                e = min(n, s + self.chunk)
+                ckw = dict(kw, input_ids=ids[:, s:e])
+                ckw["position_ids"] = (pos[:, s:e] if pos is not None else
+                                       torch.arange(past + s, past + e, device=ids.device).expand(b, e - s))
+                if past + s == 0:
+                    if mask is not None:  # the first call: the cache reads left padding from its diagonal
+                        ckw["attention_mask"] = mask[:, :e]
+                else:
+                    ckw["attention_mask"] = self._block_mask(mask, past + s, past + e, ckw["position_ids"])
+                if cache_position is not None:
+                    ckw["cache_position"] = cache_position[s:e]
+                out = self.original(**ckw)
+        except KVQuantNumericalError:
+            # the failing chunk was rolled back by the cache; the earlier chunks of this call go too
+            for layer in self.cache.layers:
+                if layer.is_initialized and layer.get_seq_length() > past:
+                    layer._rollback(past)
+            raise
         return out
 
     def _block_mask(self, mask, start: int, end: int, positions: torch.Tensor) -> torch.Tensor:

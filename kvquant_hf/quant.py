@@ -24,6 +24,12 @@ Conventions (every kernel reproduces them bit for bit):
   clipped to the threshold (and counted). Values: per token, exactly ``n_slots`` extremes are removed:
   ``a`` from the bottom and ``n_slots - a`` from the top, with ``a`` chosen to minimize the range of
   what remains (smallest ``a`` on ties); ``l``/``u`` are then the remaining minimum and maximum.
+* **Range arithmetic.** ``zero = u/2 + l/2`` and ``scale = u/2 - l/2`` (halving is exact, so this equals
+  ``(u + l) / 2`` and ``(u - l) / 2`` without overflowing for huge float32 inputs). Per-token value
+  ``scale``/``zero`` saturate at the largest finite number of their storage dtype (65504 for fp16: only
+  float32 models with values beyond +-65504 reach it; such values then clip at the ends of the range);
+  ``scale`` is at least ``MIN_SCALE``, so all-equal and all-zero vectors round-trip exactly through their zero
+  point when the table contains 0, and to within ``MIN_SCALE`` otherwise.
 * **Q-Norm.** Optional per-layer correction ``lut' = (lut - mu_q) / sd_q * sd + mu`` folded into the
   lookup table, so kernels need nothing extra.
 
@@ -163,8 +169,8 @@ def key_zero_scale(lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tens
     """Per-channel ``zero, scale`` (float32) from calibrated thresholds ``[H, D]``."""
     lower = lower.to(torch.float32)
     upper = upper.to(torch.float32)
-    zero = (upper + lower) * 0.5
-    scale = ((upper - lower) * 0.5).clamp_min(MIN_SCALE)
+    zero = upper * 0.5 + lower * 0.5
+    scale = (upper * 0.5 - lower * 0.5).clamp_min(MIN_SCALE)
     return zero, scale
 
 
@@ -257,8 +263,9 @@ def quantize_values(v: torch.Tensor, lut: torch.Tensor, n_slots: int, bits: int)
     a_best = torch.argmin(ranges, dim=-1)  # [B, H, S]
     lo = torch.gather(vals, -1, a_best.unsqueeze(-1)).squeeze(-1)
     hi = torch.gather(vals, -1, (d - 1 - (k - a_best)).unsqueeze(-1)).squeeze(-1)
-    zero = ((hi + lo) * 0.5).to(sd)
-    scale = ((hi - lo) * 0.5).clamp_min(MIN_SCALE).to(sd)
+    smax = torch.finfo(sd).max
+    zero = (hi * 0.5 + lo * 0.5).clamp(-smax, smax).to(sd)
+    scale = (hi * 0.5 - lo * 0.5).clamp(MIN_SCALE, smax).to(sd)
     zero32 = zero.to(torch.float32).unsqueeze(-1)
     scale32 = scale.to(torch.float32).clamp_min(MIN_SCALE).unsqueeze(-1)
     x_norm = (x - zero32) * (1.0 / scale32)

@@ -438,10 +438,12 @@ def load_signposts(
     try:
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise SignpostError(
             f"{meta_path} is not valid JSON ({exc}); the folder is corrupted: re-run calibrate.py."
         ) from exc
+    except OSError as exc:
+        raise SignpostError(f"{meta_path} cannot be read ({exc}); check the folder's permissions.") from exc
     _check_metadata(meta, folder)
     if bits is not None and int(meta["bits"]) != int(bits):
         raise SignpostError(

@@ -310,8 +310,9 @@ def fake_quant_values(v: torch.Tensor, lut: torch.Tensor, n_slots: int, bits: in
         drop_min = (top2[..., 0] - bot2[..., 1]) < (top2[..., 1] - bot2[..., 0])
         lo = torch.where(drop_min, bot2[..., 1], bot2[..., 0])
         hi = torch.where(drop_min, top2[..., 0], top2[..., 1])
-    zero = ((hi + lo) * 0.5).to(sd)
-    scale = ((hi - lo) * 0.5).clamp_min(quant.MIN_SCALE).to(sd)
+    smax = torch.finfo(sd).max  # same range arithmetic as quant.quantize_values
+    zero = (hi * 0.5 + lo * 0.5).clamp(-smax, smax).to(sd)
+    scale = (hi * 0.5 - lo * 0.5).clamp(quant.MIN_SCALE, smax).to(sd)
     zero32 = zero.to(torch.float32).unsqueeze(-1)
     scale32 = scale.to(torch.float32).clamp_min(quant.MIN_SCALE).unsqueeze(-1)
     codes = _encode((x - zero32) * (1.0 / scale32), lut)

@@ -167,3 +167,78 @@ def test_baselines():
 def test_avg_bits():
     assert q.nuq_avg_bits(4, 64, 1) == pytest.approx((4 + 24 / 64 + 4 + 32 / 64 + 24 / 64) / 2)
     assert q.nuq_avg_bits(2, 128, 2) == pytest.approx(2.5)
+
+
+# --------------------------------------------------------------------------------------------
+# property-based (issue #7): any shape, any table, any thresholds
+# --------------------------------------------------------------------------------------------
+_shapes = st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 9), st.sampled_from([16, 32, 64, 128]))
+
+
+@given(st.integers(2, 4), st.lists(st.integers(1, 3), min_size=0, max_size=3), st.sampled_from([8, 16, 48, 64, 128]),
+       st.integers(0, 2**31 - 1))
+@settings(max_examples=25, deadline=None)
+def test_pack_roundtrip_any_leading_shape(bits, lead, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (*lead, d), generator=g)
+    packed = q.pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (*lead, d * bits // 8)
+    assert torch.equal(q.unpack_codes(packed, bits, d), codes)
+
+
+def _random_lut(bits, g):
+    """A sorted table on [-1, 1] with distinct entries, both ends included."""
+    inner = torch.rand(2**bits - 2, generator=g) * 2 - 1
+    return torch.sort(torch.cat([torch.tensor([-1.0, 1.0]), inner])).values
+
+
+@given(st.integers(2, 4), _shapes, st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       st.floats(1e-3, 1e3), st.integers(0, 2**31 - 1))
+@settings(max_examples=20, deadline=None)
+def test_key_error_bounded_by_spacing_and_outliers_exact_property(bits, shape, dtype, mag, seed):
+    b, h, s, d = shape
+    g = torch.Generator().manual_seed(seed)
+    k = (torch.randn(b, h, s, d, generator=g) * mag).to(dtype)
+    lut = _random_lut(bits, g)
+    lo, hi = q.key_thresholds_from_sample(torch.randn(1, h, 32, d, generator=g) * mag, 0.1)
+    n_slots = int(torch.randint(0, 4, (1,), generator=g))
+    pk = q.quantize_keys(k, lut, lo, hi, n_slots, bits)
+    kd = q.dequantize_keys(pk, lut, lo, hi, bits, d)
+    zero, scale = q.key_zero_scale(lo, hi)
+    half_gap = float((lut[1:] - lut[:-1]).max()) / 2
+    x = k.float()
+    clipped = torch.minimum(torch.maximum(x, lo[None, :, None]), hi[None, :, None])
+    used = pk.out_idx != q.UNUSED_SLOT
+    idx = pk.out_idx.long().clamp_max(d - 1)
+    # outliers in slots are exact; every other element is within half the largest gap of its clipped value
+    assert torch.equal(torch.gather(kd, -1, idx)[used], torch.gather(x, -1, idx)[used])
+    in_slot = ((idx.unsqueeze(-1) == torch.arange(d)) & used.unsqueeze(-1)).any(-2)
+    err = (kd - clipped).abs()
+    bound = scale[None, :, None, :] * half_gap * (1 + 1e-5) + 1e-6 * (1 + zero.abs()[None, :, None, :])
+    assert torch.all(err[~in_slot] <= bound.expand_as(err)[~in_slot])
+    outside = ((x < lo[None, :, None]) | (x > hi[None, :, None])).sum(-1)
+    assert pk.n_clipped == int((outside - used.sum(-1)).clamp_min(0).sum())
+
+
+@given(st.integers(2, 4), _shapes, st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
+       st.floats(1e-4, 1e4), st.integers(0, 2**31 - 1))
+@settings(max_examples=20, deadline=None)
+def test_value_error_bounded_by_spacing_and_outliers_exact_property(bits, shape, dtype, mag, seed):
+    b, h, s, d = shape
+    g = torch.Generator().manual_seed(seed)
+    v = (torch.randn(b, h, s, d, generator=g) * mag + torch.randn(1, generator=g) * mag).to(dtype)
+    lut = _random_lut(bits, g)
+    n_slots = int(torch.randint(0, min(4, d // 2), (1,), generator=g))
+    pv = q.quantize_values(v, lut, n_slots, bits)
+    vd = q.dequantize_values(pv, lut, bits, d)
+    x = v.float()
+    idx = pv.out_idx.long()
+    assert torch.equal(torch.gather(vd, -1, idx), torch.gather(x, -1, idx))  # the n_slots extremes are exact
+    assert torch.isfinite(pv.scale).all() and torch.isfinite(pv.zero).all()
+    half_gap = float((lut[1:] - lut[:-1]).max()) / 2
+    scale = pv.scale.float().clamp_min(q.MIN_SCALE).unsqueeze(-1)
+    zero = pv.zero.float().unsqueeze(-1)
+    # the remaining values lie in [zero - scale, zero + scale] up to the rounding of scale/zero to their dtype
+    eps = torch.finfo(pv.scale.dtype).eps
+    bound = scale * half_gap * (1 + 1e-5) + (scale + zero.abs()) * eps * 2 + 1e-6
+    assert torch.all((vd - x).abs() <= bound)

@@ -99,8 +99,8 @@ def _quantize_keys_kernel(
     lut_ptr,  # f32 [2**BITS] signposts (sorted)
     lower_ptr,  # f32 [H, D] per-channel thresholds (contiguous)
     upper_ptr,  # f32 [H, D]
-    zero_ptr,  # f32 [H, D] (upper + lower) / 2
-    scale_ptr,  # f32 [H, D] max((upper - lower) / 2, MIN_SCALE)
+    zero_ptr,  # f32 [H, D] upper / 2 + lower / 2
+    scale_ptr,  # f32 [H, D] max(upper / 2 - lower / 2, MIN_SCALE)
     codes_ptr,  # uint8 [B, H, cap, D*BITS/8] destination (last dim contiguous)
     oval_ptr,  # model dtype [B, H, cap, N_SLOTS] destination
     oidx_ptr,  # uint8 [B, H, cap, N_SLOTS] destination
@@ -204,6 +204,7 @@ def _quantize_values_kernel(
     BITS: tl.constexpr,
     N_SLOTS: tl.constexpr,
     KP: tl.constexpr,  # next power of two >= N_SLOTS + 1
+    SCALE_MAX: tl.constexpr,  # largest finite value of the scale/zero storage dtype
     BLOCK_T: tl.constexpr,
     START_ON_DEVICE: tl.constexpr,
 ):
@@ -260,8 +261,9 @@ def _quantize_values_kernel(
     lo = _pick_f32(bot_v, a_best[:, None], KP)
     hi = _pick_f32(top_v, (N_SLOTS - a_best)[:, None], KP)
 
-    zero = ((hi + lo) * 0.5).to(scale_ptr.dtype.element_ty)
-    scale = tl.maximum((hi - lo) * 0.5, _K_MIN_SCALE).to(scale_ptr.dtype.element_ty)
+    # halves first: no overflow for huge fp32 values; saturate at the storage dtype's largest finite value
+    zero = tl.minimum(tl.maximum(hi * 0.5 + lo * 0.5, -SCALE_MAX), SCALE_MAX).to(scale_ptr.dtype.element_ty)
+    scale = tl.minimum(tl.maximum(hi * 0.5 - lo * 0.5, _K_MIN_SCALE), SCALE_MAX).to(scale_ptr.dtype.element_ty)
     if START_ON_DEVICE:
         dst = t + tl.load(start_ptr).to(tl.int64)
     else:
@@ -391,8 +393,8 @@ def quantize_keys_triton(
     lower = k_lower.to(dev, torch.float32).contiguous()
     upper = k_upper.to(dev, torch.float32).contiguous()
     if k_zero is None or k_scale is None:
-        k_zero = (upper + lower) * 0.5
-        k_scale = ((upper - lower) * 0.5).clamp_min(MIN_SCALE)
+        k_zero = upper * 0.5 + lower * 0.5  # == quant.key_zero_scale
+        k_scale = (upper * 0.5 - lower * 0.5).clamp_min(MIN_SCALE)
     else:
         if k_zero.shape != (h, d) or k_scale.shape != (h, d):
             raise ValueError(f"k_zero/k_scale must have shape {(h, d)}.")
@@ -502,7 +504,8 @@ def quantize_values_triton(
             zero.stride(0), zero.stride(1), zero.stride(2),
             oval.stride(0), oval.stride(1), oval.stride(2),
             oidx.stride(0), oidx.stride(1), oidx.stride(2),
-            HEAD_DIM=d, BITS=bits, N_SLOTS=n_slots, KP=triton.next_power_of_2(n_slots + 1), BLOCK_T=block_t,
+            HEAD_DIM=d, BITS=bits, N_SLOTS=n_slots, KP=triton.next_power_of_2(n_slots + 1),
+            SCALE_MAX=float(torch.finfo(sd).max), BLOCK_T=block_t,
             START_ON_DEVICE=start_dev is not None,
             num_warps=4,
         )

@@ -22,6 +22,32 @@ PATCHES = {
 
 SUPPORTED_MODEL_TYPES = tuple(sorted(PATCHES))
 
+#: transformers versions the patches are written for: [minimum, first unsupported major)
+SUPPORTED_TRANSFORMERS = ("5.17", "6")
+
+
+def check_transformers_version(version: str | None = None) -> None:
+    """Raise UnsupportedModelError unless ``version`` (default: the installed transformers) is in
+    ``SUPPORTED_TRANSFORMERS`` (the attention and cache interfaces changed before 5.17 and may change in 6)."""
+    from packaging.version import InvalidVersion, Version
+
+    if version is None:
+        import transformers
+
+        version = transformers.__version__
+    low, high = SUPPORTED_TRANSFORMERS
+    try:
+        parsed = Version(version)
+    except InvalidVersion as exc:
+        raise UnsupportedModelError(
+            f"cannot parse the transformers version {version!r}; kvquant_hf supports transformers>={low},<{high}."
+        ) from exc
+    if not Version(low) <= Version(parsed.base_version) < Version(high):
+        raise UnsupportedModelError(
+            f"transformers {version} is not supported; kvquant_hf supports transformers>={low},<{high} (tested on "
+            f"5.17 and 5.24). Install one: pip install 'transformers>={low},<{high}'."
+        )
+
 
 def _decoder_layers(model):
     base = getattr(model, "model", model)
@@ -36,6 +62,7 @@ def _decoder_layers(model):
 
 def check_supported(model) -> str:
     """Return the model_type if kvquant_hf can patch it, else raise UnsupportedModelError."""
+    check_transformers_version()
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in PATCHES:
         raise UnsupportedModelError(

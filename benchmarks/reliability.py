@@ -1,0 +1,388 @@
+"""Try every kind of bad input on tiny random models and record what happens.
+
+For each input: the exception raised (type, whether it is a ``KVQuantError``, message), or how it was handled
+when the documented rule is to contain it, and whether the model and caches were left intact: a valid generate
+right after it must equal the reference generate made before anything was tried (and a user cache object that
+saw the failure must, after ``reset()``, give the same tokens again).
+
+Writes ``reliability.md`` / ``.json`` to ``$OUT`` or ``benchmarks/results/``; the CPU soak figures
+(``benchmarks/soak.py``: ``soak_cpu.json`` and ``soak_cpu_kernels.json`` in the same folder) are appended when
+present (``--soak`` runs the first).
+
+Usage: ``PYTHONPATH=. python benchmarks/reliability.py [--soak]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import md_table, results_dir, write_results  # noqa: E402
+
+PROMPT = torch.tensor([[5, 17, 99, 3, 42, 8, 77, 31, 64, 12]])
+NEW = 8
+
+
+def tiny(kind: str = "llama", layers: int = 2, kv_heads: int = 2, seed: int = 0, head_dim: int = 16):
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=1024,
+                  tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    if kind == "mistral":
+        model = MistralForCausalLM(MistralConfig(head_dim=16, sliding_window=8, **common))
+    elif kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(head_dim=head_dim, **common))
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def random_signposts(model=None, bits=4, layers=2, kv_heads=2, head_dim=16, model_type="llama", seed=0):
+    from kvquant_hf.models.loading import model_identity
+    from kvquant_hf.signposts import FORMAT_VERSION, KIND, LayerSignposts, Signposts
+
+    if model is not None:
+        ident = model_identity(model)
+        layers, kv_heads, head_dim = ident["num_hidden_layers"], ident["num_key_value_heads"], ident["head_dim"]
+    else:
+        ident = {"model_type": model_type, "name_or_path": "synthetic", "num_hidden_layers": layers,
+                 "num_attention_heads": 4, "num_key_value_heads": kv_heads, "head_dim": head_dim, "hidden_size": 64}
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(layers):
+        lower = -1 - torch.rand(kv_heads, head_dim, generator=g)
+        out.append(LayerSignposts(
+            key_signposts=torch.sort(torch.rand(2**bits, generator=g) * 2 - 1).values,
+            value_signposts=torch.sort(torch.rand(2**bits, generator=g) * 2 - 1).values,
+            key_lower=lower, key_upper=lower + 1.5 + torch.rand(kv_heads, head_dim, generator=g),
+            key_qnorm=torch.tensor([0.0, 1.0, 0.0, 1.0]), value_qnorm=torch.tensor([0.0, 1.0, 0.0, 1.0])))
+    meta = {"format_version": FORMAT_VERSION, "kind": KIND, "model": ident, "bits": bits, "outlier_fraction": 0.01,
+            "outlier_slots_default": 1, "sink_tokens": 1, "fisher_weighting": "fisher", "calibration": {}, "files": {}}
+    return Signposts(layers=out, metadata=meta)
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling would create the marker file
+        return (open, (self.marker, "w"))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--soak", action="store_true", help="run the CPU soak (2000 steps) first")
+    args = ap.parse_args(argv)
+    warnings.simplefilter("ignore")
+    torch.set_grad_enabled(False)
+
+    import kvquant_hf
+    from kvquant_hf import cache as cache_mod
+    from kvquant_hf.errors import KVQuantError
+    from kvquant_hf.generation import _cache_kwarg_name
+    from kvquant_hf.signposts import METADATA_FILE, layer_filename, save_signposts, sha256_file
+
+    if args.soak:
+        import soak
+
+        soak.main(["--device", "cpu", "--steps", "2000", "--prompt", "256"])
+
+    tmp = Path(tempfile.mkdtemp(prefix="kvq-reliability-"))
+    model = tiny()
+    kw = _cache_kwarg_name(model)
+    sp = random_signposts(model, bits=4)
+    good_dir = tmp / "good"
+    save_signposts(sp, good_dir)
+    good_cfg = {"signposts": str(good_dir), "bits": 4}
+
+    def gen(m=None, n=NEW, **kwargs):
+        return (m or model).generate(PROMPT, max_new_tokens=n, do_sample=False, **kwargs)
+
+    reference = gen(cache_implementation="kvquant", cache_config=good_cfg)
+    user_cache = kvquant_hf.KVQuantCache(good_cfg, model_config=model.config)
+    assert torch.equal(gen(**{kw: user_cache}), reference)
+    user_cache.reset()
+
+    def intact() -> str:
+        ok = torch.equal(gen(cache_implementation="kvquant", cache_config=good_cfg), reference)
+        user_cache.reset()
+        ok_user = torch.equal(gen(**{kw: user_cache}), reference)
+        user_cache.reset()
+        return "yes" if ok and ok_user else f"NO (string form {ok}, cache object {ok_user})"
+
+    def damaged(how: str) -> str:
+        folder = tmp / f"damaged-{how}"
+        shutil.rmtree(folder, ignore_errors=True)
+        save_signposts(random_signposts(model, bits=4), folder)
+        nuq = folder / "nuq4"
+        path = nuq / layer_filename(1)
+        meta_path = nuq / METADATA_FILE
+        if how == "missing":
+            path.unlink()
+        elif how == "truncated":
+            path.write_bytes(path.read_bytes()[:100])
+        elif how == "corrupted":
+            data = bytearray(path.read_bytes())
+            data[-1] ^= 1
+            path.write_bytes(bytes(data))
+        elif how == "version":
+            meta = json.loads(meta_path.read_text())
+            meta["format_version"] = 2
+            meta_path.write_text(json.dumps(meta))
+        elif how == "metadata_pickle":
+            meta_path.write_bytes(pickle.dumps(Payload(str(tmp / "PWNED"))))
+        elif how == "layer_pickle":
+            path.write_bytes(pickle.dumps(Payload(str(tmp / "PWNED"))))
+            meta = json.loads(meta_path.read_text())
+            meta["files"][layer_filename(1)] = sha256_file(str(path))  # checksum matches the pickle
+            meta_path.write_text(json.dumps(meta))
+        elif how == "nan_threshold":
+            from safetensors.torch import save_file
+
+            tensors = random_signposts(model, bits=4).layers[1].tensors()
+            tensors["key_upper"][0, 3] = float("nan")
+            save_file(tensors, str(path))
+            meta = json.loads(meta_path.read_text())
+            meta["files"][layer_filename(1)] = sha256_file(str(path))  # consistent folder, bad numbers
+            meta_path.write_text(json.dumps(meta))
+        elif how == "extra_pickles":
+            for name in ("layer_000.pt", "signposts.pkl", "metadata.bin"):
+                (nuq / name).write_bytes(pickle.dumps(Payload(str(tmp / "PWNED"))))
+        return str(folder)
+
+    def mismatched(**shape) -> str:
+        folder = tmp / ("mm-" + "-".join(f"{k}{v}" for k, v in shape.items()))
+        save_signposts(random_signposts(**shape), folder)
+        return str(folder)
+
+    def poison(layer_idx, call, value=float("nan"), target="k_proj"):
+        state = {"n": 0}
+
+        def hook(_m, _i, out):
+            state["n"] += 1
+            if state["n"] - 1 == call:
+                out = out.clone()
+                out[:, -1] = value
+                return out
+            return None
+
+        return getattr(model.model.layers[layer_idx].self_attn, target).register_forward_hook(hook)
+
+    def with_version(v):
+        tf = sys.modules["transformers"]  # the module object check_transformers_version will import
+        old = tf.__version__
+        tf.__version__ = v
+        try:
+            return gen(cache_implementation="kvquant", cache_config=good_cfg)
+        finally:
+            tf.__version__ = old
+
+    def dtype_change():
+        cache = kvquant_hf.KVQuantCache(good_cfg, model_config=model.config)
+        model(PROMPT, **{kw: cache})
+        model.to(torch.bfloat16)
+        try:
+            model(PROMPT[:, :1], **{kw: cache})
+        finally:
+            model.to(torch.float32)
+
+    def batch_change():
+        model(PROMPT, **{kw: user_cache})
+        model(torch.ones(3, 1, dtype=torch.long), **{kw: user_cache})
+
+    def device_change():
+        from kvquant_hf.config import KVQuantConfig
+        from kvquant_hf.layer_api import AttendInputs, RopeContext
+
+        layer = kvquant_hf.KVQuantLayer(KVQuantConfig(), 0, sp.layers[0], sp.layers[0])
+        inv = 1.0 / (10000 ** (torch.arange(0, 16, 2) / 16))
+
+        def inputs(n, p0, device="cpu"):
+            pos = torch.arange(p0, p0 + n)[None]
+            rope = RopeContext(None, None, inv)
+            rope.cos, rope.sin = rope.cos_sin(pos)
+            x = torch.randn(1, 2, n, 16)
+            return AttendInputs(torch.randn(1, 4, n, 16), x.to(device), x.clone().to(device), pos, rope, None,
+                                0.25, None)
+
+        layer.attend(inputs(5, 0))
+        layer.attend(inputs(1, 5, "meta"))
+
+    def nan_error():
+        h = poison(1, 3)
+        try:
+            gen(**{kw: user_cache})
+        finally:
+            h.remove()
+
+    def lengths_after(fn):
+        def run():
+            try:
+                fn()
+            finally:
+                lengths = {layer.get_seq_length() for layer in user_cache.layers}
+                run.note = f"cache layers hold {sorted(lengths)} tokens afterwards (all alike)"
+                user_cache.reset()
+        return run
+
+    def nan_zero():
+        h = poison(0, 2, float("inf"), "v_proj")
+        try:
+            out = model.generate(PROMPT, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True,
+                                 output_scores=True, cache_implementation="kvquant",
+                                 cache_config={**good_cfg, "nonfinite": "zero"})
+        finally:
+            h.remove()
+        cache = getattr(out, "cache", None) or out.past_key_values
+        finite = all(bool(torch.isfinite(s).all()) for s in out.scores)
+        return (f"contained: n_nonfinite={cache.memory_stats()['n_nonfinite']}, every later score finite={finite}, "
+                f"value scales finite={all(bool(torch.isfinite(layer.v_scale).all()) for layer in cache.layers)}")
+
+    def slots_exhausted():
+        narrow = random_signposts(model, bits=4)
+        for layer in narrow.layers:
+            layer.key_lower = torch.full_like(layer.key_lower, -0.01)
+            layer.key_upper = torch.full_like(layer.key_upper, 0.01)
+        out = model.generate(PROMPT, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True,
+                             cache_implementation="kvquant", cache_config={"signposts": narrow, "bits": 4})
+        cache = getattr(out, "cache", None) or out.past_key_values
+        st = cache.memory_stats()
+        return (f"handled: clipped to the threshold and counted, n_clipped={st['n_clipped']}, "
+                f"outlier_slots={st['outlier_slots']}, slot fill {st['key_outlier_slot_fill']:.2f}")
+
+    def triton_missing():
+        real = cache_mod.importlib.util.find_spec
+        cache_mod.importlib.util.find_spec = lambda name, *a: None if name == "triton" else real(name, *a)
+        try:
+            cache_mod.resolve_backend("triton", torch.device("cuda"), 128)
+        finally:
+            cache_mod.importlib.util.find_spec = real
+
+    g = lambda **cfg: (lambda: gen(cache_implementation="kvquant", cache_config=cfg))  # noqa: E731
+    cases = [
+        ("cache_config bits=5", g(bits=5)),
+        ("cache_config bits='4' (a string)", g(bits="4")),
+        ("cache_config key_bits=8", g(key_bits=8)),
+        ("cache_config outlier_fraction=0.5", g(outlier_fraction=0.5)),
+        ("cache_config outlier_slots=17", g(outlier_slots=17)),
+        ("cache_config sink_tokens=100", g(sink_tokens=100)),
+        ("cache_config nonfinite='ignore'", g(nonfinite="ignore")),
+        ("cache_config backend='cuda'", g(backend="cuda")),
+        ("cache_config with an unknown key 'nbits'", g(nbits=4)),
+        ("cache_config that is a list", lambda: gen(cache_implementation="kvquant", cache_config=[("bits", 4)])),
+        ("qnorm=True without signposts", g(qnorm=True)),
+        ("signposts for 3 layers (model has 2)", g(signposts=mismatched(layers=3), bits=4)),
+        ("signposts for 4 KV heads (model has 2)", g(signposts=mismatched(kv_heads=4), bits=4)),
+        ("signposts for head_dim 32 (model has 16)", g(signposts=mismatched(head_dim=32), bits=4)),
+        ("signposts for model_type mistral on a llama", g(signposts=mismatched(model_type="mistral"), bits=4)),
+        ("bits=3 with a folder holding only nuq4", g(signposts=str(good_dir), bits=3)),
+        ("loaded 4-bit Signposts object with bits=3", g(signposts=sp, bits=3)),
+        ("signpost folder that does not exist", g(signposts=str(tmp / "nowhere"), bits=4)),
+        ("signpost layer file missing", g(signposts=damaged("missing"), bits=4)),
+        ("signpost layer file truncated", g(signposts=damaged("truncated"), bits=4)),
+        ("signpost layer file with one bit flipped", g(signposts=damaged("corrupted"), bits=4)),
+        ("signpost format_version 2", g(signposts=damaged("version"), bits=4)),
+        ("metadata.json replaced by a malicious pickle", g(signposts=damaged("metadata_pickle"), bits=4)),
+        ("layer file replaced by a malicious pickle (checksum updated)", g(signposts=damaged("layer_pickle"), bits=4)),
+        ("malicious pickles added next to valid files", g(signposts=damaged("extra_pickles"), bits=4)),
+        ("signpost file with a NaN threshold (checksum updated)", g(signposts=damaged("nan_threshold"), bits=4)),
+        ("unsupported architecture (Qwen2)", lambda: gen(tiny("qwen2"), cache_implementation="kvquant")),
+        ("float64 model", lambda: gen(tiny().to(torch.float64), cache_implementation="kvquant")),
+        ("head_dim 24 (not a multiple of 16)", lambda: gen(tiny(head_dim=24), cache_implementation="kvquant")),
+        ("transformers 4.46.0", lambda: with_version("4.46.0")),
+        ("transformers 6.0.0", lambda: with_version("6.0.0")),
+        ("backend='triton' on a CPU model", g(backend="triton")),
+        ("backend='triton' on CUDA without the triton package", triton_missing),
+        ("cuda_graph=True on CPU", g(cuda_graph=True)),
+        ("both cache_implementation and a cache object",
+         lambda: gen(cache_implementation="kvquant", **{kw: user_cache})),
+        ("model dtype changed to bf16 mid-sequence", dtype_change),
+        ("keys on another device than the cache (meta)", device_change),
+        ("batch size changed mid-sequence (user cache)", lengths_after(batch_change)),
+        ("NaN in layer-1 keys at decode step 3 (nonfinite='error')", lengths_after(nan_error)),
+        ("Inf in layer-0 values at decode step 2 (nonfinite='zero')", nan_zero),
+        ("key outliers beyond the slots (thresholds +-0.01)", slots_exhausted),
+    ]
+
+    rows = []
+    for desc, fn in cases:
+        row = {"input": desc}
+        try:
+            result = fn()
+            row.update(exception="none", kvquant_error="", message=result if isinstance(result, str) else
+                       "accepted")
+        except Exception as exc:  # noqa: BLE001 - recording every outcome is the point
+            row.update(exception=type(exc).__name__, kvquant_error="yes" if isinstance(exc, KVQuantError) else "NO",
+                       message=str(exc))
+        note = getattr(fn, "note", None)
+        if note:
+            row["message"] += f" [{note}]"
+        row["state_intact"] = intact()
+        rows.append(row)
+        print(row, flush=True)
+    pwned = (tmp / "PWNED").exists()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    def cell(s: str) -> str:
+        return str(s).replace("|", "\\|").replace("\n", " ").replace(str(tmp), "<tmp>")
+
+    expected_none = {"malicious pickles added next to valid files", "key outliers beyond the slots (thresholds +-0.01)",
+                     "Inf in layer-0 values at decode step 2 (nonfinite='zero')"}
+    all_ok = all(r["state_intact"] == "yes" for r in rows) and all(
+        r["kvquant_error"] == "yes" or r["input"] in expected_none for r in rows) and not pwned
+    md = [
+        "# Reliability: bad inputs on tiny random models (CPU)",
+        "",
+        f"{len(rows)} inputs tried. *state intact* = right afterwards, a valid `generate` (string form, and a user "
+        "`KVQuantCache` after `reset()`) equals the reference made before anything was tried. "
+        f"Malicious pickle executed: **{'YES' if pwned else 'no'}**. All as documented: **{all_ok}**.",
+        "",
+        md_table([{k: cell(v) for k, v in r.items()} for r in rows],
+                 ["input", "exception", "kvquant_error", "message", "state_intact"]),
+    ]
+    for name, title, note in (
+        ("soak_cpu", "CPU soak (benchmarks/soak.py)",
+         "Memory: `unaccounted` = process RSS growth - tensor bytes held by the cache; it must stay flat."),
+        ("soak_cpu_kernels", "CPU soak with Triton kernel checks (benchmarks/soak.py --kernel-check)",
+         "Written as soak_cpu.* and renamed. The RSS here also holds the Triton interpreter's own allocations "
+         "made at each checkpoint (compare the run above, without them)."),
+    ):
+        soak_json = os.path.join(results_dir(), f"{name}.json")
+        if not os.path.exists(soak_json):
+            continue
+        import soak
+
+        with open(soak_json) as fh:
+            data = json.load(fh)
+        env = data["environment"]
+        result = {"rows": [r for r in data["rows"] if "step" in r], "summary": env["summary"]}
+        body = soak.markdown(result, "X").split("\n", 1)[1].replace("\n## ", "\n### ")
+        md += ["", f"## {title}", "", f"Command: `{env['command']}` ({env['date']}, {env['device']}). {note}", body]
+    meta = {"all_as_documented": all_ok, "pickle_executed": pwned}
+    print(write_results("reliability", rows, "\n".join(md), meta=meta))
+    return 0 if all_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
