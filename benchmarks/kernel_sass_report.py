@@ -74,7 +74,35 @@ def compile_split(bits=4, dt="fp16", block_n=32, num_warps=4, num_stages=1, slot
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def summarize(kernel, tag: str) -> str:
+def _loop_stats(sass: str):
+    """Instructions of the main loop (largest backward branch) and of its fast path.
+
+    The fast path leaves out the larger-MUFU arm of each if/else inside the loop (the exact-RoPE arm for
+    blocks whose positions are not consecutive): ``loop - slow arm``.
+    """
+    ins = [(int(a, 16), op) for a, op in
+           re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)[^\n]*", sass)]
+    bras = [(int(a, 16), int(t, 16)) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\s+0x([0-9a-f]+)", sass)]
+    back = [(a, t) for a, t in bras if t < a]
+    if not back:
+        return None
+    end, start = max(back, key=lambda x: x[0] - x[1])
+    body = [(a, op) for a, op in ins if start <= a <= end]
+    slow = 0
+    # unconditional forward BRA at u -> x inside the loop: arms (c, u] and (u, x) of an if/else
+    for a, t in bras:
+        if start < a < end and t > a and t <= end:
+            line = re.search(r"/\*%04x\*/\s+(@!?U?P\w+\s+)?BRA" % a, sass)
+            if line and line.group(1):
+                continue
+            arm2 = [op for x, op in body if a < x < t]
+            conds = [c for c, tt in bras if start < c < a and tt == a + 16]
+            arm1 = [op for x, op in body if conds and conds[-1] < x <= a]
+            slow += len(max((arm1, arm2), key=lambda arm: (arm.count("MUFU"), len(arm))))
+    return len(body), len(body) - slow
+
+
+def summarize(kernel, tag: str, elems_per_thread: float | None = None) -> str:
     """Registers, stack, shared memory and an instruction histogram of a compiled kernel."""
     with open("/tmp/k.cubin", "wb") as fh:
         fh.write(kernel.asm["cubin"])
@@ -89,10 +117,17 @@ def summarize(kernel, tag: str) -> str:
     usage = re.search(r"REG:(\d+) STACK:(\d+)", res)
     ops = Counter(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass))
     hist = " ".join(f"{k}={ops.get(k, 0)}" for k in HISTOGRAM)
+    loop = _loop_stats(sass)
+    per = ""
+    if loop:
+        per = f" loop {loop[0]} fast-path {loop[1]}"
+        if elems_per_thread:
+            per += f" ({loop[1] / elems_per_thread:.2f}/elem)"
     return (f"{tag} regs {usage.group(1)} stack {usage.group(2)} smem {kernel.metadata.shared} "
-            f"instructions {sum(ops.values())} {hist}")
+            f"instructions {sum(ops.values())}{per} {hist}")
 
 
 if __name__ == "__main__":
     for kw in json.loads(sys.argv[1] if len(sys.argv) > 1 else '[{"bits": 4}]'):
-        print(summarize(compile_split(**kw), json.dumps(kw)), flush=True)
+        bn, nw, d = kw.get("block_n", 32), kw.get("num_warps", 4), kw.get("d", 128)
+        print(summarize(compile_split(**kw), json.dumps(kw), 2 * bn * d / (32 * nw)), flush=True)
