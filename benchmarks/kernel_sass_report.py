@@ -6,7 +6,10 @@ Shapes are the Llama-3-8B benchmark's (H=8, D=128, 128K tokens); integer argumen
 specializations (==1 -> constexpr, %16 -> divisibility). Output: one line per config; the last config's
 SASS and TTGIR are left in /tmp/k.sass and /tmp/k.ttgir.
 
-Usage: ``python benchmarks/kernel_sass_report.py '[{"bits": 4, "num_warps": 4, "block_n": 32}]'``
+Usage: ``python benchmarks/kernel_sass_report.py '[{"bits": 4, "num_warps": 4, "block_n": 32}]'``; the decode fast path
+(``_packed_decode_kernel``) with ``{"kernel": "decode", "bits": 4, "affine": true, ...}``. ``loop`` counts the SASS
+instructions of the main loop, ``fast-path`` leaves out the exact-RoPE arm (non-consecutive positions), and
+``/elem`` divides the fast path by the K+V elements one thread dequantizes per iteration (2*block_n*D/threads).
 """
 
 import json
@@ -102,6 +105,55 @@ def _loop_stats(sass: str):
     return len(body), len(body) - slow
 
 
+def compile_decode(bits=4, block_n=32, num_warps=4, num_stages=1, slots=2, group=4, fast=True, maxnreg=None,
+                   affine=True, length=131072, h=8, d=128, hist=False):
+    """``triton.compile`` the decode fast-path kernel (:func:`_packed_decode_kernel`) for sm_90."""
+    fn = da._packed_decode_kernel
+    cap = length
+    nb = d * bits // 8
+    vals = dict(L=length, LQ=1, H=h, NUM_SPLITS=33,
+                stride_qb=32 * d, stride_qh=d, stride_ql=d,
+                stride_kcb=h * cap * nb, stride_kch=cap * nb, stride_kct=nb,
+                stride_kvb=h * cap * slots, stride_kvh=cap * slots, stride_kvt=slots,
+                stride_kib=h * cap * slots, stride_kih=cap * slots, stride_kit=slots,
+                stride_vcb=h * cap * nb, stride_vch=cap * nb, stride_vct=nb,
+                stride_vsb=h * cap, stride_vsh=cap, stride_vst=1,
+                stride_vzb=h * cap, stride_vzh=cap, stride_vzt=1,
+                stride_vvb=h * cap * slots, stride_vvh=cap * slots, stride_vvt=slots,
+                stride_vib=h * cap * slots, stride_vih=cap * slots, stride_vit=slots,
+                stride_pb=cap)
+    ptrs = {"q_ptr": "fp16", "kc_ptr": "u8", "kov_ptr": "fp16", "koi_ptr": "u8", "vc_ptr": "u8", "vs_ptr": "fp16",
+            "vz_ptr": "fp16", "vov_ptr": "fp16", "voi_ptr": "u8", "pos_ptr": "i32", "hist_ptr": "i32",
+            "len_ptr": "i32"}
+    cx = dict(HEAD_DIM=d, GROUP=group, K_BITS=bits, V_BITS=bits, K_SLOTS=slots, V_SLOTS=slots, K_AFFINE=affine,
+              V_AFFINE=affine, BLOCK_M=16, BLOCK_N=block_n, HAS_HIST=hist, FAST=fast, LEN_ON_DEVICE=False)
+    return _compile(fn, vals, ptrs, cx, num_warps, num_stages, maxnreg)
+
+
+def _compile(fn, vals, ptrs, cx, num_warps, num_stages, maxnreg):
+    sig, attrs, consts = {}, {}, dict(cx)
+    for i, name in enumerate(fn.arg_names):
+        if name in cx:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + ptrs.get(name, "fp32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in ("qk_scale", "k_a", "k_b", "v_a", "v_b"):
+            sig[name] = "fp32"
+        elif vals[name] == 1:
+            sig[name] = "constexpr"
+            consts[name] = 1
+        else:
+            sig[name] = "i32"
+            if vals[name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    options = dict(num_warps=num_warps, num_stages=num_stages)
+    if maxnreg:
+        options["maxnreg"] = maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
 def summarize(kernel, tag: str, elems_per_thread: float | None = None) -> str:
     """Registers, stack, shared memory and an instruction histogram of a compiled kernel."""
     with open("/tmp/k.cubin", "wb") as fh:
@@ -130,4 +182,6 @@ def summarize(kernel, tag: str, elems_per_thread: float | None = None) -> str:
 if __name__ == "__main__":
     for kw in json.loads(sys.argv[1] if len(sys.argv) > 1 else '[{"bits": 4}]'):
         bn, nw, d = kw.get("block_n", 32), kw.get("num_warps", 4), kw.get("d", 128)
-        print(summarize(compile_split(**kw), json.dumps(kw), 2 * bn * d / (32 * nw)), flush=True)
+        kind = kw.pop("kernel", "split")
+        comp = compile_decode if kind == "decode" else compile_split
+        print(summarize(comp(**kw), kind + " " + json.dumps(kw), 2 * bn * d / (32 * nw)), flush=True)
