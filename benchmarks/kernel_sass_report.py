@@ -113,10 +113,10 @@ def compile_decode(bits=4, block_n=32, num_warps=4, num_stages=1, slots=2, group
     nb = d * bits // 8
     vals = dict(L=length, LQ=1, H=h, NUM_SPLITS=33,
                 stride_qb=32 * d, stride_qh=d, stride_ql=d,
-                stride_kcb=h * cap * nb, stride_kch=cap * nb, stride_kct=nb,
+                stride_kcb=h * cap * nb // 4, stride_kch=cap * nb // 4, stride_kct=nb // 4,
                 stride_kvb=h * cap * slots, stride_kvh=cap * slots, stride_kvt=slots,
                 stride_kib=h * cap * slots, stride_kih=cap * slots, stride_kit=slots,
-                stride_vcb=h * cap * nb, stride_vch=cap * nb, stride_vct=nb,
+                stride_vcb=h * cap * nb // 4, stride_vch=cap * nb // 4, stride_vct=nb // 4,
                 stride_vsb=h * cap, stride_vsh=cap, stride_vst=1,
                 stride_vzb=h * cap, stride_vzh=cap, stride_vzt=1,
                 stride_vvb=h * cap * slots, stride_vvh=cap * slots, stride_vvt=slots,

@@ -381,19 +381,55 @@ def _pair_perm(e, BITS: tl.constexpr):
 
 
 @triton.jit
-def _replace_slots_f16(x, ch, oval_rows, oidx_rows, row_mask, N_SLOTS: tl.constexpr):
-    """:func:`_replace_slots` on float16 ``x`` (the slot values are float16 already)."""
+def _replace_slots_f16(x, ch, oval_rows, oidx_rows, n_mask, N_SLOTS: tl.constexpr):
+    """:func:`_replace_slots` on float16 ``x`` (slot pointers ``[BLOCK_N]``, one token per element)."""
     for s in tl.static_range(N_SLOTS):
-        idx = tl.load(oidx_rows + s, mask=row_mask, other=255).to(tl.int32)  # [BLOCK_N, 1]
-        val = tl.load(oval_rows + s, mask=row_mask, other=0.0).to(tl.float16)
-        x = tl.where(ch[None, :] == idx, val, x)
+        idx = tl.load(oidx_rows + s, mask=n_mask, other=255).to(tl.int32)  # [BLOCK_N]
+        val = tl.load(oval_rows + s, mask=n_mask, other=0.0).to(tl.float16)
+        x = tl.where(ch[None, :] == idx[:, None], val[:, None], x)
     return x
+
+
+@triton.jit
+def _key_slot_scores(q_rows, row_mask, kcb_rows, koi_rows, kov_rows, n_mask, pos, klut_ptr, kscale_h, kzero_h,
+                     inv_freq_ptr, HEAD_DIM: tl.constexpr, K_BITS: tl.constexpr, K_SLOTS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FAST: tl.constexpr):
+    """Score change ``[BLOCK_M, BLOCK_N]`` from the key outlier slots, applied sparsely.
+
+    A slot replaces the dequantized pre-RoPE key element ``k[idx]`` by ``val``; the rotated key changes by
+    ``(val - k[idx]) * R(pos) e_idx``, so the score of row ``m`` changes by ``(val - k[idx])`` times the query
+    rotated back by ``R(pos)`` at channel ``idx``: per token and slot one code, one cos/sin pair and two query
+    gathers instead of a compare and select over every element. A later slot naming the same channel wins (as in
+    :func:`kvquant_hf.quant._apply_slots`); channels >= head_dim (255 = unused) do nothing.
+    """
+    HALF: tl.constexpr = HEAD_DIM // 2
+    corr = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for s in tl.static_range(K_SLOTS):
+        idx = tl.load(koi_rows + s, mask=n_mask, other=255).to(tl.int32)  # [BLOCK_N]
+        use = n_mask & (idx < HEAD_DIM)
+        for t in tl.static_range(s + 1, K_SLOTS):
+            use = use & (tl.load(koi_rows + t, mask=n_mask, other=255).to(tl.int32) != idx)
+        idx = tl.where(use, idx, 0)
+        val = tl.load(kov_rows + s, mask=use, other=0.0).to(tl.float32)
+        bit = idx * K_BITS
+        byte = tl.load(kcb_rows + bit // 8, mask=use, other=0).to(tl.int32)
+        code = (byte >> (bit % 8)) & ((1 << K_BITS) - 1)
+        deq = tl.load(klut_ptr + code) * tl.load(kscale_h + idx) + tl.load(kzero_h + idx)
+        delta = tl.where(use, val - deq, 0.0)
+        dd = idx % HALF
+        c, sn = _cos_sin(pos.to(tl.float32) * tl.load(inv_freq_ptr + dd), FAST)
+        qa = tl.load(q_rows + dd[None, :], mask=row_mask[:, None] & use[None, :], other=0.0).to(tl.float32)
+        qb = tl.load(q_rows + HALF + dd[None, :], mask=row_mask[:, None] & use[None, :], other=0.0).to(tl.float32)
+        second = (idx >= HALF)[None, :]
+        coef = tl.where(second, qb * c[None, :] - qa * sn[None, :], qa * c[None, :] + qb * sn[None, :])
+        corr += coef * delta[None, :]
+    return corr
 
 
 @triton.jit
 def _packed_decode_kernel(
     q_ptr,  # fp16 [B, Hq, Lq, D] queries (RoPE applied)
-    kc_ptr,  # uint8 [B, H, cap, D*K_BITS/8], read as int32 words (4-byte aligned rows)
+    kc_ptr,  # uint8 [B, H, cap, D*K_BITS/8], read as int32 words (4-byte aligned rows, strides in words)
     kov_ptr, koi_ptr,  # [B, H, cap, K_SLOTS] key slot values (fp16) / channels (uint8)
     vc_ptr,  # uint8 [B, H, cap, D*V_BITS/8]
     vs_ptr, vz_ptr,  # fp16 [B, H, cap] value scale / zero
@@ -485,8 +521,8 @@ def _packed_decode_kernel(
     acc1 = tl.zeros([BLOCK_M, HALF], tl.float32)
     acc2 = tl.zeros([BLOCK_M, HALF], tl.float32)
     # per-program bases (64-bit once), then 32-bit offsets
-    kc_base = (kc_ptr + b.to(tl.int64) * stride_kcb + h.to(tl.int64) * stride_kch).to(tl.pointer_type(tl.int32))
-    vc_base = (vc_ptr + b.to(tl.int64) * stride_vcb + h.to(tl.int64) * stride_vch).to(tl.pointer_type(tl.int32))
+    kc_base = kc_ptr.to(tl.pointer_type(tl.int32)) + b.to(tl.int64) * stride_kcb + h.to(tl.int64) * stride_kch
+    vc_base = vc_ptr.to(tl.pointer_type(tl.int32)) + b.to(tl.int64) * stride_vcb + h.to(tl.int64) * stride_vch
     kov_base = kov_ptr + b.to(tl.int64) * stride_kvb + h.to(tl.int64) * stride_kvh
     koi_base = koi_ptr + b.to(tl.int64) * stride_kib + h.to(tl.int64) * stride_kih
     vs_base = vs_ptr + b.to(tl.int64) * stride_vsb + h.to(tl.int64) * stride_vsh
@@ -494,8 +530,10 @@ def _packed_decode_kernel(
     vov_base = vov_ptr + b.to(tl.int64) * stride_vvb + h.to(tl.int64) * stride_vvh
     voi_base = voi_ptr + b.to(tl.int64) * stride_vib + h.to(tl.int64) * stride_vih
     pos_base = pos_ptr + b.to(tl.int64) * stride_pb
-    kwst = stride_kct // 4
-    vwst = stride_vct // 4
+    kcb_base = kc_ptr + b.to(tl.int64) * stride_kcb * 4 + h.to(tl.int64) * stride_kch * 4  # bytes (slots)
+    stride_kcbt = stride_kct * 4
+    kwst = stride_kct  # int32 words (the launcher passes byte strides / 4)
+    vwst = stride_vct
     kwi = tl.arange(0, KW)[None, :]
     vwi = tl.arange(0, VW)[None, :]
 
@@ -513,10 +551,10 @@ def _packed_decode_kernel(
         offs = t0 + jn
         n_mask = offs < hi
         nm = n_mask[:, None]
-        kov_rows = kov_base + offs[:, None] * stride_kvt
-        koi_rows = koi_base + offs[:, None] * stride_kit
-        vov_rows = vov_base + offs[:, None] * stride_vvt
-        voi_rows = voi_base + offs[:, None] * stride_vit
+        kov_rows = kov_base + offs * stride_kvt
+        koi_rows = koi_base + offs * stride_kit
+        vov_rows = vov_base + offs * stride_vvt
+        voi_rows = voi_base + offs * stride_vit
 
         nxt = offs + BLOCK_N
         n_nxt = nxt < hi
@@ -537,8 +575,6 @@ def _packed_decode_kernel(
             c2 = tl.load(klut_ptr + c2.to(tl.int32)).to(tl.float16)
         k1 = c1 * ks1h + kz1h
         k2 = c2 * ks2h + kz2h
-        k1 = _replace_slots_f16(k1, chk, kov_rows, koi_rows, nm, K_SLOTS)
-        k2 = _replace_slots_f16(k2, chk + HALF, kov_rows, koi_rows, nm, K_SLOTS)
 
         p0 = tl.sum(tl.where(jn == 0, pos, 0), axis=0)
         consec = tl.max(tl.abs(tl.where(n_mask, pos - p0 - jn, 0)), axis=0) == 0
@@ -559,6 +595,10 @@ def _packed_decode_kernel(
 
         qk = tl.dot(qa1, tl.trans(kr1))
         qk += tl.dot(qa2, tl.trans(kr2))
+        if K_SLOTS > 0:
+            qk += _key_slot_scores(q_rows, row_mask, kcb_base + offs * stride_kcbt, koi_rows, kov_rows, n_mask, pos,
+                                   klut_ptr, kscale_ptr + h * HEAD_DIM, kzero_ptr + h * HEAD_DIM, inv_freq_ptr,
+                                   HEAD_DIM, K_BITS, K_SLOTS, BLOCK_M, BLOCK_N, FAST)
         qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -581,8 +621,8 @@ def _packed_decode_kernel(
         zeh = ze.to(tl.float16)[:, None]
         v1 = d1 * sch + zeh
         v2 = d2 * sch + zeh
-        v1 = _replace_slots_f16(v1, chv, vov_rows, voi_rows, nm, V_SLOTS)
-        v2 = _replace_slots_f16(v2, chv + HALF, vov_rows, voi_rows, nm, V_SLOTS)
+        v1 = _replace_slots_f16(v1, chv, vov_rows, voi_rows, n_mask, V_SLOTS)
+        v2 = _replace_slots_f16(v2, chv + HALF, vov_rows, voi_rows, n_mask, V_SLOTS)
 
         pd = p.to(tl.float16)
         acc1 = acc1 * alpha[:, None] + tl.dot(pd, v1)
@@ -980,8 +1020,8 @@ def packed_attention_triton(
                 float(scaling * attention_scaling * LOG2E),
                 *(kgrid or (0.0, 1.0)), *(vgrid or (0.0, 1.0)),
                 *query.stride()[:3],
-                *pk.k_codes.stride()[:3], *pk.k_out_val.stride()[:3], *pk.k_out_idx.stride()[:3],
-                *pk.v_codes.stride()[:3], *pk.v_scale.stride()[:3], *pk.v_zero.stride()[:3],
+                *(st // 4 for st in pk.k_codes.stride()[:3]), *pk.k_out_val.stride()[:3], *pk.k_out_idx.stride()[:3],
+                *(st // 4 for st in pk.v_codes.stride()[:3]), *pk.v_scale.stride()[:3], *pk.v_zero.stride()[:3],
                 *pk.v_out_val.stride()[:3], *pk.v_out_idx.stride()[:3],
                 pk.positions.stride(0),
                 HEAD_DIM=d, GROUP=group, K_BITS=kb, V_BITS=vb, K_SLOTS=k_slots, V_SLOTS=v_slots,
