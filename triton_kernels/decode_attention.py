@@ -578,23 +578,19 @@ def _packed_decode_kernel(
 
         p0 = tl.sum(tl.where(jn == 0, pos, 0), axis=0)
         consec = tl.max(tl.abs(tl.where(n_mask, pos - p0 - jn, 0)), axis=0) == 0
+        # each arm computes the scores itself (no tensors of two layouts merged after the branch)
         if consec:
             c0, s0 = _cos_sin(p0.to(tl.float32) * freq, FAST)
             qa1 = (q1 * c0[None, :] + q2 * s0[None, :]).to(tl.float16)
             qa2 = (q2 * c0[None, :] - q1 * s0[None, :]).to(tl.float16)
-            cs = tab_c
-            sn = tab_s
+            qk = tl.dot(qa1, tl.trans(k1 * tab_c - k2 * tab_s))
+            qk += tl.dot(qa2, tl.trans(k2 * tab_c + k1 * tab_s))
         else:
             csf, snf = _cos_sin(pos.to(tl.float32)[:, None] * freq[None, :], FAST)
             cs = csf.to(tl.float16)
             sn = snf.to(tl.float16)
-            qa1 = q1.to(tl.float16)
-            qa2 = q2.to(tl.float16)
-        kr1 = k1 * cs - k2 * sn
-        kr2 = k2 * cs + k1 * sn
-
-        qk = tl.dot(qa1, tl.trans(kr1))
-        qk += tl.dot(qa2, tl.trans(kr2))
+            qk = tl.dot(q1.to(tl.float16), tl.trans(k1 * cs - k2 * sn))
+            qk += tl.dot(q2.to(tl.float16), tl.trans(k2 * cs + k1 * sn))
         if K_SLOTS > 0:
             qk += _key_slot_scores(q_rows, row_mask, kcb_base + offs * stride_kcbt, koi_rows, kov_rows, n_mask, pos,
                                    klut_ptr, kscale_ptr + h * HEAD_DIM, kzero_ptr + h * HEAD_DIM, inv_freq_ptr,
