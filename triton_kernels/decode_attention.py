@@ -352,32 +352,56 @@ def _packed_attn_split_kernel(
 # stage 1, decode fast path: fp16 dequantization in packed pairs (2/4-bit codes, <= 16 query rows)
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def _shift_pair(w, i: tl.constexpr, BITS: tl.constexpr):
+    """int32: code ``i`` of each word in the low half, code ``i + CPW/2`` in the high half, each ``| 0x6400``."""
+    MASK: tl.constexpr = ((1 << BITS) - 1) * 0x10001
+    if i == 0:
+        return (w & MASK) | 0x64006400
+    else:
+        return ((w >> (BITS * i)) & MASK) | 0x64006400
+
+
+@triton.jit
 def _codes_f16(w, BITS: tl.constexpr, BLOCK_N: tl.constexpr, N: tl.constexpr):
     """Codes of int32 words ``w [BLOCK_N, N*BITS/32]`` as float16 small integers ``[BLOCK_N, N]``.
 
     Each word holds ``CPW = 32/BITS`` codes. One mask of ``(w >> BITS*i)`` takes the codes ``i`` and
     ``i + CPW/2`` into the two 16-bit halves, ``| 0x6400`` makes them the float16 ``1024 + code`` and a
-    subtraction of 1024 (exact) leaves the code: a mask and a packed half2 add per two codes. The result is in
-    the *pair order* ``e = CPW*w + 2*i + j`` <-> channel ``CPW*w + i + (CPW/2)*j`` (see :func:`_pair_perm`);
-    queries, scales and outputs use the same order.
+    subtraction of 1024 (exact) leaves the code: a shift, a mask and a packed half2 add per two codes. The
+    shifted copies are combined with ``tl.join`` (new dims stay inside a thread: no layout change), so the
+    result is in the *pair order* of :func:`_pair_perm`; queries, scales and outputs use the same order.
     """
-    CPW: tl.constexpr = 32 // BITS
-    NI: tl.constexpr = CPW // 2
-    MASK: tl.constexpr = ((1 << BITS) - 1) * 0x10001
-    t = ((w[:, :, None] >> (tl.arange(0, NI) * BITS)[None, None, :]) & MASK) | 0x64006400  # [BLOCK_N, W, NI]
-    lo = (t & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
-    hi = (t >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    NI: tl.constexpr = 16 // BITS
+    if NI == 4:
+        c = tl.join(tl.join(_shift_pair(w, 0, BITS), _shift_pair(w, 1, BITS)),
+                    tl.join(_shift_pair(w, 2, BITS), _shift_pair(w, 3, BITS)))
+    else:
+        c = tl.join(tl.join(tl.join(_shift_pair(w, 0, BITS), _shift_pair(w, 1, BITS)),
+                            tl.join(_shift_pair(w, 2, BITS), _shift_pair(w, 3, BITS))),
+                    tl.join(tl.join(_shift_pair(w, 4, BITS), _shift_pair(w, 5, BITS)),
+                            tl.join(_shift_pair(w, 6, BITS), _shift_pair(w, 7, BITS))))
+    lo = (c & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    hi = (c >> 16).to(tl.int16).to(tl.float16, bitcast=True)
     x = tl.reshape(tl.join(lo, hi), (BLOCK_N, N))
     return x - 1024.0
 
 
 @triton.jit
 def _pair_perm(e, BITS: tl.constexpr):
-    """Channel (within a RoPE half) of pair-order index ``e`` (:func:`_codes_f16`)."""
+    """Channel (within a RoPE half) of pair-order index ``e`` (:func:`_codes_f16`).
+
+    ``e = CPW*w + 2*q + j`` holds code ``i + (CPW/2)*j`` of word ``w``, where ``i`` is ``q`` with its bits
+    reversed (the nested joins put the first shift in the slowest in-thread dim).
+    """
     CPW: tl.constexpr = 32 // BITS
     NI: tl.constexpr = CPW // 2
     r = e % CPW
-    return e - r + r // 2 + (r % 2) * NI
+    q = r // 2
+    if NI == 4:
+        i = (q % 2) * 2 + q // 2
+    else:
+        i = (q % 2) * 4 + ((q // 2) % 2) * 2 + q // 4
+    return e - r + i + (r % 2) * NI
 
 
 @triton.jit
