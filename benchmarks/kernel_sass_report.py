@@ -50,7 +50,7 @@ def compile_split(bits=4, dt="fp16", block_n=32, num_warps=4, num_stages=1, slot
                 stride_pb=cap, stride_pt=1, stride_qpb=0, stride_qpl=0)
     ptrs = {"q_ptr": dt, "kc_ptr": "u8", "kov_ptr": dt, "koi_ptr": "u8", "vc_ptr": "u8", "vs_ptr": dt,
             "vz_ptr": dt, "vov_ptr": dt, "voi_ptr": "u8", "pos_ptr": "i32", "hist_ptr": "i32", "qpos_ptr": "i32",
-            "len_ptr": "i32"}
+            "len_ptr": "i32", "kpair_ptr": "i32", "vpair_ptr": "i32"}
     cx = dict(HEAD_DIM=d, GROUP=group, K_BITS=bits, V_BITS=bits, K_SLOTS=slots, V_SLOTS=slots, BLOCK_M=16,
               BLOCK_N=block_n, HAS_HIST=False, HAS_WINDOW=False, ROPE_TABLE=rope_table, USE_DOT=True,
               DOT_F32=dt != "fp16", IEEE=False, FAST=fast, LEN_ON_DEVICE=False)
@@ -124,7 +124,7 @@ def compile_decode(bits=4, block_n=32, num_warps=4, num_stages=1, slots=2, v_slo
                 stride_pb=cap)
     ptrs = {"q_ptr": "fp16", "kc_ptr": "u8", "kov_ptr": "fp16", "koi_ptr": "u8", "vc_ptr": "u8", "vs_ptr": "fp16",
             "vz_ptr": "fp16", "vov_ptr": "fp16", "voi_ptr": "u8", "pos_ptr": "i32", "hist_ptr": "i32",
-            "len_ptr": "i32"}
+            "len_ptr": "i32", "kpair_ptr": "i32", "vpair_ptr": "i32"}
     cx = dict(HEAD_DIM=d, GROUP=group, K_BITS=bits, V_BITS=bits, K_SLOTS=slots,
               V_SLOTS=slots if v_slots is None else v_slots, K_AFFINE=affine,
               V_AFFINE=affine, BLOCK_M=16, BLOCK_N=block_n, HAS_HIST=hist, FAST=fast, LEN_ON_DEVICE=False)

@@ -387,11 +387,12 @@ def _codes_f16(w, BITS: tl.constexpr, BLOCK_N: tl.constexpr, N: tl.constexpr):
 
 
 @triton.jit
-def _pair_perm(e, BITS: tl.constexpr):
-    """Channel (within a RoPE half) of pair-order index ``e`` (:func:`_codes_f16`).
+def _pair_perm(e, BITS: tl.constexpr, LUT: tl.constexpr):
+    """Channel (within a RoPE half) of pair-order index ``e`` (:func:`_codes_f16`, or :func:`_lut_f16` if LUT).
 
-    ``e = CPW*w + 2*q + j`` holds code ``i + (CPW/2)*j`` of word ``w``, where ``i`` is ``q`` with its bits
-    reversed (the nested joins put the first shift in the slowest in-thread dim).
+    ``e = CPW*w + 2*q + j`` (``CPW = 32/BITS`` codes per word ``w``); ``i`` is ``q`` with its bits reversed (the
+    nested joins put the first shift in the slowest in-thread dim). Codes: channel ``i + (CPW/2)*j`` of the
+    word; gathered pairs: channel ``2*i + j``.
     """
     CPW: tl.constexpr = 32 // BITS
     NI: tl.constexpr = CPW // 2
@@ -401,7 +402,45 @@ def _pair_perm(e, BITS: tl.constexpr):
         i = (q % 2) * 2 + q // 2
     else:
         i = (q % 2) * 4 + ((q // 2) % 2) * 2 + q // 4
-    return e - r + i + (r % 2) * NI
+    if LUT:
+        return e - r + 2 * i + (r % 2)
+    else:
+        return e - r + i + (r % 2) * NI
+
+
+@triton.jit
+def _lut_pair(w, tab_ptr, t: tl.constexpr, BITS: tl.constexpr):
+    """int32 = half2 signposts of the two codes in bits ``[2*BITS*t, 2*BITS*(t+1))`` of each word."""
+    SH: tl.constexpr = 2 * BITS * t
+    if SH == 0:
+        u = w & ((1 << (2 * BITS)) - 1)
+    elif SH + 2 * BITS == 32:
+        u = (w >> SH) & ((1 << (2 * BITS)) - 1)
+    else:
+        u = (w >> SH) & ((1 << (2 * BITS)) - 1)
+    return tl.load(tab_ptr + u)
+
+
+@triton.jit
+def _lut_f16(w, tab_ptr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, N: tl.constexpr):
+    """Signposts (float16 ``[BLOCK_N, N]``) of the codes in int32 words ``w``: one gather per code pair.
+
+    ``tab_ptr`` is the half2 pair table of :func:`_pair_table` (entry ``u`` = signposts of the codes
+    ``u & (2**BITS - 1)`` and ``u >> BITS``, low half first). Combined with ``tl.join`` like
+    :func:`_codes_f16`; the order is :func:`_pair_perm` with ``LUT=True``.
+    """
+    NL: tl.constexpr = 16 // BITS  # pairs per word
+    if NL == 4:
+        c = tl.join(tl.join(_lut_pair(w, tab_ptr, 0, BITS), _lut_pair(w, tab_ptr, 1, BITS)),
+                    tl.join(_lut_pair(w, tab_ptr, 2, BITS), _lut_pair(w, tab_ptr, 3, BITS)))
+    else:
+        c = tl.join(tl.join(tl.join(_lut_pair(w, tab_ptr, 0, BITS), _lut_pair(w, tab_ptr, 1, BITS)),
+                            tl.join(_lut_pair(w, tab_ptr, 2, BITS), _lut_pair(w, tab_ptr, 3, BITS))),
+                    tl.join(tl.join(_lut_pair(w, tab_ptr, 4, BITS), _lut_pair(w, tab_ptr, 5, BITS)),
+                            tl.join(_lut_pair(w, tab_ptr, 6, BITS), _lut_pair(w, tab_ptr, 7, BITS))))
+    lo = (c & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    hi = (c >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    return tl.reshape(tl.join(lo, hi), (BLOCK_N, N))
 
 
 @triton.jit
@@ -458,7 +497,8 @@ def _packed_decode_kernel(
     vc_ptr,  # uint8 [B, H, cap, D*V_BITS/8]
     vs_ptr, vz_ptr,  # fp16 [B, H, cap] value scale / zero
     vov_ptr, voi_ptr,  # [B, H, cap, V_SLOTS]
-    klut_ptr, vlut_ptr,  # f32 [2**bits] signposts (gathered per code unless *_AFFINE)
+    klut_ptr, vlut_ptr,  # f32 [2**bits] signposts (key slots read them)
+    kpair_ptr, vpair_ptr,  # int32 half2 pair tables (_pair_table), gathered per code pair unless *_AFFINE
     kzero_ptr, kscale_ptr,  # f32 [H, D] contiguous
     pos_ptr,  # int32 [B, cap]
     inv_freq_ptr,  # f32 [D/2]
@@ -509,8 +549,8 @@ def _packed_decode_kernel(
     lq = rows // GROUP
     hq = h * GROUP + rows % GROUP
     e = tl.arange(0, HALF)
-    chk = _pair_perm(e, K_BITS)  # key channel of pair-order column e (per half)
-    chv = _pair_perm(e, V_BITS)
+    chk = _pair_perm(e, K_BITS, not K_AFFINE)  # key channel of pair-order column e (per half)
+    chv = _pair_perm(e, V_BITS, not V_AFFINE)
     q_rows = q_ptr + b.to(tl.int64) * stride_qb + (hq * stride_qh + lq * stride_ql)[:, None]
     q1 = tl.load(q_rows + chk[None, :], mask=row_mask[:, None], other=0.0).to(tl.float32)
     q2 = tl.load(q_rows + HALF + chk[None, :], mask=row_mask[:, None], other=0.0).to(tl.float32)
@@ -592,11 +632,12 @@ def _packed_decode_kernel(
         nvze = tl.load(vz_base + nxt * stride_vzt, mask=n_nxt, other=0.0)
 
         # keys (pre-RoPE): code -> (grid folded into scale/zero | signpost gather) -> slots
-        c1 = _codes_f16(wk1, K_BITS, BLOCK_N, HALF)
-        c2 = _codes_f16(wk2, K_BITS, BLOCK_N, HALF)
-        if not K_AFFINE:
-            c1 = tl.load(klut_ptr + c1.to(tl.int32)).to(tl.float16)
-            c2 = tl.load(klut_ptr + c2.to(tl.int32)).to(tl.float16)
+        if K_AFFINE:
+            c1 = _codes_f16(wk1, K_BITS, BLOCK_N, HALF)
+            c2 = _codes_f16(wk2, K_BITS, BLOCK_N, HALF)
+        else:
+            c1 = _lut_f16(wk1, kpair_ptr, K_BITS, BLOCK_N, HALF)
+            c2 = _lut_f16(wk2, kpair_ptr, K_BITS, BLOCK_N, HALF)
         k1 = c1 * ks1h + kz1h
         k2 = c2 * ks2h + kz2h
 
@@ -629,14 +670,14 @@ def _packed_decode_kernel(
         # values: per-token scale/zero (the grid folded in when affine) -> slots
         sc = tl.maximum(vsc.to(tl.float32), _K_MIN_SCALE)
         ze = vze.to(tl.float32)
-        d1 = _codes_f16(wv1, V_BITS, BLOCK_N, HALF)
-        d2 = _codes_f16(wv2, V_BITS, BLOCK_N, HALF)
         if V_AFFINE:
+            d1 = _codes_f16(wv1, V_BITS, BLOCK_N, HALF)
+            d2 = _codes_f16(wv2, V_BITS, BLOCK_N, HALF)
             ze = ze + v_a * sc
             sc = sc * v_b
         else:
-            d1 = tl.load(vlut_ptr + d1.to(tl.int32)).to(tl.float16)
-            d2 = tl.load(vlut_ptr + d2.to(tl.int32)).to(tl.float16)
+            d1 = _lut_f16(wv1, vpair_ptr, V_BITS, BLOCK_N, HALF)
+            d2 = _lut_f16(wv2, vpair_ptr, V_BITS, BLOCK_N, HALF)
         sch = sc.to(tl.float16)[:, None]
         zeh = ze.to(tl.float16)[:, None]
         v1 = d1 * sch + zeh
@@ -792,6 +833,23 @@ def _tuple_table(lut: torch.Tensor, bits: int) -> torch.Tensor:
         for key in [k for k, v in _TABLES.items() if v[0]() is None]:
             del _TABLES[key]
     _TABLES[id(lut)] = (weakref.ref(lut), _version_of(lut), bits, tab)
+    return tab
+
+
+def _pair_table(lut: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 ``[2**(2*bits)]``: entry ``u`` packs the float16 signposts of codes ``u & (2**bits-1)`` (low half)
+    and ``u >> bits`` (high half) -- one gather per two codes in the decode fast path. Cached like
+    :func:`_tuple_table`."""
+    key = ("pair", id(lut))
+    hit = _TABLES.get(key)
+    if hit is not None and hit[0]() is lut and hit[1] == _version_of(lut) and hit[2] == bits:
+        return hit[3]
+    u = torch.arange(1 << (2 * bits), device=lut.device)
+    h = lut.to(torch.float16)
+    lo = h[u & ((1 << bits) - 1)].view(torch.int16).to(torch.int32) & 0xFFFF
+    hi = h[u >> bits].view(torch.int16).to(torch.int32) & 0xFFFF
+    tab = (lo | (hi << 16)).contiguous()
+    _TABLES[key] = (weakref.ref(lut), _version_of(lut), bits, tab)
     return tab
 
 
@@ -1032,9 +1090,11 @@ def packed_attention_triton(
             vlut = packed.v_lut.to(dev, torch.float32).contiguous()
             kgrid = None if lut_gather else affine_grid(packed.k_lut)
             vgrid = None if lut_gather else affine_grid(packed.v_lut)
+            kpair = klut if kgrid is not None else _pair_table(packed.k_lut.to(dev), kb)
+            vpair = vlut if vgrid is not None else _pair_table(packed.v_lut.to(dev), vb)
             _LAST_KERNELS["split"] = _packed_decode_kernel[(bsz * h, num_splits)](
                 query, pk.k_codes, pk.k_out_val, pk.k_out_idx, pk.v_codes, pk.v_scale, pk.v_zero,
-                pk.v_out_val, pk.v_out_idx, klut, vlut, kzero, kscale, pk.positions, freq, hist,
+                pk.v_out_val, pk.v_out_idx, klut, vlut, kpair, vpair, kzero, kscale, pk.positions, freq, hist,
                 o_part, lse_part,
                 length, length_dev if length_dev is not None else pk.positions, lq, h, num_splits,
                 float(scaling * attention_scaling * LOG2E),
