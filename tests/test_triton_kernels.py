@@ -436,10 +436,10 @@ def test_decode_fast_path_positions_length_and_blocks():
     q = torch.randn(b, h * group, 1, d, generator=g).half()
     ek = torch.randn(b, h, 1, d, generator=g).half()
     kw = dict(scaling=d ** -0.5, inv_freq=_inv_freq(d, 500000.0))
-    for held, bn in ((150, 16), (61, 32)):
+    for held, bn, prefetch in ((150, 16, True), (61, 32, False), (150, 32, False)):
         ref = packed_attention_torch(q, PackedKV(**{**packed.__dict__, "length": held}), ek, ek, None, **kw)
         got = packed_attention_triton(q, packed, ek, ek, None, num_splits=2, decode_kernel=True, block_n=bn,
-                                      length_dev=torch.tensor([held], dtype=torch.int32), **kw)
+                                      prefetch=prefetch, length_dev=torch.tensor([held], dtype=torch.int32), **kw)
         assert ((got.float() - ref.float()).norm() / ref.float().norm()) < 5e-3
 
 
@@ -459,3 +459,19 @@ def test_decode_fast_path_dispatch_and_affine_detection():
     assert _da.affine_grid(quant.normal_float_signposts(4)) is None
     lut[5] += 1e-3  # in place: the cached answer follows the version counter
     assert _da.affine_grid(lut) is None
+
+
+def test_decode_fast_path_pair_table_follows_the_lut():
+    """The half2 pair tables of the gather path are cached per table tensor and version (in-place edits)."""
+    packed = _make_packed(1, 2, 40, 64, 4, 2, 1, torch.float16, 8)
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(1, 4, 1, 64, generator=g).half()
+    ek = torch.zeros(1, 2, 0, 64).half()
+    kw = dict(scaling=0.125, inv_freq=_inv_freq(64), decode_kernel=True)
+    first = packed_attention_triton(q, packed, ek, ek, None, **kw)
+    packed.k_lut.mul_(0.5)
+    packed.v_lut.add_(0.25)
+    ref = packed_attention_torch(q, packed, ek, ek, None, scaling=0.125, inv_freq=_inv_freq(64))
+    got = packed_attention_triton(q, packed, ek, ek, None, **kw)
+    assert ((got.float() - ref.float()).norm() / ref.float().norm()) < 5e-3
+    assert not torch.allclose(got, first)

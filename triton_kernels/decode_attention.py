@@ -532,6 +532,7 @@ def _packed_decode_kernel(
     HAS_HIST: tl.constexpr,
     FAST: tl.constexpr,
     LEN_ON_DEVICE: tl.constexpr,
+    PREFETCH: tl.constexpr,  # load the next block's words one iteration ahead (registers vs latency)
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
     KW: tl.constexpr = HALF * K_BITS // 32  # int32 words per RoPE half
@@ -552,8 +553,8 @@ def _packed_decode_kernel(
     chk = _pair_perm(e, K_BITS, not K_AFFINE)  # key channel of pair-order column e (per half)
     chv = _pair_perm(e, V_BITS, not V_AFFINE)
     q_rows = q_ptr + b.to(tl.int64) * stride_qb + (hq * stride_qh + lq * stride_ql)[:, None]
-    q1 = tl.load(q_rows + chk[None, :], mask=row_mask[:, None], other=0.0).to(tl.float32)
-    q2 = tl.load(q_rows + HALF + chk[None, :], mask=row_mask[:, None], other=0.0).to(tl.float32)
+    q1 = tl.load(q_rows + chk[None, :], mask=row_mask[:, None], other=0.0)  # fp16 (upcast per use)
+    q2 = tl.load(q_rows + HALF + chk[None, :], mask=row_mask[:, None], other=0.0)
     freq = tl.load(inv_freq_ptr + chk)
     kz1 = tl.load(kzero_ptr + h * HEAD_DIM + chk)
     kz2 = tl.load(kzero_ptr + h * HEAD_DIM + HALF + chk)
@@ -601,16 +602,17 @@ def _packed_decode_kernel(
     kwi = tl.arange(0, KW)[None, :]
     vwi = tl.arange(0, VW)[None, :]
 
-    offs = lo + jn
-    n_mask = offs < hi
-    nm = n_mask[:, None]
-    wk1 = tl.load(kc_base + offs[:, None] * kwst + kwi, mask=nm, other=0)
-    wk2 = tl.load(kc_base + offs[:, None] * kwst + KW + kwi, mask=nm, other=0)
-    wv1 = tl.load(vc_base + offs[:, None] * vwst + vwi, mask=nm, other=0)
-    wv2 = tl.load(vc_base + offs[:, None] * vwst + VW + vwi, mask=nm, other=0)
-    pos = tl.load(pos_base + offs, mask=n_mask, other=0)
-    vsc = tl.load(vs_base + offs * stride_vst, mask=n_mask, other=1.0)
-    vze = tl.load(vz_base + offs * stride_vzt, mask=n_mask, other=0.0)
+    if PREFETCH:  # software prefetch: the packed words, positions and value scales of the first block
+        offs = lo + jn
+        n_mask = offs < hi
+        nm = n_mask[:, None]
+        wk1 = tl.load(kc_base + offs[:, None] * kwst + kwi, mask=nm, other=0)
+        wk2 = tl.load(kc_base + offs[:, None] * kwst + KW + kwi, mask=nm, other=0)
+        wv1 = tl.load(vc_base + offs[:, None] * vwst + vwi, mask=nm, other=0)
+        wv2 = tl.load(vc_base + offs[:, None] * vwst + VW + vwi, mask=nm, other=0)
+        pos = tl.load(pos_base + offs, mask=n_mask, other=0)
+        vsc = tl.load(vs_base + offs * stride_vst, mask=n_mask, other=1.0)
+        vze = tl.load(vz_base + offs * stride_vzt, mask=n_mask, other=0.0)
     for t0 in range(lo, hi, BLOCK_N):
         offs = t0 + jn
         n_mask = offs < hi
@@ -620,16 +622,25 @@ def _packed_decode_kernel(
         vov_rows = vov_base + offs * stride_vvt
         voi_rows = voi_base + offs * stride_vit
 
-        nxt = offs + BLOCK_N
-        n_nxt = nxt < hi
-        nm_nxt = n_nxt[:, None]
-        nwk1 = tl.load(kc_base + nxt[:, None] * kwst + kwi, mask=nm_nxt, other=0)
-        nwk2 = tl.load(kc_base + nxt[:, None] * kwst + KW + kwi, mask=nm_nxt, other=0)
-        nwv1 = tl.load(vc_base + nxt[:, None] * vwst + vwi, mask=nm_nxt, other=0)
-        nwv2 = tl.load(vc_base + nxt[:, None] * vwst + VW + vwi, mask=nm_nxt, other=0)
-        npos = tl.load(pos_base + nxt, mask=n_nxt, other=0)
-        nvsc = tl.load(vs_base + nxt * stride_vst, mask=n_nxt, other=1.0)
-        nvze = tl.load(vz_base + nxt * stride_vzt, mask=n_nxt, other=0.0)
+        if PREFETCH:  # the next block's words while this one is computed
+            nxt = offs + BLOCK_N
+            n_nxt = nxt < hi
+            nm_nxt = n_nxt[:, None]
+            nwk1 = tl.load(kc_base + nxt[:, None] * kwst + kwi, mask=nm_nxt, other=0)
+            nwk2 = tl.load(kc_base + nxt[:, None] * kwst + KW + kwi, mask=nm_nxt, other=0)
+            nwv1 = tl.load(vc_base + nxt[:, None] * vwst + vwi, mask=nm_nxt, other=0)
+            nwv2 = tl.load(vc_base + nxt[:, None] * vwst + VW + vwi, mask=nm_nxt, other=0)
+            npos = tl.load(pos_base + nxt, mask=n_nxt, other=0)
+            nvsc = tl.load(vs_base + nxt * stride_vst, mask=n_nxt, other=1.0)
+            nvze = tl.load(vz_base + nxt * stride_vzt, mask=n_nxt, other=0.0)
+        else:
+            wk1 = tl.load(kc_base + offs[:, None] * kwst + kwi, mask=nm, other=0)
+            wk2 = tl.load(kc_base + offs[:, None] * kwst + KW + kwi, mask=nm, other=0)
+            wv1 = tl.load(vc_base + offs[:, None] * vwst + vwi, mask=nm, other=0)
+            wv2 = tl.load(vc_base + offs[:, None] * vwst + VW + vwi, mask=nm, other=0)
+            pos = tl.load(pos_base + offs, mask=n_mask, other=0)
+            vsc = tl.load(vs_base + offs * stride_vst, mask=n_mask, other=1.0)
+            vze = tl.load(vz_base + offs * stride_vzt, mask=n_mask, other=0.0)
 
         # keys (pre-RoPE): code -> (grid folded into scale/zero | signpost gather) -> slots
         if K_AFFINE:
@@ -646,16 +657,18 @@ def _packed_decode_kernel(
         # each arm computes the scores itself (no tensors of two layouts merged after the branch)
         if consec:
             c0, s0 = _cos_sin(p0.to(tl.float32) * freq, FAST)
-            qa1 = (q1 * c0[None, :] + q2 * s0[None, :]).to(tl.float16)
-            qa2 = (q2 * c0[None, :] - q1 * s0[None, :]).to(tl.float16)
+            q1f = q1.to(tl.float32)
+            q2f = q2.to(tl.float32)
+            qa1 = (q1f * c0[None, :] + q2f * s0[None, :]).to(tl.float16)
+            qa2 = (q2f * c0[None, :] - q1f * s0[None, :]).to(tl.float16)
             qk = tl.dot(qa1, tl.trans(k1 * tab_c - k2 * tab_s))
             qk += tl.dot(qa2, tl.trans(k2 * tab_c + k1 * tab_s))
         else:
             csf, snf = _cos_sin(pos.to(tl.float32)[:, None] * freq[None, :], FAST)
             cs = csf.to(tl.float16)
             sn = snf.to(tl.float16)
-            qk = tl.dot(q1.to(tl.float16), tl.trans(k1 * cs - k2 * sn))
-            qk += tl.dot(q2.to(tl.float16), tl.trans(k2 * cs + k1 * sn))
+            qk = tl.dot(q1, tl.trans(k1 * cs - k2 * sn))
+            qk += tl.dot(q2, tl.trans(k2 * cs + k1 * sn))
         if K_SLOTS > 0:
             qk += _key_slot_scores(q_rows, row_mask, kcb_base + offs * stride_kcbt, koi_rows, kov_rows, n_mask, pos,
                                    klut_ptr, kscale_ptr + h * HEAD_DIM, kzero_ptr + h * HEAD_DIM, inv_freq_ptr,
@@ -689,13 +702,14 @@ def _packed_decode_kernel(
         acc1 = acc1 * alpha[:, None] + tl.dot(pd, v1)
         acc2 = acc2 * alpha[:, None] + tl.dot(pd, v2)
 
-        wk1 = nwk1
-        wk2 = nwk2
-        wv1 = nwv1
-        wv2 = nwv2
-        pos = npos
-        vsc = nvsc
-        vze = nvze
+        if PREFETCH:
+            wk1 = nwk1
+            wk2 = nwk2
+            wv1 = nwv1
+            wv2 = nwv2
+            pos = npos
+            vsc = nvsc
+            vze = nvze
 
     has = l_i > 0.0
     inv_l = 1.0 / tl.where(has, l_i, 1.0)
@@ -953,6 +967,7 @@ def packed_attention_triton(
     length_dev: torch.Tensor | None = None,
     decode_kernel: bool | None = None,
     lut_gather: bool = False,
+    prefetch: bool = True,
 ) -> torch.Tensor:
     """Attention over ``[packed history | exact block]``: the fused Triton version of
     :func:`kvquant_hf.attention.packed_attention_torch` (same arguments and result).
@@ -985,6 +1000,7 @@ def packed_attention_triton(
             applies, False = never, True = required (ValueError if it does not apply).
         lut_gather (`bool`): decode fast path only: gather the signposts even when a table is a uniform grid
             (the affine shortcut is taken by default; this knob exists for tests and benchmarks).
+        prefetch (`bool`): decode fast path only: load the next block's packed words one iteration ahead.
 
     Returns:
         `torch.Tensor`: ``[batch_size, num_q_heads, q_len, head_dim]`` in the query dtype; rows with
@@ -1107,7 +1123,7 @@ def packed_attention_triton(
                 HEAD_DIM=d, GROUP=group, K_BITS=kb, V_BITS=vb, K_SLOTS=k_slots, V_SLOTS=v_slots,
                 K_AFFINE=kgrid is not None, V_AFFINE=vgrid is not None,
                 BLOCK_M=block_m, BLOCK_N=block_n, HAS_HIST=hist_start is not None,
-                FAST=query.is_cuda, LEN_ON_DEVICE=length_dev is not None,
+                FAST=query.is_cuda, LEN_ON_DEVICE=length_dev is not None, PREFETCH=prefetch,
                 num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
             )
         else:
