@@ -286,8 +286,12 @@ def main(argv=None):
                 add(b, length, f"nuq{bits}-1%", te, tg, nbytes, t_sdpa, note=f"default config, splits {splits}")
                 variants = []
                 if sweep and args.quick:
-                    variants = [dict(block_n=16, num_warps=4), dict(block_n=64, num_warps=4), dict(block_n=32, num_warps=8),
-                                dict(block_n=32, num_warps=2), dict(num_splits=splits * 2), dict(block_n=16, num_warps=2)]
+                    variants = [dict(block_n=64, num_warps=8), dict(block_n=32, num_warps=8), dict(block_n=16, num_warps=4),
+                                dict(maxnreg=128), dict(prefetch=False), dict(sparse_key_slots=True),
+                                dict(num_splits=splits * 2)]
+                    if args.kernel == "old":
+                        variants = [dict(block_n=16, num_warps=4), dict(block_n=64, num_warps=4),
+                                    dict(block_n=32, num_warps=8), dict(num_splits=splits * 2)]
                 elif sweep:
                     variants = [dict(block_n=32, num_warps=8), dict(block_n=64, num_warps=4),
                                 dict(block_n=32, num_warps=4, maxnreg=128), dict(block_n=16, num_warps=4, maxnreg=96),

@@ -533,6 +533,7 @@ def _packed_decode_kernel(
     FAST: tl.constexpr,
     LEN_ON_DEVICE: tl.constexpr,
     PREFETCH: tl.constexpr,  # load the next block's words one iteration ahead (registers vs latency)
+    K_SPARSE: tl.constexpr,  # key slots as a score correction (True) or replaced in the dequantized keys
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
     KW: tl.constexpr = HALF * K_BITS // 32  # int32 words per RoPE half
@@ -651,6 +652,9 @@ def _packed_decode_kernel(
             c2 = _lut_f16(wk2, kpair_ptr, K_BITS, BLOCK_N, HALF)
         k1 = c1 * ks1h + kz1h
         k2 = c2 * ks2h + kz2h
+        if not K_SPARSE:
+            k1 = _replace_slots_f16(k1, chk, kov_rows, koi_rows, n_mask, K_SLOTS)
+            k2 = _replace_slots_f16(k2, chk + HALF, kov_rows, koi_rows, n_mask, K_SLOTS)
 
         p0 = tl.sum(tl.where(jn == 0, pos, 0), axis=0)
         consec = tl.max(tl.abs(tl.where(n_mask, pos - p0 - jn, 0)), axis=0) == 0
@@ -669,7 +673,7 @@ def _packed_decode_kernel(
             sn = snf.to(tl.float16)
             qk = tl.dot(q1, tl.trans(k1 * cs - k2 * sn))
             qk += tl.dot(q2, tl.trans(k2 * cs + k1 * sn))
-        if K_SLOTS > 0:
+        if K_SPARSE:
             qk += _key_slot_scores(q_rows, row_mask, kcb_base + offs * stride_kcbt, koi_rows, kov_rows, n_mask, pos,
                                    klut_ptr, kscale_ptr + h * HEAD_DIM, kzero_ptr + h * HEAD_DIM, inv_freq_ptr,
                                    HEAD_DIM, K_BITS, K_SLOTS, BLOCK_M, BLOCK_N, FAST)
@@ -968,6 +972,7 @@ def packed_attention_triton(
     decode_kernel: bool | None = None,
     lut_gather: bool = False,
     prefetch: bool = True,
+    sparse_key_slots: bool = False,
 ) -> torch.Tensor:
     """Attention over ``[packed history | exact block]``: the fused Triton version of
     :func:`kvquant_hf.attention.packed_attention_torch` (same arguments and result).
@@ -1001,6 +1006,9 @@ def packed_attention_triton(
         lut_gather (`bool`): decode fast path only: gather the signposts even when a table is a uniform grid
             (the affine shortcut is taken by default; this knob exists for tests and benchmarks).
         prefetch (`bool`): decode fast path only: load the next block's packed words one iteration ahead.
+        sparse_key_slots (`bool`): decode fast path only: apply the key outlier slots as a per-token score
+            correction (True) or by a compare and select over the dequantized keys (False, the default: fewer
+            instructions once the keys are dequantized in packed pairs).
 
     Returns:
         `torch.Tensor`: ``[batch_size, num_q_heads, q_len, head_dim]`` in the query dtype; rows with
@@ -1124,6 +1132,7 @@ def packed_attention_triton(
                 K_AFFINE=kgrid is not None, V_AFFINE=vgrid is not None,
                 BLOCK_M=block_m, BLOCK_N=block_n, HAS_HIST=hist_start is not None,
                 FAST=query.is_cuda, LEN_ON_DEVICE=length_dev is not None, PREFETCH=prefetch,
+                K_SPARSE=k_slots > 0 and sparse_key_slots,
                 num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
             )
         else:
