@@ -106,7 +106,7 @@ def _loop_stats(sass: str):
 
 
 def compile_decode(bits=4, block_n=32, num_warps=4, num_stages=1, slots=2, v_slots=None, group=4, fast=True, maxnreg=None,
-                   affine=True, length=131072, h=8, d=128, hist=False, prefetch=True, sparse=True):
+                   affine=True, length=131072, h=8, d=128, hist=False, prefetch=True, sparse=False):
     """``triton.compile`` the decode fast-path kernel (:func:`_packed_decode_kernel`) for sm_90."""
     fn = da._packed_decode_kernel
     cap = length
