@@ -11,7 +11,11 @@ write; GB/s is compared with a measured device-to-device copy. Append cost: the 
 for one new token per sequence (decode) and for a 4096-token chunk.
 
 Usage: ``PYTHONPATH=. python benchmarks/decode_attention.py [--contexts 4096 ...] [--batches 1 8]
-[--sweep]``; writes ``decode_attention.md`` and ``.csv`` under $OUT (else benchmarks/results/).
+[--sweep | --quick] [--kernel auto|old|decode] [--lut uniform|nf] [--cfg JSON] [--tag SUFFIX]``; writes
+``decode_attention<tag>.md`` and ``.csv`` under $OUT (else benchmarks/results/). ``--quick``: batch 1 @ 128K,
+nuq4/nuq2, default config plus a small sweep of the kernel knobs (a couple of minutes). ``--kernel old`` forces the
+general split kernel (the pre-fast-path code), ``decode`` the decode fast path. ``--lut nf``: NormalFloat
+signposts (the per-code-pair gather path) instead of the uniform grid (affine path).
 """
 
 from __future__ import annotations
@@ -287,8 +291,8 @@ def main(argv=None):
                 variants = []
                 if sweep and args.quick:
                     variants = [dict(block_n=64, num_warps=8), dict(block_n=32, num_warps=8), dict(block_n=16, num_warps=4),
-                                dict(maxnreg=128), dict(prefetch=False), dict(sparse_key_slots=True),
-                                dict(num_splits=splits * 2)]
+                                dict(maxnreg=128), dict(prefetch=False), dict(prefetch=False, maxnreg=168),
+                                dict(sparse_key_slots=True), dict(num_splits=splits * 2)]
                     if args.kernel == "old":
                         variants = [dict(block_n=16, num_warps=4), dict(block_n=64, num_warps=4),
                                     dict(block_n=32, num_warps=8), dict(num_splits=splits * 2)]
