@@ -444,12 +444,21 @@ def _lut_f16(w, tab_ptr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, N: tl.conste
 
 
 @triton.jit
-def _replace_slots_f16(x, ch, oval_rows, oidx_rows, n_mask, N_SLOTS: tl.constexpr):
-    """:func:`_replace_slots` on float16 ``x`` (slot pointers ``[BLOCK_N]``, one token per element)."""
+def _replace_slots_f16(x, e, BITS: tl.constexpr, LUT: tl.constexpr, HALF_BASE: tl.constexpr, oval_rows, oidx_rows,
+                       n_mask, N_SLOTS: tl.constexpr):
+    """:func:`_replace_slots` on float16 ``x [BLOCK_N, N]`` in pair order (column ``e``, channels
+    ``HALF_BASE + _pair_perm(e)``); slot pointers ``[BLOCK_N]``.
+
+    The channel of column ``e`` is ``word base + offset``; the compare is written as
+    ``idx - word_base == offset`` so the offsets (the same in every word) can stay immediates.
+    """
+    CPW: tl.constexpr = 32 // BITS
+    off = _pair_perm(e % CPW, BITS, LUT)  # channel offset inside the word
+    base = e - e % CPW + HALF_BASE
     for s in tl.static_range(N_SLOTS):
         idx = tl.load(oidx_rows + s, mask=n_mask, other=255).to(tl.int32)  # [BLOCK_N]
         val = tl.load(oval_rows + s, mask=n_mask, other=0.0).to(tl.float16)
-        x = tl.where(ch[None, :] == idx[:, None], val[:, None], x)
+        x = tl.where((idx[:, None] - base[None, :]) == off[None, :], val[:, None], x)
     return x
 
 
@@ -653,8 +662,8 @@ def _packed_decode_kernel(
         k1 = c1 * ks1h + kz1h
         k2 = c2 * ks2h + kz2h
         if not K_SPARSE:
-            k1 = _replace_slots_f16(k1, chk, kov_rows, koi_rows, n_mask, K_SLOTS)
-            k2 = _replace_slots_f16(k2, chk + HALF, kov_rows, koi_rows, n_mask, K_SLOTS)
+            k1 = _replace_slots_f16(k1, e, K_BITS, not K_AFFINE, 0, kov_rows, koi_rows, n_mask, K_SLOTS)
+            k2 = _replace_slots_f16(k2, e, K_BITS, not K_AFFINE, HALF, kov_rows, koi_rows, n_mask, K_SLOTS)
 
         p0 = tl.sum(tl.where(jn == 0, pos, 0), axis=0)
         consec = tl.max(tl.abs(tl.where(n_mask, pos - p0 - jn, 0)), axis=0) == 0
@@ -699,8 +708,8 @@ def _packed_decode_kernel(
         zeh = ze.to(tl.float16)[:, None]
         v1 = d1 * sch + zeh
         v2 = d2 * sch + zeh
-        v1 = _replace_slots_f16(v1, chv, vov_rows, voi_rows, n_mask, V_SLOTS)
-        v2 = _replace_slots_f16(v2, chv + HALF, vov_rows, voi_rows, n_mask, V_SLOTS)
+        v1 = _replace_slots_f16(v1, e, V_BITS, not V_AFFINE, 0, vov_rows, voi_rows, n_mask, V_SLOTS)
+        v2 = _replace_slots_f16(v2, e, V_BITS, not V_AFFINE, HALF, vov_rows, voi_rows, n_mask, V_SLOTS)
 
         pd = p.to(tl.float16)
         acc1 = acc1 * alpha[:, None] + tl.dot(pd, v1)
