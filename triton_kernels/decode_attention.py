@@ -353,12 +353,35 @@ def _packed_attn_split_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _shift_pair(w, i: tl.constexpr, BITS: tl.constexpr):
-    """int32: code ``i`` of each word in the low half, code ``i + CPW/2`` in the high half, each ``| 0x6400``."""
+    """int32 holding code ``i`` (low half) and code ``i + CPW/2`` (high half) of each word as float16 bits
+    ``0x6400 | code << (BITS*k)``, i.e. ``1024 + code * 2**(BITS*k)``, with ``k = i % NS`` (see :func:`_code_scale`).
+
+    Codes whose bits already lie in a half's mantissa (bits 0 .. 9) are masked in place: one shift per ``NS``
+    pairs instead of one per pair.
+    """
+    NS: tl.constexpr = 1 if BITS == 4 else 10 // BITS  # pairs per shift (code bits < 10; 4 bits: measured no gain)
     MASK: tl.constexpr = ((1 << BITS) - 1) * 0x10001
-    if i == 0:
-        return (w & MASK) | 0x64006400
+    SH: tl.constexpr = BITS * NS * (i // NS)
+    K: tl.constexpr = i % NS
+    if SH == 0:
+        return (w & (MASK << (BITS * K))) | 0x64006400
     else:
-        return ((w >> (BITS * i)) & MASK) | 0x64006400
+        return ((w >> SH) & (MASK << (BITS * K))) | 0x64006400
+
+
+@triton.jit
+def _code_scale(e, BITS: tl.constexpr):
+    """``2**-(BITS*k)`` of pair-order column ``e`` (:func:`_shift_pair`): undoes the in-place mask."""
+    NS: tl.constexpr = 1 if BITS == 4 else 10 // BITS
+    CPW: tl.constexpr = 32 // BITS
+    NI: tl.constexpr = CPW // 2
+    q = (e % CPW) // 2
+    if NI == 4:
+        i = (q % 2) * 2 + q // 2
+    else:
+        i = (q % 2) * 4 + ((q // 2) % 2) * 2 + q // 4
+    k = i % NS
+    return tl.exp2((-(BITS * k)).to(tl.float32))
 
 
 @triton.jit
@@ -366,8 +389,9 @@ def _codes_f16(w, BITS: tl.constexpr, BLOCK_N: tl.constexpr, N: tl.constexpr):
     """Codes of int32 words ``w [BLOCK_N, N*BITS/32]`` as float16 small integers ``[BLOCK_N, N]``.
 
     Each word holds ``CPW = 32/BITS`` codes. One mask of ``(w >> BITS*i)`` takes the codes ``i`` and
-    ``i + CPW/2`` into the two 16-bit halves, ``| 0x6400`` makes them the float16 ``1024 + code`` and a
-    subtraction of 1024 (exact) leaves the code: a shift, a mask and a packed half2 add per two codes. The
+    ``i + CPW/2`` into the two 16-bit halves, ``| 0x6400`` makes them the float16 ``1024 + code`` (codes already
+    inside the mantissa are masked in place, ``1024 + code * 2**(BITS*k)``) and one packed half2 FMA with
+    power-of-two constants (exact) leaves the code: about a mask and an FMA per two codes. The
     shifted copies are combined with ``tl.join`` (new dims stay inside a thread: no layout change), so the
     result is in the *pair order* of :func:`_pair_perm`; queries, scales and outputs use the same order.
     """
@@ -383,7 +407,8 @@ def _codes_f16(w, BITS: tl.constexpr, BLOCK_N: tl.constexpr, N: tl.constexpr):
     lo = (c & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
     hi = (c >> 16).to(tl.int16).to(tl.float16, bitcast=True)
     x = tl.reshape(tl.join(lo, hi), (BLOCK_N, N))
-    return x - 1024.0
+    f = _code_scale(tl.arange(0, N), BITS).to(tl.float16)[None, :]
+    return x * f - 1024.0 * f  # exact: a power-of-two scale of small integers
 
 
 @triton.jit
