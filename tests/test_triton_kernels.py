@@ -414,9 +414,10 @@ def test_decode_fast_path_matches_reference(lut_kind, bits, d, group, slots):
               hist_start=torch.tensor([0, 9]))
     ref = packed_attention_torch(q, packed, ek, ev, None, **kw)
     outs = []
-    for lut_gather, sparse in ((False, False), (True, True), (False, True), (True, False)):
+    for lut_gather, sparse, key_f32 in ((False, False, True), (True, True, False), (False, True, True),
+                                        (True, False, False)):
         got = packed_attention_triton(q, packed, ek, ev, None, num_splits=3, decode_kernel=True,
-                                      lut_gather=lut_gather, sparse_key_slots=sparse, **kw)
+                                      lut_gather=lut_gather, sparse_key_slots=sparse, key_f32=key_f32, **kw)
         torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
         assert ((got.float() - ref.float()).norm() / ref.float().norm()) < 5e-3
         outs.append(got)
@@ -436,11 +437,11 @@ def test_decode_fast_path_positions_length_and_blocks():
     q = torch.randn(b, h * group, 1, d, generator=g).half()
     ek = torch.randn(b, h, 1, d, generator=g).half()
     kw = dict(scaling=d ** -0.5, inv_freq=_inv_freq(d, 500000.0))
-    for held, bn, prefetch, sparse in ((150, 16, True, True), (61, 32, False, False), (150, 32, False, True),
-                                       (150, 64, True, False)):
+    for held, bn, prefetch, sparse, key_f32 in ((150, 16, True, True, True), (61, 32, False, False, True),
+                                                (150, 32, False, True, False), (150, 64, True, False, False)):
         ref = packed_attention_torch(q, PackedKV(**{**packed.__dict__, "length": held}), ek, ek, None, **kw)
         got = packed_attention_triton(q, packed, ek, ek, None, num_splits=2, decode_kernel=True, block_n=bn,
-                                      prefetch=prefetch, sparse_key_slots=sparse,
+                                      prefetch=prefetch, sparse_key_slots=sparse, key_f32=key_f32,
                                       length_dev=torch.tensor([held], dtype=torch.int32), **kw)
         assert ((got.float() - ref.float()).norm() / ref.float().norm()) < 5e-3
 

@@ -568,6 +568,7 @@ def _packed_decode_kernel(
     LEN_ON_DEVICE: tl.constexpr,
     PREFETCH: tl.constexpr,  # load the next block's words one iteration ahead (registers vs latency)
     K_SPARSE: tl.constexpr,  # key slots as a score correction (True) or replaced in the dequantized keys
+    KEY_F32: tl.constexpr,  # keys: float32 scale/zero/RoPE (True) or packed half2 math
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
     KW: tl.constexpr = HALF * K_BITS // 32  # int32 words per RoPE half
@@ -613,8 +614,9 @@ def _packed_decode_kernel(
 
     jn = tl.arange(0, BLOCK_N)
     tab_c, tab_s = _cos_sin_small(jn.to(tl.float32)[:, None] * freq[None, :], FAST)  # R(j)
-    tab_c = tab_c.to(tl.float16)
-    tab_s = tab_s.to(tl.float16)
+    if not KEY_F32:
+        tab_c = tab_c.to(tl.float16)
+        tab_s = tab_s.to(tl.float16)
 
     m_i = tl.full([BLOCK_M], _K_NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -684,8 +686,12 @@ def _packed_decode_kernel(
         else:
             c1 = _lut_f16(wk1, kpair_ptr, K_BITS, BLOCK_N, HALF)
             c2 = _lut_f16(wk2, kpair_ptr, K_BITS, BLOCK_N, HALF)
-        k1 = c1 * ks1h + kz1h
-        k2 = c2 * ks2h + kz2h
+        if KEY_F32:  # float32 scale/zero and RoPE, one rounding to fp16 for the MMA (as the general kernel)
+            k1 = c1.to(tl.float32) * ks1[None, :] + kz1[None, :]
+            k2 = c2.to(tl.float32) * ks2[None, :] + kz2[None, :]
+        else:  # packed half2 math (fewer registers, ~3x the rounding error of the scores)
+            k1 = c1 * ks1h + kz1h
+            k2 = c2 * ks2h + kz2h
         if not K_SPARSE:
             k1 = _replace_slots_f16(k1, e, K_BITS, not K_AFFINE, 0, kov_rows, koi_rows, n_mask, K_SLOTS)
             k2 = _replace_slots_f16(k2, e, K_BITS, not K_AFFINE, HALF, kov_rows, koi_rows, n_mask, K_SLOTS)
@@ -699,14 +705,18 @@ def _packed_decode_kernel(
             q2f = q2.to(tl.float32)
             qa1 = (q1f * c0[None, :] + q2f * s0[None, :]).to(tl.float16)
             qa2 = (q2f * c0[None, :] - q1f * s0[None, :]).to(tl.float16)
-            qk = tl.dot(qa1, tl.trans(k1 * tab_c - k2 * tab_s))
-            qk += tl.dot(qa2, tl.trans(k2 * tab_c + k1 * tab_s))
+            qk = tl.dot(qa1, tl.trans((k1 * tab_c - k2 * tab_s).to(tl.float16)))
+            qk += tl.dot(qa2, tl.trans((k2 * tab_c + k1 * tab_s).to(tl.float16)))
         else:
             csf, snf = _cos_sin(pos.to(tl.float32)[:, None] * freq[None, :], FAST)
-            cs = csf.to(tl.float16)
-            sn = snf.to(tl.float16)
-            qk = tl.dot(q1, tl.trans(k1 * cs - k2 * sn))
-            qk += tl.dot(q2, tl.trans(k2 * cs + k1 * sn))
+            if KEY_F32:
+                cs = csf
+                sn = snf
+            else:
+                cs = csf.to(tl.float16)
+                sn = snf.to(tl.float16)
+            qk = tl.dot(q1, tl.trans((k1 * cs - k2 * sn).to(tl.float16)))
+            qk += tl.dot(q2, tl.trans((k2 * cs + k1 * sn).to(tl.float16)))
         if K_SPARSE:
             qk += _key_slot_scores(q_rows, row_mask, kcb_base + offs * stride_kcbt, koi_rows, kov_rows, n_mask, pos,
                                    klut_ptr, kscale_ptr + h * HEAD_DIM, kzero_ptr + h * HEAD_DIM, inv_freq_ptr,
@@ -1007,6 +1017,7 @@ def packed_attention_triton(
     lut_gather: bool = False,
     prefetch: bool = True,
     sparse_key_slots: bool = False,
+    key_f32: bool = True,
 ) -> torch.Tensor:
     """Attention over ``[packed history | exact block]``: the fused Triton version of
     :func:`kvquant_hf.attention.packed_attention_torch` (same arguments and result).
@@ -1043,6 +1054,8 @@ def packed_attention_triton(
         sparse_key_slots (`bool`): decode fast path only: apply the key outlier slots as a per-token score
             correction (True) or by a compare and select over the dequantized keys (False, the default: fewer
             instructions once the keys are dequantized in packed pairs).
+        key_f32 (`bool`): decode fast path only: key scale/zero and RoPE in float32 (default: about the same
+            instruction count, more registers, ~2x smaller score error than half2 math) or packed half2 (False).
 
     Returns:
         `torch.Tensor`: ``[batch_size, num_q_heads, q_len, head_dim]`` in the query dtype; rows with
@@ -1166,7 +1179,7 @@ def packed_attention_triton(
                 K_AFFINE=kgrid is not None, V_AFFINE=vgrid is not None,
                 BLOCK_M=block_m, BLOCK_N=block_n, HAS_HIST=hist_start is not None,
                 FAST=query.is_cuda, LEN_ON_DEVICE=length_dev is not None, PREFETCH=prefetch,
-                K_SPARSE=k_slots > 0 and sparse_key_slots,
+                K_SPARSE=k_slots > 0 and sparse_key_slots, KEY_F32=key_f32,
                 num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
             )
         else:
