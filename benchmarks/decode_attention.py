@@ -290,10 +290,9 @@ def main(argv=None):
                 add(b, length, f"nuq{bits}-1%", te, tg, nbytes, t_sdpa, note=f"default config, splits {splits}")
                 variants = []
                 if sweep and args.quick:
-                    variants = [dict(block_n=64, num_warps=8), dict(block_n=32, num_warps=8), dict(block_n=16, num_warps=4),
-                                dict(maxnreg=168), dict(prefetch=False), dict(prefetch=False, maxnreg=168),
-                                dict(key_f32=False), dict(key_f32=False, maxnreg=168), dict(sparse_key_slots=True),
-                                dict(num_splits=splits * 2)]
+                    variants = [dict(block_n=64, num_warps=8), dict(maxnreg=168), dict(prefetch=False),
+                                dict(prefetch=False, maxnreg=168), dict(key_f32=False),
+                                dict(key_f32=False, maxnreg=168), dict(sparse_key_slots=True), dict(num_splits=splits * 2)]
                     if args.kernel == "old":
                         variants = [dict(block_n=16, num_warps=4), dict(block_n=64, num_warps=4),
                                     dict(block_n=32, num_warps=8), dict(num_splits=splits * 2)]
