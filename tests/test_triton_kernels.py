@@ -478,3 +478,20 @@ def test_decode_fast_path_pair_table_follows_the_lut():
     got = packed_attention_triton(q, packed, ek, ek, None, **kw)
     assert ((got.float() - ref.float()).norm() / ref.float().norm()) < 5e-3
     assert not torch.allclose(got, first)
+
+
+@pytest.mark.parametrize("lq,group,bits", [(3, 4, 4), (2, 8, 2)])
+def test_decode_fast_path_several_query_rows(lq, group, bits):
+    """q_len > 1 with q_len * group <= 16 (speculative / short chunks) also takes the decode path."""
+    b, h, d, length = 1, 2, 64, 90
+    packed = _make_packed(b, h, length, d, bits, bits, 2, torch.float16, lq * 10 + group)
+    g = torch.Generator().manual_seed(lq)
+    q = torch.randn(b, h * group, lq, d, generator=g).half()
+    ek = torch.randn(b, h, lq + 1, d, generator=g).half()
+    ev = torch.randn(b, h, lq + 1, d, generator=g).half()
+    em = torch.ones(b, lq, lq + 1, dtype=torch.bool)
+    em[:, :, 1:] = torch.tril(torch.ones(lq, lq, dtype=torch.bool))
+    kw = dict(scaling=d ** -0.5, inv_freq=_inv_freq(d))
+    ref = packed_attention_torch(q, packed, ek, ev, em, **kw)
+    got = packed_attention_triton(q, packed, ek, ev, em, num_splits=2, decode_kernel=True, **kw)
+    assert ((got.float() - ref.float()).norm() / ref.float().norm()) < 5e-3
