@@ -60,7 +60,7 @@ def check_quantize(dtype, bits, b, h, s, d, n_slots, seed):
     return mism
 
 
-def build_cache(b, h, length, d, bits, n_slots, dtype, seed, cap_extra=64, pad=None, gap=None):
+def build_cache(b, h, length, d, bits, n_slots, dtype, seed, cap_extra=64, pad=None, gap=None, uniform=False):
     """A packed cache filled by the quantize kernels (one launch per tensor), plus its PackedKV view."""
     g = torch.Generator(device=DEV).manual_seed(seed)
     cap = length + cap_extra
@@ -68,8 +68,9 @@ def build_cache(b, h, length, d, bits, n_slots, dtype, seed, cap_extra=64, pad=N
     k = (torch.randn(b, h, length, d, device=DEV, generator=g) * 2)
     k[..., 3] *= 5
     v = torch.randn(b, h, length, d, device=DEV, generator=g)
-    klut = quant.normal_float_signposts(bits).to(DEV)
-    vlut = quant.normal_float_signposts(bits).to(DEV)
+    table = quant.uniform_signposts if uniform else quant.normal_float_signposts  # uniform: affine fast path
+    klut = table(bits).to(DEV)
+    vlut = table(bits).to(DEV)
     lo, hi = quant.key_thresholds_from_sample(k[:, :, : min(length, 4096)], 0.01)
     zero, scale = quant.key_zero_scale(lo, hi)
     store = dict(
@@ -100,8 +101,8 @@ def build_cache(b, h, length, d, bits, n_slots, dtype, seed, cap_extra=64, pad=N
 
 
 def check_attention(name, dtype, bits, b, hq, h, d, length, lq, sink, window=None, pad=None, n_slots=2, seed=0,
-                    num_splits=None, gap=None):
-    packed = build_cache(b, h, length, d, bits, n_slots, dtype, seed, pad=pad, gap=gap)
+                    num_splits=None, gap=None, **kernel_kw):
+    packed = build_cache(b, h, length, d, bits, n_slots, dtype, seed, pad=pad, gap=gap, uniform="uniform" in name)
     g = torch.Generator(device=DEV).manual_seed(seed + 1)
     e = sink + lq
     q = torch.randn(b, hq, lq, d, device=DEV, generator=g).to(dtype)
@@ -117,7 +118,7 @@ def check_attention(name, dtype, bits, b, hq, h, d, length, lq, sink, window=Non
     if window is not None:
         kw.update(q_positions=q_pos, window=window)
     ref = attention.packed_attention_torch(q, packed, ek, ev, mask, **kw).float()
-    out = packed_attention_triton(q, packed, ek, ev, mask, num_splits=num_splits, **kw).float()
+    out = packed_attention_triton(q, packed, ek, ev, mask, num_splits=num_splits, **kw, **kernel_kw).float()
     finite = bool(torch.isfinite(out).all())
     err = (out - ref).abs().max().item()
     rel = ((out - ref).norm() / ref.norm()).item()
@@ -167,6 +168,10 @@ def main(argv=None):
         ("prefill-chunk+window", 4, 1, 32, 8, 128, 8192, 64, 4, 4096, None),
         ("prefill-chunk", 2, 2, 32, 8, 128, 3000, 16, 0, None, [0, 17]),
         ("decode-short", 4, 1, 32, 8, 128, 37, 1, 1, None, None),
+        # fp16 decode rows above take the decode fast path (gathered tables); uniform tables: its affine path
+        ("decode-uniform", 4, 2, 32, 8, 128, long_len, 1, 4, None, [0, 1000]),
+        ("decode-uniform+gap", 2, 1, 64, 8, 128, 5000, 1, 1, None, None),
+        ("decode-d64-uniform", 4, 1, 8, 2, 64, 16384, 1, 1, None, None),
     ]
     for dtype in (torch.float16, torch.bfloat16):
         for name, bits, b, hq, h, d, length, lq, sink, window, pad in cases:

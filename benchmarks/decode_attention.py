@@ -11,7 +11,11 @@ write; GB/s is compared with a measured device-to-device copy. Append cost: the 
 for one new token per sequence (decode) and for a 4096-token chunk.
 
 Usage: ``PYTHONPATH=. python benchmarks/decode_attention.py [--contexts 4096 ...] [--batches 1 8]
-[--sweep]``; writes ``decode_attention.md`` and ``.csv`` under $OUT (else benchmarks/results/).
+[--sweep | --quick] [--kernel auto|old|decode] [--lut uniform|nf] [--cfg JSON] [--tag SUFFIX]``; writes
+``decode_attention<tag>.md`` and ``.csv`` under $OUT (else benchmarks/results/). ``--quick``: batch 1 @ 128K,
+nuq4/nuq2, default config plus a small sweep of the kernel knobs (a couple of minutes). ``--kernel old`` forces the
+general split kernel (the pre-fast-path code), ``decode`` the decode fast path. ``--lut nf``: NormalFloat
+signposts (the per-code-pair gather path) instead of the uniform grid (affine path).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ DEV = "cuda"
 SMOKE = False
 SINK = 4
 SLOTS = 2  # 1% of 128 channels, rounded up
+LUT = "uniform"  # signpost tables of the random cache: "uniform" (affine grid) or "nf" (NormalFloat, gathered)
+BASE_CFG: dict = {}  # kernel options of every packed call (--kernel / --cfg)
 
 
 class Packed:
@@ -106,11 +112,19 @@ def make_packed(b, length, bits, slots, dtype=torch.float16):
         v_codes=vc, v_scale=(torch.rand(b, H, length, device=dev) * 0.1 + 0.01).to(dtype),
         v_zero=(torch.randn(b, H, length, device=dev) * 0.1).to(dtype),
         v_out_val=torch.randn(b, H, length, slots, dtype=dtype, device=dev), v_out_idx=vidx,
-        k_lut=torch.linspace(-1, 1, 2**bits, device=dev), v_lut=torch.linspace(-1, 1, 2**bits, device=dev),
+        k_lut=_lut(bits), v_lut=_lut(bits),
         k_zero=torch.randn(H, D, device=dev) * 0.1, k_scale=torch.rand(H, D, device=dev) + 0.5,
         positions=torch.arange(length, dtype=torch.int32, device=dev)[None].repeat(b, 1),
         length=length, key_bits=bits, value_bits=bits, head_dim=D,
     )
+
+
+def _lut(bits):
+    if LUT == "nf":
+        from kvquant_hf.quant import normal_float_signposts
+
+        return normal_float_signposts(bits).to(DEV)
+    return torch.linspace(-1, 1, 2**bits, device=DEV)
 
 
 def packed_bytes(p, b, length, e, lq=1) -> int:
@@ -146,6 +160,7 @@ def run_packed(p, b, length, breakdown=False, **cfg):
     ek = torch.randn(b, H, SINK + 1, D, dtype=torch.float16, device=DEV)
     ev = torch.randn(b, H, SINK + 1, D, dtype=torch.float16, device=DEV)
     freq = inv_freq()
+    cfg = {**BASE_CFG, **cfg}
     fn = lambda: packed_attention_triton(q, p, ek, ev, None, scaling=D ** -0.5, inv_freq=freq, **cfg)  # noqa: E731
     out = fn()
     assert torch.isfinite(out).all(), "non-finite output"
@@ -206,10 +221,31 @@ def main(argv=None):
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     ap.add_argument("--sweep", action="store_true", help="also sweep kernel configs at batch 1, 128K")
     ap.add_argument("--dump", type=int, nargs="*", default=[], help="bits whose stage-1 TTGIR/SASS to save")
+    ap.add_argument("--quick", action="store_true",
+                    help="batch 1 @ 128K only: fp16 SDPA, nuq4/nuq2 with the default config and a small config sweep")
+    ap.add_argument("--kernel", choices=["auto", "old", "decode"], default="auto",
+                    help="stage-1 kernel: auto (decode fast path where it applies), old (general split kernel), decode")
+    ap.add_argument("--lut", choices=["uniform", "nf"], default="uniform",
+                    help="signpost tables: uniform grid (affine fast path) or NormalFloat (per-code gather)")
+    ap.add_argument("--cfg", default="", help="JSON dict of extra kernel options for every packed call")
+    ap.add_argument("--no-append", action="store_true", help="skip the append (quantize kernel) rows")
+    ap.add_argument("--tag", default="", help="suffix of the output files (decode_attention<tag>.md/.csv)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny sizes on CPU under TRITON_INTERPRET=1 (checks this script, not the GPU)")
     args = ap.parse_args(argv)
-    global DEV, SMOKE, HQ, H
+    global DEV, SMOKE, HQ, H, LUT
+    LUT = args.lut
+    BASE_CFG.clear()
+    if args.kernel != "auto":
+        BASE_CFG["decode_kernel"] = args.kernel == "decode"
+    if args.cfg:
+        import json
+
+        BASE_CFG.update(json.loads(args.cfg))
+    if args.quick:
+        args.contexts, args.batches = [131072], [1]
+        args.bits = [b for b in args.bits if b != 3]
+        args.no_append = True
     if args.smoke:
         DEV, SMOKE, HQ, H = "cpu", True, 8, 2
         args.contexts, args.batches = [96], [1]
@@ -244,18 +280,28 @@ def main(argv=None):
             for bits in args.bits:
                 p = make_packed(b, length, bits, SLOTS)
                 nbytes = packed_bytes(p, b, length, SINK + 1)
-                sweep = args.sweep and b == 1 and (length == 131072 or SMOKE) and bits == 4
+                sweep = (args.sweep or args.quick) and b == 1 and (length == 131072 or SMOKE) and bits in (
+                    (4, 2) if args.quick else (4,))
                 te, tg = run_packed(p, b, length, breakdown=sweep or (b == 1 and length == 131072))
                 if bits in args.dump and bits not in dumped:
                     dump_kernel(f"stage1_nuq{bits}", out)
                     dumped.add(bits)
                 splits = default_num_splits(b, H, 1, length, torch.device(DEV), 32)
                 add(b, length, f"nuq{bits}-1%", te, tg, nbytes, t_sdpa, note=f"default config, splits {splits}")
-                if sweep:
+                variants = []
+                if sweep and args.quick:
+                    variants = [dict(block_n=64, num_warps=8), dict(maxnreg=168), dict(prefetch=False),
+                                dict(prefetch=False, maxnreg=168), dict(key_f32=False),
+                                dict(key_f32=False, maxnreg=168), dict(sparse_key_slots=True), dict(num_splits=splits * 2)]
+                    if args.kernel == "old":
+                        variants = [dict(block_n=16, num_warps=4), dict(block_n=64, num_warps=4),
+                                    dict(block_n=32, num_warps=8), dict(num_splits=splits * 2)]
+                elif sweep:
                     variants = [dict(block_n=32, num_warps=8), dict(block_n=64, num_warps=4),
                                 dict(block_n=32, num_warps=4, maxnreg=128), dict(block_n=16, num_warps=4, maxnreg=96),
                                 dict(block_n=32, num_warps=8, maxnreg=128), dict(block_n=64, num_warps=8, maxnreg=128),
                                 dict(rope_table=False), dict(num_splits=splits * 2), dict(num_splits=splits * 4)]
+                if sweep:
                     for cfg in variants:
                         try:
                             tve, tvg = run_packed(p, b, length, **cfg)
@@ -274,7 +320,7 @@ def main(argv=None):
                     torch.cuda.empty_cache()
 
     append_rows = []
-    for bits in args.bits:
+    for bits in ([] if args.no_append else args.bits):
         for b, s in ((1, 1), (8, 1), (1, 4096)) if not SMOKE else ((1, 1), (1, 7)):
             te, tg = bench_append(b, s, bits)
             append_rows.append(dict(bits=bits, batch=b, new_tokens=s, us_per_call=tg * 1e3, us_eager=te * 1e3,
@@ -282,14 +328,16 @@ def main(argv=None):
             print(append_rows[-1], flush=True)
 
     cols = ["batch", "context", "method", "us", "us_eager", "speedup", "mbytes", "gbs", "pct_copy_bw", "note"]
-    with open(os.path.join(out, "decode_attention.csv"), "w", newline="") as fh:
+    tag = args.tag
+    with open(os.path.join(out, f"decode_attention{tag}.csv"), "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
-    with open(os.path.join(out, "decode_attention_append.csv"), "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(append_rows[0].keys()))
-        w.writeheader()
-        w.writerows(append_rows)
+    if append_rows:
+        with open(os.path.join(out, f"decode_attention_append{tag}.csv"), "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(append_rows[0].keys()))
+            w.writeheader()
+            w.writerows(append_rows)
     lines = [
         "# Decode attention, one layer, Llama-3-8B shape (32 q heads, 8 KV heads, head_dim 128)",
         "",
@@ -298,6 +346,7 @@ def main(argv=None):
         f"triton {triton.__version__}",
         f"- command: `PYTHONPATH=. python benchmarks/decode_attention.py {' '.join(sys.argv[1:])}`",
         f"- measured device-to-device copy bandwidth (read + write): {bw:.0f} GB/s",
+        f"- signpost tables: {LUT}; kernel options: {BASE_CFG or 'defaults'}",
         "",
         "Times: `us` = CUDA-graph replay (GPU time; speedup, GB/s and % use it), `eager` = plain Python calls",
         "(adds the launch overhead of the Triton launchers).",
@@ -316,7 +365,7 @@ def main(argv=None):
         lines.append(f"| {r['bits']} | {r['batch']} | {r['new_tokens']} | {r['us_per_call']:.1f} | "
                      f"{r['us_eager']:.1f} | "
                      f"{r['us_per_token']:.3f} |")
-    with open(os.path.join(out, "decode_attention.md"), "w") as fh:
+    with open(os.path.join(out, f"decode_attention{tag}.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -377,3 +377,121 @@ def test_packed_attention_device_length(held):
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="num_splits"):
         packed_attention_triton(q, packed, ek, ev, None, length_dev=torch.tensor([held], dtype=torch.int32), **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# decode fast path (_packed_decode_kernel): fp16, <= 16 query rows per kv head, 2/4-bit codes
+# ----------------------------------------------------------------------------------------------
+def _with_luts(packed, lut_kind):
+    """Requantize nothing: swap the tables (the codes stay valid indices; the reference reads the same tables)."""
+    if lut_kind == "uniform":
+        return PackedKV(**{**packed.__dict__, "k_lut": quant.uniform_signposts(packed.key_bits),
+                           "v_lut": quant.uniform_signposts(packed.value_bits) * 0.75 + 0.125})
+    return packed
+
+
+@pytest.mark.parametrize("lut_kind", ["uniform", "nf"])
+@pytest.mark.parametrize("bits,d,group,slots", [((4, 4), 128, 4, 2), ((2, 2), 64, 8, 1), ((2, 4), 64, 16, 3),
+                                                 ((4, 2), 32, 2, 0)])
+def test_decode_fast_path_matches_reference(lut_kind, bits, d, group, slots):
+    kb, vb = bits
+    b, h, length = 2, 2, 77
+    seed = kb * 100 + vb * 10 + d + group + slots
+    g = torch.Generator().manual_seed(seed)
+    packed = _with_luts(_make_packed(b, h, length, d, kb, vb, slots, torch.float16, seed), lut_kind)
+    if slots >= 2:  # duplicate channels (the later slot wins), unused slots and a channel >= head_dim
+        packed.k_out_idx[0, 0, 3, 1] = packed.k_out_idx[0, 0, 3, 0]
+        packed.k_out_val[0, 0, 3, 1] = 7.0
+        packed.v_out_idx[1, 1, 9, 1] = packed.v_out_idx[1, 1, 9, 0]
+        packed.k_out_idx[1, 0, 11, 0] = 255
+        packed.k_out_idx[0, 1, 12, 0] = d + 3
+        packed.k_out_idx[0, 1, 13, 1] = d - 1  # last channel of the second RoPE half
+        packed.k_out_val[0, 1, 13, 1] = -5.0
+    q = torch.randn(b, h * group, 1, d, generator=g).half()
+    ek = torch.randn(b, h, 3, d, generator=g).half()
+    ev = torch.randn(b, h, 3, d, generator=g).half()
+    kw = dict(scaling=d ** -0.5, inv_freq=_inv_freq(d), attention_scaling=1.25,
+              hist_start=torch.tensor([0, 9]))
+    ref = packed_attention_torch(q, packed, ek, ev, None, **kw)
+    outs = []
+    for lut_gather, sparse, key_f32 in ((False, False, True), (True, True, False), (False, True, True),
+                                        (True, False, False)):
+        got = packed_attention_triton(q, packed, ek, ev, None, num_splits=3, decode_kernel=True,
+                                      lut_gather=lut_gather, sparse_key_slots=sparse, key_f32=key_f32, **kw)
+        torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=2e-2)
+        assert ((got.float() - ref.float()).norm() / ref.float().norm()) < 5e-3
+        outs.append(got)
+    old = packed_attention_triton(q, packed, ek, ev, None, num_splits=3, decode_kernel=False, **kw)
+    assert ((outs[0].float() - old.float()).norm() / old.float().norm()) < 5e-3
+    assert _da.affine_grid(packed.k_lut) is not None if lut_kind == "uniform" else _da.affine_grid(packed.k_lut) is None
+
+
+def test_decode_fast_path_positions_length_and_blocks():
+    """Non-consecutive positions (exact RoPE arm), a device-side length, several blocks per split."""
+    b, h, group, d, length = 1, 2, 4, 64, 150
+    cap = length + 5
+    pos = torch.arange(cap)[None] * 2 + 100
+    pos[0, 40:70] = torch.arange(30).flip(0) + 5000
+    packed = _make_packed(b, h, length, d, 4, 4, 2, torch.float16, 31, positions=pos)
+    g = torch.Generator().manual_seed(31)
+    q = torch.randn(b, h * group, 1, d, generator=g).half()
+    ek = torch.randn(b, h, 1, d, generator=g).half()
+    kw = dict(scaling=d ** -0.5, inv_freq=_inv_freq(d, 500000.0))
+    for held, bn, prefetch, sparse, key_f32 in ((150, 16, True, True, True), (61, 32, False, False, True),
+                                                (150, 32, False, True, False), (150, 64, True, False, False)):
+        ref = packed_attention_torch(q, PackedKV(**{**packed.__dict__, "length": held}), ek, ek, None, **kw)
+        got = packed_attention_triton(q, packed, ek, ek, None, num_splits=2, decode_kernel=True, block_n=bn,
+                                      prefetch=prefetch, sparse_key_slots=sparse, key_f32=key_f32,
+                                      length_dev=torch.tensor([held], dtype=torch.int32), **kw)
+        assert ((got.float() - ref.float()).norm() / ref.float().norm()) < 5e-3
+
+
+def test_decode_fast_path_dispatch_and_affine_detection():
+    packed = _make_packed(1, 2, 20, 64, 3, 3, 1, torch.float16, 1)
+    q = torch.randn(1, 4, 1, 64).half()
+    ek = torch.zeros(1, 2, 0, 64).half()
+    kw = dict(scaling=0.125, inv_freq=_inv_freq(64))
+    with pytest.raises(ValueError, match="bits"):
+        packed_attention_triton(q, packed, ek, ek, None, decode_kernel=True, **kw)
+    with pytest.raises(ValueError, match="dtype"):
+        packed_attention_triton(q.float(), packed, ek.float(), ek.float(), None, decode_kernel=True, **kw)
+    assert _da.affine_grid(torch.linspace(-1, 1, 16)) is not None
+    assert _da.affine_grid(quant.uniform_signposts(2) * 3 + 1) is not None
+    lut = torch.linspace(-1, 1, 16)
+    assert _da.affine_grid(lut) is not None
+    assert _da.affine_grid(quant.normal_float_signposts(4)) is None
+    lut[5] += 1e-3  # in place: the cached answer follows the version counter
+    assert _da.affine_grid(lut) is None
+
+
+def test_decode_fast_path_pair_table_follows_the_lut():
+    """The half2 pair tables of the gather path are cached per table tensor and version (in-place edits)."""
+    packed = _make_packed(1, 2, 40, 64, 4, 2, 1, torch.float16, 8)
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(1, 4, 1, 64, generator=g).half()
+    ek = torch.zeros(1, 2, 0, 64).half()
+    kw = dict(scaling=0.125, inv_freq=_inv_freq(64), decode_kernel=True)
+    first = packed_attention_triton(q, packed, ek, ek, None, **kw)
+    packed.k_lut.mul_(0.5)
+    packed.v_lut.add_(0.25)
+    ref = packed_attention_torch(q, packed, ek, ek, None, scaling=0.125, inv_freq=_inv_freq(64))
+    got = packed_attention_triton(q, packed, ek, ek, None, **kw)
+    assert ((got.float() - ref.float()).norm() / ref.float().norm()) < 5e-3
+    assert not torch.allclose(got, first)
+
+
+@pytest.mark.parametrize("lq,group,bits", [(3, 4, 4), (2, 8, 2)])
+def test_decode_fast_path_several_query_rows(lq, group, bits):
+    """q_len > 1 with q_len * group <= 16 (speculative / short chunks) also takes the decode path."""
+    b, h, d, length = 1, 2, 64, 90
+    packed = _make_packed(b, h, length, d, bits, bits, 2, torch.float16, lq * 10 + group)
+    g = torch.Generator().manual_seed(lq)
+    q = torch.randn(b, h * group, lq, d, generator=g).half()
+    ek = torch.randn(b, h, lq + 1, d, generator=g).half()
+    ev = torch.randn(b, h, lq + 1, d, generator=g).half()
+    em = torch.ones(b, lq, lq + 1, dtype=torch.bool)
+    em[:, :, 1:] = torch.tril(torch.ones(lq, lq, dtype=torch.bool))
+    kw = dict(scaling=d ** -0.5, inv_freq=_inv_freq(d))
+    ref = packed_attention_torch(q, packed, ek, ev, em, **kw)
+    got = packed_attention_triton(q, packed, ek, ev, em, num_splits=2, decode_kernel=True, **kw)
+    assert ((got.float() - ref.float()).norm() / ref.float().norm()) < 5e-3

@@ -349,6 +349,427 @@ def _packed_attn_split_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# stage 1, decode fast path: fp16 dequantization in packed pairs (2/4-bit codes, <= 16 query rows)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _shift_pair(w, i: tl.constexpr, BITS: tl.constexpr):
+    """int32 holding code ``i`` (low half) and code ``i + CPW/2`` (high half) of each word as float16 bits
+    ``0x6400 | code << (BITS*k)``, i.e. ``1024 + code * 2**(BITS*k)``, with ``k = i % NS`` (see :func:`_code_scale`).
+
+    Codes whose bits already lie in a half's mantissa (bits 0 .. 9) are masked in place: one shift per ``NS``
+    pairs instead of one per pair.
+    """
+    NS: tl.constexpr = 1 if BITS == 4 else 10 // BITS  # pairs per shift (code bits < 10; 4 bits: measured no gain)
+    MASK: tl.constexpr = ((1 << BITS) - 1) * 0x10001
+    SH: tl.constexpr = BITS * NS * (i // NS)
+    K: tl.constexpr = i % NS
+    if SH == 0:
+        return (w & (MASK << (BITS * K))) | 0x64006400
+    else:
+        return ((w >> SH) & (MASK << (BITS * K))) | 0x64006400
+
+
+@triton.jit
+def _code_scale(e, BITS: tl.constexpr):
+    """``2**-(BITS*k)`` of pair-order column ``e`` (:func:`_shift_pair`): undoes the in-place mask."""
+    NS: tl.constexpr = 1 if BITS == 4 else 10 // BITS
+    CPW: tl.constexpr = 32 // BITS
+    NI: tl.constexpr = CPW // 2
+    q = (e % CPW) // 2
+    if NI == 4:
+        i = (q % 2) * 2 + q // 2
+    else:
+        i = (q % 2) * 4 + ((q // 2) % 2) * 2 + q // 4
+    k = i % NS
+    return tl.exp2((-(BITS * k)).to(tl.float32))
+
+
+@triton.jit
+def _codes_f16(w, BITS: tl.constexpr, BLOCK_N: tl.constexpr, N: tl.constexpr):
+    """Codes of int32 words ``w [BLOCK_N, N*BITS/32]`` as float16 small integers ``[BLOCK_N, N]``.
+
+    Each word holds ``CPW = 32/BITS`` codes. One mask of ``(w >> BITS*i)`` takes the codes ``i`` and
+    ``i + CPW/2`` into the two 16-bit halves, ``| 0x6400`` makes them the float16 ``1024 + code`` (codes already
+    inside the mantissa are masked in place, ``1024 + code * 2**(BITS*k)``) and one packed half2 FMA with
+    power-of-two constants (exact) leaves the code: about a mask and an FMA per two codes. The
+    shifted copies are combined with ``tl.join`` (new dims stay inside a thread: no layout change), so the
+    result is in the *pair order* of :func:`_pair_perm`; queries, scales and outputs use the same order.
+    """
+    NI: tl.constexpr = 16 // BITS
+    if NI == 4:
+        c = tl.join(tl.join(_shift_pair(w, 0, BITS), _shift_pair(w, 1, BITS)),
+                    tl.join(_shift_pair(w, 2, BITS), _shift_pair(w, 3, BITS)))
+    else:
+        c = tl.join(tl.join(tl.join(_shift_pair(w, 0, BITS), _shift_pair(w, 1, BITS)),
+                            tl.join(_shift_pair(w, 2, BITS), _shift_pair(w, 3, BITS))),
+                    tl.join(tl.join(_shift_pair(w, 4, BITS), _shift_pair(w, 5, BITS)),
+                            tl.join(_shift_pair(w, 6, BITS), _shift_pair(w, 7, BITS))))
+    lo = (c & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    hi = (c >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    x = tl.reshape(tl.join(lo, hi), (BLOCK_N, N))
+    f = _code_scale(tl.arange(0, N), BITS).to(tl.float16)[None, :]
+    return x * f - 1024.0 * f  # exact: a power-of-two scale of small integers
+
+
+@triton.jit
+def _pair_perm(e, BITS: tl.constexpr, LUT: tl.constexpr):
+    """Channel (within a RoPE half) of pair-order index ``e`` (:func:`_codes_f16`, or :func:`_lut_f16` if LUT).
+
+    ``e = CPW*w + 2*q + j`` (``CPW = 32/BITS`` codes per word ``w``); ``i`` is ``q`` with its bits reversed (the
+    nested joins put the first shift in the slowest in-thread dim). Codes: channel ``i + (CPW/2)*j`` of the
+    word; gathered pairs: channel ``2*i + j``.
+    """
+    CPW: tl.constexpr = 32 // BITS
+    NI: tl.constexpr = CPW // 2
+    r = e % CPW
+    q = r // 2
+    if NI == 4:
+        i = (q % 2) * 2 + q // 2
+    else:
+        i = (q % 2) * 4 + ((q // 2) % 2) * 2 + q // 4
+    if LUT:
+        return e - r + 2 * i + (r % 2)
+    else:
+        return e - r + i + (r % 2) * NI
+
+
+@triton.jit
+def _lut_pair(w, tab_ptr, t: tl.constexpr, BITS: tl.constexpr):
+    """int32 = half2 signposts of the two codes in bits ``[2*BITS*t, 2*BITS*(t+1))`` of each word."""
+    SH: tl.constexpr = 2 * BITS * t
+    if SH == 0:
+        u = w & ((1 << (2 * BITS)) - 1)
+    elif SH + 2 * BITS == 32:
+        u = (w >> SH) & ((1 << (2 * BITS)) - 1)
+    else:
+        u = (w >> SH) & ((1 << (2 * BITS)) - 1)
+    return tl.load(tab_ptr + u)
+
+
+@triton.jit
+def _lut_f16(w, tab_ptr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, N: tl.constexpr):
+    """Signposts (float16 ``[BLOCK_N, N]``) of the codes in int32 words ``w``: one gather per code pair.
+
+    ``tab_ptr`` is the half2 pair table of :func:`_pair_table` (entry ``u`` = signposts of the codes
+    ``u & (2**BITS - 1)`` and ``u >> BITS``, low half first). Combined with ``tl.join`` like
+    :func:`_codes_f16`; the order is :func:`_pair_perm` with ``LUT=True``.
+    """
+    NL: tl.constexpr = 16 // BITS  # pairs per word
+    if NL == 4:
+        c = tl.join(tl.join(_lut_pair(w, tab_ptr, 0, BITS), _lut_pair(w, tab_ptr, 1, BITS)),
+                    tl.join(_lut_pair(w, tab_ptr, 2, BITS), _lut_pair(w, tab_ptr, 3, BITS)))
+    else:
+        c = tl.join(tl.join(tl.join(_lut_pair(w, tab_ptr, 0, BITS), _lut_pair(w, tab_ptr, 1, BITS)),
+                            tl.join(_lut_pair(w, tab_ptr, 2, BITS), _lut_pair(w, tab_ptr, 3, BITS))),
+                    tl.join(tl.join(_lut_pair(w, tab_ptr, 4, BITS), _lut_pair(w, tab_ptr, 5, BITS)),
+                            tl.join(_lut_pair(w, tab_ptr, 6, BITS), _lut_pair(w, tab_ptr, 7, BITS))))
+    lo = (c & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    hi = (c >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    return tl.reshape(tl.join(lo, hi), (BLOCK_N, N))
+
+
+@triton.jit
+def _replace_slots_f16(x, e, BITS: tl.constexpr, LUT: tl.constexpr, HALF_BASE: tl.constexpr, oval_rows, oidx_rows,
+                       n_mask, N_SLOTS: tl.constexpr):
+    """:func:`_replace_slots` on float16 ``x [BLOCK_N, N]`` in pair order (column ``e``, channels
+    ``HALF_BASE + _pair_perm(e)``); slot pointers ``[BLOCK_N]``.
+
+    The channel of column ``e`` is ``word base + offset``; the compare is written as
+    ``idx - word_base == offset`` so the offsets (the same in every word) can stay immediates.
+    """
+    CPW: tl.constexpr = 32 // BITS
+    off = _pair_perm(e % CPW, BITS, LUT)  # channel offset inside the word
+    base = e - e % CPW + HALF_BASE
+    for s in tl.static_range(N_SLOTS):
+        idx = tl.load(oidx_rows + s, mask=n_mask, other=255).to(tl.int32)  # [BLOCK_N]
+        val = tl.load(oval_rows + s, mask=n_mask, other=0.0).to(tl.float16)
+        x = tl.where((idx[:, None] - base[None, :]) == off[None, :], val[:, None], x)
+    return x
+
+
+@triton.jit
+def _key_slot_scores(q_rows, row_mask, kcb_rows, koi_rows, kov_rows, n_mask, pos, klut_ptr, kscale_h, kzero_h,
+                     inv_freq_ptr, HEAD_DIM: tl.constexpr, K_BITS: tl.constexpr, K_SLOTS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FAST: tl.constexpr):
+    """Score change ``[BLOCK_M, BLOCK_N]`` from the key outlier slots, applied sparsely.
+
+    A slot replaces the dequantized pre-RoPE key element ``k[idx]`` by ``val``; the rotated key changes by
+    ``(val - k[idx]) * R(pos) e_idx``, so the score of row ``m`` changes by ``(val - k[idx])`` times the query
+    rotated back by ``R(pos)`` at channel ``idx``: per token and slot one code, one cos/sin pair and two query
+    gathers instead of a compare and select over every element. A later slot naming the same channel wins (as in
+    :func:`kvquant_hf.quant._apply_slots`); channels >= head_dim (255 = unused) do nothing.
+    """
+    HALF: tl.constexpr = HEAD_DIM // 2
+    corr = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for s in tl.static_range(K_SLOTS):
+        idx = tl.load(koi_rows + s, mask=n_mask, other=255).to(tl.int32)  # [BLOCK_N]
+        use = n_mask & (idx < HEAD_DIM)
+        for t in tl.static_range(s + 1, K_SLOTS):
+            use = use & (tl.load(koi_rows + t, mask=n_mask, other=255).to(tl.int32) != idx)
+        idx = tl.where(use, idx, 0)
+        val = tl.load(kov_rows + s, mask=use, other=0.0).to(tl.float32)
+        bit = idx * K_BITS
+        byte = tl.load(kcb_rows + bit // 8, mask=use, other=0).to(tl.int32)
+        code = (byte >> (bit % 8)) & ((1 << K_BITS) - 1)
+        deq = tl.load(klut_ptr + code) * tl.load(kscale_h + idx) + tl.load(kzero_h + idx)
+        delta = tl.where(use, val - deq, 0.0)
+        dd = idx % HALF
+        c, sn = _cos_sin(pos.to(tl.float32) * tl.load(inv_freq_ptr + dd), FAST)
+        qa = tl.load(q_rows + dd[None, :], mask=row_mask[:, None] & use[None, :], other=0.0).to(tl.float32)
+        qb = tl.load(q_rows + HALF + dd[None, :], mask=row_mask[:, None] & use[None, :], other=0.0).to(tl.float32)
+        second = (idx >= HALF)[None, :]
+        coef = tl.where(second, qb * c[None, :] - qa * sn[None, :], qa * c[None, :] + qb * sn[None, :])
+        corr += coef * delta[None, :]
+    return corr
+
+
+@triton.jit
+def _packed_decode_kernel(
+    q_ptr,  # fp16 [B, Hq, Lq, D] queries (RoPE applied)
+    kc_ptr,  # uint8 [B, H, cap, D*K_BITS/8], read as int32 words (4-byte aligned rows, strides in words)
+    kov_ptr, koi_ptr,  # [B, H, cap, K_SLOTS] key slot values (fp16) / channels (uint8)
+    vc_ptr,  # uint8 [B, H, cap, D*V_BITS/8]
+    vs_ptr, vz_ptr,  # fp16 [B, H, cap] value scale / zero
+    vov_ptr, voi_ptr,  # [B, H, cap, V_SLOTS]
+    klut_ptr, vlut_ptr,  # f32 [2**bits] signposts (key slots read them)
+    kpair_ptr, vpair_ptr,  # int32 half2 pair tables (_pair_table), gathered per code pair unless *_AFFINE
+    kzero_ptr, kscale_ptr,  # f32 [H, D] contiguous
+    pos_ptr,  # int32 [B, cap]
+    inv_freq_ptr,  # f32 [D/2]
+    hist_ptr,  # int32 [B] first visible history token (HAS_HIST)
+    o_ptr,  # f32 [B, H, NUM_SPLITS, BLOCK_M, D] normalized partial outputs
+    lse_ptr,  # f32 [B, H, NUM_SPLITS, BLOCK_M]
+    L, len_ptr, LQ, H, NUM_SPLITS,
+    qk_scale,
+    k_a, k_b,  # key grid lut[c] = k_a + k_b * c (K_AFFINE)
+    v_a, v_b,  # value grid lut[c] = v_a + v_b * c (V_AFFINE)
+    stride_qb, stride_qh, stride_ql,
+    stride_kcb, stride_kch, stride_kct,
+    stride_kvb, stride_kvh, stride_kvt,
+    stride_kib, stride_kih, stride_kit,
+    stride_vcb, stride_vch, stride_vct,
+    stride_vsb, stride_vsh, stride_vst,
+    stride_vzb, stride_vzh, stride_vzt,
+    stride_vvb, stride_vvh, stride_vvt,
+    stride_vib, stride_vih, stride_vit,
+    stride_pb,
+    HEAD_DIM: tl.constexpr,
+    GROUP: tl.constexpr,
+    K_BITS: tl.constexpr,
+    V_BITS: tl.constexpr,
+    K_SLOTS: tl.constexpr,
+    V_SLOTS: tl.constexpr,
+    K_AFFINE: tl.constexpr,
+    V_AFFINE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_HIST: tl.constexpr,
+    FAST: tl.constexpr,
+    LEN_ON_DEVICE: tl.constexpr,
+    PREFETCH: tl.constexpr,  # load the next block's words one iteration ahead (registers vs latency)
+    K_SPARSE: tl.constexpr,  # key slots as a score correction (True) or replaced in the dequantized keys
+    KEY_F32: tl.constexpr,  # keys: float32 scale/zero/RoPE (True) or packed half2 math
+):
+    HALF: tl.constexpr = HEAD_DIM // 2
+    KW: tl.constexpr = HALF * K_BITS // 32  # int32 words per RoPE half
+    VW: tl.constexpr = HALF * V_BITS // 32
+    if LEN_ON_DEVICE:
+        L = tl.load(len_ptr)
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    h = bh % H
+    b = bh // H
+
+    # query rows of this kv head (row r = lq * GROUP + g), channels in pair order
+    rows = tl.arange(0, BLOCK_M)
+    row_mask = rows < LQ * GROUP
+    lq = rows // GROUP
+    hq = h * GROUP + rows % GROUP
+    e = tl.arange(0, HALF)
+    chk = _pair_perm(e, K_BITS, not K_AFFINE)  # key channel of pair-order column e (per half)
+    chv = _pair_perm(e, V_BITS, not V_AFFINE)
+    q_rows = q_ptr + b.to(tl.int64) * stride_qb + (hq * stride_qh + lq * stride_ql)[:, None]
+    q1 = tl.load(q_rows + chk[None, :], mask=row_mask[:, None], other=0.0)  # fp16 (upcast per use)
+    q2 = tl.load(q_rows + HALF + chk[None, :], mask=row_mask[:, None], other=0.0)
+    freq = tl.load(inv_freq_ptr + chk)
+    kz1 = tl.load(kzero_ptr + h * HEAD_DIM + chk)
+    kz2 = tl.load(kzero_ptr + h * HEAD_DIM + HALF + chk)
+    ks1 = tl.load(kscale_ptr + h * HEAD_DIM + chk)
+    ks2 = tl.load(kscale_ptr + h * HEAD_DIM + HALF + chk)
+    if K_AFFINE:  # lut[c] * s + z == c * (b s) + (a s + z)
+        kz1 = kz1 + k_a * ks1
+        kz2 = kz2 + k_a * ks2
+        ks1 = ks1 * k_b
+        ks2 = ks2 * k_b
+    kz1h = kz1.to(tl.float16)[None, :]
+    kz2h = kz2.to(tl.float16)[None, :]
+    ks1h = ks1.to(tl.float16)[None, :]
+    ks2h = ks2.to(tl.float16)[None, :]
+
+    chunk = tl.cdiv(tl.cdiv(L, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, L)
+    if HAS_HIST:
+        lo = tl.maximum(lo, tl.load(hist_ptr + b))
+
+    jn = tl.arange(0, BLOCK_N)
+    tab_c, tab_s = _cos_sin_small(jn.to(tl.float32)[:, None] * freq[None, :], FAST)  # R(j)
+    if not KEY_F32:
+        tab_c = tab_c.to(tl.float16)
+        tab_s = tab_s.to(tl.float16)
+
+    m_i = tl.full([BLOCK_M], _K_NEG_BIG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc1 = tl.zeros([BLOCK_M, HALF], tl.float32)
+    acc2 = tl.zeros([BLOCK_M, HALF], tl.float32)
+    # per-program bases (64-bit once), then 32-bit offsets
+    kc_base = kc_ptr.to(tl.pointer_type(tl.int32)) + b.to(tl.int64) * stride_kcb + h.to(tl.int64) * stride_kch
+    vc_base = vc_ptr.to(tl.pointer_type(tl.int32)) + b.to(tl.int64) * stride_vcb + h.to(tl.int64) * stride_vch
+    kov_base = kov_ptr + b.to(tl.int64) * stride_kvb + h.to(tl.int64) * stride_kvh
+    koi_base = koi_ptr + b.to(tl.int64) * stride_kib + h.to(tl.int64) * stride_kih
+    vs_base = vs_ptr + b.to(tl.int64) * stride_vsb + h.to(tl.int64) * stride_vsh
+    vz_base = vz_ptr + b.to(tl.int64) * stride_vzb + h.to(tl.int64) * stride_vzh
+    vov_base = vov_ptr + b.to(tl.int64) * stride_vvb + h.to(tl.int64) * stride_vvh
+    voi_base = voi_ptr + b.to(tl.int64) * stride_vib + h.to(tl.int64) * stride_vih
+    pos_base = pos_ptr + b.to(tl.int64) * stride_pb
+    kcb_base = kc_ptr + b.to(tl.int64) * stride_kcb * 4 + h.to(tl.int64) * stride_kch * 4  # bytes (slots)
+    stride_kcbt = stride_kct * 4
+    kwst = stride_kct  # int32 words (the launcher passes byte strides / 4)
+    vwst = stride_vct
+    kwi = tl.arange(0, KW)[None, :]
+    vwi = tl.arange(0, VW)[None, :]
+
+    if PREFETCH:  # software prefetch: the packed words, positions and value scales of the first block
+        offs = lo + jn
+        n_mask = offs < hi
+        nm = n_mask[:, None]
+        wk1 = tl.load(kc_base + offs[:, None] * kwst + kwi, mask=nm, other=0)
+        wk2 = tl.load(kc_base + offs[:, None] * kwst + KW + kwi, mask=nm, other=0)
+        wv1 = tl.load(vc_base + offs[:, None] * vwst + vwi, mask=nm, other=0)
+        wv2 = tl.load(vc_base + offs[:, None] * vwst + VW + vwi, mask=nm, other=0)
+        pos = tl.load(pos_base + offs, mask=n_mask, other=0)
+        vsc = tl.load(vs_base + offs * stride_vst, mask=n_mask, other=1.0)
+        vze = tl.load(vz_base + offs * stride_vzt, mask=n_mask, other=0.0)
+    for t0 in range(lo, hi, BLOCK_N):
+        offs = t0 + jn
+        n_mask = offs < hi
+        nm = n_mask[:, None]
+        kov_rows = kov_base + offs * stride_kvt
+        koi_rows = koi_base + offs * stride_kit
+        vov_rows = vov_base + offs * stride_vvt
+        voi_rows = voi_base + offs * stride_vit
+
+        if PREFETCH:  # the next block's words while this one is computed
+            nxt = offs + BLOCK_N
+            n_nxt = nxt < hi
+            nm_nxt = n_nxt[:, None]
+            nwk1 = tl.load(kc_base + nxt[:, None] * kwst + kwi, mask=nm_nxt, other=0)
+            nwk2 = tl.load(kc_base + nxt[:, None] * kwst + KW + kwi, mask=nm_nxt, other=0)
+            nwv1 = tl.load(vc_base + nxt[:, None] * vwst + vwi, mask=nm_nxt, other=0)
+            nwv2 = tl.load(vc_base + nxt[:, None] * vwst + VW + vwi, mask=nm_nxt, other=0)
+            npos = tl.load(pos_base + nxt, mask=n_nxt, other=0)
+            nvsc = tl.load(vs_base + nxt * stride_vst, mask=n_nxt, other=1.0)
+            nvze = tl.load(vz_base + nxt * stride_vzt, mask=n_nxt, other=0.0)
+        else:
+            wk1 = tl.load(kc_base + offs[:, None] * kwst + kwi, mask=nm, other=0)
+            wk2 = tl.load(kc_base + offs[:, None] * kwst + KW + kwi, mask=nm, other=0)
+            wv1 = tl.load(vc_base + offs[:, None] * vwst + vwi, mask=nm, other=0)
+            wv2 = tl.load(vc_base + offs[:, None] * vwst + VW + vwi, mask=nm, other=0)
+            pos = tl.load(pos_base + offs, mask=n_mask, other=0)
+            vsc = tl.load(vs_base + offs * stride_vst, mask=n_mask, other=1.0)
+            vze = tl.load(vz_base + offs * stride_vzt, mask=n_mask, other=0.0)
+
+        # keys (pre-RoPE): code -> (grid folded into scale/zero | signpost gather) -> slots
+        if K_AFFINE:
+            c1 = _codes_f16(wk1, K_BITS, BLOCK_N, HALF)
+            c2 = _codes_f16(wk2, K_BITS, BLOCK_N, HALF)
+        else:
+            c1 = _lut_f16(wk1, kpair_ptr, K_BITS, BLOCK_N, HALF)
+            c2 = _lut_f16(wk2, kpair_ptr, K_BITS, BLOCK_N, HALF)
+        if KEY_F32:  # float32 scale/zero and RoPE, one rounding to fp16 for the MMA (as the general kernel)
+            k1 = c1.to(tl.float32) * ks1[None, :] + kz1[None, :]
+            k2 = c2.to(tl.float32) * ks2[None, :] + kz2[None, :]
+        else:  # packed half2 math (fewer registers, ~3x the rounding error of the scores)
+            k1 = c1 * ks1h + kz1h
+            k2 = c2 * ks2h + kz2h
+        if not K_SPARSE:
+            k1 = _replace_slots_f16(k1, e, K_BITS, not K_AFFINE, 0, kov_rows, koi_rows, n_mask, K_SLOTS)
+            k2 = _replace_slots_f16(k2, e, K_BITS, not K_AFFINE, HALF, kov_rows, koi_rows, n_mask, K_SLOTS)
+
+        p0 = tl.sum(tl.where(jn == 0, pos, 0), axis=0)
+        consec = tl.max(tl.abs(tl.where(n_mask, pos - p0 - jn, 0)), axis=0) == 0
+        # each arm computes the scores itself (no tensors of two layouts merged after the branch)
+        if consec:
+            c0, s0 = _cos_sin(p0.to(tl.float32) * freq, FAST)
+            q1f = q1.to(tl.float32)
+            q2f = q2.to(tl.float32)
+            qa1 = (q1f * c0[None, :] + q2f * s0[None, :]).to(tl.float16)
+            qa2 = (q2f * c0[None, :] - q1f * s0[None, :]).to(tl.float16)
+            qk = tl.dot(qa1, tl.trans((k1 * tab_c - k2 * tab_s).to(tl.float16)))
+            qk += tl.dot(qa2, tl.trans((k2 * tab_c + k1 * tab_s).to(tl.float16)))
+        else:
+            csf, snf = _cos_sin(pos.to(tl.float32)[:, None] * freq[None, :], FAST)
+            if KEY_F32:
+                cs = csf
+                sn = snf
+            else:
+                cs = csf.to(tl.float16)
+                sn = snf.to(tl.float16)
+            qk = tl.dot(q1, tl.trans((k1 * cs - k2 * sn).to(tl.float16)))
+            qk += tl.dot(q2, tl.trans((k2 * cs + k1 * sn).to(tl.float16)))
+        if K_SPARSE:
+            qk += _key_slot_scores(q_rows, row_mask, kcb_base + offs * stride_kcbt, koi_rows, kov_rows, n_mask, pos,
+                                   klut_ptr, kscale_ptr + h * HEAD_DIM, kzero_ptr + h * HEAD_DIM, inv_freq_ptr,
+                                   HEAD_DIM, K_BITS, K_SLOTS, BLOCK_M, BLOCK_N, FAST)
+        qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+
+        # values: per-token scale/zero (the grid folded in when affine) -> slots
+        sc = tl.maximum(vsc.to(tl.float32), _K_MIN_SCALE)
+        ze = vze.to(tl.float32)
+        if V_AFFINE:
+            d1 = _codes_f16(wv1, V_BITS, BLOCK_N, HALF)
+            d2 = _codes_f16(wv2, V_BITS, BLOCK_N, HALF)
+            ze = ze + v_a * sc
+            sc = sc * v_b
+        else:
+            d1 = _lut_f16(wv1, vpair_ptr, V_BITS, BLOCK_N, HALF)
+            d2 = _lut_f16(wv2, vpair_ptr, V_BITS, BLOCK_N, HALF)
+        sch = sc.to(tl.float16)[:, None]
+        zeh = ze.to(tl.float16)[:, None]
+        v1 = d1 * sch + zeh
+        v2 = d2 * sch + zeh
+        v1 = _replace_slots_f16(v1, e, V_BITS, not V_AFFINE, 0, vov_rows, voi_rows, n_mask, V_SLOTS)
+        v2 = _replace_slots_f16(v2, e, V_BITS, not V_AFFINE, HALF, vov_rows, voi_rows, n_mask, V_SLOTS)
+
+        pd = p.to(tl.float16)
+        acc1 = acc1 * alpha[:, None] + tl.dot(pd, v1)
+        acc2 = acc2 * alpha[:, None] + tl.dot(pd, v2)
+
+        if PREFETCH:
+            wk1 = nwk1
+            wk2 = nwk2
+            wv1 = nwv1
+            wv2 = nwv2
+            pos = npos
+            vsc = nvsc
+            vze = nvze
+
+    has = l_i > 0.0
+    inv_l = 1.0 / tl.where(has, l_i, 1.0)
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), _K_NEG_BIG)
+    part = (bh * NUM_SPLITS + split) * BLOCK_M + rows
+    tl.store(lse_ptr + part, lse)
+    o_rows = o_ptr + part[:, None] * HEAD_DIM
+    tl.store(o_rows + chv[None, :], acc1 * inv_l[:, None])
+    tl.store(o_rows + HALF + chv[None, :], acc2 * inv_l[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
 # stage 2: merge the splits and attend to the exact block
 # ----------------------------------------------------------------------------------------------
 @triton.jit
@@ -477,6 +898,50 @@ def _tuple_table(lut: torch.Tensor, bits: int) -> torch.Tensor:
     return tab
 
 
+def _pair_table(lut: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 ``[2**(2*bits)]``: entry ``u`` packs the float16 signposts of codes ``u & (2**bits-1)`` (low half)
+    and ``u >> bits`` (high half) -- one gather per two codes in the decode fast path. Cached like
+    :func:`_tuple_table`."""
+    key = ("pair", id(lut))
+    hit = _TABLES.get(key)
+    if hit is not None and hit[0]() is lut and hit[1] == _version_of(lut) and hit[2] == bits:
+        return hit[3]
+    u = torch.arange(1 << (2 * bits), device=lut.device)
+    h = lut.to(torch.float16)
+    lo = h[u & ((1 << bits) - 1)].view(torch.int16).to(torch.int32) & 0xFFFF
+    hi = h[u >> bits].view(torch.int16).to(torch.int32) & 0xFFFF
+    tab = (lo | (hi << 16)).contiguous()
+    _TABLES[key] = (weakref.ref(lut), _version_of(lut), bits, tab)
+    return tab
+
+
+_GRIDS: dict = {}  # id(lut) -> (weakref to lut, lut._version, (a, b) or None)
+
+
+def affine_grid(lut: torch.Tensor) -> tuple[float, float] | None:
+    """``(a, b)`` when the lookup table is a uniform grid ``lut[c] == a + b * c`` (to float32 rounding), else None.
+
+    Decided on the host once per table tensor and in-place version (one device sync, cached); during CUDA-graph
+    capture an unseen table is treated as non-uniform (no sync allowed).
+    """
+    hit = _GRIDS.get(id(lut))
+    if hit is not None and hit[0]() is lut and hit[1] == _version_of(lut):
+        return hit[2]
+    if lut.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    vals = [float(x) for x in lut.detach().to("cpu", torch.float64).tolist()]
+    n = len(vals)
+    a, b = vals[0], (vals[-1] - vals[0]) / max(n - 1, 1)
+    tol = 4.0 * 2.0 ** -24 * max(max(abs(x) for x in vals), 1e-30)
+    ok = n >= 2 and b != 0.0 and all(abs(x - (a + b * c)) <= tol for c, x in enumerate(vals))
+    res = (a, b) if ok else None
+    if len(_GRIDS) > 1024:
+        for key in [k for k, v in _GRIDS.items() if v[0]() is None]:
+            del _GRIDS[key]
+    _GRIDS[id(lut)] = (weakref.ref(lut), _version_of(lut), res)
+    return res
+
+
 _LAST_KERNELS: dict = {}  # the last compiled kernels (register/spill reports in the benchmarks)
 
 
@@ -497,6 +962,30 @@ def default_num_splits(batch: int, kv_heads: int, row_blocks: int, length: int, 
     programs = batch * kv_heads * row_blocks
     want = triton.cdiv(2 * _sm_count(device), max(programs, 1))
     return int(max(1, min(want, max_splits, triton.cdiv(max(length, 1), block_n))))
+
+
+def _decode_path_blocker(query, packed, m_rows, window, kb, vb, d) -> str:
+    """Why the decode fast path (:func:`_packed_decode_kernel`) does not apply; "" when it does."""
+    if query.dtype != torch.float16:
+        return f"query dtype {query.dtype} (needs float16)"
+    if m_rows > 16:
+        return f"{m_rows} query rows per kv head (needs q_len * group <= 16)"
+    if window is not None:
+        return "sliding window"
+    if kb not in (2, 4) or vb not in (2, 4):
+        return f"bits {kb}/{vb} (needs 2 or 4)"
+    if d < 32:
+        return f"head_dim {d} (needs >= 32)"
+    for name in ("k_codes", "v_codes"):
+        t = getattr(packed, name)
+        if t.data_ptr() % 4 or any(st % 4 for st in t.stride()[:3]) or t.shape[2] * t.stride(2) >= 2**31:
+            return f"packed.{name} rows are not 4-byte aligned (or the capacity is too large for 32-bit offsets)"
+    for name in ("k_out_val", "v_out_val", "v_scale", "v_zero"):
+        if getattr(packed, name).dtype != torch.float16:
+            return f"packed.{name} is not float16"
+    if packed.positions.stride(1) != 1:
+        return "packed.positions is not contiguous in its last dimension"
+    return ""
 
 
 def _need(cond: bool, msg: str) -> None:
@@ -524,6 +1013,11 @@ def packed_attention_triton(
     rope_table: bool = True,
     maxnreg: int | None = None,
     length_dev: torch.Tensor | None = None,
+    decode_kernel: bool | None = None,
+    lut_gather: bool = False,
+    prefetch: bool = True,
+    sparse_key_slots: bool = False,
+    key_f32: bool = True,
 ) -> torch.Tensor:
     """Attention over ``[packed history | exact block]``: the fused Triton version of
     :func:`kvquant_hf.attention.packed_attention_torch` (same arguments and result).
@@ -551,6 +1045,17 @@ def packed_attention_triton(
         length_dev (`torch.Tensor`, optional): int32 ``[1]`` on the device: the history length read by the
             kernel instead of ``packed.length`` (CUDA-graph decode; give a fixed ``num_splits`` too). The caller
             guarantees it does not exceed the capacity.
+        decode_kernel (`bool`, optional): use the decode fast path (:func:`_packed_decode_kernel`: fp16 queries,
+            ``q_len * group <= 16``, 2/4-bit codes, no window, 4-byte aligned code rows); None = whenever it
+            applies, False = never, True = required (ValueError if it does not apply).
+        lut_gather (`bool`): decode fast path only: gather the signposts even when a table is a uniform grid
+            (the affine shortcut is taken by default; this knob exists for tests and benchmarks).
+        prefetch (`bool`): decode fast path only: load the next block's packed words one iteration ahead.
+        sparse_key_slots (`bool`): decode fast path only: apply the key outlier slots as a per-token score
+            correction (True) or by a compare and select over the dequantized keys (False, the default: fewer
+            instructions once the keys are dequantized in packed pairs).
+        key_f32 (`bool`): decode fast path only: key scale/zero and RoPE in float32 (default: about the same
+            instruction count, more registers, ~2x smaller score error than half2 math) or packed half2 (False).
 
     Returns:
         `torch.Tensor`: ``[batch_size, num_q_heads, q_len, head_dim]`` in the query dtype; rows with
@@ -628,8 +1133,17 @@ def packed_attention_triton(
         _need(packed.k_lut.shape == (2**kb,) and packed.v_lut.shape == (2**vb,), "lookup tables have wrong sizes.")
         k_slots = packed.k_out_idx.shape[-1]
         v_slots = packed.v_out_idx.shape[-1]
-        ktab = _tuple_table(packed.k_lut.to(dev), kb)
-        vtab = _tuple_table(packed.v_lut.to(dev), vb)
+        why = _decode_path_blocker(query, packed, m_rows, window, kb, vb, d)
+        if decode_kernel and why:
+            raise ValueError(f"decode_kernel=True but the decode fast path does not apply: {why}.")
+        use_decode = decode_kernel is not False and not why
+        if use_decode:
+            block_m = 16
+            num_mb = 1
+        ktab = vtab = None
+        if not use_decode:
+            ktab = _tuple_table(packed.k_lut.to(dev), kb)
+            vtab = _tuple_table(packed.v_lut.to(dev), vb)
         kzero = packed.k_zero.to(dev, torch.float32).contiguous()
         kscale = packed.k_scale.to(dev, torch.float32).contiguous()
         _need(kzero.shape == (h, d) and kscale.shape == (h, d), f"k_zero/k_scale must be [{h}, {d}].")
@@ -642,24 +1156,51 @@ def packed_attention_triton(
         hist = hist_start if hist_start is not None else packed.positions
         qpos = q_positions if q_positions is not None else packed.positions
         pk = packed
-        _LAST_KERNELS["split"] = _packed_attn_split_kernel[(bsz * h * num_mb, num_splits)](
-            query, pk.k_codes, pk.k_out_val, pk.k_out_idx, pk.v_codes, pk.v_scale, pk.v_zero,
-            pk.v_out_val, pk.v_out_idx, ktab, vtab, kzero, kscale, pk.positions, freq, hist, qpos,
-            o_part, lse_part,
-            length, length_dev if length_dev is not None else pk.positions, lq, h, num_mb, num_splits,
-            float(scaling * attention_scaling * LOG2E), int(window) if window is not None else 0,
-            *query.stride(),
-            *pk.k_codes.stride()[:3], *pk.k_out_val.stride()[:3], *pk.k_out_idx.stride()[:3],
-            *pk.v_codes.stride()[:3], *pk.v_scale.stride()[:3], *pk.v_zero.stride()[:3],
-            *pk.v_out_val.stride()[:3], *pk.v_out_idx.stride()[:3],
-            *pk.positions.stride()[:2],
-            *(qpos.stride()[:2] if q_positions is not None else (0, 0)),
-            HEAD_DIM=d, GROUP=group, K_BITS=kb, V_BITS=vb, K_SLOTS=k_slots, V_SLOTS=v_slots,
-            BLOCK_M=block_m, BLOCK_N=block_n, HAS_HIST=hist_start is not None, HAS_WINDOW=window is not None,
-            ROPE_TABLE=rope_table, USE_DOT=d // 2 >= 16, DOT_F32=dot_f32, IEEE=ieee,
-            FAST=query.is_cuda, LEN_ON_DEVICE=length_dev is not None,
-            num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
-        )
+        if use_decode:
+            klut = packed.k_lut.to(dev, torch.float32).contiguous()
+            vlut = packed.v_lut.to(dev, torch.float32).contiguous()
+            kgrid = None if lut_gather else affine_grid(packed.k_lut)
+            vgrid = None if lut_gather else affine_grid(packed.v_lut)
+            kpair = klut if kgrid is not None else _pair_table(packed.k_lut.to(dev), kb)
+            vpair = vlut if vgrid is not None else _pair_table(packed.v_lut.to(dev), vb)
+            _LAST_KERNELS["split"] = _packed_decode_kernel[(bsz * h, num_splits)](
+                query, pk.k_codes, pk.k_out_val, pk.k_out_idx, pk.v_codes, pk.v_scale, pk.v_zero,
+                pk.v_out_val, pk.v_out_idx, klut, vlut, kpair, vpair, kzero, kscale, pk.positions, freq, hist,
+                o_part, lse_part,
+                length, length_dev if length_dev is not None else pk.positions, lq, h, num_splits,
+                float(scaling * attention_scaling * LOG2E),
+                *(kgrid or (0.0, 1.0)), *(vgrid or (0.0, 1.0)),
+                *query.stride()[:3],
+                *(st // 4 for st in pk.k_codes.stride()[:3]), *pk.k_out_val.stride()[:3], *pk.k_out_idx.stride()[:3],
+                *(st // 4 for st in pk.v_codes.stride()[:3]), *pk.v_scale.stride()[:3], *pk.v_zero.stride()[:3],
+                *pk.v_out_val.stride()[:3], *pk.v_out_idx.stride()[:3],
+                pk.positions.stride(0),
+                HEAD_DIM=d, GROUP=group, K_BITS=kb, V_BITS=vb, K_SLOTS=k_slots, V_SLOTS=v_slots,
+                K_AFFINE=kgrid is not None, V_AFFINE=vgrid is not None,
+                BLOCK_M=block_m, BLOCK_N=block_n, HAS_HIST=hist_start is not None,
+                FAST=query.is_cuda, LEN_ON_DEVICE=length_dev is not None, PREFETCH=prefetch,
+                K_SPARSE=k_slots > 0 and sparse_key_slots, KEY_F32=key_f32,
+                num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
+            )
+        else:
+            _LAST_KERNELS["split"] = _packed_attn_split_kernel[(bsz * h * num_mb, num_splits)](
+                query, pk.k_codes, pk.k_out_val, pk.k_out_idx, pk.v_codes, pk.v_scale, pk.v_zero,
+                pk.v_out_val, pk.v_out_idx, ktab, vtab, kzero, kscale, pk.positions, freq, hist, qpos,
+                o_part, lse_part,
+                length, length_dev if length_dev is not None else pk.positions, lq, h, num_mb, num_splits,
+                float(scaling * attention_scaling * LOG2E), int(window) if window is not None else 0,
+                *query.stride(),
+                *pk.k_codes.stride()[:3], *pk.k_out_val.stride()[:3], *pk.k_out_idx.stride()[:3],
+                *pk.v_codes.stride()[:3], *pk.v_scale.stride()[:3], *pk.v_zero.stride()[:3],
+                *pk.v_out_val.stride()[:3], *pk.v_out_idx.stride()[:3],
+                *pk.positions.stride()[:2],
+                *(qpos.stride()[:2] if q_positions is not None else (0, 0)),
+                HEAD_DIM=d, GROUP=group, K_BITS=kb, V_BITS=vb, K_SLOTS=k_slots, V_SLOTS=v_slots,
+                BLOCK_M=block_m, BLOCK_N=block_n, HAS_HIST=hist_start is not None, HAS_WINDOW=window is not None,
+                ROPE_TABLE=rope_table, USE_DOT=d // 2 >= 16, DOT_F32=dot_f32, IEEE=ieee,
+                FAST=query.is_cuda, LEN_ON_DEVICE=length_dev is not None,
+                num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
+            )
     else:
         num_splits = 0
         o_part = torch.empty(1, dtype=torch.float32, device=dev)
