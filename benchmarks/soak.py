@@ -297,8 +297,10 @@ def soak(model, device: str, steps: int, prompt_len: int, check_every: int, cach
                         layer.backend, layer.triton_quantize = b, q
                 row["rel_diff_vs_torch"] = _rel(logits, ref_t)
                 row["top1_vs_torch"] = bool(logits.argmax(-1).eq(ref_t.argmax(-1)).all())
+                # layer 0 only: its new K/V are the same in both runs (later layers' inputs differ by the
+                # attention backends' rounding, so their stored codes legitimately differ)
                 row["storage_bit_identical"] = all(
-                    torch.equal(getattr(layer, n)[:, :, idx], s[n]) for layer, s in zip(cache.layers, saved) for n in s)
+                    torch.equal(getattr(cache.layers[0], n)[:, :, idx], saved[0][n]) for n in saved[0])
             if kernels and not cuda_graph:
                 row.update(kernel_check(cache, *step_kv, model, seed + done))
             accounted = cache.get_memory_footprint(include_spare=True)
