@@ -367,6 +367,10 @@ def main(argv=None):
         ("soak_cpu_kernels", "CPU soak with Triton kernel checks (benchmarks/soak.py --kernel-check)",
          "Written as soak_cpu.* and renamed. The RSS here also holds the Triton interpreter's own allocations "
          "made at each checkpoint (compare the run above, without them)."),
+        ("soak_gpu", "GPU soak (H200, benchmarks/soak.py --device cuda)",
+         "Llama-3-8B shape with 4 layers and random bf16 weights (accuracy vs the fp model is not meaningful for "
+         "random weights); `rel_diff_vs_torch` = the same step through the torch reference path on the same storage; "
+         "`storage_bit_identical` = layer 0's newly stored token equal between the two paths."),
     ):
         soak_json = os.path.join(results_dir(), f"{name}.json")
         if not os.path.exists(soak_json):
