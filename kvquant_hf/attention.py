@@ -145,3 +145,125 @@ def packed_attention_torch(
         step(exact_k.to(torch.float32), exact_v.to(torch.float32), exact_mask)
     out = acc / den.clamp_min(1e-30).unsqueeze(-1)
     return out.reshape(b, h * g, lq, d).to(query.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# prefill chunks over a packed history: dequantize block by block, fused attention with log-sum-exp, merge
+# --------------------------------------------------------------------------------------------
+#: history tokens dequantized per block on the prefill path (bounds its transient memory)
+PREFILL_HISTORY_BLOCK = 16384
+#: exact-block query rows per step of the float32 math of the exact block
+_EXACT_ROWS = 2048
+_LSE_OP_STATUS: dict = {}  # device type -> True (checked) / False (unusable here)
+
+
+def _attention_lse_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                        visible: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``(softmax(q k^T * scale) v, logsumexp)``; ``visible`` bool broadcastable to the scores."""
+    s = torch.einsum("bhmd,bhnd->bhmn", q.to(torch.float32), k.to(torch.float32)) * scale
+    if visible is not None:
+        s = s.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).unsqueeze(-1))
+    return torch.einsum("bhmn,bhnd->bhmd", p, v.to(torch.float32)), lse
+
+
+def _attention_lse_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same with PyTorch's memory-efficient attention kernel (CUDA), which also returns the log-sum-exp."""
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False,
+                                                                      scale=scale)[:2]
+    return out.to(torch.float32), lse[..., : q.shape[2]].to(torch.float32)
+
+
+def fused_lse_available(device: torch.device) -> bool:
+    """Whether the fused attention-with-log-sum-exp kernel runs on ``device`` and agrees with the float32 math
+    (checked once per device type on a small random case: its signature and log-sum-exp layout are private API)."""
+    if device.type != "cuda":
+        return False
+    if device.type not in _LSE_OP_STATUS:
+        ok = False
+        try:
+            g = torch.Generator(device=device).manual_seed(0)
+            q, k, v = (torch.randn(1, 2, n, 64, device=device, generator=g, dtype=torch.float16) for n in (40, 72, 72))
+            out, lse = _attention_lse_fused(q, k, v, 0.125)
+            ref_out, ref_lse = _attention_lse_math(q, k, v, 0.125)
+            ok = bool(torch.allclose(out, ref_out, atol=2e-2, rtol=2e-2) and torch.allclose(lse, ref_lse, atol=2e-2))
+        except (RuntimeError, TypeError, AttributeError, NotImplementedError):
+            ok = False
+        _LSE_OP_STATUS[device.type] = ok
+    return _LSE_OP_STATUS[device.type]
+
+
+def packed_attention_prefill(
+    query: torch.Tensor,
+    packed: PackedKV | None,
+    exact_k: torch.Tensor,
+    exact_v: torch.Tensor,
+    exact_mask: torch.Tensor | None,
+    *,
+    scaling: float,
+    inv_freq: torch.Tensor,
+    attention_scaling: float = 1.0,
+    block_size: int = PREFILL_HISTORY_BLOCK,
+    fused: bool | None = None,
+) -> torch.Tensor:
+    """Attention of a prefill chunk over ``[packed history | exact block]`` for histories every query row sees
+    in full (no left padding, no sliding window): same result as :func:`packed_attention_torch`.
+
+    The history is dequantized ``block_size`` tokens at a time, rotated and cast to the query dtype, and attended
+    with a fused attention kernel that also returns each row's log-sum-exp (PyTorch's memory-efficient attention
+    on CUDA, ``fused``; float32 math elsewhere); the GQA group is folded into the query rows (every row of a KV
+    head sees the same history). The exact block (sink + the chunk itself, with its causal mask) is attended in
+    float32 math, and all parts are merged by their log-sum-exps. Compared with the split-K kernel, which
+    re-reads the packed history for every block of query rows, the history is dequantized once per chunk and
+    the work runs on the tensor cores.
+    """
+    b, hq, lq, d = query.shape
+    h = exact_k.shape[1]
+    if hq % h:
+        raise ValueError(f"query heads ({hq}) must be a multiple of kv heads ({h}).")
+    g = hq // h
+    if fused is None:
+        fused = fused_lse_available(query.device)
+    q = query.reshape(b, h, g * lq, d)  # rows ordered (group member, query row)
+    acc: torch.Tensor | None = None  # running normalized output [B, H, M, D] float32 and its log-sum-exp [B, H, M]
+    acc_lse: torch.Tensor | None = None
+
+    def merge(o: torch.Tensor, lse: torch.Tensor) -> None:
+        nonlocal acc, acc_lse
+        if acc is None:
+            acc, acc_lse = o, lse
+            return
+        m = torch.maximum(acc_lse, lse)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        w_old, w_new = torch.exp(acc_lse - m), torch.exp(lse - m)  # 0 for a part a row does not see
+        den = w_old + w_new
+        acc = (acc * w_old.unsqueeze(-1) + o * w_new.unsqueeze(-1)) / den.clamp_min(1e-30).unsqueeze(-1)
+        acc_lse = m + torch.log(den)
+
+    n_hist = 0 if packed is None else packed.length
+    for start in range(0, n_hist, block_size):
+        end = min(start + block_size, n_hist)
+        k, v = packed.dequantize_block(start, end)
+        k = rope_rotate(k, packed.positions[:, start:end], inv_freq, attention_scaling).to(query.dtype)
+        v = v.to(query.dtype)
+        merge(*(_attention_lse_fused if fused else _attention_lse_math)(q, k, v, scaling))
+        del k, v
+    if exact_k.shape[2] > 0:
+        e = exact_k.shape[2]
+        vis = None
+        if exact_mask is not None:  # [B, Lq, E] -> rows (g, lq): [B, 1, G*Lq, E]
+            vis = exact_mask[:, None].expand(b, g, lq, e).reshape(b, 1, g * lq, e)
+        o_parts, l_parts = [], []
+        for r0 in range(0, g * lq, _EXACT_ROWS):
+            r1 = min(r0 + _EXACT_ROWS, g * lq)
+            o, lse = _attention_lse_math(q[:, :, r0:r1], exact_k, exact_v, scaling,
+                                         None if vis is None else vis[:, :, r0:r1])
+            o_parts.append(o)
+            l_parts.append(lse)
+        merge(torch.cat(o_parts, dim=2), torch.cat(l_parts, dim=2))
+    if acc is None:
+        return torch.zeros_like(query)
+    out = torch.where(torch.isfinite(acc_lse).unsqueeze(-1), acc, torch.zeros_like(acc))
+    return out.reshape(b, hq, lq, d).to(query.dtype)

@@ -34,7 +34,10 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import quant
-from .attention import PackedKV, packed_attention_torch
+from .attention import PackedKV, fused_lse_available, packed_attention_prefill, packed_attention_torch
+
+#: query rows (per KV head: q_len) from which a call counts as a prefill chunk for ``prefill_attention``
+PREFILL_MIN_ROWS = 16
 from .config import KVQuantConfig
 from .errors import (
     BackendUnavailableError,
@@ -555,7 +558,22 @@ class KVQuantLayer(CacheLayerMixin):
         extra = int(self.clip_counter.item()) if self.clip_counter is not None else 0
         return self.n_clipped_host + extra
 
+    def _prefill_path(self, q: torch.Tensor, kwargs: dict) -> bool:
+        """Whether this call takes the dequantize-and-attend prefill path (see ``prefill_attention``)."""
+        mode = self.config.prefill_attention
+        if (mode == "kernel" or self.graph_mode or self.length == 0 or q.shape[2] < PREFILL_MIN_ROWS
+                or kwargs.get("hist_start") is not None or kwargs.get("window") is not None):
+            return False
+        return mode == "dequant" or (self.backend == "triton" and fused_lse_available(q.device))
+
     def _attention(self, q, exact_k, exact_v, exact_mask, **kwargs) -> torch.Tensor:
+        if self._prefill_path(q, kwargs):
+            with _device_guard(self.device):
+                return packed_attention_prefill(
+                    q, self.packed_view(), exact_k, exact_v, exact_mask, scaling=kwargs["scaling"],
+                    inv_freq=kwargs["inv_freq"], attention_scaling=kwargs["attention_scaling"],
+                    fused=None if self.device.type == "cuda" else False,
+                )
         if self.backend == "triton":
             module, _ = _triton_module()
             mask = exact_mask.contiguous() if exact_mask is not None else None

@@ -11,6 +11,7 @@ from .errors import KVQuantConfigError
 SUPPORTED_BITS = (2, 3, 4)
 SUPPORTED_BACKENDS = ("auto", "torch", "triton")
 NONFINITE_POLICIES = ("error", "zero")
+PREFILL_ATTENTION_MODES = ("auto", "kernel", "dequant")
 MAX_SINK_TOKENS = 64
 MAX_OUTLIER_SLOTS = 16
 
@@ -51,6 +52,12 @@ class KVQuantConfig:
         prefill_chunk_size (`int`): in ``generate``, prompts longer than this are prefilled in chunks of this many
             tokens; each chunk attends to the packed earlier chunks, so the prompt's fp K/V never exist at once
             (0 = one call for the whole prompt).
+        prefill_attention (`str`): how a prefill chunk (16+ query rows) attends to the packed history. ``"auto"``
+            (default): on CUDA with the Triton backend, a history every row sees in full (no left padding, no
+            sliding window) is dequantized block by block and attended with PyTorch's fused memory-efficient
+            attention (tensor cores; merged by log-sum-exp), otherwise the split-K kernel; ``"kernel"``: always
+            the split-K kernel (or the torch path on CPU); ``"dequant"``: the dequantize-and-attend path
+            wherever it applies (float32 math off CUDA).
         capacity_check (`bool`): in ``generate``, refuse (``CapacityError``) a request whose cache cannot fit in
             the free GPU memory according to :func:`kvquant_hf.plan_capacity`, before allocating anything.
         signposts (`str`, optional): folder written by `calibrate.py` (its `nuqX` subfolder or the
@@ -79,6 +86,7 @@ class KVQuantConfig:
     cuda_graph: bool = False
     prefill_chunk_size: int = 4096
     capacity_check: bool = True
+    prefill_attention: str = "auto"
     nonfinite: str = "error"
     extra: dict = field(default_factory=dict, repr=False)
 
@@ -123,6 +131,11 @@ class KVQuantConfig:
             raise KVQuantConfigError(
                 f"prefill_chunk_size={self.prefill_chunk_size!r} is invalid; use a positive number of tokens "
                 "(or 0 to prefill the whole prompt in one call)."
+            )
+        if not isinstance(self.prefill_attention, str) or self.prefill_attention not in PREFILL_ATTENTION_MODES:
+            raise KVQuantConfigError(
+                f"prefill_attention={self.prefill_attention!r} is not supported; choose one of "
+                f"{PREFILL_ATTENTION_MODES}."
             )
         if not isinstance(self.capacity_check, bool):
             raise KVQuantConfigError(f"capacity_check={self.capacity_check!r} must be True or False.")
