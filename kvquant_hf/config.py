@@ -164,7 +164,7 @@ class KVQuantConfig:
         return default_outlier_slots(self.outlier_fraction, head_dim)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "KVQuantConfig":
+    def from_dict(cls, values: dict[str, Any]) -> KVQuantConfig:
         """Build from a `cache_config` dict; unknown keys raise an error listing the allowed ones."""
         if isinstance(values, KVQuantConfig):
             return values

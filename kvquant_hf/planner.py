@@ -50,8 +50,8 @@ _SMALL_ROUND = 512
 _LARGE_ROUND = 2 * 2**20
 _H200_SMS = 132
 TORCH_HISTORY_BLOCK = 4096  # kvquant_hf.attention.packed_attention_torch's default block
-from .attention import PREFILL_HISTORY_BLOCK  # noqa: E402  (the prefill path's dequantized block)
-from .cache import PREFILL_MIN_ROWS  # noqa: E402
+from .attention import PREFILL_HISTORY_BLOCK
+from .cache import PREFILL_MIN_ROWS
 
 
 class CapacityError(KVQuantError, MemoryError):
