@@ -367,6 +367,8 @@ def main(argv=None):
         ("soak_cpu_kernels", "CPU soak with Triton kernel checks (benchmarks/soak.py --kernel-check)",
          "Written as soak_cpu.* and renamed. The RSS here also holds the Triton interpreter's own allocations "
          "made at each checkpoint (compare the run above, without them)."),
+        ("soak_cpu_smollm2", "CPU soak on SmolLM2-135M-Instruct (benchmarks/soak.py --model smollm2)",
+         "The embedded trained model, uncalibrated nuq4 (key ranges from the 256-token prompt), torch path."),
         ("soak_gpu", "GPU soak (H200, benchmarks/soak.py --device cuda)",
          "Llama-3-8B shape with 4 layers and random bf16 weights (accuracy vs the fp model is not meaningful for "
          "random weights); `rel_diff_vs_torch` = the same step through the torch reference path on the same storage; "
