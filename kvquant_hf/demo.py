@@ -78,7 +78,7 @@ def main(argv=None) -> dict:
     print(f"same tokens: {same}/{ref.shape[1] - n}")
 
     _section("Memory of the KVQuant cache after that generation")
-    cache = out.past_key_values
+    cache = getattr(out, "cache", None) or out.past_key_values  # transformers >= 5.2x names it `cache`
     stats = cache.memory_stats()
     print(f"tokens held      : {stats['seq_length']} x {stats['layers']} layers")
     print(f"stored bytes     : {stats['bytes']:,} (fp16 cache: {stats['fp16_bytes']:,}; "
