@@ -240,7 +240,7 @@ def main(argv=None) -> dict:
         "optimum_quanto": quanto_version, "cpu": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "command": "PYTHONPATH=. python benchmarks/side_by_side_smollm2.py " + " ".join(argv or sys.argv[1:]),
-        "seconds": round(time.time() - t_start, 1),
+        "seconds": round(time.time() - t_start, 1), "load_average_end": list(os.getloadavg()),
     }
     out = {"config": vars(args), "calibrated_here": calibrated_here, "rows": rows, "environment": env}
     with open(args.out + ".json", "w") as f:
@@ -263,7 +263,8 @@ def render_md(out: dict) -> str:
         "# KVQuant vs transformers' QuantizedCache on SmolLM2-135M-Instruct (CPU)",
         "",
         f"WikiText-2 test, first {cfg['windows']} windows of {cfg['seqlen']} tokens; float32 model on CPU; "
-        f"{env['torch_threads']} torch thread(s) on a shared {env['cpus']}-core machine.",
+        f"{env['torch_threads']} torch thread(s) on a shared {env['cpus']}-core machine"
+        + (f" (load average at the end {env['load_average_end'][0]:.1f})." if env.get("load_average_end") else "."),
         "",
         f"| cache | PPL | vs fp16 | bytes after {cfg['seqlen']} tokens (float32 model) | fp16-equivalent bytes "
         "| vs fp16 cache | decode ms/token |",
