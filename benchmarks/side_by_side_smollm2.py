@@ -7,7 +7,7 @@ One table, three measurements per cache:
    token-by-token decoding through the real cache). ``QuantizedCache`` has no simulated form, so it is scored by a
    direct loop: per window, one token per forward call through a fresh ``QuantizedCache`` (what decoding does; a
    single forward over the window would attend to exact K/V and give the fp16 number).
-2. **Memory**: bytes each cache holds after one window (``seqlen`` tokens): ``DynamicCache`` (the tensors' bytes),
+2. **Memory**: bytes each cache holds after one window (``seqlen`` tokens; QuantizedCache: the last PPL window): ``DynamicCache`` (the tensors' bytes),
    ``KVQuantCache.get_memory_footprint()`` (codes, scales, outlier slots, sink, positions) and for QuantizedCache
    the quanto tensors' inner buffers plus the full-precision residual window. The model runs in float32 on CPU, so
    full-precision parts are float32; the "fp16-equivalent" column halves those parts.
@@ -266,7 +266,7 @@ def render_md(out: dict) -> str:
         f"{env['torch_threads']} torch thread(s) on a shared {env['cpus']}-core machine"
         + (f" (load average at the end {env['load_average_end'][0]:.1f})." if env.get("load_average_end") else "."),
         "",
-        f"| cache | PPL | vs fp16 | bytes after {cfg['seqlen']} tokens (float32 model) | fp16-equivalent bytes "
+        f"| cache | PPL | vs fp16 | bytes after one {cfg['seqlen']}-token window (float32 model) | fp16-equivalent bytes "
         "| vs fp16 cache | decode ms/token |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -288,6 +288,7 @@ def render_md(out: dict) -> str:
         "sink token, are in the model dtype; the 'fp16-equivalent' column uses the same number); QuantizedCache = "
         "quanto's packed data, scales and shifts plus the float32 residual (halved in the fp16-equivalent column). "
         "KIVI-4 is only simulated here (no packed storage).",
+        *([f"- {env['note']}"] if env.get("note") else []),
         f"- Decode: greedy `generate` after a {cfg['seqlen']}-token prompt, "
         f"(t({1 + cfg['new_tokens']} new) - t(1 new)) / {cfg['new_tokens']}, median of {cfg['repeats']}; "
         "KVQuant on CPU runs the plain-PyTorch path (the Triton kernels are for CUDA).",
