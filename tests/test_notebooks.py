@@ -46,7 +46,11 @@ def execute_notebook(name: str, timeout: int = 900):
         client = NotebookClient(nb, km=km, timeout=timeout, kernel_name="kvquant_here",
                                 resources={"metadata": {"path": EXAMPLES}})
         t0 = time.perf_counter()
-        client.execute()
+        try:
+            client.execute()
+        finally:
+            if km.has_kernel:  # nbclient leaves a kernel it was handed running
+                km.shutdown_kernel(now=True)
         seconds = time.perf_counter() - t0
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     return nb, seconds
