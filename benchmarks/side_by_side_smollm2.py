@@ -291,13 +291,15 @@ def render_md(out: dict) -> str:
         *([f"- {env['note']}"] if env.get("note") else []),
         f"- Decode: greedy `generate` after a {cfg['seqlen']}-token prompt, "
         f"(t({1 + cfg['new_tokens']} new) - t(1 new)) / {cfg['new_tokens']}, median of {cfg['repeats']}; "
-        "KVQuant on CPU runs the plain-PyTorch path (the Triton kernels are for CUDA).",
+        "KVQuant on CPU runs the plain-PyTorch path (it dequantizes the history block by block every step; the "
+        "Triton kernels are for CUDA), so on CPU it decodes slower than the fp cache.",
     ]
     if out.get("calibrated_here"):
         c = out["calibrated_here"]
         lines.append(f"- nuq4 signposts: calibrated by this script on {c['nsamples']} x {c['seqlen']} tokens of "
-                     f"WikiText-2 validation ({c['seconds']} s), far less than the 16 x 2048 of the README's "
-                     "results, so nuq4 here is pessimistic.")
+                     f"WikiText-2 validation ({c['seconds']} s), far less than the 16 x 2048 of the README's results "
+                     "(two 512-token windows are too few to rank nuq4, KIVI-4 and int4 QuantizedCache: see "
+                     "accuracy_smollm2.md for the whole text).")
     lines += [
         "",
         "## How this was made",
