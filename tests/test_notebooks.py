@@ -1,6 +1,7 @@
 """The example notebooks (``examples/*.ipynb``) run top to bottom on CPU without an error and draw their plots.
 
-Each notebook is executed with nbclient in a kernel of the interpreter running the tests (cwd = ``examples/``).
+Each notebook is executed with nbclient in a kernel of the interpreter running the tests (cwd = ``examples/``,
+``OMP_NUM_THREADS=1`` unless set).
 To re-execute them and save the outputs into the committed files::
 
     python tests/test_notebooks.py            # all
@@ -46,9 +47,15 @@ def execute_notebook(name: str, timeout: int = 900):
         client = NotebookClient(nb, km=km, timeout=timeout, kernel_name="kvquant_here",
                                 resources={"metadata": {"path": EXAMPLES}})
         t0 = time.perf_counter()
+        # One torch/OpenMP thread in the kernel: on a small shared machine (2 cores, other jobs running) two
+        # spinning OpenMP threads made the same notebook 4x slower (149 s vs 37 s for 03_accuracy).
+        saved = os.environ.get("OMP_NUM_THREADS")
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
         try:
             client.execute()
         finally:
+            if saved is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
             if km.has_kernel:  # nbclient leaves a kernel it was handed running
                 km.shutdown_kernel(now=True)
         seconds = time.perf_counter() - t0
