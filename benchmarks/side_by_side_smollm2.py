@@ -151,7 +151,7 @@ def main(argv=None) -> dict:
     from kvquant_hf.models.loading import load_model_and_tokenizer
 
     try:
-        import optimum.quanto  # noqa: F401
+        import optimum.quanto
 
         quanto_version = optimum.quanto.__version__
     except ImportError:
@@ -220,7 +220,7 @@ def main(argv=None) -> dict:
     # 3. decode speed ----------------------------------------------------------------------------------------
     prompt = windows[:1]
     speed = {
-        "fp16 (DynamicCache)": lambda: {},
+        "fp16 (DynamicCache)": dict,
         "KVQuant nuq4-1%": lambda: {"cache_implementation": "kvquant",
                                     "cache_config": {"signposts": args.signposts, "bits": 4}},
     }

@@ -88,8 +88,8 @@ def test_notebook_runs(name):
     missing = _missing_dependencies()
     if missing:
         pytest.skip("missing: " + ", ".join(missing))
-    from kvquant_hf.models.loading import resolve_model
     from kvquant_hf.errors import KVQuantError
+    from kvquant_hf.models.loading import resolve_model
 
     try:
         resolve_model("smollm2", None)
