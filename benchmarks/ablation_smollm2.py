@@ -53,6 +53,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "keys-per-token": ("keys per token (online range), pre-RoPE", {"key_granularity": "token"}),
     "keys-post-rope": ("keys per channel after RoPE (post-RoPE 1% thresholds)", {"key_rope": "post"}),
     "uniform": ("uniform signposts (int grid) in the same ranges", {"lut": "uniform"}),
+    "pinned-keys": ("key tables with their extreme levels moved to -1/+1 (clipped keys land there)",
+                    {"lut": "pinned-keys"}),
+    "pinned": ("key and value tables with their extreme levels moved to -1/+1", {"lut": "pinned"}),
     "no-fisher": ("tables: k-means without Fisher weights", {"signposts": "smollm2-1pct-nofisher"}),
     "fisher-x2": ("tables: k-means weighted by F * s^2", {"signposts": "smollm2-1pct-fx2"}),
     "outliers-0": ("0% outliers (min/max key thresholds, no slots)", {"signposts": "smollm2-0pct", "slots": 0}),
@@ -146,6 +149,13 @@ def build_methods(bits_list, variants, signposts_root, model, tok, work_dir):
                 uni = quant.uniform_signposts(bits)
                 layer_params = [NuqLayerParams(uni.clone(), uni.clone(), p.key_lower, p.key_upper)
                                 for p in layer_params]
+            elif cfg["lut"] in ("pinned-keys", "pinned"):  # extreme levels moved to -1/+1 (where clipping lands)
+                def pin(t):
+                    t = t.clone()
+                    t[0], t[-1] = -1.0, 1.0
+                    return t
+                layer_params = [NuqLayerParams(pin(p.key_lut), pin(p.value_lut) if cfg["lut"] == "pinned" else
+                                               p.value_lut, p.key_lower, p.key_upper) for p in layer_params]
             if cfg["key_rope"] == "post":
                 if post is None:
                     post = post_rope_thresholds(model, tok, os.path.join(work_dir, "post_rope_thresholds_1pct.pt"))
