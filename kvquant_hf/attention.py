@@ -69,6 +69,16 @@ def rope_rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
     return x * cos + rotate_half(x) * sin
 
 
+def history_blocks(packed: PackedKV | None, block_size: int, inv_freq: torch.Tensor, attention_scaling: float):
+    """Yield ``(start, end, keys, values)`` for the packed history in blocks of ``block_size`` tokens: float32
+    keys dequantized and rotated to their stored positions, float32 values (nothing for an empty history)."""
+    n_hist = 0 if packed is None else packed.length
+    for start in range(0, n_hist, block_size):
+        end = min(start + block_size, n_hist)
+        k, v = packed.dequantize_block(start, end)
+        yield start, end, rope_rotate(k, packed.positions[:, start:end], inv_freq, attention_scaling), v
+
+
 def packed_attention_torch(
     query: torch.Tensor,
     packed: PackedKV | None,
@@ -127,12 +137,8 @@ def packed_attention_torch(
         acc = acc * alpha.unsqueeze(-1) + torch.einsum("bhrn,bhnd->bhrd", p, values)
         m = m_new
 
-    n_hist = 0 if packed is None else packed.length
-    for start in range(0, n_hist, block_size):
-        end = min(start + block_size, n_hist)
-        k, v = packed.dequantize_block(start, end)
+    for start, end, k, v in history_blocks(packed, block_size, inv_freq, attention_scaling):
         pos = packed.positions[:, start:end]
-        k = rope_rotate(k, pos, inv_freq, attention_scaling)
         visible = None
         if hist_start is not None:
             idx = torch.arange(start, end, device=query.device)
@@ -242,13 +248,9 @@ def packed_attention_prefill(
         acc = (acc * w_old.unsqueeze(-1) + o * w_new.unsqueeze(-1)) / den.clamp_min(1e-30).unsqueeze(-1)
         acc_lse = m + torch.log(den)
 
-    n_hist = 0 if packed is None else packed.length
-    for start in range(0, n_hist, block_size):
-        end = min(start + block_size, n_hist)
-        k, v = packed.dequantize_block(start, end)
-        k = rope_rotate(k, packed.positions[:, start:end], inv_freq, attention_scaling).to(query.dtype)
-        v = v.to(query.dtype)
-        merge(*(_attention_lse_fused if fused else _attention_lse_math)(q, k, v, scaling))
+    for _, _, k, v in history_blocks(packed, block_size, inv_freq, attention_scaling):
+        merge(*(_attention_lse_fused if fused else _attention_lse_math)(q, k.to(query.dtype), v.to(query.dtype),
+                                                                          scaling))
         del k, v
     if exact_k.shape[2] > 0:
         e = exact_k.shape[2]
