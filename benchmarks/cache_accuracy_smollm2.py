@@ -46,8 +46,7 @@ def teacher_forced_agreement(model, ids: torch.Tensor, cache_factory, prompt_len
         cont = ref[:, prompt_len:]
         cache = cache_factory()
         logits = model(batch, past_key_values=cache).logits[:, -1]
-        dev = batch.device
-        hits = torch.zeros(prompts, device=batch.device)
+        hits = torch.zeros(prompts, device=dev)
         for t in range(new_tokens):
             hits += (logits.argmax(-1) == cont[:, t]).float()
             if t + 1 < new_tokens:
