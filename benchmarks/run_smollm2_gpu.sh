@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SmolLM2 runs on the GPU machine (H200), all at once on one GPU: the ablation of KVQuant's ideas, passkey
 # retrieval with the real cache, chunked-prefill perplexity vs simulated, teacher-forced greedy agreement.
-# The model travels in two halves like benchmarks/run_accuracy_gpu.sh (first call: `.mA/part` to
+# The model travels in two halves over two device calls (benchmarks/smollm2_gpu_env.sh: first call `.mA/part` to
 # /tmp/smol/partA; this call carries `.mB/part`); `.gpudata/` carries the texts and the signpost folders.
 # Everything lands in $OUT/smollm2_gpu.tar.gz (+ $OUT/smollm2_gpu_logs.txt).
 #
@@ -10,16 +10,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 LIMIT=${1:-420}
 WIN=${2:-60}
-SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
-G=/tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf
-if [ ! -f "$G" ]; then
-  cat /tmp/smol/partA .mB/part > "$G" || { echo "missing /tmp/smol/partA (first call) or .mB/part"; exit 2; }
-fi
-echo "$SHA  $G" | sha256sum -c - || exit 2
-export KVQUANT_SMOLLM2_GGUF=$G PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-export KVQUANT_VALID_TEXT=.gpudata/valid.tokens.txt
-OUT=${OUT:-/tmp/out}; W=/tmp/smollm2_gpu; mkdir -p "$OUT" $W/logs
-SP=.gpudata/signposts; T=.gpudata/test.raw.txt
+. benchmarks/smollm2_gpu_env.sh
+W=/tmp/smollm2_gpu; mkdir -p "$OUT" $W/logs
+T=.gpudata/test.raw.txt
 run() { local name=$1; shift; timeout "$LIMIT" "$@" > $W/logs/$name.txt 2>&1 & }
 abl=(--windows "$WIN" --bits 4 3 2 --device cuda --signposts-root $SP --text-file $T)
 run abl1 python benchmarks/ablation_smollm2.py "${abl[@]}" --work-dir $W/abl1 --variants full keys-only values-only
