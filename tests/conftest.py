@@ -22,6 +22,29 @@ if _ROOT not in sys.path:
 from kvquant_hf.errors import KVQuantError
 
 
+def interpreted_kernel_modules():
+    """``(triton_kernels.quantize, triton_kernels.decode_attention)`` decorated for the Triton interpreter.
+
+    Call at module level of a kernel test file: it skips that module unless ``TRITON_INTERPRET=1`` was set before
+    triton was imported, and reloads the kernel modules if another module imported them without the flag.
+    """
+    import importlib
+
+    triton = pytest.importorskip("triton")
+    import triton_kernels.decode_attention as da
+    import triton_kernels.quantize as qz
+
+    interpreted = triton.runtime.interpreter.InterpretedFunction
+    if os.environ.get("TRITON_INTERPRET") != "1" or not isinstance(triton.language.standard.sum, interpreted):
+        # triton reads the flag when it is first imported (this conftest sets it on machines without a GPU)
+        pytest.skip("run with TRITON_INTERPRET=1 set before triton is imported (Triton interpreter on CPU)",
+                    allow_module_level=True)
+    if not isinstance(qz._quantize_keys_kernel, interpreted):  # imported earlier without the flag
+        qz = importlib.reload(qz)
+        da = importlib.reload(da)
+    return qz, da
+
+
 def make_tiny_llama(num_key_value_heads: int = 2, num_hidden_layers: int = 2, seed: int = 0):
     """A tiny random `LlamaForCausalLM` (hidden 64, 4 query heads, head_dim 16, vocab 128), float32, eval."""
     from transformers import LlamaConfig, LlamaForCausalLM

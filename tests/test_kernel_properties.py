@@ -7,7 +7,6 @@ Example counts are small: every example runs the kernels in the Triton interpret
 
 from __future__ import annotations
 
-import importlib
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -19,19 +18,12 @@ from hypothesis import strategies as st  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-import triton_kernels.decode_attention as _da  # noqa: E402
-import triton_kernels.quantize as _qz  # noqa: E402
+from conftest import interpreted_kernel_modules  # noqa: E402
+
 from kvquant_hf import quant  # noqa: E402
 from kvquant_hf.attention import PackedKV, packed_attention_torch  # noqa: E402
 
-_interpreted = triton.runtime.interpreter.InterpretedFunction
-if os.environ.get("TRITON_INTERPRET") != "1" or not isinstance(triton.language.standard.sum, _interpreted):
-    pytest.skip("run with TRITON_INTERPRET=1 set before triton is imported (Triton interpreter on CPU)",
-                allow_module_level=True)
-if not isinstance(_qz._quantize_keys_kernel, _interpreted):  # imported earlier without the flag
-    _qz = importlib.reload(_qz)
-    _da = importlib.reload(_da)
-
+_qz, _da = interpreted_kernel_modules()
 
 
 def _interpreter_rounds_bf16_to_nearest() -> bool:

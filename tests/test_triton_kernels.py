@@ -7,7 +7,6 @@ fused packed attention against ``kvquant_hf.attention.packed_attention_torch``.
 
 from __future__ import annotations
 
-import importlib
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -17,19 +16,12 @@ import torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-import triton_kernels.decode_attention as _da  # noqa: E402
-import triton_kernels.quantize as _qz  # noqa: E402
+from conftest import interpreted_kernel_modules  # noqa: E402
+
 from kvquant_hf import quant  # noqa: E402
 from kvquant_hf.attention import PackedKV, packed_attention_torch  # noqa: E402
 
-_interpreted = triton.runtime.interpreter.InterpretedFunction
-if os.environ.get("TRITON_INTERPRET") != "1" or not isinstance(triton.language.standard.sum, _interpreted):
-    # triton reads the flag when it is first imported (tests/conftest.py sets it on machines without a GPU)
-    pytest.skip("run with TRITON_INTERPRET=1 set before triton is imported (Triton interpreter on CPU)",
-                allow_module_level=True)
-if not isinstance(_qz._quantize_keys_kernel, _interpreted):  # imported earlier without the flag
-    _qz = importlib.reload(_qz)
-    _da = importlib.reload(_da)
+_qz, _da = interpreted_kernel_modules()
 
 quantize_keys_triton = _qz.quantize_keys_triton
 quantize_values_triton = _qz.quantize_values_triton
