@@ -54,6 +54,15 @@ def accuracy_rows(results_dir: str = RESULTS) -> list[dict]:
     return rows
 
 
+def _save(fig, ax, path: str) -> str:
+    """Common finish of every plot: y grid, tight layout, PNG at 110 dpi; returns ``path``."""
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_accuracy(path: str) -> str:
     rows = accuracy_rows()
     # one group per bit width; bars: nuqX-1%, best tuned nuq, intX, KIVI-X
@@ -71,22 +80,21 @@ def plot_accuracy(path: str) -> str:
                 continue
             xs.append(j + (i - 1.5) * width)
             ys.append(sel[0]["delta_pct"])
-        bars = ax.bar(xs, ys, width, label=label, color=COLORS[fam])
+        ax.bar(xs, ys, width, label=label, color=COLORS[fam])
         for x, y in zip(xs, ys):
             ax.text(x, min(y, 190) * 1.04 + 1, f"{y:+.0f}%" if abs(y) >= 10 else f"{y:+.1f}%", ha="center",
                     va="bottom", fontsize=7)
-        del bars
     ax.set_xticks(range(3), ["4 bits", "3 bits", "2 bits"])
     ax.set_ylabel("PPL change vs fp16 (%)")
     ax.set_ylim(0, 200)
-    ax.set_title("SmolLM2-135M, WikiText-2 test (148 x 2048), fp16 PPL 21.61\n(int2 +3121% is off the scale)",
-                 fontsize=10)
+    d = _load_json("accuracy_smollm2.json")
+    fp16 = d["results"]["fp16"]
+    off = ", ".join(f"{r['method']} {r['delta_pct']:+.0f}%" for r in rows if r["delta_pct"] > 200
+                    and any(r["family"] == fam for fam, _ in order))
+    ax.set_title(f"SmolLM2-135M, WikiText-2 test ({fp16['windows']} x {fp16['seqlen']}), fp16 PPL {d['fp16_ppl']:.2f}"
+                 + (f"\n({off} off the scale)" if off else ""), fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def _csv_rows(name: str) -> list[dict]:
@@ -122,11 +130,7 @@ def plot_kernel(path: str) -> str:
     ax.set_ylim(0, 1.3 * max(max(v.values()) for v in t.values()))
     ax.set_title("Decode attention, one layer, Llama-3-8B shape, batch 1, 128K tokens (H200, fp16)", fontsize=9)
     ax.legend(fontsize=8, loc="upper left")
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def capacity_tokens() -> dict[tuple[int, str], tuple[int, bool]]:
@@ -168,11 +172,7 @@ def plot_capacity(path: str) -> str:
     ax.set_xticks(range(len(methods)), ["fp16 DynamicCache", "nuq4-1%", "nuq3-1%", "nuq2-1%"])
     ax.set_ylabel("context tokens that fit (millions)")
     ax.set_title("Llama-3-8B shape (bf16), batch 1: longest context that allocates and decodes", fontsize=9)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 PLOTTERS = {"accuracy": ("accuracy_smollm2.png", plot_accuracy),
