@@ -267,13 +267,14 @@ def capacity_row(model, method: str, args, device: str, budget: Budget) -> dict:
     return row
 
 
-def prefill_row(model, method: str, length: int, device: str, chunk: int) -> dict:
+def prefill_row(model, method: str, length: int, device: str, chunk: int, prefill_attention: str = "kernel") -> dict:
     """Time ``generate(max_new_tokens=1)`` on a random prompt of ``length`` tokens (prefill + one step)."""
     first = next(model.parameters()).device
     ids = torch.randint(0, model.config.vocab_size, (1, length), device=first)
     kwargs = {"max_new_tokens": 1, "do_sample": False, "pad_token_id": 0, "attention_mask": torch.ones_like(ids)}
     if method != "fp16":
-        kwargs.update(cache_implementation="kvquant", cache_config=cache_config(method, chunk))
+        kwargs.update(cache_implementation="kvquant",
+                      cache_config={**cache_config(method, chunk), "prefill_attention": prefill_attention})
     _free(device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -283,7 +284,9 @@ def prefill_row(model, method: str, length: int, device: str, chunk: int) -> dic
         model.generate(ids, **kwargs)
     _sync(device)
     sec = time.perf_counter() - t0
-    row = {"section": "prefill", "method": method if method == "fp16" else f"{method} chunked ({chunk})",
+    row = {"section": "prefill",
+           "method": method if method == "fp16" else f"{method} chunked ({chunk})"
+           + ("" if prefill_attention == "kernel" else f", prefill_attention={prefill_attention}"),
            "prompt": length, "prefill_s": sec, "tokens_per_s": length / sec}
     if device.startswith("cuda"):
         row["peak_gib"] = torch.cuda.max_memory_allocated() / GiB
@@ -330,6 +333,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--prefill-lengths", type=int, nargs="*", default=[32768, 131072])
     ap.add_argument("--prefill-methods", nargs="*", default=["nuq4", "fp16"])
     ap.add_argument("--prefill-chunk", type=int, default=4096)
+    ap.add_argument("--prefill-attention", default="kernel", choices=["kernel", "auto"],
+                    help="cache_config prefill_attention of the nuq prefill rows")
     ap.add_argument("--free-mib", type=float, default=64.0, help="CPU only: the memory figure given to the planner")
     ap.add_argument("--headroom-mib", type=float, default=512.0, help="planner headroom per device")
     ap.add_argument("--time-budget", type=float, default=420.0, help="seconds; later stages are skipped past it")
@@ -367,7 +372,7 @@ def main(argv=None) -> list[dict]:
         if args.prefill_lengths and budget.left > 60:
             try:  # compile the prefill kernels (first chunk and chunks with history) and warm cuBLAS
                 prefill_row(model, method, min(2 * args.prefill_chunk, min(args.prefill_lengths)), args.device,
-                            args.prefill_chunk)
+                            args.prefill_chunk, args.prefill_attention)
             except torch.OutOfMemoryError:
                 _free(args.device)
         for length in sorted(args.prefill_lengths):
@@ -379,7 +384,7 @@ def main(argv=None) -> list[dict]:
                     save()
                     continue
             try:
-                row = prefill_row(model, method, length, args.device, args.prefill_chunk)
+                row = prefill_row(model, method, length, args.device, args.prefill_chunk, args.prefill_attention)
                 prev = (length, row["prefill_s"])
             except torch.OutOfMemoryError as exc:
                 row = {"section": "prefill", "method": method, "prompt": length,

@@ -315,7 +315,8 @@ def _config_placement(shape: ModelShape, dtype: torch.dtype, device_map: Any, de
 # activations
 # --------------------------------------------------------------------------------------------
 def activation_bytes(shape: ModelShape, dtype: torch.dtype, batch: int, chunk: int, method: str = "kvquant",
-                     device: str = "cuda:0", logits_tokens: int = 1, sink_tokens: int = 1) -> int:
+                     device: str = "cuda:0", logits_tokens: int = 1, sink_tokens: int = 1,
+                     prefill_dequant: bool = False) -> int:
     """Peak temporary bytes of one forward of ``chunk`` new tokens per sequence through one decoder layer,
     plus the model-level tensors alive meanwhile (position embeddings, logits of ``logits_tokens`` positions in
     the model dtype and their float32 copy in ``generate``).
@@ -341,8 +342,9 @@ def activation_bytes(shape: ModelShape, dtype: torch.dtype, batch: int, chunk: i
             programs = batch * h * num_mb
             splits = max(1, min(64, -(-2 * _sm_count(device) // max(programs, 1))))
             partial = batch * h * splits * num_mb * block_m * (d + 1) * 4
-            if chunk >= PREFILL_MIN_ROWS:  # prefill_attention="auto": a dequantized history block (its float32
-                # intermediates, ~48 bytes per K+V element) and the float32 running output of the folded rows
+            if prefill_dequant and chunk >= PREFILL_MIN_ROWS:  # prefill_attention "auto"/"dequant": a dequantized
+                # history block (its float32 intermediates, ~48 bytes per K+V element) and the float32 running
+                # output of the folded query rows
                 partial = max(partial, batch * h * PREFILL_HISTORY_BLOCK * d * 48 + 3 * t * hq * d * 4)
         else:  # torch path: one dequantized history block (int64 codes, float32 K, V, rotated K), its scores
             blk = TORCH_HISTORY_BLOCK
@@ -507,7 +509,8 @@ def plan_capacity(
     plans: list[DevicePlan] = []
     for dev in devices:
         layers = [i for i, d in enumerate(layer_devices) if d == dev]
-        act = activation_bytes(shape, dtype, batch_size, chunk, method, dev, sink_tokens=sink)
+        act = activation_bytes(shape, dtype, batch_size, chunk, method, dev, sink_tokens=sink,
+                               prefill_dequant=cfg is not None and cfg.prefill_attention != "kernel")
         dp = DevicePlan(device=dev, layers=layers, memory_bytes=mem[dev], weights_bytes=weights.get(dev, 0),
                         weights_resident=resident, activation_bytes=act, headroom_bytes=int(headroom_bytes),
                         bytes_per_token=per_token * len(layers), max_tokens=0, cache_bytes=0)
