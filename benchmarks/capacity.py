@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import md_table, random_model, write_results
 
 import kvquant_hf
+from kvquant_hf import attention as kv_attention
 from kvquant_hf.benchmarking import fast_filled_cache
 from kvquant_hf.planner import GiB, free_device_memory
 
@@ -335,6 +336,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--prefill-chunk", type=int, default=4096)
     ap.add_argument("--prefill-attention", default="kernel", choices=["kernel", "auto"],
                     help="cache_config prefill_attention of the nuq prefill rows")
+    ap.add_argument("--prefill-block", type=int, default=None,
+                    help="history tokens dequantized per block on the prefill_attention=auto path "
+                         "(kvquant_hf.attention.PREFILL_HISTORY_BLOCK)")
     ap.add_argument("--free-mib", type=float, default=64.0, help="CPU only: the memory figure given to the planner")
     ap.add_argument("--headroom-mib", type=float, default=512.0, help="planner headroom per device")
     ap.add_argument("--time-budget", type=float, default=420.0, help="seconds; later stages are skipped past it")
@@ -346,11 +350,14 @@ def main(argv=None) -> list[dict]:
         args.decode_steps = min(args.decode_steps, 3)
         args.prefill_lengths = [n for n in args.prefill_lengths if n <= 32768] or [32768]
     dtype = getattr(torch, args.dtype)
+    if args.prefill_block:
+        kv_attention.PREFILL_HISTORY_BLOCK = args.prefill_block
     budget = Budget(args.time_budget)
     model = random_model(args.shape, dtype=dtype, device=args.device, num_layers=args.layers)
     kvquant_hf.patch_model(model)
     rows: list[dict] = []
-    meta = {"shape": args.shape, "layers": model.config.num_hidden_layers, "dtype": args.dtype}
+    meta = {"shape": args.shape, "layers": model.config.num_hidden_layers, "dtype": args.dtype,
+            "prefill_history_block": kv_attention.PREFILL_HISTORY_BLOCK}
 
     def save():
         write_results(args.name, rows, render(rows, args), meta, repo_and_out=True)

@@ -160,7 +160,7 @@ def packed_attention_torch(
 PREFILL_HISTORY_BLOCK = 16384
 #: exact-block query rows per step of the float32 math of the exact block
 _EXACT_ROWS = 2048
-_LSE_OP_STATUS: dict = {}  # device type -> True (checked) / False (unusable here)
+_LSE_OP_STATUS: dict = {}  # (device type, dtype) -> the checked fused op, or None (unusable here)
 
 
 def _attention_lse_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -174,31 +174,82 @@ def _attention_lse_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     return torch.einsum("bhmn,bhnd->bhmd", p, v.to(torch.float32)), lse
 
 
-def _attention_lse_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+def _attention_lse_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool = False
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same with PyTorch's memory-efficient attention kernel (CUDA), which also returns the log-sum-exp."""
-    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False,
+    """The same with PyTorch's memory-efficient attention kernel (CUDA), which also returns the log-sum-exp.
+    ``causal``: square blocks only (query row i sees keys 0..i)."""
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal,
                                                                       scale=scale)[:2]
     return out.to(torch.float32), lse[..., : q.shape[2]].to(torch.float32)
 
 
-def fused_lse_available(device: torch.device) -> bool:
-    """Whether the fused attention-with-log-sum-exp kernel runs on ``device`` and agrees with the float32 math
-    (checked once per device type on a small random case: its signature and log-sum-exp layout are private API)."""
-    if device.type != "cuda":
+def _attention_lse_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same with PyTorch's FlashAttention-2 kernel (CUDA, fp16/bf16): the fastest fused kernel on Hopper."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+    return out.to(torch.float32), lse.to(torch.float32)
+
+
+def _check_lse_op(op, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``op`` runs here and agrees with the float32 math, with and without the causal mask (its signature
+    and log-sum-exp layout are private API)."""
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(1, 2, n, 64, device=device, generator=g, dtype=dtype) for n in (40, 72, 72))
+        out, lse = op(q, k, v, 0.125)
+        ref_out, ref_lse = _attention_lse_math(q, k, v, 0.125)
+        ok = torch.allclose(out, ref_out, atol=2e-2, rtol=2e-2) and torch.allclose(lse, ref_lse, atol=2e-2)
+        k, v = k[:, :, :40], v[:, :, :40]
+        out, lse = op(q, k, v, 0.125, causal=True)
+        tril = torch.ones(40, 40, dtype=torch.bool, device=device).tril()
+        ref_out, ref_lse = _attention_lse_math(q, k, v, 0.125, tril)
+        return bool(ok and torch.allclose(out, ref_out, atol=2e-2, rtol=2e-2)
+                    and torch.allclose(lse, ref_lse, atol=2e-2))
+    except (RuntimeError, TypeError, AttributeError, NotImplementedError):
         return False
-    if device.type not in _LSE_OP_STATUS:
-        ok = False
-        try:
-            g = torch.Generator(device=device).manual_seed(0)
-            q, k, v = (torch.randn(1, 2, n, 64, device=device, generator=g, dtype=torch.float16) for n in (40, 72, 72))
-            out, lse = _attention_lse_fused(q, k, v, 0.125)
-            ref_out, ref_lse = _attention_lse_math(q, k, v, 0.125)
-            ok = bool(torch.allclose(out, ref_out, atol=2e-2, rtol=2e-2) and torch.allclose(lse, ref_lse, atol=2e-2))
-        except (RuntimeError, TypeError, AttributeError, NotImplementedError):
-            ok = False
-        _LSE_OP_STATUS[device.type] = ok
-    return _LSE_OP_STATUS[device.type]
+
+
+def _lse_op(device: torch.device, dtype: torch.dtype):
+    """The fastest fused attention-with-log-sum-exp op that passes :func:`_check_lse_op` for ``dtype`` on
+    ``device`` (FlashAttention-2 for fp16/bf16, else memory-efficient attention), or None (checked once per
+    device type and dtype)."""
+    if device.type != "cuda":
+        return None
+    key = (device.type, dtype)
+    if key not in _LSE_OP_STATUS:
+        cands = [_attention_lse_flash] if dtype in (torch.float16, torch.bfloat16) else []
+        cands.append(_attention_lse_fused)
+        _LSE_OP_STATUS[key] = next((op for op in cands if _check_lse_op(op, device, dtype)), None)
+    return _LSE_OP_STATUS[key]
+
+
+def fused_lse_available(device: torch.device, dtype: torch.dtype = torch.float16) -> bool:
+    """Whether a fused attention-with-log-sum-exp kernel runs on ``device`` for ``dtype`` and agrees with the
+    float32 math (checked once per device type and dtype on a small random case)."""
+    return _lse_op(device, dtype) is not None
+
+
+def _dequantize_blocks(packed: PackedKV | None, block_size: int, inv_freq: torch.Tensor, attention_scaling: float,
+                       dtype: torch.dtype, use_kernel: bool):
+    """Like :func:`history_blocks` but in ``dtype``; with ``use_kernel`` one Triton pass per block
+    (:mod:`triton_kernels.dequantize`) instead of the float32 torch ops."""
+    if not use_kernel or packed is None:
+        for start, end, k, v in history_blocks(packed, block_size, inv_freq, attention_scaling):
+            yield start, end, k.to(dtype), v.to(dtype)
+        return
+    from triton_kernels.dequantize import dequantize_history_triton
+
+    for start in range(0, packed.length, block_size):
+        end = min(start + block_size, packed.length)
+        yield (start, end, *dequantize_history_triton(packed, start, end, inv_freq, attention_scaling, dtype))
+
+
+def _is_sink_causal(mask: torch.Tensor | None, n_sink: int, lq: int) -> bool:
+    """Whether the exact-block mask ``[B, Lq, n_sink + Lq]`` is "every sink visible, the chunk causal"."""
+    if mask is None or n_sink < 0 or mask.shape[-1] != n_sink + lq or mask.shape[-2] != lq:
+        return False
+    tril = torch.ones(lq, lq, dtype=torch.bool, device=mask.device).tril()
+    return bool(mask[..., :n_sink].all()) and torch.equal(mask[..., n_sink:], tril.expand_as(mask[..., n_sink:]))
 
 
 def packed_attention_prefill(
@@ -211,27 +262,33 @@ def packed_attention_prefill(
     scaling: float,
     inv_freq: torch.Tensor,
     attention_scaling: float = 1.0,
-    block_size: int = PREFILL_HISTORY_BLOCK,
+    block_size: int | None = None,
     fused: bool | None = None,
+    dequant_kernel: bool | None = None,
 ) -> torch.Tensor:
     """Attention of a prefill chunk over ``[packed history | exact block]`` for histories every query row sees
     in full (no left padding, no sliding window): same result as :func:`packed_attention_torch`.
 
-    The history is dequantized ``block_size`` tokens at a time, rotated and cast to the query dtype, and attended
-    with a fused attention kernel that also returns each row's log-sum-exp (PyTorch's memory-efficient attention
-    on CUDA, ``fused``; float32 math elsewhere); the GQA group is folded into the query rows (every row of a KV
-    head sees the same history). The exact block (sink + the chunk itself, with its causal mask) is attended in
-    float32 math, and all parts are merged by their log-sum-exps. Compared with the split-K kernel, which
-    re-reads the packed history for every block of query rows, the history is dequantized once per chunk and
-    the work runs on the tensor cores.
+    The history is dequantized ``block_size`` tokens at a time into the query dtype, keys rotated (one Triton
+    pass per block, :mod:`triton_kernels.dequantize`, when a fused kernel is used: ``dequant_kernel``), and
+    attended with a fused attention kernel that also returns each row's log-sum-exp (``fused``: on CUDA
+    FlashAttention-2 for fp16/bf16, memory-efficient attention for float32; float32 math elsewhere); the GQA
+    group is folded into the query rows (every row of a KV head sees the same history). The exact block: when
+    its mask is "sinks visible, chunk causal" (what chunked prefill makes), the chunk is one square causal call
+    of the fused kernel and the sinks float32 math; any other mask is attended in float32 math. All parts are
+    merged by their log-sum-exps. Compared with the split-K kernel, which re-reads the packed history for every
+    block of query rows, the history is dequantized once per chunk and the work runs on the tensor cores.
     """
     b, hq, lq, d = query.shape
     h = exact_k.shape[1]
     if hq % h:
         raise ValueError(f"query heads ({hq}) must be a multiple of kv heads ({h}).")
     g = hq // h
-    if fused is None:
-        fused = fused_lse_available(query.device)
+    block_size = block_size or PREFILL_HISTORY_BLOCK
+    op = _lse_op(query.device, query.dtype) if fused is not False else None
+    if fused and op is None:
+        raise RuntimeError(f"no fused attention kernel with log-sum-exp for {query.dtype} on {query.device}.")
+    use_kernel = dequant_kernel if dequant_kernel is not None else op is not None
     q = query.reshape(b, h, g * lq, d)  # rows ordered (group member, query row)
     acc: torch.Tensor | None = None  # running normalized output [B, H, M, D] float32 and its log-sum-exp [B, H, M]
     acc_lse: torch.Tensor | None = None
@@ -248,23 +305,33 @@ def packed_attention_prefill(
         acc = (acc * w_old.unsqueeze(-1) + o * w_new.unsqueeze(-1)) / den.clamp_min(1e-30).unsqueeze(-1)
         acc_lse = m + torch.log(den)
 
-    for _, _, k, v in history_blocks(packed, block_size, inv_freq, attention_scaling):
-        merge(*(_attention_lse_fused if fused else _attention_lse_math)(q, k.to(query.dtype), v.to(query.dtype),
-                                                                          scaling))
+    for _, _, k, v in _dequantize_blocks(packed, block_size, inv_freq, attention_scaling, query.dtype, use_kernel):
+        merge(*(op or _attention_lse_math)(q, k, v, scaling))
         del k, v
     if exact_k.shape[2] > 0:
         e = exact_k.shape[2]
-        vis = None
-        if exact_mask is not None:  # [B, Lq, E] -> rows (g, lq): [B, 1, G*Lq, E]
-            vis = exact_mask[:, None].expand(b, g, lq, e).reshape(b, 1, g * lq, e)
-        o_parts, l_parts = [], []
-        for r0 in range(0, g * lq, _EXACT_ROWS):
-            r1 = min(r0 + _EXACT_ROWS, g * lq)
-            o, lse = _attention_lse_math(q[:, :, r0:r1], exact_k, exact_v, scaling,
-                                         None if vis is None else vis[:, :, r0:r1])
-            o_parts.append(o)
-            l_parts.append(lse)
-        merge(torch.cat(o_parts, dim=2), torch.cat(l_parts, dim=2))
+        n_sink = e - lq
+        if op is not None and _is_sink_causal(exact_mask, n_sink, lq):
+            # the chunk itself: a square causal block on the fused kernel (KV heads repeated to the query heads)
+            kc = exact_k[:, :, n_sink:].repeat_interleave(g, dim=1).to(query.dtype)
+            vc = exact_v[:, :, n_sink:].repeat_interleave(g, dim=1).to(query.dtype)
+            o, lse = op(query, kc, vc, scaling, causal=True)
+            del kc, vc
+            merge(o.reshape(b, h, g * lq, d), lse.reshape(b, h, g * lq))
+            if n_sink:  # the sink tokens, seen by every row
+                merge(*_attention_lse_math(q, exact_k[:, :, :n_sink], exact_v[:, :, :n_sink], scaling))
+        else:
+            vis = None
+            if exact_mask is not None:  # [B, Lq, E] -> rows (g, lq): [B, 1, G*Lq, E]
+                vis = exact_mask[:, None].expand(b, g, lq, e).reshape(b, 1, g * lq, e)
+            o_parts, l_parts = [], []
+            for r0 in range(0, g * lq, _EXACT_ROWS):
+                r1 = min(r0 + _EXACT_ROWS, g * lq)
+                o, lse = _attention_lse_math(q[:, :, r0:r1], exact_k, exact_v, scaling,
+                                             None if vis is None else vis[:, :, r0:r1])
+                o_parts.append(o)
+                l_parts.append(lse)
+            merge(torch.cat(o_parts, dim=2), torch.cat(l_parts, dim=2))
     if acc is None:
         return torch.zeros_like(query)
     out = torch.where(torch.isfinite(acc_lse).unsqueeze(-1), acc, torch.zeros_like(acc))

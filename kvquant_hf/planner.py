@@ -50,7 +50,7 @@ _SMALL_ROUND = 512
 _LARGE_ROUND = 2 * 2**20
 _H200_SMS = 132
 TORCH_HISTORY_BLOCK = 4096  # kvquant_hf.attention.packed_attention_torch's default block
-from .attention import PREFILL_HISTORY_BLOCK
+from . import attention as _attention
 from .cache import PREFILL_MIN_ROWS
 
 
@@ -342,10 +342,11 @@ def activation_bytes(shape: ModelShape, dtype: torch.dtype, batch: int, chunk: i
             programs = batch * h * num_mb
             splits = max(1, min(64, -(-2 * _sm_count(device) // max(programs, 1))))
             partial = batch * h * splits * num_mb * block_m * (d + 1) * 4
-            if prefill_dequant and chunk >= PREFILL_MIN_ROWS:  # prefill_attention "auto"/"dequant": a dequantized
-                # history block (its float32 intermediates, ~48 bytes per K+V element) and the float32 running
-                # output of the folded query rows
-                partial = max(partial, batch * h * PREFILL_HISTORY_BLOCK * d * 48 + 3 * t * hq * d * 4)
+            if prefill_dequant and chunk >= PREFILL_MIN_ROWS:  # prefill_attention "auto"/"dequant": a history
+                # block dequantized into the model dtype (Triton, K and V), the chunk's K/V repeated to the query
+                # heads for its causal call, and the float32 running output, part output and log-sum-exp merges
+                partial = max(partial, 2 * batch * h * _attention.PREFILL_HISTORY_BLOCK * d * es + 2 * t * hq * d * es
+                              + 4 * t * hq * d * 4)
         else:  # torch path: one dequantized history block (int64 codes, float32 K, V, rotated K), its scores
             blk = TORCH_HISTORY_BLOCK
             partial = batch * h * blk * d * (8 + 3 * 4) + 2 * t * hq * (blk + chunk) * 4 + 2 * t * hq * d * 4

@@ -1,0 +1,145 @@
+"""Dequantize a range of the packed history into the model dtype (keys rotated to their positions).
+
+Used by the prefill path (``prefill_attention="auto"``, :func:`kvquant_hf.attention.packed_attention_prefill`):
+a prefill chunk dequantizes the history block by block and attends it with a fused attention kernel on the
+tensor cores. One pass per element: unpack the 2/3/4-bit code, signpost lookup, per-channel (keys) or per-token
+(values) scale and zero, exact outlier slots, RoPE for keys; float32 math, one rounding to the output dtype.
+Same result as :meth:`kvquant_hf.attention.PackedKV.dequantize_block` + :func:`kvquant_hf.attention.rope_rotate`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .decode_attention import MIN_SCALE, _cos_sin
+
+_K_MIN_SCALE = tl.constexpr(MIN_SCALE)
+
+
+@triton.jit
+def _codes(row_ptr, ch, ch_mask, BITS: tl.constexpr, ROW_BYTES: tl.constexpr):
+    """Codes of channels ``ch [1, C]`` from rows of packed bytes at ``row_ptr [T, 1]`` (little-endian bit order:
+    code ``j`` occupies bits ``j*BITS .. j*BITS+BITS-1`` of the row, as :func:`kvquant_hf.quant.pack_codes`)."""
+    bit = ch * BITS
+    byte = bit // 8
+    w = tl.load(row_ptr + byte, mask=ch_mask, other=0).to(tl.int32)
+    if BITS == 3:  # a 3-bit code may straddle two bytes
+        w1 = tl.load(row_ptr + byte + 1, mask=ch_mask & (byte + 1 < ROW_BYTES), other=0).to(tl.int32)
+        w = w | (w1 << 8)
+    return (w >> (bit % 8)) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _slots(x, ch, val_rows, idx_rows, t_mask, N_SLOTS: tl.constexpr):
+    for s in tl.static_range(N_SLOTS):
+        idx = tl.load(idx_rows + s, mask=t_mask, other=255).to(tl.int32)
+        val = tl.load(val_rows + s, mask=t_mask, other=0.0).to(tl.float32)
+        x = tl.where(ch == idx, val, x)
+    return x
+
+
+@triton.jit
+def _dequant_kernel(
+    kc_ptr, kov_ptr, koi_ptr, vc_ptr, vsc_ptr, vz_ptr, vov_ptr, voi_ptr, pos_ptr,
+    klut_ptr, vlut_ptr, kzero_ptr, kscale_ptr, invf_ptr,
+    ko_ptr, vo_ptr,
+    start, n, H, attn_scale,
+    s_kc_b, s_kc_h, s_kc_t, s_kov_b, s_kov_h, s_kov_t, s_koi_b, s_koi_h, s_koi_t,
+    s_vc_b, s_vc_h, s_vc_t, s_vs_b, s_vs_h, s_vs_t, s_vz_b, s_vz_h, s_vz_t,
+    s_vov_b, s_vov_h, s_vov_t, s_voi_b, s_voi_h, s_voi_t,
+    s_pos_b, s_pos_t,
+    KBITS: tl.constexpr, VBITS: tl.constexpr, D: tl.constexpr, HALF_P2: tl.constexpr, D_P2: tl.constexpr,
+    SK: tl.constexpr, SV: tl.constexpr, BLOCK_T: tl.constexpr, FAST: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]  # [T, 1] within the range
+    t_mask = t < n
+    tt = (start + t).to(tl.int64)  # token index in the storage
+    half: tl.constexpr = D // 2
+
+    # ---- keys: two halves for rotate_half RoPE
+    c = tl.arange(0, HALF_P2)[None, :]
+    c_mask = c < half
+    m = t_mask & c_mask
+    k_rows = kc_ptr + b.to(tl.int64) * s_kc_b + h * s_kc_h + tt * s_kc_t
+    kov_rows = kov_ptr + b.to(tl.int64) * s_kov_b + h * s_kov_h + tt * s_kov_t
+    koi_rows = koi_ptr + b.to(tl.int64) * s_koi_b + h * s_koi_h + tt * s_koi_t
+    ca = _codes(k_rows, c, m, KBITS, D * KBITS // 8)
+    cb = _codes(k_rows, c + half, m, KBITS, D * KBITS // 8)
+    za = tl.load(kzero_ptr + h * D + c, mask=c_mask, other=0.0)
+    zb = tl.load(kzero_ptr + h * D + half + c, mask=c_mask, other=0.0)
+    sa = tl.load(kscale_ptr + h * D + c, mask=c_mask, other=0.0)
+    sb = tl.load(kscale_ptr + h * D + half + c, mask=c_mask, other=0.0)
+    xa = tl.load(klut_ptr + ca) * sa + za
+    xb = tl.load(klut_ptr + cb) * sb + zb
+    xa = _slots(xa, c, kov_rows, koi_rows, t_mask, SK)
+    xb = _slots(xb, c + half, kov_rows, koi_rows, t_mask, SK)
+    pos = tl.load(pos_ptr + b.to(tl.int64) * s_pos_b + tt * s_pos_t, mask=t_mask, other=0).to(tl.float32)
+    cos, sin = _cos_sin(pos * tl.load(invf_ptr + c, mask=c_mask, other=0.0), FAST)
+    cos = cos * attn_scale
+    sin = sin * attn_scale
+    out_rows = ((b * H + h).to(tl.int64) * n + t) * D
+    tl.store(ko_ptr + out_rows + c, (xa * cos - xb * sin).to(ko_ptr.dtype.element_ty), mask=m)
+    tl.store(ko_ptr + out_rows + half + c, (xb * cos + xa * sin).to(ko_ptr.dtype.element_ty), mask=m)
+
+    # ---- values: per-token scale and zero
+    cv = tl.arange(0, D_P2)[None, :]
+    mv = t_mask & (cv < D)
+    v_rows = vc_ptr + b.to(tl.int64) * s_vc_b + h * s_vc_h + tt * s_vc_t
+    code = _codes(v_rows, cv, mv, VBITS, D * VBITS // 8)
+    sc = tl.load(vsc_ptr + b.to(tl.int64) * s_vs_b + h * s_vs_h + tt * s_vs_t, mask=t_mask, other=1.0)
+    zr = tl.load(vz_ptr + b.to(tl.int64) * s_vz_b + h * s_vz_h + tt * s_vz_t, mask=t_mask, other=0.0)
+    x = tl.load(vlut_ptr + code) * tl.maximum(sc.to(tl.float32), _K_MIN_SCALE) + zr.to(tl.float32)
+    vov_rows = vov_ptr + b.to(tl.int64) * s_vov_b + h * s_vov_h + tt * s_vov_t
+    voi_rows = voi_ptr + b.to(tl.int64) * s_voi_b + h * s_voi_h + tt * s_voi_t
+    x = _slots(x, cv, vov_rows, voi_rows, t_mask, SV)
+    tl.store(vo_ptr + out_rows + cv, x.to(vo_ptr.dtype.element_ty), mask=mv)
+
+
+def dequantize_history_triton(packed, start: int, end: int, inv_freq: torch.Tensor, attention_scaling: float,
+                              dtype: torch.dtype, fast_math: bool | None = None, block_t: int = 32
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys (rotated to their stored positions) and values ``[B, H, end-start, D]`` in ``dtype`` for history
+    tokens ``[start, end)`` of a :class:`kvquant_hf.attention.PackedKV`."""
+    if not 0 <= start <= end <= packed.length:
+        raise ValueError(f"token range [{start}, {end}) is outside the history (0..{packed.length}).")
+    d = packed.head_dim
+    if d % 2 or d % 8:
+        raise ValueError(f"head_dim {d} must be a multiple of 8.")
+    b, h = packed.k_codes.shape[:2]
+    n = end - start
+    dev = packed.k_codes.device
+    ko = torch.empty(b, h, n, d, dtype=dtype, device=dev)
+    vo = torch.empty(b, h, n, d, dtype=dtype, device=dev)
+    if n == 0 or b * h == 0:
+        return ko, vo
+    if fast_math is None:
+        fast_math = dev.type == "cuda"
+    f32 = torch.float32
+    klut, vlut = packed.k_lut.to(dev, f32).contiguous(), packed.v_lut.to(dev, f32).contiguous()
+    kzero, kscale = packed.k_zero.to(dev, f32).contiguous(), packed.k_scale.to(dev, f32).contiguous()
+    invf = inv_freq.to(dev, f32).contiguous()
+    kc, kov, koi, vc = packed.k_codes, packed.k_out_val, packed.k_out_idx, packed.v_codes
+    vs, vz, vov, voi, pos = packed.v_scale, packed.v_zero, packed.v_out_val, packed.v_out_idx, packed.positions
+    for x in (kc, vc):
+        if x.stride(-1) != 1:
+            raise ValueError("packed code rows must be contiguous in their last dimension.")
+    grid = (triton.cdiv(n, block_t), b * h)
+    _dequant_kernel[grid](
+        kc, kov, koi, vc, vs, vz, vov, voi, pos, klut, vlut, kzero, kscale, invf, ko, vo,
+        start, n, h, float(attention_scaling),
+        kc.stride(0), kc.stride(1), kc.stride(2), kov.stride(0), kov.stride(1), kov.stride(2),
+        koi.stride(0), koi.stride(1), koi.stride(2),
+        vc.stride(0), vc.stride(1), vc.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
+        vz.stride(0), vz.stride(1), vz.stride(2),
+        vov.stride(0), vov.stride(1), vov.stride(2), voi.stride(0), voi.stride(1), voi.stride(2),
+        pos.stride(0), pos.stride(1),
+        KBITS=packed.key_bits, VBITS=packed.value_bits, D=d, HALF_P2=triton.next_power_of_2(d // 2),
+        D_P2=triton.next_power_of_2(d), SK=kov.shape[-1], SV=vov.shape[-1], BLOCK_T=block_t, FAST=fast_math,
+    )
+    return ko, vo
