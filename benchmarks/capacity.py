@@ -287,7 +287,7 @@ def prefill_row(model, method: str, length: int, device: str, chunk: int, prefil
     sec = time.perf_counter() - t0
     row = {"section": "prefill",
            "method": method if method == "fp16" else f"{method} chunked ({chunk})"
-           + ("" if prefill_attention == "kernel" else f", prefill_attention={prefill_attention}"),
+           + f", prefill_attention={prefill_attention}",
            "prompt": length, "prefill_s": sec, "tokens_per_s": length / sec}
     if device.startswith("cuda"):
         row["peak_gib"] = torch.cuda.max_memory_allocated() / GiB
@@ -334,7 +334,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--prefill-lengths", type=int, nargs="*", default=[32768, 131072])
     ap.add_argument("--prefill-methods", nargs="*", default=["nuq4", "fp16"])
     ap.add_argument("--prefill-chunk", type=int, default=4096)
-    ap.add_argument("--prefill-attention", default="kernel", choices=["kernel", "auto"],
+    ap.add_argument("--prefill-attention", default="auto", choices=["kernel", "auto"],
                     help="cache_config prefill_attention of the nuq prefill rows")
     ap.add_argument("--prefill-block", type=int, default=None,
                     help="history tokens dequantized per block on the prefill_attention=auto path "

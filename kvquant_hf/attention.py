@@ -157,7 +157,7 @@ def packed_attention_torch(
 # prefill chunks over a packed history: dequantize block by block, fused attention with log-sum-exp, merge
 # --------------------------------------------------------------------------------------------
 #: history tokens dequantized per block on the prefill path (bounds its transient memory)
-PREFILL_HISTORY_BLOCK = 16384
+PREFILL_HISTORY_BLOCK = 65536
 #: exact-block query rows per step of the float32 math of the exact block
 _EXACT_ROWS = 2048
 _LSE_OP_STATUS: dict = {}  # (device type, dtype) -> the checked fused op, or None (unusable here)
@@ -180,14 +180,15 @@ def _attention_lse_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     ``causal``: square blocks only (query row i sees keys 0..i)."""
     out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal,
                                                                       scale=scale)[:2]
-    return out.to(torch.float32), lse[..., : q.shape[2]].to(torch.float32)
+    return out, lse[..., : q.shape[2]].to(torch.float32)
 
 
 def _attention_lse_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool = False
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same with PyTorch's FlashAttention-2 kernel (CUDA, fp16/bf16): the fastest fused kernel on Hopper."""
+    """The same with PyTorch's FlashAttention-2 kernel (CUDA, fp16/bf16): the fastest fused kernel on Hopper.
+    Both fused ops return the output in the input dtype (any strides) and a float32 log-sum-exp."""
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
-    return out.to(torch.float32), lse.to(torch.float32)
+    return out, lse.to(torch.float32)
 
 
 def _check_lse_op(op, device: torch.device, dtype: torch.dtype) -> bool:
@@ -198,12 +199,12 @@ def _check_lse_op(op, device: torch.device, dtype: torch.dtype) -> bool:
         q, k, v = (torch.randn(1, 2, n, 64, device=device, generator=g, dtype=dtype) for n in (40, 72, 72))
         out, lse = op(q, k, v, 0.125)
         ref_out, ref_lse = _attention_lse_math(q, k, v, 0.125)
-        ok = torch.allclose(out, ref_out, atol=2e-2, rtol=2e-2) and torch.allclose(lse, ref_lse, atol=2e-2)
+        ok = torch.allclose(out.float(), ref_out, atol=2e-2, rtol=2e-2) and torch.allclose(lse, ref_lse, atol=2e-2)
         k, v = k[:, :, :40], v[:, :, :40]
         out, lse = op(q, k, v, 0.125, causal=True)
         tril = torch.ones(40, 40, dtype=torch.bool, device=device).tril()
         ref_out, ref_lse = _attention_lse_math(q, k, v, 0.125, tril)
-        return bool(ok and torch.allclose(out, ref_out, atol=2e-2, rtol=2e-2)
+        return bool(ok and torch.allclose(out.float(), ref_out, atol=2e-2, rtol=2e-2)
                     and torch.allclose(lse, ref_lse, atol=2e-2))
     except (RuntimeError, TypeError, AttributeError, NotImplementedError):
         return False
@@ -293,8 +294,19 @@ def packed_attention_prefill(
     acc: torch.Tensor | None = None  # running normalized output [B, H, M, D] float32 and its log-sum-exp [B, H, M]
     acc_lse: torch.Tensor | None = None
 
+    if use_kernel:  # one fused Triton pass per part (in place), parts in any layout and dtype
+        from triton_kernels.dequantize import merge_lse_
+
+        acc = torch.zeros(b, h, g * lq, d, dtype=torch.float32, device=query.device)
+        acc_lse = torch.full((b, h, g * lq), float("-inf"), dtype=torch.float32, device=query.device)
+
     def merge(o: torch.Tensor, lse: torch.Tensor) -> None:
         nonlocal acc, acc_lse
+        if use_kernel:
+            merge_lse_(acc, acc_lse, o, lse, lq)
+            return
+        o = o.reshape(b, h, g * lq, d).to(torch.float32)
+        lse = lse.reshape(b, h, g * lq)
         if acc is None:
             acc, acc_lse = o, lse
             return
@@ -317,7 +329,7 @@ def packed_attention_prefill(
             vc = exact_v[:, :, n_sink:].repeat_interleave(g, dim=1).to(query.dtype)
             o, lse = op(query, kc, vc, scaling, causal=True)
             del kc, vc
-            merge(o.reshape(b, h, g * lq, d), lse.reshape(b, h, g * lq))
+            merge(o, lse)  # [B, Hq, Lq, ...]: query heads (h, g)
             if n_sink:  # the sink tokens, seen by every row
                 merge(*_attention_lse_math(q, exact_k[:, :, :n_sink], exact_v[:, :, :n_sink], scaling))
         else:

@@ -53,12 +53,13 @@ class KVQuantConfig:
             tokens; each chunk attends to the packed earlier chunks, so the prompt's fp K/V never exist at once
             (0 = one call for the whole prompt).
         prefill_attention (`str`): how a prefill chunk (16+ query rows) attends to the packed history.
-            ``"kernel"`` (default): the split-K kernel (the torch path on CPU); ``"auto"``: on CUDA with the Triton
-            backend, a history every row sees in full (no left padding, no sliding window) is dequantized block by
-            block and attended with PyTorch's fused memory-efficient attention (tensor cores; merged by
-            log-sum-exp), otherwise the kernel; ``"dequant"``: the dequantize-and-attend path wherever it applies
-            (float32 math off CUDA). ``"auto"`` is opt-in until it has been timed and checked on a GPU (it is
-            tested on CPU only).
+            ``"auto"`` (default): on CUDA with the Triton backend, a history every row sees in full (no left
+            padding, no sliding window) is dequantized in 64K-token blocks into the model dtype by one Triton pass
+            and attended with PyTorch's FlashAttention-2 (fp16/bf16; memory-efficient attention for float32),
+            merged by log-sum-exp with the chunk's own causal block; otherwise the split-K kernel (the torch path
+            on CPU). ``"kernel"``: always the split-K kernel (it re-reads the packed history for every block of
+            query rows: 3x slower at 32K on the H200). ``"dequant"``: the dequantize-and-attend path wherever it
+            applies (float32 math off CUDA).
         capacity_check (`bool`): in ``generate``, refuse (``CapacityError``) a request whose cache cannot fit in
             the free GPU memory according to :func:`kvquant_hf.plan_capacity`, before allocating anything.
         signposts (`str`, optional): folder written by `calibrate.py` (its `nuqX` subfolder or the
@@ -87,7 +88,7 @@ class KVQuantConfig:
     cuda_graph: bool = False
     prefill_chunk_size: int = 4096
     capacity_check: bool = True
-    prefill_attention: str = "kernel"
+    prefill_attention: str = "auto"
     nonfinite: str = "error"
     extra: dict = field(default_factory=dict, repr=False)
 

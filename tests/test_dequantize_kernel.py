@@ -102,3 +102,30 @@ def test_prefill_with_kernel_dequant_and_causal_split(monkeypatch, sink, mask_ki
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     # three history blocks, then the chunk as one causal call when the mask allows it
     assert calls == [False, False, False] + ([True] if mask_kind == "causal" else [])
+
+
+@pytest.mark.parametrize("layout", ["folded", "per_head"])
+def test_merge_kernel_matches_logsumexp_merge(layout):
+    b, h, g, lq, d = 2, 2, 3, 5, 24
+    gen = torch.Generator().manual_seed(0)
+    parts = [(torch.randn(b, h, g * lq, d, generator=gen), torch.randn(b, h, g * lq, generator=gen) * 3)
+             for _ in range(3)]
+    parts[1][1][0, 1, :4] = float("-inf")  # rows that do not see one part
+    for o, lse in parts:
+        lse[1, 0, 2] = float("-inf")  # a row that sees nothing: stays zero
+    acc = torch.zeros(b, h, g * lq, d)
+    acc_lse = torch.full((b, h, g * lq), float("-inf"))
+    for o, lse in parts:
+        if layout == "per_head":  # [B, H*G, Lq, D], non-contiguous like FlashAttention's output, half precision
+            o_in = o.reshape(b, h * g, lq, d).transpose(1, 2).contiguous().transpose(1, 2).half()
+            _dq.merge_lse_(acc, acc_lse, o_in, lse.reshape(b, h * g, lq), lq)
+        else:
+            _dq.merge_lse_(acc, acc_lse, o, lse, lq)
+    lse_all = torch.stack([lse for _, lse in parts])
+    w = torch.softmax(lse_all, dim=0).nan_to_num(0.0)
+    tol = 2e-3 if layout == "per_head" else 1e-5
+    ref = sum(w[i].unsqueeze(-1) * (parts[i][0].half().float() if layout == "per_head" else parts[i][0])
+              for i in range(3))
+    torch.testing.assert_close(acc, ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(acc_lse, torch.logsumexp(lse_all, 0))
+    assert acc[1, 0, 2].abs().max() == 0

@@ -143,3 +143,62 @@ def dequantize_history_triton(packed, start: int, end: int, inv_freq: torch.Tens
         D_P2=triton.next_power_of_2(d), SK=kov.shape[-1], SV=vov.shape[-1], BLOCK_T=block_t, FAST=fast_math,
     )
     return ko, vo
+
+
+@triton.jit
+def _merge_kernel(acc_ptr, acc_lse_ptr, o_ptr, lse_ptr, H, M, LQ,
+                  s_ob, s_oh, s_og, s_ol, s_lb, s_lh, s_lg, s_ll,
+                  D: tl.constexpr, D_P2: tl.constexpr, BLOCK_R: tl.constexpr):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)  # folded row (group member, query row)
+    r_mask = r < M
+    gi = r // LQ
+    i = r % LQ
+    c = tl.arange(0, D_P2)
+    m2 = r_mask[:, None] & (c[None, :] < D)
+    row = (bh.to(tl.int64) * M + r)
+    a_lse = tl.load(acc_lse_ptr + row, mask=r_mask, other=float("-inf"))
+    p_lse = tl.load(lse_ptr + b.to(tl.int64) * s_lb + h * s_lh + gi * s_lg + i * s_ll, mask=r_mask,
+                    other=float("-inf")).to(tl.float32)
+    m = tl.maximum(a_lse, p_lse)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w_old = tl.exp(a_lse - m)
+    w_new = tl.exp(p_lse - m)
+    den = w_old + w_new
+    acc = tl.load(acc_ptr + row[:, None] * D + c[None, :], mask=m2, other=0.0)
+    o = tl.load(o_ptr + b.to(tl.int64) * s_ob + h * s_oh + (gi * s_og + i * s_ol)[:, None] + c[None, :], mask=m2,
+                other=0.0).to(tl.float32)
+    acc = (acc * w_old[:, None] + o * w_new[:, None]) / tl.maximum(den, 1e-30)[:, None]
+    tl.store(acc_ptr + row[:, None] * D + c[None, :], acc, mask=m2)
+    tl.store(acc_lse_ptr + row, m + tl.log(den), mask=r_mask)
+
+
+def merge_lse_(acc: torch.Tensor, acc_lse: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, lq: int,
+               block_r: int = 32) -> None:
+    """In place: ``acc [B, H, G*Lq, D]`` float32 (contiguous; rows ordered (group member, query row)) and its
+    log-sum-exp ``acc_lse [B, H, G*Lq]`` absorb one more attention part: ``o`` either in the same folded layout
+    ``[B, H, G*Lq, D]`` or per query head ``[B, H*G, Lq, D]`` (any strides, any float dtype) and its log-sum-exp
+    (``[B, H, G*Lq]`` or ``[B, H*G, Lq]``). Rows whose log-sum-exps are both -inf stay zero."""
+    b, h, m, d = acc.shape
+    if not (acc.is_contiguous() and acc_lse.is_contiguous() and acc.dtype == acc_lse.dtype == torch.float32):
+        raise ValueError("acc and acc_lse must be contiguous float32 tensors.")
+    g = m // lq
+    if o.shape == acc.shape:
+        s_ob, s_oh, s_om = o.stride(0), o.stride(1), o.stride(2)
+        s_og, s_ol = lq * s_om, s_om
+        s_lb, s_lh, s_lm = lse.stride()
+        s_lg, s_ll = lq * s_lm, s_lm
+    elif o.shape == (b, h * g, lq, d) and lse.shape == (b, h * g, lq):
+        s_ob, s_oh, s_og, s_ol = o.stride(0), g * o.stride(1), o.stride(1), o.stride(2)
+        s_lb, s_lh, s_lg, s_ll = lse.stride(0), g * lse.stride(1), lse.stride(1), lse.stride(2)
+    else:
+        raise ValueError(f"part of shape {tuple(o.shape)} does not match the accumulator {tuple(acc.shape)}.")
+    if o.stride(-1) != 1:
+        o = o.contiguous()
+        return merge_lse_(acc, acc_lse, o, lse, lq, block_r)
+    grid = (triton.cdiv(m, block_r), b * h)
+    _merge_kernel[grid](acc, acc_lse, o, lse, h, m, lq, s_ob, s_oh, s_og, s_ol, s_lb, s_lh, s_lg, s_ll,
+                        D=d, D_P2=triton.next_power_of_2(d), BLOCK_R=block_r)
