@@ -291,6 +291,8 @@ def prefill_row(model, method: str, length: int, device: str, chunk: int, prefil
            "prompt": length, "prefill_s": sec, "tokens_per_s": length / sec}
     if device.startswith("cuda"):
         row["peak_gib"] = torch.cuda.max_memory_allocated() / GiB
+        if method != "fp16" and prefill_attention != "kernel":
+            row["fused_op"] = kv_attention.fused_lse_name(torch.device(device), next(model.parameters()).dtype)
     _free(device)
     return row
 
@@ -309,7 +311,7 @@ def render(rows: list[dict], args) -> str:
                          "peak_gib", "fill_s", "error"])]
     if pre:
         md += ["\n## Prefill throughput (`generate(max_new_tokens=1)`)\n",
-               md_table(pre, ["method", "prompt", "prefill_s", "tokens_per_s", "peak_gib", "error"])]
+               md_table(pre, ["method", "prompt", "prefill_s", "tokens_per_s", "peak_gib", "fused_op", "error"])]
     mem = [r for r in cap if isinstance(r.get("gpu_memory"), dict)]
     if mem:
         md.append("\n## Memory per GPU after the decode steps (GiB)\n")
@@ -336,6 +338,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--prefill-chunk", type=int, default=4096)
     ap.add_argument("--prefill-attention", default="auto", choices=["kernel", "auto"],
                     help="cache_config prefill_attention of the nuq prefill rows")
+    ap.add_argument("--prefill-fused", nargs="+", default=None, choices=["cudnn", "flash", "efficient"],
+                    help="fused attention ops of the prefill path, in the order tried "
+                         "(kvquant_hf.attention.PREFILL_FUSED_ORDER)")
     ap.add_argument("--prefill-block", type=int, default=None,
                     help="history tokens dequantized per block on the prefill_attention=auto path "
                          "(kvquant_hf.attention.PREFILL_HISTORY_BLOCK)")
@@ -352,12 +357,15 @@ def main(argv=None) -> list[dict]:
     dtype = getattr(torch, args.dtype)
     if args.prefill_block:
         kv_attention.PREFILL_HISTORY_BLOCK = args.prefill_block
+    if args.prefill_fused:
+        kv_attention.PREFILL_FUSED_ORDER = tuple(args.prefill_fused)
     budget = Budget(args.time_budget)
     model = random_model(args.shape, dtype=dtype, device=args.device, num_layers=args.layers)
     kvquant_hf.patch_model(model)
     rows: list[dict] = []
     meta = {"shape": args.shape, "layers": model.config.num_hidden_layers, "dtype": args.dtype,
-            "prefill_history_block": kv_attention.PREFILL_HISTORY_BLOCK}
+            "prefill_history_block": kv_attention.PREFILL_HISTORY_BLOCK,
+            "prefill_fused_order": list(kv_attention.PREFILL_FUSED_ORDER)}
 
     def save():
         write_results(args.name, rows, render(rows, args), meta, repo_and_out=True)

@@ -191,6 +191,20 @@ def _attention_lse_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     return out, lse.to(torch.float32)
 
 
+def _attention_lse_cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same with PyTorch's cuDNN fused attention (CUDA, fp16/bf16; Hopper-tuned kernels)."""
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False,
+                                                                  scale=scale)[:2]
+    return out, lse.reshape(q.shape[:3]).to(torch.float32)
+
+
+#: fused attention-with-log-sum-exp ops of the prefill path, fastest first (each is self-checked before use)
+PREFILL_FUSED_OPS = {"cudnn": _attention_lse_cudnn, "flash": _attention_lse_flash, "efficient": _attention_lse_fused}
+#: the order in which they are tried (fp16/bf16; float32 queries only have "efficient")
+PREFILL_FUSED_ORDER = ("cudnn", "flash", "efficient")
+
+
 def _check_lse_op(op, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``op`` runs here and agrees with the float32 math, with and without the causal mask (its signature
     and log-sum-exp layout are private API)."""
@@ -211,17 +225,22 @@ def _check_lse_op(op, device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _lse_op(device: torch.device, dtype: torch.dtype):
-    """The fastest fused attention-with-log-sum-exp op that passes :func:`_check_lse_op` for ``dtype`` on
-    ``device`` (FlashAttention-2 for fp16/bf16, else memory-efficient attention), or None (checked once per
-    device type and dtype)."""
+    """The first fused attention-with-log-sum-exp op of :data:`PREFILL_FUSED_ORDER` that passes
+    :func:`_check_lse_op` for ``dtype`` on ``device``, or None (checked once per device type and dtype)."""
     if device.type != "cuda":
         return None
     key = (device.type, dtype)
     if key not in _LSE_OP_STATUS:
-        cands = [_attention_lse_flash] if dtype in (torch.float16, torch.bfloat16) else []
-        cands.append(_attention_lse_fused)
-        _LSE_OP_STATUS[key] = next((op for op in cands if _check_lse_op(op, device, dtype)), None)
+        names = [n for n in PREFILL_FUSED_ORDER if n == "efficient" or dtype in (torch.float16, torch.bfloat16)]
+        ops = [PREFILL_FUSED_OPS[n] for n in names]
+        _LSE_OP_STATUS[key] = next((op for op in ops if _check_lse_op(op, device, dtype)), None)
     return _LSE_OP_STATUS[key]
+
+
+def fused_lse_name(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Name (a key of :data:`PREFILL_FUSED_OPS`) of the fused op the prefill path uses for ``dtype`` on ``device``."""
+    op = _lse_op(device, dtype)
+    return next((n for n, f in PREFILL_FUSED_OPS.items() if f is op), None)
 
 
 def fused_lse_available(device: torch.device, dtype: torch.dtype = torch.float16) -> bool:
@@ -273,7 +292,8 @@ def packed_attention_prefill(
     The history is dequantized ``block_size`` tokens at a time into the query dtype, keys rotated (one Triton
     pass per block, :mod:`triton_kernels.dequantize`, when a fused kernel is used: ``dequant_kernel``), and
     attended with a fused attention kernel that also returns each row's log-sum-exp (``fused``: on CUDA
-    FlashAttention-2 for fp16/bf16, memory-efficient attention for float32; float32 math elsewhere); the GQA
+    cuDNN or FlashAttention-2 for fp16/bf16 (:data:`PREFILL_FUSED_ORDER`), memory-efficient attention for
+    float32; float32 math elsewhere); the GQA
     group is folded into the query rows (every row of a KV head sees the same history). The exact block: when
     its mask is "sinks visible, chunk causal" (what chunked prefill makes), the chunk is one square causal call
     of the fused kernel and the sinks float32 math; any other mask is attended in float32 math. All parts are
