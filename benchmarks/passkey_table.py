@@ -64,9 +64,18 @@ def main(argv=None):
     ap.add_argument("--name", default="passkey_smollm2")
     ap.add_argument("--tolerance", type=int, default=1)
     ap.add_argument("--title", default="Passkey retrieval")
-    ap.add_argument("--notes", default="", help="markdown placed under the title")
+    ap.add_argument("--notes", default="", help="markdown placed under the title (@FILE: read it from FILE)")
+    ap.add_argument("--order", nargs="*", default=None, help="run names (file stems) in column order, fp16 first")
     args = ap.parse_args(argv)
     runs = load(args.folder)
+    if args.order:
+        missing = [n for n in args.order if n not in runs]
+        if missing:
+            raise SystemExit(f"--order names runs that are not in {args.folder}: {missing}")
+        runs = {n: runs[n] for n in args.order + [n for n in runs if n not in args.order]}
+    if args.notes.startswith("@"):
+        with open(args.notes[1:]) as fh:
+            args.notes = fh.read().strip()
     rows, summary = build(runs, args.tolerance)
     names = ["fp16"] + [n for n in runs if n != "fp16"]
     cols = ["length", "depth"] + names + [f"{n} within {args.tolerance}" for n in names if n != "fp16"]
