@@ -524,6 +524,23 @@ def _key_slot_scores(q_rows, row_mask, kcb_rows, koi_rows, kov_rows, n_mask, pos
 
 
 @triton.jit
+def _load_block(kc_base, vc_base, pos_base, vs_base, vz_base, offs, n_mask, kwst, vwst, stride_vst, stride_vzt,
+                KW: tl.constexpr, VW: tl.constexpr):
+    """One block's packed key/value words (two RoPE halves each), positions and value scale/zero."""
+    nm = n_mask[:, None]
+    kwi = tl.arange(0, KW)[None, :]
+    vwi = tl.arange(0, VW)[None, :]
+    wk1 = tl.load(kc_base + offs[:, None] * kwst + kwi, mask=nm, other=0)
+    wk2 = tl.load(kc_base + offs[:, None] * kwst + KW + kwi, mask=nm, other=0)
+    wv1 = tl.load(vc_base + offs[:, None] * vwst + vwi, mask=nm, other=0)
+    wv2 = tl.load(vc_base + offs[:, None] * vwst + VW + vwi, mask=nm, other=0)
+    pos = tl.load(pos_base + offs, mask=n_mask, other=0)
+    vsc = tl.load(vs_base + offs * stride_vst, mask=n_mask, other=1.0)
+    vze = tl.load(vz_base + offs * stride_vzt, mask=n_mask, other=0.0)
+    return wk1, wk2, wv1, wv2, pos, vsc, vze
+
+
+@triton.jit
 def _packed_decode_kernel(
     q_ptr,  # fp16 [B, Hq, Lq, D] queries (RoPE applied)
     kc_ptr,  # uint8 [B, H, cap, D*K_BITS/8], read as int32 words (4-byte aligned rows, strides in words)
@@ -636,48 +653,25 @@ def _packed_decode_kernel(
     stride_kcbt = stride_kct * 4
     kwst = stride_kct  # int32 words (the launcher passes byte strides / 4)
     vwst = stride_vct
-    kwi = tl.arange(0, KW)[None, :]
-    vwi = tl.arange(0, VW)[None, :]
 
     if PREFETCH:  # software prefetch: the packed words, positions and value scales of the first block
-        offs = lo + jn
-        n_mask = offs < hi
-        nm = n_mask[:, None]
-        wk1 = tl.load(kc_base + offs[:, None] * kwst + kwi, mask=nm, other=0)
-        wk2 = tl.load(kc_base + offs[:, None] * kwst + KW + kwi, mask=nm, other=0)
-        wv1 = tl.load(vc_base + offs[:, None] * vwst + vwi, mask=nm, other=0)
-        wv2 = tl.load(vc_base + offs[:, None] * vwst + VW + vwi, mask=nm, other=0)
-        pos = tl.load(pos_base + offs, mask=n_mask, other=0)
-        vsc = tl.load(vs_base + offs * stride_vst, mask=n_mask, other=1.0)
-        vze = tl.load(vz_base + offs * stride_vzt, mask=n_mask, other=0.0)
+        wk1, wk2, wv1, wv2, pos, vsc, vze = _load_block(kc_base, vc_base, pos_base, vs_base, vz_base, lo + jn,
+                                                        lo + jn < hi, kwst, vwst, stride_vst, stride_vzt, KW, VW)
     for t0 in range(lo, hi, BLOCK_N):
         offs = t0 + jn
         n_mask = offs < hi
-        nm = n_mask[:, None]
         kov_rows = kov_base + offs * stride_kvt
         koi_rows = koi_base + offs * stride_kit
         vov_rows = vov_base + offs * stride_vvt
         voi_rows = voi_base + offs * stride_vit
 
         if PREFETCH:  # the next block's words while this one is computed
-            nxt = offs + BLOCK_N
-            n_nxt = nxt < hi
-            nm_nxt = n_nxt[:, None]
-            nwk1 = tl.load(kc_base + nxt[:, None] * kwst + kwi, mask=nm_nxt, other=0)
-            nwk2 = tl.load(kc_base + nxt[:, None] * kwst + KW + kwi, mask=nm_nxt, other=0)
-            nwv1 = tl.load(vc_base + nxt[:, None] * vwst + vwi, mask=nm_nxt, other=0)
-            nwv2 = tl.load(vc_base + nxt[:, None] * vwst + VW + vwi, mask=nm_nxt, other=0)
-            npos = tl.load(pos_base + nxt, mask=n_nxt, other=0)
-            nvsc = tl.load(vs_base + nxt * stride_vst, mask=n_nxt, other=1.0)
-            nvze = tl.load(vz_base + nxt * stride_vzt, mask=n_nxt, other=0.0)
+            nwk1, nwk2, nwv1, nwv2, npos, nvsc, nvze = _load_block(
+                kc_base, vc_base, pos_base, vs_base, vz_base, offs + BLOCK_N, offs + BLOCK_N < hi, kwst, vwst,
+                stride_vst, stride_vzt, KW, VW)
         else:
-            wk1 = tl.load(kc_base + offs[:, None] * kwst + kwi, mask=nm, other=0)
-            wk2 = tl.load(kc_base + offs[:, None] * kwst + KW + kwi, mask=nm, other=0)
-            wv1 = tl.load(vc_base + offs[:, None] * vwst + vwi, mask=nm, other=0)
-            wv2 = tl.load(vc_base + offs[:, None] * vwst + VW + vwi, mask=nm, other=0)
-            pos = tl.load(pos_base + offs, mask=n_mask, other=0)
-            vsc = tl.load(vs_base + offs * stride_vst, mask=n_mask, other=1.0)
-            vze = tl.load(vz_base + offs * stride_vzt, mask=n_mask, other=0.0)
+            wk1, wk2, wv1, wv2, pos, vsc, vze = _load_block(kc_base, vc_base, pos_base, vs_base, vz_base, offs,
+                                                            n_mask, kwst, vwst, stride_vst, stride_vzt, KW, VW)
 
         # keys (pre-RoPE): code -> (grid folded into scale/zero | signpost gather) -> slots
         if K_AFFINE:
