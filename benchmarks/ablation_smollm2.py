@@ -35,10 +35,10 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-import torch  # noqa: E402
+import torch
 
-from kvquant_hf import quant  # noqa: E402
-from kvquant_hf.simulated import MethodSpec, NuqLayerParams  # noqa: E402
+from kvquant_hf import quant
+from kvquant_hf.simulated import MethodSpec, NuqLayerParams
 
 TEST_TEXT = os.path.normpath(os.path.join(_ROOT, "..", "shared", "data", "wikitext-2", "test.raw.txt"))
 VALID_TEXT = os.path.normpath(os.path.join(_ROOT, "..", "shared", "data", "wikitext-2", "valid.tokens.txt"))

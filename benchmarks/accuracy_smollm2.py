@@ -36,9 +36,9 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-import torch  # noqa: E402
+import torch
 
-from kvquant_hf.simulated import MethodSpec  # noqa: E402
+from kvquant_hf.simulated import MethodSpec
 
 TEST_TEXT = os.path.normpath(os.path.join(_ROOT, "..", "shared", "data", "wikitext-2", "test.raw.txt"))
 SIGNPOSTS = "/work/signposts"
@@ -143,9 +143,9 @@ def render(args: argparse.Namespace) -> None:
     n_win = merged["fp16"]["windows"]
     base = merged["fp16"]["ppl"]
     cal = {}
-    for name in merged:
-        if merged[name].get("calibration_s") is not None:
-            cal[name] = merged[name]["calibration_s"]
+    for name, res in merged.items():
+        if res.get("calibration_s") is not None:
+            cal[name] = res["calibration_s"]
     lines = [
         "# SmolLM2-135M-Instruct: WikiText-2 perplexity with quantized KV caches",
         "",

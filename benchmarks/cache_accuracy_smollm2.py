@@ -24,7 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import md_table, write_results  # noqa: E402
+from common import md_table, write_results
 
 TEST_TEXT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "wikitext-2", "test.raw.txt")
 
@@ -125,7 +125,8 @@ def main(argv=None):
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     model, tok = load_model_and_tokenizer("smollm2", dtype=args.dtype, device=args.device)
     kvquant_hf.patch_model(model)  # KVQuantCache attends itself (generate would patch too; direct calls need it)
-    text = open(args.text_file, encoding="utf-8").read()
+    with open(args.text_file, encoding="utf-8") as fh:
+        text = fh.read()
     ids = tok(text, return_tensors="pt").input_ids[0]
     out = {"ppl": [], "bits": [], "agreement": []}
 
@@ -141,7 +142,7 @@ def main(argv=None):
             t0 = time.time()
             sp = os.path.join(args.signposts, f"nuq{b}")
             real[f"nuq{b}"] = real_cache_ppl(
-                model, wins, lambda: kvquant_hf.KVQuantCache({"bits": b, "signposts": sp}, model_config=model.config))
+                model, wins, lambda b=b, sp=sp: kvquant_hf.KVQuantCache({"bits": b, "signposts": sp}, model_config=model.config))
             out["ppl_seconds"][f"real_nuq{b}"] = time.time() - t0
             print("real", b, real[f"nuq{b}"], flush=True)
             _dump_partial({"simulated": {m: sim[m]["ppl"] for m in methods}, "real": real,
@@ -177,7 +178,8 @@ def main(argv=None):
     for bits in args.agreement_bits:
         sp = os.path.join(args.signposts, f"nuq{bits}")
         rate, per = teacher_forced_agreement(
-            model, ids, lambda: kvquant_hf.KVQuantCache({"bits": bits, "signposts": sp}, model_config=model.config))
+            model, ids, lambda bits=bits, sp=sp: kvquant_hf.KVQuantCache({"bits": bits, "signposts": sp},
+                                                                     model_config=model.config))
         out["agreement"].append({"method": f"nuq{bits}-1%", "agreement": rate, "min_prompt": min(per)})
         print(out["agreement"][-1], flush=True)
         _dump_partial({"agreement": out["agreement"]})

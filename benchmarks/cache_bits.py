@@ -13,8 +13,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from cache_accuracy_smollm2 import bits_for_shape  # noqa: E402
-from common import md_table, write_results  # noqa: E402
+from cache_accuracy_smollm2 import bits_for_shape
+from common import md_table, write_results
 
 
 def main():

@@ -47,7 +47,7 @@ def main() -> None:
         real = kvquant_hf.KVQuantCache({"bits": bits, "signposts": sp}, model_config=model.config)
         lr = torch.stack([model(ids[:, t : t + 1], cache=real, position_ids=torch.tensor([[t]])).logits[0, -1]
                           for t in range(n)])
-    nll = lambda lg: torch.nn.functional.cross_entropy(lg[:-1].float(), ids[0, 1:], reduction="none")  # noqa: E731
+    nll = lambda lg: torch.nn.functional.cross_entropy(lg[:-1].float(), ids[0, 1:], reduction="none")
     ns, nr = nll(ls), nll(lr)
     print(f"mean NLL simulated {ns.mean():.4f} real {nr.mean():.4f}; largest per-token gap "
           f"{(ns - nr).abs().max():.3f} at token {int((ns - nr).abs().argmax())}")

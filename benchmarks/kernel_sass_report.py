@@ -21,10 +21,10 @@ from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+import triton
+from triton.backends.compiler import GPUTarget
 
-from triton_kernels import decode_attention as da  # noqa: E402
+from triton_kernels import decode_attention as da
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 HISTOGRAM = ["LDG", "LDS", "STS", "LDL", "STL", "HMMA", "MUFU", "IMAD", "LOP3", "FFMA", "FMUL", "FSEL", "ISETP",
@@ -95,7 +95,7 @@ def _loop_stats(sass: str):
     # unconditional forward BRA at u -> x inside the loop: arms (c, u] and (u, x) of an if/else
     for a, t in bras:
         if start < a < end and t > a and t <= end:
-            line = re.search(r"/\*%04x\*/\s+(@!?U?P\w+\s+)?BRA" % a, sass)
+            line = re.search(rf"/\*{a:04x}\*/\s+(@!?U?P\w+\s+)?BRA", sass)
             if line and line.group(1):
                 continue
             arm2 = [op for x, op in body if a < x < t]
@@ -162,11 +162,11 @@ def summarize(kernel, tag: str, elems_per_thread: float | None = None) -> str:
     with open("/tmp/k.ttgir", "w") as fh:
         fh.write(kernel.asm["ttgir"])
     sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", "/tmp/k.cubin"], capture_output=True,
-                          text=True).stdout
+                          text=True, check=False).stdout
     with open("/tmp/k.sass", "w") as fh:
         fh.write(sass)
     res = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", "/tmp/k.cubin"], capture_output=True,
-                         text=True).stdout
+                         text=True, check=False).stdout
     usage = re.search(r"REG:(\d+) STACK:(\d+)", res)
     ops = Counter(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass))
     hist = " ".join(f"{k}={ops.get(k, 0)}" for k in HISTOGRAM)

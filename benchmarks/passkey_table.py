@@ -15,7 +15,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import md_table, results_dir  # noqa: E402
+from common import md_table, results_dir
 
 
 def load(folder: str) -> dict[str, dict]:

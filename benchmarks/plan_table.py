@@ -15,7 +15,7 @@ import torch
 from transformers import LlamaConfig
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import kvquant_hf  # noqa: E402
+import kvquant_hf
 
 GiB = 2**30
 SHAPES = {

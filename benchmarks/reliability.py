@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import md_table, results_dir, write_results  # noqa: E402
+from common import md_table, results_dir, write_results
 
 PROMPT = torch.tensor([[5, 17, 99, 3, 42, 8, 77, 31, 64, 12]])
 NEW = 8
@@ -279,7 +279,7 @@ def main(argv=None):
         finally:
             cache_mod.importlib.util.find_spec = real
 
-    g = lambda **cfg: (lambda: gen(cache_implementation="kvquant", cache_config=cfg))  # noqa: E731
+    g = lambda **cfg: (lambda: gen(cache_implementation="kvquant", cache_config=cfg))
     cases = [
         ("cache_config bits=5", g(bits=5)),
         ("cache_config bits='4' (a string)", g(bits="4")),

@@ -35,9 +35,9 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-import torch  # noqa: E402
+import torch
 
-from kvquant_hf import quant  # noqa: E402
+from kvquant_hf import quant
 
 VALID_TEXT = os.path.normpath(os.path.join(_ROOT, "..", "shared", "data", "wikitext-2", "valid.tokens.txt"))
 #: symmetric outlier fractions tried per channel (thresholds at the f/2 and 1 - f/2 quantiles)

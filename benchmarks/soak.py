@@ -42,7 +42,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import md_table, write_results  # noqa: E402
+from common import md_table, write_results
 
 
 # --------------------------------------------------------------------------------------------

@@ -65,9 +65,9 @@ def __dir__() -> list[str]:
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "BackendUnavailableError",
+    "CacheMismatchError",
     "CapacityError",
     "CapacityPlan",
-    "CacheMismatchError",
     "KVQuantCache",
     "KVQuantConfig",
     "KVQuantConfigError",

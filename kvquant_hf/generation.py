@@ -30,7 +30,6 @@ import functools
 import inspect
 
 import torch
-
 from transformers.generation import configuration_utils as _gen_config_utils
 from transformers.generation.utils import GenerationMixin
 

@@ -308,7 +308,7 @@ def key_thresholds_from_sample(k: torch.Tensor, outlier_fraction: float) -> tupl
     # linear interpolation quantile (same as torch.quantile, without its size limit)
     def q(p: float) -> torch.Tensor:
         pos = p * (n - 1)
-        i0 = int(math.floor(pos))
+        i0 = math.floor(pos)
         i1 = min(i0 + 1, n - 1)
         w = pos - i0
         return srt[:, i0] * (1 - w) + srt[:, i1] * w

@@ -11,17 +11,17 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 triton = pytest.importorskip("triton")
 
-from conftest import interpreted_kernel_modules  # noqa: E402
+from conftest import interpreted_kernel_modules
 
-from kvquant_hf import quant  # noqa: E402
-from kvquant_hf.attention import PackedKV, packed_attention_torch  # noqa: E402
+from kvquant_hf import quant
+from kvquant_hf.attention import PackedKV, packed_attention_torch
 
 _qz, _da = interpreted_kernel_modules()
 
@@ -51,7 +51,7 @@ VALUE_FIELDS = ("codes", "scale", "zero", "out_val", "out_idx")
 
 
 def _edge(name: str, shape, g) -> torch.Tensor:
-    b, h, s, d = shape
+    _, _, s, d = shape
     if name == "all_equal":
         return torch.full(shape, 3.25)
     if name == "all_zero":

@@ -101,7 +101,7 @@ def test_key_outliers_exact_and_capped():
     assert int(used.sum(-1).max()) <= 2
     assert pk.n_clipped == int((outside - used.sum(-1)).clamp_min(0).sum())
     # kept slots are the largest normalized excursions
-    zero, scale = q.key_zero_scale(lo, hi)
+    _, scale = q.key_zero_scale(lo, hi)
     excess = torch.maximum(lo[None, :, None] - k, k - hi[None, :, None]).clamp_min(0) / scale[None, :, None]
     kept = torch.gather(excess, -1, idx).masked_fill(~used, float("inf")).amin(-1)
     dropped = excess.scatter(-1, idx, 0.0 * excess[..., :2]).amax(-1)

@@ -16,7 +16,6 @@ from conftest import make_tiny_llama, make_tiny_mistral
 from test_cache import HEAD_DIM, calibrated_layer_signposts, forward, synthetic_inputs
 from test_signposts import make_signposts as random_signposts
 
-import kvquant_hf
 from kvquant_hf import cache as cache_mod
 from kvquant_hf import quant
 from kvquant_hf.cache import KVQuantCache, KVQuantLayer, resolve_backend
@@ -588,7 +587,7 @@ def test_huge_float32_values_saturate_instead_of_overflowing():
         vd = quant.dequantize_values(pv, lut, 4, 64)
         assert torch.isfinite(vd).all()
         lo, hi = torch.full((1, 64), -mag), torch.full((1, 64), mag)
-        zero, scale = quant.key_zero_scale(lo, hi)
+        _, scale = quant.key_zero_scale(lo, hi)
         assert torch.isfinite(scale).all() and float(scale[0, 0]) == pytest.approx(mag)
         kd = quant.dequantize_keys(quant.quantize_keys(v, lut, lo, hi, 1, 4), lut, lo, hi, 4, 64)
         assert torch.isfinite(kd).all()

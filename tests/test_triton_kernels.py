@@ -11,15 +11,15 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 
-from conftest import interpreted_kernel_modules  # noqa: E402
+from conftest import interpreted_kernel_modules
 
-from kvquant_hf import quant  # noqa: E402
-from kvquant_hf.attention import PackedKV, packed_attention_torch  # noqa: E402
+from kvquant_hf import quant
+from kvquant_hf.attention import PackedKV, packed_attention_torch
 
 _qz, _da = interpreted_kernel_modules()
 

@@ -810,7 +810,7 @@ def _packed_attn_merge_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     m_pad = NUM_MB * BLOCK_M
-    for s in range(0, NUM_SPLITS):
+    for s in range(NUM_SPLITS):
         part = (bh * NUM_SPLITS + s) * m_pad + rows
         lse_s = tl.load(lse_ptr + part)
         o_s = tl.load(o_ptr + part[:, None] * HEAD_DIM + d[None, :])
@@ -939,7 +939,7 @@ def affine_grid(lut: torch.Tensor) -> tuple[float, float] | None:
 _LAST_KERNELS: dict = {}  # the last compiled kernels (register/spill reports in the benchmarks)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 

@@ -22,14 +22,14 @@ _EXPORTS = {
 
 __all__ = [
     "DEFAULT_METHODS",
+    "build_prompt",
     "evaluate_perplexity",
     "load_token_ids",
     "make_windows",
+    "run_passkey",
     "score_window_incremental",
     "score_window_simulated",
     "summary_table",
-    "run_passkey",
-    "build_prompt",
 ]
 
 
