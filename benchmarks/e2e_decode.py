@@ -123,9 +123,12 @@ def main(argv=None):
                              "static_compile", "quanto_int4"])
     ap.add_argument("--layers", type=int, default=None, help="fewer layers (smoke tests)")
     ap.add_argument("--skip", nargs="*", default=[], help="METHOD@CONTEXTxBATCH cases to skip")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
+                    help="model dtype (the Triton decode fast path covers float16)")
+    ap.add_argument("--name", default="e2e_decode", help="result file name (benchmarks/results/NAME.{md,json})")
     args = ap.parse_args(argv)
 
-    model = random_model(args.shape, num_layers=args.layers)
+    model = random_model(args.shape, num_layers=args.layers, dtype=getattr(torch, args.dtype))
     cases = [(c, args.batch) for c in args.contexts] + [tuple(int(x) for x in e.split("x")) for e in args.extra]
     rows = []
     for context, batch in cases:
@@ -157,8 +160,8 @@ def main(argv=None):
                 fh.write(json.dumps(row) + "\n")
     cols = ["method", "context", "batch", "ms_per_step", "attention_ms", "append_ms", "other_ms", "cache_gib",
             "peak_gib", "error"]
-    md = "# End-to-end decode step, " + args.shape + " (random bf16 weights)\n\n" + md_table(rows, cols)
-    print(write_results("e2e_decode", rows, md))
+    md = f"# End-to-end decode step, {args.shape} (random {args.dtype} weights)\n\n" + md_table(rows, cols)
+    print(write_results(args.name, rows, md, meta={"dtype": args.dtype}, repo_and_out=True))
 
 
 if __name__ == "__main__":
