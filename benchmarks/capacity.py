@@ -292,7 +292,9 @@ def prefill_row(model, method: str, length: int, device: str, chunk: int, prefil
     if device.startswith("cuda"):
         row["peak_gib"] = torch.cuda.max_memory_allocated() / GiB
         if method != "fp16" and prefill_attention != "kernel":
-            row["fused_op"] = kv_attention.fused_lse_name(torch.device(device), next(model.parameters()).dtype)
+            row["fused_op"] = kv_attention.fused_lse_name(torch.device(device), next(model.parameters()).dtype,
+                                                          getattr(model.config, "head_dim", None) or
+                                                          model.config.hidden_size // model.config.num_attention_heads)
     _free(device)
     return row
 

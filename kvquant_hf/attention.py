@@ -160,7 +160,7 @@ def packed_attention_torch(
 PREFILL_HISTORY_BLOCK = 65536
 #: exact-block query rows per step of the float32 math of the exact block
 _EXACT_ROWS = 2048
-_LSE_OP_STATUS: dict = {}  # (device type, dtype) -> the checked fused op, or None (unusable here)
+_LSE_OP_STATUS: dict = {}  # (device type, dtype, head_dim, order) -> the checked fused op, or None (unusable here)
 
 
 def _attention_lse_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -205,12 +205,12 @@ PREFILL_FUSED_OPS = {"cudnn": _attention_lse_cudnn, "flash": _attention_lse_flas
 PREFILL_FUSED_ORDER = ("cudnn", "flash", "efficient")
 
 
-def _check_lse_op(op, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``op`` runs here and agrees with the float32 math, with and without the causal mask (its signature
-    and log-sum-exp layout are private API)."""
+def _check_lse_op(op, device: torch.device, dtype: torch.dtype, head_dim: int = 64) -> bool:
+    """Whether ``op`` runs here for ``head_dim`` and agrees with the float32 math, with and without the causal mask
+    (its signature and log-sum-exp layout are private API; the kernels behind it support some head sizes only)."""
     try:
         g = torch.Generator(device=device).manual_seed(0)
-        q, k, v = (torch.randn(1, 2, n, 64, device=device, generator=g, dtype=dtype) for n in (40, 72, 72))
+        q, k, v = (torch.randn(1, 2, n, head_dim, device=device, generator=g, dtype=dtype) for n in (40, 72, 72))
         out, lse = op(q, k, v, 0.125)
         ref_out, ref_lse = _attention_lse_math(q, k, v, 0.125)
         ok = torch.allclose(out.float(), ref_out, atol=2e-2, rtol=2e-2) and torch.allclose(lse, ref_lse, atol=2e-2)
@@ -224,29 +224,31 @@ def _check_lse_op(op, device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
-def _lse_op(device: torch.device, dtype: torch.dtype):
+def _lse_op(device: torch.device, dtype: torch.dtype, head_dim: int = 64):
     """The first fused attention-with-log-sum-exp op of :data:`PREFILL_FUSED_ORDER` that passes
-    :func:`_check_lse_op` for ``dtype`` on ``device``, or None (checked once per device type and dtype)."""
+    :func:`_check_lse_op` for ``dtype`` and ``head_dim`` on ``device``, or None (checked once per device type,
+    dtype, head size and order)."""
     if device.type != "cuda":
         return None
-    key = (device.type, dtype)
+    key = (device.type, dtype, head_dim, tuple(PREFILL_FUSED_ORDER))
     if key not in _LSE_OP_STATUS:
         names = [n for n in PREFILL_FUSED_ORDER if n == "efficient" or dtype in (torch.float16, torch.bfloat16)]
         ops = [PREFILL_FUSED_OPS[n] for n in names]
-        _LSE_OP_STATUS[key] = next((op for op in ops if _check_lse_op(op, device, dtype)), None)
+        _LSE_OP_STATUS[key] = next((op for op in ops if _check_lse_op(op, device, dtype, head_dim)), None)
     return _LSE_OP_STATUS[key]
 
 
-def fused_lse_name(device: torch.device, dtype: torch.dtype) -> str | None:
-    """Name (a key of :data:`PREFILL_FUSED_OPS`) of the fused op the prefill path uses for ``dtype`` on ``device``."""
-    op = _lse_op(device, dtype)
+def fused_lse_name(device: torch.device, dtype: torch.dtype, head_dim: int = 64) -> str | None:
+    """Name (a key of :data:`PREFILL_FUSED_OPS`) of the fused op the prefill path uses for ``dtype`` and
+    ``head_dim`` on ``device``."""
+    op = _lse_op(device, dtype, head_dim)
     return next((n for n, f in PREFILL_FUSED_OPS.items() if f is op), None)
 
 
-def fused_lse_available(device: torch.device, dtype: torch.dtype = torch.float16) -> bool:
-    """Whether a fused attention-with-log-sum-exp kernel runs on ``device`` for ``dtype`` and agrees with the
-    float32 math (checked once per device type and dtype on a small random case)."""
-    return _lse_op(device, dtype) is not None
+def fused_lse_available(device: torch.device, dtype: torch.dtype = torch.float16, head_dim: int = 64) -> bool:
+    """Whether a fused attention-with-log-sum-exp kernel runs on ``device`` for ``dtype`` and ``head_dim`` and
+    agrees with the float32 math (checked once per device type, dtype and head size on a small random case)."""
+    return _lse_op(device, dtype, head_dim) is not None
 
 
 def _dequantize_blocks(packed: PackedKV | None, block_size: int, inv_freq: torch.Tensor, attention_scaling: float,
@@ -306,7 +308,7 @@ def packed_attention_prefill(
         raise ValueError(f"query heads ({hq}) must be a multiple of kv heads ({h}).")
     g = hq // h
     block_size = block_size or PREFILL_HISTORY_BLOCK
-    op = _lse_op(query.device, query.dtype) if fused is not False else None
+    op = _lse_op(query.device, query.dtype, d) if fused is not False else None
     if fused and op is None:
         raise RuntimeError(f"no fused attention kernel with log-sum-exp for {query.dtype} on {query.device}.")
     use_kernel = dequant_kernel if dequant_kernel is not None else op is not None

@@ -564,7 +564,7 @@ class KVQuantLayer(CacheLayerMixin):
         if (mode == "kernel" or self.graph_mode or self.length == 0 or q.shape[2] < PREFILL_MIN_ROWS
                 or kwargs.get("hist_start") is not None or kwargs.get("window") is not None):
             return False
-        return mode == "dequant" or (self.backend == "triton" and fused_lse_available(q.device, q.dtype))
+        return mode == "dequant" or (self.backend == "triton" and fused_lse_available(q.device, q.dtype, q.shape[-1]))
 
     def _attention(self, q, exact_k, exact_v, exact_mask, **kwargs) -> torch.Tensor:
         if self._prefill_path(q, kwargs):

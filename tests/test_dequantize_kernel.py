@@ -83,7 +83,7 @@ def test_prefill_with_kernel_dequant_and_causal_split(monkeypatch, sink, mask_ki
     from kvquant_hf import attention as attn_mod
 
     calls = []
-    monkeypatch.setattr(attn_mod, "_lse_op", lambda device, dtype: (lambda *a, **k: (calls.append(k.get("causal", False)),
+    monkeypatch.setattr(attn_mod, "_lse_op", lambda device, dtype, head_dim: (lambda *a, **k: (calls.append(k.get("causal", False)),
                                                                                     _math_op(*a, **k))[1]))
     b, h, g, d, length, lq = 2, 2, 3, 32, 70, 12
     packed = _packed(b, h, length, length, d, 3, 1, 1, seed=5)
