@@ -114,3 +114,29 @@ def test_config_validation():
     assert kvquant_hf.KVQuantConfig(prefill_attention="kernel").prefill_attention == "kernel"
     with pytest.raises(KVQuantConfigError, match="prefill_attention"):
         kvquant_hf.KVQuantConfig(prefill_attention="flash")
+
+
+def test_fused_op_self_check_accepts_a_correct_op_and_rejects_wrong_ones():
+    """The check every fused attention op must pass before the prefill path uses it (run here with float32 math
+    standing in for the CUDA kernels): output and log-sum-exp, with and without the causal mask."""
+    from kvquant_hf.attention import _attention_lse_math, _check_lse_op
+
+    def good(q, k, v, scale, causal=False):
+        vis = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril() if causal else None
+        return _attention_lse_math(q, k, v, scale, vis)
+
+    def ignores_causal(q, k, v, scale, causal=False):
+        return _attention_lse_math(q, k, v, scale)
+
+    def lse_off_by_one(q, k, v, scale, causal=False):
+        out, lse = good(q, k, v, scale, causal)
+        return out, lse + 1
+
+    def raises(q, k, v, scale, causal=False):
+        raise RuntimeError("no kernel for this head size")
+
+    cpu = torch.device("cpu")
+    assert _check_lse_op(good, cpu, torch.float32, head_dim=96)
+    assert not _check_lse_op(ignores_causal, cpu, torch.float32)
+    assert not _check_lse_op(lse_off_by_one, cpu, torch.float32)
+    assert not _check_lse_op(raises, cpu, torch.float32)
