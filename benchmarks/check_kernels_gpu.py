@@ -188,6 +188,19 @@ def main(argv=None):
             failures += not row["ok"]
             rows.append(row)
             print("attention", {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+            if dtype == torch.bfloat16 and lq == 1 and bits in (2, 4) and not args.smoke:
+                # the bf16 decode fast path is opt-in (decode_kernel=True) until these rows pass
+                try:
+                    row = check_attention(name + " (bf16 fast path)", dtype, bits, b, hq, h, d, length, lq, sink,
+                                          window, pad, gap=1003 if "gap" in name else None, decode_kernel=True)
+                except Exception:  # noqa: BLE001 -- a crash is a failed case in the report
+                    traceback.print_exc()
+                    row = dict(case=name + " (bf16 fast path)", dtype=str(dtype), bits=bits, ok=False,
+                               rel_err=float("nan"))
+                failures += not row["ok"]
+                rows.append(row)
+                print("attention", {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in row.items()},
+                      flush=True)
 
     out = _out_dir()
     with open(os.path.join(out, "check_kernels_gpu.csv"), "w", newline="") as fh:

@@ -41,6 +41,7 @@ DEV = "cuda"
 SMOKE = False
 SINK = 4
 SLOTS = 2  # 1% of 128 channels, rounded up
+DTYPE = torch.float16  # model dtype of the queries, exact block, slots and value scales (--dtype)
 LUT = "uniform"  # signpost tables of the random cache: "uniform" (affine grid) or "nf" (NormalFloat, gathered)
 BASE_CFG: dict = {}  # kernel options of every packed call (--kernel / --cfg)
 
@@ -97,7 +98,8 @@ def copy_bandwidth_gbs(nbytes: int = 4 << 30) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def make_packed(b, length, bits, slots, dtype=torch.float16):
+def make_packed(b, length, bits, slots, dtype=None):
+    dtype = dtype or DTYPE
     """Random packed cache (codes and slots are random bytes: speed does not depend on the values)."""
     dev = DEV
     nb = D * bits // 8
@@ -143,9 +145,9 @@ def inv_freq():
 
 
 def bench_sdpa(b, length):
-    k = torch.randn(b, H, length, D, dtype=torch.float16, device=DEV)
-    v = torch.randn(b, H, length, D, dtype=torch.float16, device=DEV)
-    q = torch.randn(b, HQ, 1, D, dtype=torch.float16, device=DEV)
+    k = torch.randn(b, H, length, D, dtype=DTYPE, device=DEV)
+    v = torch.randn(b, H, length, D, dtype=DTYPE, device=DEV)
+    q = torch.randn(b, HQ, 1, D, dtype=DTYPE, device=DEV)
     qf = q.view(b, H, HQ // H, D)  # GQA folded into the query length: each KV head read once
     t_fold = _bench(lambda: F.scaled_dot_product_attention(qf, k, v, scale=D ** -0.5))
     gqa = lambda: F.scaled_dot_product_attention(q, k, v, scale=D ** -0.5, enable_gqa=True)
@@ -156,9 +158,9 @@ def bench_sdpa(b, length):
 
 
 def run_packed(p, b, length, breakdown=False, **cfg):
-    q = torch.randn(b, HQ, 1, D, dtype=torch.float16, device=DEV)
-    ek = torch.randn(b, H, SINK + 1, D, dtype=torch.float16, device=DEV)
-    ev = torch.randn(b, H, SINK + 1, D, dtype=torch.float16, device=DEV)
+    q = torch.randn(b, HQ, 1, D, dtype=DTYPE, device=DEV)
+    ek = torch.randn(b, H, SINK + 1, D, dtype=DTYPE, device=DEV)
+    ev = torch.randn(b, H, SINK + 1, D, dtype=DTYPE, device=DEV)
     freq = inv_freq()
     cfg = {**BASE_CFG, **cfg}
     fn = lambda: packed_attention_triton(q, p, ek, ev, None, scaling=D ** -0.5, inv_freq=freq, **cfg)
@@ -230,11 +232,14 @@ def main(argv=None):
     ap.add_argument("--cfg", default="", help="JSON dict of extra kernel options for every packed call")
     ap.add_argument("--no-append", action="store_true", help="skip the append (quantize kernel) rows")
     ap.add_argument("--tag", default="", help="suffix of the output files (decode_attention<tag>.md/.csv)")
+    ap.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16",
+                    help="model dtype (bf16 takes the decode fast path only with --kernel decode, for now)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny sizes on CPU under TRITON_INTERPRET=1 (checks this script, not the GPU)")
     args = ap.parse_args(argv)
-    global DEV, SMOKE, HQ, H, LUT
+    global DEV, SMOKE, HQ, H, LUT, DTYPE
     LUT = args.lut
+    DTYPE = getattr(torch, args.dtype)
     BASE_CFG.clear()
     if args.kernel != "auto":
         BASE_CFG["decode_kernel"] = args.kernel == "decode"
@@ -346,7 +351,7 @@ def main(argv=None):
         f"triton {triton.__version__}",
         f"- command: `PYTHONPATH=. python benchmarks/decode_attention.py {' '.join(sys.argv[1:])}`",
         f"- measured device-to-device copy bandwidth (read + write): {bw:.0f} GB/s",
-        f"- signpost tables: {LUT}; kernel options: {BASE_CFG or 'defaults'}",
+        f"- model dtype: {str(DTYPE).replace('torch.', '')}; signpost tables: {LUT}; kernel options: {BASE_CFG or 'defaults'}",
         "",
         "Times: `us` = CUDA-graph replay (GPU time; speedup, GB/s and % use it), `eager` = plain Python calls",
         "(adds the launch overhead of the Triton launchers).",

@@ -106,7 +106,8 @@ def _loop_stats(sass: str):
 
 
 def compile_decode(bits=4, block_n=32, num_warps=4, num_stages=1, slots=2, v_slots=None, group=4, fast=True, maxnreg=None,
-                   affine=True, length=131072, h=8, d=128, hist=False, prefetch=True, sparse=False, key_f32=True):
+                   affine=True, length=131072, h=8, d=128, hist=False, prefetch=True, sparse=False, key_f32=True,
+                   bf16=False):
     """``triton.compile`` the decode fast-path kernel (:func:`_packed_decode_kernel`) for sm_90."""
     fn = da._packed_decode_kernel
     cap = length
@@ -122,12 +123,14 @@ def compile_decode(bits=4, block_n=32, num_warps=4, num_stages=1, slots=2, v_slo
                 stride_vvb=h * cap * slots, stride_vvh=cap * slots, stride_vvt=slots,
                 stride_vib=h * cap * slots, stride_vih=cap * slots, stride_vit=slots,
                 stride_pb=cap)
-    ptrs = {"q_ptr": "fp16", "kc_ptr": "u8", "kov_ptr": "fp16", "koi_ptr": "u8", "vc_ptr": "u8", "vs_ptr": "fp16",
-            "vz_ptr": "fp16", "vov_ptr": "fp16", "voi_ptr": "u8", "pos_ptr": "i32", "hist_ptr": "i32",
+    ft = "bf16" if bf16 else "fp16"
+    ptrs = {"q_ptr": ft, "kc_ptr": "u8", "kov_ptr": ft, "koi_ptr": "u8", "vc_ptr": "u8", "vs_ptr": ft,
+            "vz_ptr": ft, "vov_ptr": ft, "voi_ptr": "u8", "pos_ptr": "i32", "hist_ptr": "i32",
             "len_ptr": "i32", "kpair_ptr": "i32", "vpair_ptr": "i32"}
     cx = dict(HEAD_DIM=d, GROUP=group, K_BITS=bits, V_BITS=bits, K_SLOTS=slots, PREFETCH=prefetch, K_SPARSE=sparse and slots > 0, KEY_F32=key_f32,
               V_SLOTS=slots if v_slots is None else v_slots, K_AFFINE=affine,
-              V_AFFINE=affine, BLOCK_M=16, BLOCK_N=block_n, HAS_HIST=hist, FAST=fast, LEN_ON_DEVICE=False)
+              V_AFFINE=affine, BLOCK_M=16, BLOCK_N=block_n, HAS_HIST=hist, FAST=fast, LEN_ON_DEVICE=False,
+              BF16=bf16)
     return _compile(fn, vals, ptrs, cx, num_warps, num_stages, maxnreg)
 
 

@@ -352,27 +352,31 @@ def _packed_attn_split_kernel(
 # stage 1, decode fast path: fp16 dequantization in packed pairs (2/4-bit codes, <= 16 query rows)
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _shift_pair(w, i: tl.constexpr, BITS: tl.constexpr):
+def _shift_pair(w, i: tl.constexpr, BITS: tl.constexpr, BF16: tl.constexpr):
     """int32 holding code ``i`` (low half) and code ``i + CPW/2`` (high half) of each word as float16 bits
-    ``0x6400 | code << (BITS*k)``, i.e. ``1024 + code * 2**(BITS*k)``, with ``k = i % NS`` (see :func:`_code_scale`).
+    ``0x6400 | code << (BITS*k)``, i.e. ``1024 + code * 2**(BITS*k)``, with ``k = i % NS`` (see :func:`_code_scale`);
+    with ``BF16`` as bfloat16 bits ``0x4300 | code << (BITS*k)`` = ``128 + code * 2**(BITS*k)``.
 
-    Codes whose bits already lie in a half's mantissa (bits 0 .. 9) are masked in place: one shift per ``NS``
-    pairs instead of one per pair.
+    Codes whose bits already lie in a half's mantissa (bits 0 .. 9, bfloat16: 0 .. 6) are masked in place: one
+    shift per ``NS`` pairs instead of one per pair.
     """
-    NS: tl.constexpr = 1 if BITS == 4 else 10 // BITS  # pairs per shift (code bits < 10; 4 bits: measured no gain)
+    MANT: tl.constexpr = 7 if BF16 else 10
+    MAGIC: tl.constexpr = 0x43004300 if BF16 else 0x64006400
+    NS: tl.constexpr = 1 if BITS == 4 else MANT // BITS  # pairs per shift (4 bits: measured no gain)
     MASK: tl.constexpr = ((1 << BITS) - 1) * 0x10001
     SH: tl.constexpr = BITS * NS * (i // NS)
     K: tl.constexpr = i % NS
     if SH == 0:
-        return (w & (MASK << (BITS * K))) | 0x64006400
+        return (w & (MASK << (BITS * K))) | MAGIC
     else:
-        return ((w >> SH) & (MASK << (BITS * K))) | 0x64006400
+        return ((w >> SH) & (MASK << (BITS * K))) | MAGIC
 
 
 @triton.jit
-def _code_scale(e, BITS: tl.constexpr):
+def _code_scale(e, BITS: tl.constexpr, BF16: tl.constexpr):
     """``2**-(BITS*k)`` of pair-order column ``e`` (:func:`_shift_pair`): undoes the in-place mask."""
-    NS: tl.constexpr = 1 if BITS == 4 else 10 // BITS
+    MANT: tl.constexpr = 7 if BF16 else 10
+    NS: tl.constexpr = 1 if BITS == 4 else MANT // BITS
     CPW: tl.constexpr = 32 // BITS
     NI: tl.constexpr = CPW // 2
     q = (e % CPW) // 2
@@ -385,8 +389,9 @@ def _code_scale(e, BITS: tl.constexpr):
 
 
 @triton.jit
-def _codes_f16(w, BITS: tl.constexpr, BLOCK_N: tl.constexpr, N: tl.constexpr):
-    """Codes of int32 words ``w [BLOCK_N, N*BITS/32]`` as float16 small integers ``[BLOCK_N, N]``.
+def _codes_f16(w, BITS: tl.constexpr, BLOCK_N: tl.constexpr, N: tl.constexpr, BF16: tl.constexpr):
+    """Codes of int32 words ``w [BLOCK_N, N*BITS/32]`` as float16 (``BF16``: bfloat16, magic ``128``) small
+    integers ``[BLOCK_N, N]``.
 
     Each word holds ``CPW = 32/BITS`` codes. One mask of ``(w >> BITS*i)`` takes the codes ``i`` and
     ``i + CPW/2`` into the two 16-bit halves, ``| 0x6400`` makes them the float16 ``1024 + code`` (codes already
@@ -397,18 +402,38 @@ def _codes_f16(w, BITS: tl.constexpr, BLOCK_N: tl.constexpr, N: tl.constexpr):
     """
     NI: tl.constexpr = 16 // BITS
     if NI == 4:
-        c = tl.join(tl.join(_shift_pair(w, 0, BITS), _shift_pair(w, 1, BITS)),
-                    tl.join(_shift_pair(w, 2, BITS), _shift_pair(w, 3, BITS)))
+        c = tl.join(tl.join(_shift_pair(w, 0, BITS, BF16), _shift_pair(w, 1, BITS, BF16)),
+                    tl.join(_shift_pair(w, 2, BITS, BF16), _shift_pair(w, 3, BITS, BF16)))
     else:
-        c = tl.join(tl.join(tl.join(_shift_pair(w, 0, BITS), _shift_pair(w, 1, BITS)),
-                            tl.join(_shift_pair(w, 2, BITS), _shift_pair(w, 3, BITS))),
-                    tl.join(tl.join(_shift_pair(w, 4, BITS), _shift_pair(w, 5, BITS)),
-                            tl.join(_shift_pair(w, 6, BITS), _shift_pair(w, 7, BITS))))
-    lo = (c & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
-    hi = (c >> 16).to(tl.int16).to(tl.float16, bitcast=True)
-    x = tl.reshape(tl.join(lo, hi), (BLOCK_N, N))
-    f = _code_scale(tl.arange(0, N), BITS).to(tl.float16)[None, :]
-    return x * f - 1024.0 * f  # exact: a power-of-two scale of small integers
+        c = tl.join(tl.join(tl.join(_shift_pair(w, 0, BITS, BF16), _shift_pair(w, 1, BITS, BF16)),
+                            tl.join(_shift_pair(w, 2, BITS, BF16), _shift_pair(w, 3, BITS, BF16))),
+                    tl.join(tl.join(_shift_pair(w, 4, BITS, BF16), _shift_pair(w, 5, BITS, BF16)),
+                            tl.join(_shift_pair(w, 6, BITS, BF16), _shift_pair(w, 7, BITS, BF16))))
+    x = tl.reshape(tl.join(_half(c & 0xFFFF, BF16), _half(c >> 16, BF16)), (BLOCK_N, N))
+    if BF16:
+        f = _code_scale(tl.arange(0, N), BITS, BF16).to(tl.bfloat16)[None, :]
+        return x * f - 128.0 * f  # exact: a power-of-two scale of small integers
+    else:
+        f = _code_scale(tl.arange(0, N), BITS, BF16).to(tl.float16)[None, :]
+        return x * f - 1024.0 * f  # exact: a power-of-two scale of small integers
+
+
+@triton.jit
+def _half(bits16, BF16: tl.constexpr):
+    """int32 holding 16-bit patterns (low half) -> float16 (``BF16``: bfloat16) values."""
+    if BF16:
+        return bits16.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        return bits16.to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _to_half(x, BF16: tl.constexpr):
+    """``x`` rounded to the fast path's 16-bit float type (float16, ``BF16``: bfloat16)."""
+    if BF16:
+        return x.to(tl.bfloat16)
+    else:
+        return x.to(tl.float16)
 
 
 @triton.jit
@@ -447,7 +472,7 @@ def _lut_pair(w, tab_ptr, t: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _lut_f16(w, tab_ptr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, N: tl.constexpr):
+def _lut_f16(w, tab_ptr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, N: tl.constexpr, BF16: tl.constexpr):
     """Signposts (float16 ``[BLOCK_N, N]``) of the codes in int32 words ``w``: one gather per code pair.
 
     ``tab_ptr`` is the half2 pair table of :func:`_pair_table` (entry ``u`` = signposts of the codes
@@ -463,14 +488,12 @@ def _lut_f16(w, tab_ptr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, N: tl.conste
                             tl.join(_lut_pair(w, tab_ptr, 2, BITS), _lut_pair(w, tab_ptr, 3, BITS))),
                     tl.join(tl.join(_lut_pair(w, tab_ptr, 4, BITS), _lut_pair(w, tab_ptr, 5, BITS)),
                             tl.join(_lut_pair(w, tab_ptr, 6, BITS), _lut_pair(w, tab_ptr, 7, BITS))))
-    lo = (c & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
-    hi = (c >> 16).to(tl.int16).to(tl.float16, bitcast=True)
-    return tl.reshape(tl.join(lo, hi), (BLOCK_N, N))
+    return tl.reshape(tl.join(_half(c & 0xFFFF, BF16), _half(c >> 16, BF16)), (BLOCK_N, N))
 
 
 @triton.jit
 def _replace_slots_f16(x, e, BITS: tl.constexpr, LUT: tl.constexpr, HALF_BASE: tl.constexpr, oval_rows, oidx_rows,
-                       n_mask, N_SLOTS: tl.constexpr):
+                       n_mask, N_SLOTS: tl.constexpr, BF16: tl.constexpr):
     """:func:`_replace_slots` on float16 ``x [BLOCK_N, N]`` in pair order (column ``e``, channels
     ``HALF_BASE + _pair_perm(e)``); slot pointers ``[BLOCK_N]``.
 
@@ -482,7 +505,7 @@ def _replace_slots_f16(x, e, BITS: tl.constexpr, LUT: tl.constexpr, HALF_BASE: t
     base = e - e % CPW + HALF_BASE
     for s in tl.static_range(N_SLOTS):
         idx = tl.load(oidx_rows + s, mask=n_mask, other=255).to(tl.int32)  # [BLOCK_N]
-        val = tl.load(oval_rows + s, mask=n_mask, other=0.0).to(tl.float16)
+        val = _to_half(tl.load(oval_rows + s, mask=n_mask, other=0.0), BF16)
         x = tl.where((idx[:, None] - base[None, :]) == off[None, :], val[:, None], x)
     return x
 
@@ -586,6 +609,7 @@ def _packed_decode_kernel(
     PREFETCH: tl.constexpr,  # load the next block's words one iteration ahead (registers vs latency)
     K_SPARSE: tl.constexpr,  # key slots as a score correction (True) or replaced in the dequantized keys
     KEY_F32: tl.constexpr,  # keys: float32 scale/zero/RoPE (True) or packed half2 math
+    BF16: tl.constexpr,  # bfloat16 model: queries, slots, value scale/zero and the MMA operands in bfloat16
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
     KW: tl.constexpr = HALF * K_BITS // 32  # int32 words per RoPE half
@@ -618,10 +642,10 @@ def _packed_decode_kernel(
         kz2 = kz2 + k_a * ks2
         ks1 = ks1 * k_b
         ks2 = ks2 * k_b
-    kz1h = kz1.to(tl.float16)[None, :]
-    kz2h = kz2.to(tl.float16)[None, :]
-    ks1h = ks1.to(tl.float16)[None, :]
-    ks2h = ks2.to(tl.float16)[None, :]
+    kz1h = _to_half(kz1, BF16)[None, :]
+    kz2h = _to_half(kz2, BF16)[None, :]
+    ks1h = _to_half(ks1, BF16)[None, :]
+    ks2h = _to_half(ks2, BF16)[None, :]
 
     chunk = tl.cdiv(tl.cdiv(L, NUM_SPLITS), BLOCK_N) * BLOCK_N
     lo = split * chunk
@@ -632,8 +656,8 @@ def _packed_decode_kernel(
     jn = tl.arange(0, BLOCK_N)
     tab_c, tab_s = _cos_sin_small(jn.to(tl.float32)[:, None] * freq[None, :], FAST)  # R(j)
     if not KEY_F32:
-        tab_c = tab_c.to(tl.float16)
-        tab_s = tab_s.to(tl.float16)
+        tab_c = _to_half(tab_c, BF16)
+        tab_s = _to_half(tab_s, BF16)
 
     m_i = tl.full([BLOCK_M], _K_NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -675,11 +699,11 @@ def _packed_decode_kernel(
 
         # keys (pre-RoPE): code -> (grid folded into scale/zero | signpost gather) -> slots
         if K_AFFINE:
-            c1 = _codes_f16(wk1, K_BITS, BLOCK_N, HALF)
-            c2 = _codes_f16(wk2, K_BITS, BLOCK_N, HALF)
+            c1 = _codes_f16(wk1, K_BITS, BLOCK_N, HALF, BF16)
+            c2 = _codes_f16(wk2, K_BITS, BLOCK_N, HALF, BF16)
         else:
-            c1 = _lut_f16(wk1, kpair_ptr, K_BITS, BLOCK_N, HALF)
-            c2 = _lut_f16(wk2, kpair_ptr, K_BITS, BLOCK_N, HALF)
+            c1 = _lut_f16(wk1, kpair_ptr, K_BITS, BLOCK_N, HALF, BF16)
+            c2 = _lut_f16(wk2, kpair_ptr, K_BITS, BLOCK_N, HALF, BF16)
         if KEY_F32:  # float32 scale/zero and RoPE, one rounding to fp16 for the MMA (as the general kernel)
             k1 = c1.to(tl.float32) * ks1[None, :] + kz1[None, :]
             k2 = c2.to(tl.float32) * ks2[None, :] + kz2[None, :]
@@ -687,8 +711,8 @@ def _packed_decode_kernel(
             k1 = c1 * ks1h + kz1h
             k2 = c2 * ks2h + kz2h
         if not K_SPARSE:
-            k1 = _replace_slots_f16(k1, e, K_BITS, not K_AFFINE, 0, kov_rows, koi_rows, n_mask, K_SLOTS)
-            k2 = _replace_slots_f16(k2, e, K_BITS, not K_AFFINE, HALF, kov_rows, koi_rows, n_mask, K_SLOTS)
+            k1 = _replace_slots_f16(k1, e, K_BITS, not K_AFFINE, 0, kov_rows, koi_rows, n_mask, K_SLOTS, BF16)
+            k2 = _replace_slots_f16(k2, e, K_BITS, not K_AFFINE, HALF, kov_rows, koi_rows, n_mask, K_SLOTS, BF16)
 
         p0 = tl.sum(tl.where(jn == 0, pos, 0), axis=0)
         consec = tl.max(tl.abs(tl.where(n_mask, pos - p0 - jn, 0)), axis=0) == 0
@@ -697,20 +721,20 @@ def _packed_decode_kernel(
             c0, s0 = _cos_sin(p0.to(tl.float32) * freq, FAST)
             q1f = q1.to(tl.float32)
             q2f = q2.to(tl.float32)
-            qa1 = (q1f * c0[None, :] + q2f * s0[None, :]).to(tl.float16)
-            qa2 = (q2f * c0[None, :] - q1f * s0[None, :]).to(tl.float16)
-            qk = tl.dot(qa1, tl.trans((k1 * tab_c - k2 * tab_s).to(tl.float16)))
-            qk += tl.dot(qa2, tl.trans((k2 * tab_c + k1 * tab_s).to(tl.float16)))
+            qa1 = _to_half(q1f * c0[None, :] + q2f * s0[None, :], BF16)
+            qa2 = _to_half(q2f * c0[None, :] - q1f * s0[None, :], BF16)
+            qk = tl.dot(qa1, tl.trans(_to_half(k1 * tab_c - k2 * tab_s, BF16)))
+            qk += tl.dot(qa2, tl.trans(_to_half(k2 * tab_c + k1 * tab_s, BF16)))
         else:
             csf, snf = _cos_sin(pos.to(tl.float32)[:, None] * freq[None, :], FAST)
             if KEY_F32:
                 cs = csf
                 sn = snf
             else:
-                cs = csf.to(tl.float16)
-                sn = snf.to(tl.float16)
-            qk = tl.dot(q1, tl.trans((k1 * cs - k2 * sn).to(tl.float16)))
-            qk += tl.dot(q2, tl.trans((k2 * cs + k1 * sn).to(tl.float16)))
+                cs = _to_half(csf, BF16)
+                sn = _to_half(snf, BF16)
+            qk = tl.dot(q1, tl.trans(_to_half(k1 * cs - k2 * sn, BF16)))
+            qk += tl.dot(q2, tl.trans(_to_half(k2 * cs + k1 * sn, BF16)))
         if K_SPARSE:
             qk += _key_slot_scores(q_rows, row_mask, kcb_base + offs * stride_kcbt, koi_rows, kov_rows, n_mask, pos,
                                    klut_ptr, kscale_ptr + h * HEAD_DIM, kzero_ptr + h * HEAD_DIM, inv_freq_ptr,
@@ -726,21 +750,21 @@ def _packed_decode_kernel(
         sc = tl.maximum(vsc.to(tl.float32), _K_MIN_SCALE)
         ze = vze.to(tl.float32)
         if V_AFFINE:
-            d1 = _codes_f16(wv1, V_BITS, BLOCK_N, HALF)
-            d2 = _codes_f16(wv2, V_BITS, BLOCK_N, HALF)
+            d1 = _codes_f16(wv1, V_BITS, BLOCK_N, HALF, BF16)
+            d2 = _codes_f16(wv2, V_BITS, BLOCK_N, HALF, BF16)
             ze = ze + v_a * sc
             sc = sc * v_b
         else:
-            d1 = _lut_f16(wv1, vpair_ptr, V_BITS, BLOCK_N, HALF)
-            d2 = _lut_f16(wv2, vpair_ptr, V_BITS, BLOCK_N, HALF)
-        sch = sc.to(tl.float16)[:, None]
-        zeh = ze.to(tl.float16)[:, None]
+            d1 = _lut_f16(wv1, vpair_ptr, V_BITS, BLOCK_N, HALF, BF16)
+            d2 = _lut_f16(wv2, vpair_ptr, V_BITS, BLOCK_N, HALF, BF16)
+        sch = _to_half(sc, BF16)[:, None]
+        zeh = _to_half(ze, BF16)[:, None]
         v1 = d1 * sch + zeh
         v2 = d2 * sch + zeh
-        v1 = _replace_slots_f16(v1, e, V_BITS, not V_AFFINE, 0, vov_rows, voi_rows, n_mask, V_SLOTS)
-        v2 = _replace_slots_f16(v2, e, V_BITS, not V_AFFINE, HALF, vov_rows, voi_rows, n_mask, V_SLOTS)
+        v1 = _replace_slots_f16(v1, e, V_BITS, not V_AFFINE, 0, vov_rows, voi_rows, n_mask, V_SLOTS, BF16)
+        v2 = _replace_slots_f16(v2, e, V_BITS, not V_AFFINE, HALF, vov_rows, voi_rows, n_mask, V_SLOTS, BF16)
 
-        pd = p.to(tl.float16)
+        pd = _to_half(p, BF16)
         acc1 = acc1 * alpha[:, None] + tl.dot(pd, v1)
         acc2 = acc2 * alpha[:, None] + tl.dot(pd, v2)
 
@@ -892,16 +916,16 @@ def _tuple_table(lut: torch.Tensor, bits: int) -> torch.Tensor:
     return tab
 
 
-def _pair_table(lut: torch.Tensor, bits: int) -> torch.Tensor:
-    """int32 ``[2**(2*bits)]``: entry ``u`` packs the float16 signposts of codes ``u & (2**bits-1)`` (low half)
-    and ``u >> bits`` (high half) -- one gather per two codes in the decode fast path. Cached like
-    :func:`_tuple_table`."""
-    key = ("pair", id(lut))
+def _pair_table(lut: torch.Tensor, bits: int, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """int32 ``[2**(2*bits)]``: entry ``u`` packs the ``dtype`` (float16 or bfloat16) signposts of codes
+    ``u & (2**bits-1)`` (low half) and ``u >> bits`` (high half) -- one gather per two codes in the decode fast
+    path. Cached like :func:`_tuple_table`."""
+    key = ("pair", id(lut), dtype)
     hit = _TABLES.get(key)
     if hit is not None and hit[0]() is lut and hit[1] == _version_of(lut) and hit[2] == bits:
         return hit[3]
     u = torch.arange(1 << (2 * bits), device=lut.device)
-    h = lut.to(torch.float16)
+    h = lut.to(dtype)
     lo = h[u & ((1 << bits) - 1)].view(torch.int16).to(torch.int32) & 0xFFFF
     hi = h[u >> bits].view(torch.int16).to(torch.int32) & 0xFFFF
     tab = (lo | (hi << 16)).contiguous()
@@ -958,10 +982,16 @@ def default_num_splits(batch: int, kv_heads: int, row_blocks: int, length: int, 
     return int(max(1, min(want, max_splits, triton.cdiv(max(length, 1), block_n))))
 
 
+#: take the decode fast path for bfloat16 queries by default (False: only with ``decode_kernel=True``). The bf16
+#: variant compiles for sm_90 (benchmarks/kernel_sass_report.py) but the Triton interpreter has no bf16 arithmetic,
+#: so it is checked on a GPU only (benchmarks/check_kernels_gpu.py, "fast path" rows) before it becomes the default.
+BF16_DECODE_DEFAULT = False
+
+
 def _decode_path_blocker(query, packed, m_rows, window, kb, vb, d) -> str:
     """Why the decode fast path (:func:`_packed_decode_kernel`) does not apply; "" when it does."""
-    if query.dtype != torch.float16:
-        return f"query dtype {query.dtype} (needs float16)"
+    if query.dtype not in (torch.float16, torch.bfloat16):
+        return f"query dtype {query.dtype} (needs float16 or bfloat16)"
     if m_rows > 16:
         return f"{m_rows} query rows per kv head (needs q_len * group <= 16)"
     if window is not None:
@@ -975,8 +1005,8 @@ def _decode_path_blocker(query, packed, m_rows, window, kb, vb, d) -> str:
         if t.data_ptr() % 4 or any(st % 4 for st in t.stride()[:3]) or t.shape[2] * t.stride(2) >= 2**31:
             return f"packed.{name} rows are not 4-byte aligned (or the capacity is too large for 32-bit offsets)"
     for name in ("k_out_val", "v_out_val", "v_scale", "v_zero"):
-        if getattr(packed, name).dtype != torch.float16:
-            return f"packed.{name} is not float16"
+        if getattr(packed, name).dtype != query.dtype:
+            return f"packed.{name} is {getattr(packed, name).dtype}, the query {query.dtype}"
     if packed.positions.stride(1) != 1:
         return "packed.positions is not contiguous in its last dimension"
     return ""
@@ -1131,6 +1161,8 @@ def packed_attention_triton(
         if decode_kernel and why:
             raise ValueError(f"decode_kernel=True but the decode fast path does not apply: {why}.")
         use_decode = decode_kernel is not False and not why
+        if use_decode and decode_kernel is None and query.dtype == torch.bfloat16 and not BF16_DECODE_DEFAULT:
+            use_decode = False  # bf16 fast path: opt-in until benchmarks/check_kernels_gpu.py has passed on a GPU
         if use_decode:
             block_m = 16
             num_mb = 1
@@ -1155,8 +1187,8 @@ def packed_attention_triton(
             vlut = packed.v_lut.to(dev, torch.float32).contiguous()
             kgrid = None if lut_gather else affine_grid(packed.k_lut)
             vgrid = None if lut_gather else affine_grid(packed.v_lut)
-            kpair = klut if kgrid is not None else _pair_table(packed.k_lut.to(dev), kb)
-            vpair = vlut if vgrid is not None else _pair_table(packed.v_lut.to(dev), vb)
+            kpair = klut if kgrid is not None else _pair_table(packed.k_lut.to(dev), kb, query.dtype)
+            vpair = vlut if vgrid is not None else _pair_table(packed.v_lut.to(dev), vb, query.dtype)
             _LAST_KERNELS["split"] = _packed_decode_kernel[(bsz * h, num_splits)](
                 query, pk.k_codes, pk.k_out_val, pk.k_out_idx, pk.v_codes, pk.v_scale, pk.v_zero,
                 pk.v_out_val, pk.v_out_idx, klut, vlut, kpair, vpair, kzero, kscale, pk.positions, freq, hist,
@@ -1173,7 +1205,7 @@ def packed_attention_triton(
                 K_AFFINE=kgrid is not None, V_AFFINE=vgrid is not None,
                 BLOCK_M=block_m, BLOCK_N=block_n, HAS_HIST=hist_start is not None,
                 FAST=query.is_cuda, LEN_ON_DEVICE=length_dev is not None, PREFETCH=prefetch,
-                K_SPARSE=k_slots > 0 and sparse_key_slots, KEY_F32=key_f32,
+                K_SPARSE=k_slots > 0 and sparse_key_slots, KEY_F32=key_f32, BF16=query.dtype == torch.bfloat16,
                 num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
             )
         else:
