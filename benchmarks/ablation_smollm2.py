@@ -231,7 +231,7 @@ def render(args) -> None:
     if meta.get("skipped"):
         lines.append(f"- skipped (signposts missing at run time): {', '.join(meta['skipped'])}")
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "ablation_smollm2.md"), "w") as f:
+    with open(os.path.join(RESULTS, f"{args.name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -250,6 +250,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu", help="cpu or cuda (the simulated caches run on the model's device)")
     p.add_argument("--render-only", action="store_true")
+    p.add_argument("--name", default="ablation_smollm2",
+                   help="result file benchmarks/results/NAME.md (use another name for side experiments)")
     args = p.parse_args()
     os.makedirs(args.work_dir, exist_ok=True)
     if not args.render_only:
