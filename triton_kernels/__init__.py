@@ -8,12 +8,15 @@ Set ``TRITON_INTERPRET=1`` *before* importing these modules to run them on CPU t
 """
 
 from .decode_attention import default_num_splits, packed_attention_triton
+from .dequantize import dequantize_history_triton, merge_lse_
 from .quantize import KeyCodes, ValueCodes, quantize_keys_triton, quantize_values_triton
 
 __all__ = [
     "KeyCodes",
     "ValueCodes",
     "default_num_splits",
+    "dequantize_history_triton",
+    "merge_lse_",
     "packed_attention_triton",
     "quantize_keys_triton",
     "quantize_values_triton",

@@ -1,10 +1,13 @@
-"""Dequantize a range of the packed history into the model dtype (keys rotated to their positions).
+"""Prefill helpers: dequantize a range of the packed history into the model dtype (keys rotated to their
+positions), and merge attention parts by their log-sum-exps in place.
 
 Used by the prefill path (``prefill_attention="auto"``, :func:`kvquant_hf.attention.packed_attention_prefill`):
 a prefill chunk dequantizes the history block by block and attends it with a fused attention kernel on the
 tensor cores. One pass per element: unpack the 2/3/4-bit code, signpost lookup, per-channel (keys) or per-token
 (values) scale and zero, exact outlier slots, RoPE for keys; float32 math, one rounding to the output dtype.
 Same result as :meth:`kvquant_hf.attention.PackedKV.dequantize_block` + :func:`kvquant_hf.attention.rope_rotate`.
+:func:`merge_lse_` folds each part's output (any layout and float dtype, e.g. FlashAttention's) into a float32
+accumulator in one pass.
 """
 
 from __future__ import annotations
