@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import weakref
 
 import torch
@@ -985,7 +986,8 @@ def default_num_splits(batch: int, kv_heads: int, row_blocks: int, length: int, 
 #: take the decode fast path for bfloat16 queries by default (False: only with ``decode_kernel=True``). The bf16
 #: variant compiles for sm_90 (benchmarks/kernel_sass_report.py) but the Triton interpreter has no bf16 arithmetic,
 #: so it is checked on a GPU only (benchmarks/check_kernels_gpu.py, "fast path" rows) before it becomes the default.
-BF16_DECODE_DEFAULT = False
+#: ``KVQUANT_BF16_DECODE=1`` in the environment turns it on (benchmarks/run_kernels_gpu.sh does after the check).
+BF16_DECODE_DEFAULT = os.environ.get("KVQUANT_BF16_DECODE", "0") == "1"
 
 
 def _decode_path_blocker(query, packed, m_rows, window, kb, vb, d) -> str:
