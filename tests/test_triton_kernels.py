@@ -516,3 +516,48 @@ def test_bf16_decode_fast_path_is_opt_in(monkeypatch):
     assert len(launched) == 1  # fp16: the fast path by default
     mixed = PackedKV(**{**packed.__dict__, "v_scale": packed.v_scale.half()})
     assert "v_scale" in _da._decode_path_blocker(q, mixed, 2, None, 4, 4, 64)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_magic_number_code_pairs_decode_exactly(bits, bf16):
+    """The integer half of the decode fast path's code extraction (:func:`_shift_pair`), for both 16-bit float types:
+    every 16-bit half is the float ``BASE + code * 2**(bits*k)`` with the code inside the mantissa, so scaling by
+    ``2**-(bits*k)`` and removing the base gives the code exactly (bf16 has 7 mantissa bits, fp16 10). Integer ops
+    only, so the interpreter checks it for bf16 too (it has no bf16 arithmetic)."""
+    import triton
+    import triton.language as tl
+
+    ni = 16 // bits
+
+    @triton.jit
+    def probe(w_ptr, o_ptr, BITS: tl.constexpr, BF16: tl.constexpr, NI: tl.constexpr):
+        w = tl.load(w_ptr + tl.arange(0, 64))
+        for i in tl.static_range(NI):
+            tl.store(o_ptr + i * 64 + tl.arange(0, 64), _da._shift_pair(w, i, BITS, BF16))
+
+    g = torch.Generator().manual_seed(bits)
+    words = torch.randint(-2**31, 2**31 - 1, (64,), dtype=torch.int64, generator=g).to(torch.int32)
+    out = torch.empty(ni, 64, dtype=torch.int32)
+    probe[(1,)](words, out, BITS=bits, BF16=bf16, NI=ni)
+    ftype, base, mant = (torch.bfloat16, 128.0, 7) if bf16 else (torch.float16, 1024.0, 10)
+    ns = 1 if bits == 4 else mant // bits
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    for i in range(ni):
+        k = i % ns
+        for half, code_index in ((0, i), (1, i + ni)):  # low half: code i, high half: code i + CPW/2
+            h16 = ((out[i].to(torch.int64) & 0xFFFFFFFF) >> (16 * half)) & 0xFFFF
+            val = h16.to(torch.int16).view(ftype).to(torch.float64)
+            code = (w >> (bits * code_index)) & ((1 << bits) - 1)
+            assert torch.equal(val * 2.0 ** -(bits * k) - base * 2.0 ** -(bits * k), code.to(torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pair_table_holds_both_signposts_in_the_model_dtype(dtype):
+    lut = quant.normal_float_signposts(4) * 1.7
+    tab = _da._pair_table(lut, 4, dtype)
+    u = torch.arange(256)
+    lo = (tab & 0xFFFF).to(torch.int16).view(dtype)
+    hi = ((tab >> 16) & 0xFFFF).to(torch.int16).view(dtype)
+    assert torch.equal(lo, lut.to(dtype)[u & 15]) and torch.equal(hi, lut.to(dtype)[u >> 4])
+    assert _da._pair_table(lut, 4, dtype) is tab  # cached per table, version and dtype
