@@ -54,27 +54,7 @@ def compile_split(bits=4, dt="fp16", block_n=32, num_warps=4, num_stages=1, slot
     cx = dict(HEAD_DIM=d, GROUP=group, K_BITS=bits, V_BITS=bits, K_SLOTS=slots, V_SLOTS=slots, BLOCK_M=16,
               BLOCK_N=block_n, HAS_HIST=False, HAS_WINDOW=False, ROPE_TABLE=rope_table, USE_DOT=True,
               DOT_F32=dt != "fp16", IEEE=False, FAST=fast, LEN_ON_DEVICE=False)
-    sig, attrs, consts = {}, {}, dict(cx)
-    for i, name in enumerate(fn.arg_names):
-        if name in cx:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = "*" + ptrs.get(name, "fp32")
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name == "qk_scale":
-            sig[name] = "fp32"
-        elif vals[name] == 1:
-            sig[name] = "constexpr"
-            consts[name] = 1
-        else:
-            sig[name] = "i32"
-            if vals[name] % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    options = dict(num_warps=num_warps, num_stages=num_stages)
-    if maxnreg:
-        options["maxnreg"] = maxnreg
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    return _compile(fn, vals, ptrs, cx, num_warps, num_stages, maxnreg)
 
 
 def _loop_stats(sass: str):
