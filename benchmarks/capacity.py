@@ -45,7 +45,7 @@ from common import md_table, random_model, write_results
 import kvquant_hf
 from kvquant_hf import attention as kv_attention
 from kvquant_hf.benchmarking import fast_filled_cache
-from kvquant_hf.planner import GiB, free_device_memory
+from kvquant_hf.planner import GiB, ModelShape, free_device_memory
 
 METHODS = ("fp16", "nuq4", "nuq3", "nuq2")
 
@@ -293,8 +293,7 @@ def prefill_row(model, method: str, length: int, device: str, chunk: int, prefil
         row["peak_gib"] = torch.cuda.max_memory_allocated() / GiB
         if method != "fp16" and prefill_attention != "kernel":
             row["fused_op"] = kv_attention.fused_lse_name(torch.device(device), next(model.parameters()).dtype,
-                                                          getattr(model.config, "head_dim", None) or
-                                                          model.config.hidden_size // model.config.num_attention_heads)
+                                                          ModelShape.from_config(model.config).head_dim)
     _free(device)
     return row
 

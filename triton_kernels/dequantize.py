@@ -16,9 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode_attention import MIN_SCALE, _cos_sin
-
-_K_MIN_SCALE = tl.constexpr(MIN_SCALE)
+from .decode_attention import _K_MIN_SCALE, _cos_sin, _replace_slots
 
 
 @triton.jit
@@ -32,15 +30,6 @@ def _codes(row_ptr, ch, ch_mask, BITS: tl.constexpr, ROW_BYTES: tl.constexpr):
         w1 = tl.load(row_ptr + byte + 1, mask=ch_mask & (byte + 1 < ROW_BYTES), other=0).to(tl.int32)
         w = w | (w1 << 8)
     return (w >> (bit % 8)) & ((1 << BITS) - 1)
-
-
-@triton.jit
-def _slots(x, ch, val_rows, idx_rows, t_mask, N_SLOTS: tl.constexpr):
-    for s in tl.static_range(N_SLOTS):
-        idx = tl.load(idx_rows + s, mask=t_mask, other=255).to(tl.int32)
-        val = tl.load(val_rows + s, mask=t_mask, other=0.0).to(tl.float32)
-        x = tl.where(ch == idx, val, x)
-    return x
 
 
 @triton.jit
@@ -66,7 +55,8 @@ def _dequant_kernel(
     half: tl.constexpr = D // 2
 
     # ---- keys: two halves for rotate_half RoPE
-    c = tl.arange(0, HALF_P2)[None, :]
+    c1 = tl.arange(0, HALF_P2)  # channels of the first RoPE half (the second: + half)
+    c = c1[None, :]
     c_mask = c < half
     m = t_mask & c_mask
     k_rows = kc_ptr + b.to(tl.int64) * s_kc_b + h * s_kc_h + tt * s_kc_t
@@ -80,8 +70,8 @@ def _dequant_kernel(
     sb = tl.load(kscale_ptr + h * D + half + c, mask=c_mask, other=0.0)
     xa = tl.load(klut_ptr + ca) * sa + za
     xb = tl.load(klut_ptr + cb) * sb + zb
-    xa = _slots(xa, c, kov_rows, koi_rows, t_mask, SK)
-    xb = _slots(xb, c + half, kov_rows, koi_rows, t_mask, SK)
+    xa = _replace_slots(xa, c1, kov_rows, koi_rows, t_mask, SK)
+    xb = _replace_slots(xb, c1 + half, kov_rows, koi_rows, t_mask, SK)
     pos = tl.load(pos_ptr + b.to(tl.int64) * s_pos_b + tt * s_pos_t, mask=t_mask, other=0).to(tl.float32)
     cos, sin = _cos_sin(pos * tl.load(invf_ptr + c, mask=c_mask, other=0.0), FAST)
     cos = cos * attn_scale
@@ -91,7 +81,8 @@ def _dequant_kernel(
     tl.store(ko_ptr + out_rows + half + c, (xb * cos + xa * sin).to(ko_ptr.dtype.element_ty), mask=m)
 
     # ---- values: per-token scale and zero
-    cv = tl.arange(0, D_P2)[None, :]
+    cv1 = tl.arange(0, D_P2)
+    cv = cv1[None, :]
     mv = t_mask & (cv < D)
     v_rows = vc_ptr + b.to(tl.int64) * s_vc_b + h * s_vc_h + tt * s_vc_t
     code = _codes(v_rows, cv, mv, VBITS, D * VBITS // 8)
@@ -100,7 +91,7 @@ def _dequant_kernel(
     x = tl.load(vlut_ptr + code) * tl.maximum(sc.to(tl.float32), _K_MIN_SCALE) + zr.to(tl.float32)
     vov_rows = vov_ptr + b.to(tl.int64) * s_vov_b + h * s_vov_h + tt * s_vov_t
     voi_rows = voi_ptr + b.to(tl.int64) * s_voi_b + h * s_voi_h + tt * s_voi_t
-    x = _slots(x, cv, vov_rows, voi_rows, t_mask, SV)
+    x = _replace_slots(x, cv1, vov_rows, voi_rows, t_mask, SV)
     tl.store(vo_ptr + out_rows + cv, x.to(vo_ptr.dtype.element_ty), mask=mv)
 
 
