@@ -33,6 +33,7 @@ import triton
 import triton.testing
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kvquant_hf.quant import value_scale_dtype
 from triton_kernels import packed_attention_triton, quantize_keys_triton, quantize_values_triton
 from triton_kernels.decode_attention import default_num_splits
 
@@ -191,7 +192,9 @@ def dump_kernel(tag: str, out_dir: str) -> None:
         print("dump failed:", exc)
 
 
-def bench_append(b, s, bits, dtype=torch.float16):
+def bench_append(b, s, bits, dtype=None):
+    dtype = dtype or DTYPE
+    sd = value_scale_dtype(dtype)
     cap = s + 16
     k = torch.randn(b, H, s, D, dtype=dtype, device=DEV)
     v = torch.randn(b, H, s, D, dtype=dtype, device=DEV)
@@ -203,8 +206,8 @@ def bench_append(b, s, bits, dtype=torch.float16):
             torch.empty(b, H, cap, SLOTS, dtype=dtype, device=DEV),
             torch.empty(b, H, cap, SLOTS, dtype=torch.uint8, device=DEV))
     vout = (torch.empty(b, H, cap, nb, dtype=torch.uint8, device=DEV),
-            torch.empty(b, H, cap, dtype=torch.float16, device=DEV),
-            torch.empty(b, H, cap, dtype=torch.float16, device=DEV),
+            torch.empty(b, H, cap, dtype=sd, device=DEV),
+            torch.empty(b, H, cap, dtype=sd, device=DEV),
             torch.empty(b, H, cap, SLOTS, dtype=dtype, device=DEV),
             torch.empty(b, H, cap, SLOTS, dtype=torch.uint8, device=DEV))
 
