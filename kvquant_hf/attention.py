@@ -310,7 +310,9 @@ def packed_attention_prefill(
     block_size = block_size or PREFILL_HISTORY_BLOCK
     op = _lse_op(query.device, query.dtype, d) if fused is not False else None
     if fused and op is None:
-        raise RuntimeError(f"no fused attention kernel with log-sum-exp for {query.dtype} on {query.device}.")
+        raise RuntimeError(f"fused=True but no fused attention kernel with log-sum-exp passed its check for "
+                           f"{query.dtype}, head_dim {d} on {query.device}; pass fused=None (use one where it "
+                           f"exists) or fused=False (float32 math).")
     use_kernel = dequant_kernel if dequant_kernel is not None else op is not None
     q = query.reshape(b, h, g * lq, d)  # rows ordered (group member, query row)
     acc: torch.Tensor | None = None  # running normalized output [B, H, M, D] float32 and its log-sum-exp [B, H, M]

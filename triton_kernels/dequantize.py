@@ -101,10 +101,11 @@ def dequantize_history_triton(packed, start: int, end: int, inv_freq: torch.Tens
     """Keys (rotated to their stored positions) and values ``[B, H, end-start, D]`` in ``dtype`` for history
     tokens ``[start, end)`` of a :class:`kvquant_hf.attention.PackedKV`."""
     if not 0 <= start <= end <= packed.length:
-        raise ValueError(f"token range [{start}, {end}) is outside the history (0..{packed.length}).")
+        raise ValueError(f"token range [{start}, {end}) is outside the history (0..{packed.length}); "
+                         f"pass 0 <= start <= end <= packed.length.")
     d = packed.head_dim
-    if d % 2 or d % 8:
-        raise ValueError(f"head_dim {d} must be a multiple of 8.")
+    if d % 8:
+        raise ValueError(f"head_dim {d} is not a multiple of 8 (the packed code rows need whole bytes).")
     b, h = packed.k_codes.shape[:2]
     n = end - start
     dev = packed.k_codes.device
@@ -177,6 +178,8 @@ def merge_lse_(acc: torch.Tensor, acc_lse: torch.Tensor, o: torch.Tensor, lse: t
     ``[B, H, G*Lq, D]`` or per query head ``[B, H*G, Lq, D]`` (any strides, any float dtype) and its log-sum-exp
     (``[B, H, G*Lq]`` or ``[B, H*G, Lq]``). Rows whose log-sum-exps are both -inf stay zero."""
     b, h, m, d = acc.shape
+    if o.stride(-1) != 1:
+        o = o.contiguous()
     if not (acc.is_contiguous() and acc_lse.is_contiguous() and acc.dtype == acc_lse.dtype == torch.float32):
         raise ValueError("acc and acc_lse must be contiguous float32 tensors.")
     g = m // lq
@@ -190,9 +193,6 @@ def merge_lse_(acc: torch.Tensor, acc_lse: torch.Tensor, o: torch.Tensor, lse: t
         s_lb, s_lh, s_lg, s_ll = lse.stride(0), g * lse.stride(1), lse.stride(1), lse.stride(2)
     else:
         raise ValueError(f"part of shape {tuple(o.shape)} does not match the accumulator {tuple(acc.shape)}.")
-    if o.stride(-1) != 1:
-        o = o.contiguous()
-        return merge_lse_(acc, acc_lse, o, lse, lq, block_r)
     grid = (triton.cdiv(m, block_r), b * h)
     _merge_kernel[grid](acc, acc_lse, o, lse, h, m, lq, s_ob, s_oh, s_og, s_ol, s_lb, s_lh, s_lg, s_ll,
                         D=d, D_P2=triton.next_power_of_2(d), BLOCK_R=block_r)
