@@ -55,11 +55,12 @@ class KVQuantConfig:
         prefill_attention (`str`): how a prefill chunk (16+ query rows) attends to the packed history.
             ``"auto"`` (default): on CUDA with the Triton backend, a history every row sees in full (no left
             padding, no sliding window) is dequantized in 64K-token blocks into the model dtype by one Triton pass
-            and attended with PyTorch's FlashAttention-2 (fp16/bf16; memory-efficient attention for float32),
-            merged by log-sum-exp with the chunk's own causal block; otherwise the split-K kernel (the torch path
-            on CPU). ``"kernel"``: always the split-K kernel (it re-reads the packed history for every block of
-            query rows: 3x slower at 32K on the H200). ``"dequant"``: the dequantize-and-attend path wherever it
-            applies (float32 math off CUDA).
+            and attended with PyTorch's cuDNN or FlashAttention-2 kernel (fp16/bf16; memory-efficient attention
+            for float32; ``kvquant_hf.attention.PREFILL_FUSED_ORDER``), merged by log-sum-exp with the chunk's own
+            causal block; otherwise the split-K kernel (the torch path on CPU). ``"kernel"``: always the split-K
+            kernel (it re-reads the packed history for every block of query rows: 4.7x slower at 32K on the H200,
+            10.4 s vs 2.2 s in capacity.md / capacity_prefill.md). ``"dequant"``: the dequantize-and-attend path
+            wherever it applies (float32 math off CUDA).
         capacity_check (`bool`): in ``generate``, refuse (``CapacityError``) a request whose cache cannot fit in
             the free GPU memory according to :func:`kvquant_hf.plan_capacity`, before allocating anything.
         signposts (`str`, optional): folder written by `calibrate.py` (its `nuqX` subfolder or the
