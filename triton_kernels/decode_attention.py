@@ -1044,6 +1044,7 @@ def packed_attention_triton(
     prefetch: bool = True,
     sparse_key_slots: bool = False,
     key_f32: bool = True,
+    decode_backend: str | None = None,
 ) -> torch.Tensor:
     """Attention over ``[packed history | exact block]``: the fused Triton version of
     :func:`kvquant_hf.attention.packed_attention_torch` (same arguments and result).
@@ -1082,6 +1083,9 @@ def packed_attention_triton(
             instructions once the keys are dequantized in packed pairs).
         key_f32 (`bool`): decode fast path only: key scale/zero and RoPE in float32 (default: about the same
             instruction count, more registers, ~2x smaller score error than half2 math) or packed half2 (False).
+        decode_backend (`str`, optional): first stage of the decode fast path: ``"cuda"`` (the tensor-core kernel of
+            :mod:`triton_kernels.cuda_decode`; ValueError if it does not apply), ``"triton"``, or None = CUDA where it
+            applies and :data:`triton_kernels.cuda_decode.CUDA_DECODE_DEFAULT` is set, else Triton.
 
     Returns:
         `torch.Tensor`: ``[batch_size, num_q_heads, q_len, head_dim]`` in the query dtype; rows with
@@ -1176,6 +1180,22 @@ def packed_attention_triton(
         kscale = packed.k_scale.to(dev, torch.float32).contiguous()
         _need(kzero.shape == (h, d) and kscale.shape == (h, d), f"k_zero/k_scale must be [{h}, {d}].")
         freq = inv_freq.to(dev, torch.float32).contiguous()
+        _need(decode_backend in (None, "cuda", "triton"),
+              f"decode_backend={decode_backend!r} must be None, 'cuda' or 'triton'.")
+        use_cuda = False
+        if use_decode and decode_backend != "triton":
+            from . import cuda_decode
+
+            kgrid_c = affine_grid(packed.k_lut)
+            vgrid_c = affine_grid(packed.v_lut)
+            why_c = cuda_decode.cuda_decode_blocker(query, m_rows, window, kb, vb, d, kgrid_c, vgrid_c)
+            if decode_backend == "cuda" and why_c:
+                raise ValueError(f"decode_backend='cuda' but the CUDA decode kernel does not apply: {why_c}.")
+            use_cuda = not why_c and (decode_backend == "cuda" or cuda_decode.CUDA_DECODE_DEFAULT)
+        elif decode_backend == "cuda":
+            raise ValueError(f"decode_backend='cuda' but the decode fast path does not apply: {why}.")
+        if num_splits is None and use_cuda:
+            num_splits = cuda_decode.default_cuda_splits(bsz, h, length, dev)
         if num_splits is None:
             num_splits = default_num_splits(bsz, h, num_mb, length, dev, block_n)
         _need(isinstance(num_splits, int) and num_splits >= 1, f"num_splits={num_splits!r} must be an int >= 1.")
@@ -1184,7 +1204,11 @@ def packed_attention_triton(
         hist = hist_start if hist_start is not None else packed.positions
         qpos = q_positions if q_positions is not None else packed.positions
         pk = packed
-        if use_decode:
+        if use_cuda:
+            cuda_decode.packed_decode_cuda(
+                query, packed, kzero, kscale, freq, hist_start, length, length_dev, o_part, lse_part, num_splits,
+                float(scaling * attention_scaling * LOG2E), kgrid_c, vgrid_c)
+        elif use_decode:
             klut = packed.k_lut.to(dev, torch.float32).contiguous()
             vlut = packed.v_lut.to(dev, torch.float32).contiguous()
             kgrid = None if lut_gather else affine_grid(packed.k_lut)

@@ -1,0 +1,115 @@
+"""The CUDA decode kernel (triton_kernels/cuda_decode.py) vs the torch oracle and the Triton fast path, on a GPU.
+
+Each case builds a packed cache with the quantize kernels (uniform signpost grids: the CUDA kernel's scope), runs
+``packed_attention_triton(..., decode_backend="cuda")`` and ``decode_backend="triton"`` and compares both with
+``packed_attention_torch`` (float32 oracle): max abs error and ||out - ref|| / ||ref||, pass below 1e-2.
+
+Usage (H200): ``PYTHONPATH=. python benchmarks/check_cuda_decode.py [--name check_cuda_decode]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import check_kernels_gpu as ck  # noqa: E402
+from common import md_table, write_results  # noqa: E402
+
+from kvquant_hf import attention  # noqa: E402
+from triton_kernels.decode_attention import packed_attention_triton  # noqa: E402
+
+REL_TOL = 1e-2
+
+
+def run_case(name, bits, b, hq, h, d, length, lq, sink, pad=None, gap=None, n_slots=2, seed=0, len_dev=False,
+             num_splits=None, vbits=None):
+    dev = "cuda"
+    packed = ck.build_cache(b, h, length, d, bits, n_slots, torch.float16, seed, pad=pad, gap=gap, uniform=True)
+    if vbits is not None and vbits != bits:  # mixed bits: values from a second cache
+        other = ck.build_cache(b, h, length, d, vbits, n_slots, torch.float16, seed + 7, pad=pad, gap=gap, uniform=True)
+        packed.v_codes, packed.v_scale, packed.v_zero = other.v_codes, other.v_scale, other.v_zero
+        packed.v_out_val, packed.v_out_idx, packed.v_lut, packed.value_bits = (
+            other.v_out_val, other.v_out_idx, other.v_lut, other.value_bits)
+    g = torch.Generator(device=dev).manual_seed(seed + 1)
+    e = sink + lq
+    q = torch.randn(b, hq, lq, d, device=dev, generator=g).half()
+    ek = torch.randn(b, h, e, d, device=dev, generator=g).half()
+    ev = torch.randn(b, h, e, d, device=dev, generator=g).half()
+    mask = torch.ones(b, lq, e, dtype=torch.bool, device=dev)
+    mask[:, :, sink:] = torch.tril(torch.ones(lq, lq, dtype=torch.bool, device=dev))
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, d, 2, dtype=torch.float32, device=dev) / d))
+    kw = dict(scaling=d ** -0.5, inv_freq=inv_freq, attention_scaling=1.0)
+    if pad is not None:
+        kw["hist_start"] = torch.tensor(pad, dtype=torch.int64, device=dev)
+    ref = attention.packed_attention_torch(q, packed, ek, ev, mask, **kw).float()
+    extra = {}
+    if len_dev:
+        extra = dict(length_dev=torch.tensor([length], dtype=torch.int32, device=dev), num_splits=num_splits or 7)
+    elif num_splits:
+        extra = dict(num_splits=num_splits)
+    row = dict(case=name, bits=f"{bits}/{vbits or bits}", batch=b, q_heads=hq, kv_heads=h, head_dim=d, history=length,
+               q_len=lq, slots=n_slots)
+    for backend in ("cuda", "triton"):
+        out = packed_attention_triton(q, packed, ek, ev, mask, decode_backend=backend, **kw, **extra).float()
+        rel = ((out - ref).norm() / ref.norm()).item()
+        row[f"{backend}_max_abs"] = (out - ref).abs().max().item()
+        row[f"{backend}_rel"] = rel
+        row[f"{backend}_ok"] = bool(torch.isfinite(out).all()) and rel < REL_TOL
+    return row
+
+
+CASES = [
+    # name, bits, b, hq, h, d, length, lq, sink, kwargs
+    ("decode nuq4", 4, 2, 32, 8, 128, 8192, 1, 4, dict(pad=[0, 1000])),
+    ("decode nuq2", 2, 2, 32, 8, 128, 8192, 1, 4, dict(pad=[0, 1000])),
+    ("gqa8 + position gap", 2, 1, 64, 8, 128, 5000, 1, 1, dict(gap=1003)),
+    ("gqa8 + position gap", 4, 1, 64, 8, 128, 5000, 1, 1, dict(gap=1003)),
+    ("head_dim 64", 4, 1, 8, 2, 64, 16384, 1, 1, {}),
+    ("short (37 tokens)", 4, 1, 32, 8, 128, 37, 1, 1, {}),
+    ("one token", 4, 1, 32, 8, 128, 1, 1, 1, {}),
+    ("no outlier slots", 4, 1, 32, 8, 128, 3000, 1, 1, dict(n_slots=0)),
+    ("one slot", 2, 1, 32, 8, 128, 3000, 1, 1, dict(n_slots=1)),
+    ("q_len 2 (8 rows)", 4, 1, 32, 8, 128, 4096, 2, 1, {}),
+    ("length on device", 4, 2, 32, 8, 128, 6000, 1, 1, dict(len_dev=True, num_splits=5)),
+    ("mixed bits 4/2", 4, 1, 32, 8, 128, 4096, 1, 1, dict(vbits=2)),
+    ("many splits (empty ones)", 4, 1, 32, 8, 128, 700, 1, 1, dict(num_splits=16)),
+    ("long 128K", 4, 1, 32, 8, 128, 131072, 1, 4, {}),
+    ("long 128K", 2, 1, 32, 8, 128, 131072, 1, 4, {}),
+]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--name", default="check_cuda_decode")
+    ap.add_argument("--skip-long", action="store_true")
+    args = ap.parse_args(argv)
+    rows, failures = [], 0
+    for name, bits, b, hq, h, d, length, lq, sink, kw in CASES:
+        if args.skip_long and length > 20000:
+            continue
+        try:
+            row = run_case(name, bits, b, hq, h, d, length, lq, sink, **kw)
+        except Exception as exc:  # noqa: BLE001 -- a crash is a failed case in the report
+            traceback.print_exc()
+            row = dict(case=name, bits=bits, cuda_ok=False, error=f"{type(exc).__name__}: {str(exc)[:200]}")
+        failures += not row.get("cuda_ok", False)
+        rows.append(row)
+        print({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    cols = ["case", "bits", "batch", "q_heads", "kv_heads", "head_dim", "history", "q_len", "slots", "cuda_max_abs",
+            "cuda_rel", "cuda_ok", "triton_rel", "triton_ok", "error"]
+    fmt = [{k: (f"{v:.2e}" if k.endswith(("_rel", "_max_abs")) and isinstance(v, float) else v) for k, v in r.items()}
+           for r in rows]
+    md = ("# CUDA decode kernel vs the torch oracle (float16, uniform grids)\n\n"
+          f"Pass: finite and ||out - ref|| / ||ref|| < {REL_TOL}. Failures: {failures}.\n\n" + md_table(fmt, cols))
+    print(write_results(args.name, rows, md, repo_and_out=True))
+    print("FAILURES:", failures)
+    return failures
+
+
+if __name__ == "__main__":
+    sys.exit(1 if main() else 0)

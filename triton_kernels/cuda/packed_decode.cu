@@ -1,0 +1,463 @@
+// Decode attention over the packed KVQuant cache on tensor cores (sm_80+), one split per CTA.
+//
+// Compiled at first use with NVRTC (torch.cuda._compile_kernel's machinery, see cuda_decode.py); the
+// configuration comes in as #defines: D (head_dim, 128), KB/VB (key/value bits, 2 or 4), KS/VS (outlier slots per
+// token), MR (query rows per KV head = q_len * group, <= 8), NW (warps per CTA), HAS_HIST, LEN_DEV.
+// No CUDA headers: half2 math through inline PTX on 32-bit registers.
+//
+// Same inputs and partial outputs as triton_kernels.decode_attention._packed_decode_kernel (the Triton merge
+// kernel combines the splits and the exact block). Work split: CTA = one (batch, kv head, split); each warp takes
+// a contiguous quarter of the split; blocks of TB = 64 tokens share one rotation of the queries by R(P) (P = the
+// block's first position), the keys are rotated by R(j) (j = 0..63) from a shared table: q.R(P+j)k = (R(P)^T q).R(j)k.
+// Tiles of 16 tokens: scores S[m][t] = Qr (A, m16 x k16, rows >= MR zero) x K^T (B, k16 x n8 per 8 tokens);
+// the score fragment is directly the B operand of O^T = V^T (A, 16 channels x 16 tokens) x P^T.
+// Codes become fp16 by the magic-number trick ((w & mask) | 0x6400 = 1024 + f*code, one fma with powers of two
+// gives the code exactly), then one fma applies the (affine-folded) scale and zero.
+// Outlier slots are per-token corrections computed by one lane per (token, slot): keys as a score change
+// delta * (R(j)^T qr)[idx], values as p * delta added to a per-warp shared accumulator.
+
+#ifndef D
+#define D 128
+#endif
+#define HALF (D / 2)
+#define TB 64          // tokens per rotation block
+#define TILE 16        // tokens per MMA tile
+#define NEG_BIG (-1.0e30f)
+#define MIN_SCALE 6.103515625e-05f
+#define MAGIC 0x64006400u
+#define KCPW (32 / KB)             // codes per 32-bit word
+#define KNI (16 / KB)              // half2 registers per word (codes i and i + KNI)
+#define KNS (10 / KB)              // codes per shift (in-place masks inside the fp16 mantissa)
+#define KWT (HALF * KB / 128)      // words per thread per RoPE half (4 threads per token)
+#define KR (HALF / 8)              // half2 key registers per RoPE half per thread (= KWT * KNI)
+#define VBT (D * VB / 64)          // value bytes per thread (8 threads per token)
+#define VCPB (8 / VB)              // value codes per byte
+#define NMT (D / 16)               // PV m-tiles (16 channels each)
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+__device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
+  u32 d; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
+}
+__device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
+  u32 d; asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d;
+}
+__device__ __forceinline__ u32 f2h2(float lo, float hi) {  // lo -> bits 0..15
+  u32 d; asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo)); return d;
+}
+__device__ __forceinline__ float h2f(u16 h) {
+  float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
+}
+__device__ __forceinline__ u32 hh(u32 x) {  // half2 (x, x) from the fp16 bits in x's low half
+  return (x & 0xFFFFu) | (x << 16);
+}
+__device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void cos_sin(float angle, float* c, float* s) {  // Cody-Waite to [-pi, pi], then MUFU
+  float k = floorf(angle * 0.15915494309189535f + 0.5f);
+  float r = fmaf(-k, 6.2831854820251465f, angle);
+  r = fmaf(-k, -1.7484556000744883e-07f, r);
+  r = fmaf(-k, -6.077099351908456e-15f, r);
+  __sincosf(r, s, c);
+}
+
+// channel (0..D-1) of key register r (0..2*KR-1, first RoPE half then second) half l of thread tig
+__device__ __forceinline__ int key_channel(int tig, int r, int l) {
+  int h = r / KR, rr = r % KR;
+  int j = rr / KNI, q = rr % KNI;
+  return h * HALF + tig * (HALF / 4) + j * KCPW + q + l * KNI;
+}
+// factor f of key register (in-place mask position): code * f lies in the mantissa
+__device__ __forceinline__ float key_factor(int r) {
+  int q = (r % KR) % KNI;
+  return (float)(1 << (KB * (q % KNS)));
+}
+// value channel of PV A-row ar (0..15) in m-tile mt, for the thread whose gid = ar % 8
+__device__ __forceinline__ int val_channel(int mt, int ar) {
+  return (ar % 8) * (D / 8) + 2 * mt + ar / 8;
+}
+
+extern "C" __global__ void __launch_bounds__(NW * 32) kvq_packed_decode(
+    const u16* __restrict__ q,          // fp16 [B, Hq, Lq, D], RoPE applied
+    const unsigned char* __restrict__ kc, const u16* __restrict__ kov, const unsigned char* __restrict__ koi,
+    const unsigned char* __restrict__ vc, const u16* __restrict__ vsc, const u16* __restrict__ vze,
+    const u16* __restrict__ vov, const unsigned char* __restrict__ voi,
+    const float* __restrict__ kzero, const float* __restrict__ kscale,  // [H, D]
+    const int* __restrict__ pos, const float* __restrict__ inv_freq, const int* __restrict__ hist,
+    const int* __restrict__ len_ptr,
+    float* __restrict__ o_part, float* __restrict__ lse_part,  // [B, H, NS, 16, D], [B, H, NS, 16]
+    int L, int H, int NS, int GROUP,
+    long long sqb, long long sqh, long long sql,
+    long long skcb, long long skch, long long skct,
+    long long skvb, long long skvh, long long skvt,
+    long long skib, long long skih, long long skit,
+    long long svcb, long long svch, long long svct,
+    long long svsb, long long svsh, long long svst,
+    long long svzb, long long svzh, long long svzt,
+    long long svvb, long long svvh, long long svvt,
+    long long svib, long long svih, long long svit,
+    long long spb,
+    float qk_scale, float k_a, float k_b, float v_a, float v_b) {
+  extern __shared__ float smem[];
+  // shared layout: R(j) table [TB][4 tig][3][KR] u32 | q [MR][D] f32 | kz, ks (folded) [D] f32 each |
+  //                per warp: qr [MR][D] f32, corr [MR][D] f32, pst [MR][TILE] f32, kcor [KS][MR][TILE] f32 | wm, wl [NW][MR]
+  u32* rtab = (u32*)smem;
+  float* qs = smem + TB * 4 * 3 * KR;
+  float* kzs = qs + MR * D;
+  float* kss = kzs + D;
+  float* wbase = kss + D;
+  const int PERW = 2 * MR * D + MR * TILE + (KS > 0 ? KS : 1) * MR * TILE;
+  float* wm = wbase + NW * PERW;
+  float* wl = wm + NW * MR;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int gid = lane / 4, tig = lane % 4;
+  const int bh = blockIdx.x, split = blockIdx.y;
+  const int h = bh % H, b = bh / H;
+#if LEN_DEV
+  L = *len_ptr;
+#endif
+  float* qr = wbase + warp * PERW;
+  float* corr = qr + MR * D;
+  float* pst = corr + MR * D;
+  float* kcor = pst + MR * TILE;
+
+  // ---- CTA setup: R(j) table, queries (float32), folded key scale/zero ----
+  for (int e = tid; e < TB * 4 * KR; e += NW * 32) {
+    int j = e / (4 * KR), t = (e / KR) % 4, r = e % KR;
+    float c0, s0, c1, s1;
+    cos_sin((float)j * inv_freq[key_channel(t, r, 0)], &c0, &s0);
+    cos_sin((float)j * inv_freq[key_channel(t, r, 1)], &c1, &s1);
+    u32* row = rtab + (j * 4 + t) * 3 * KR;
+    row[r] = f2h2(c0, c1);
+    row[KR + r] = f2h2(s0, s1);
+    row[2 * KR + r] = f2h2(-s0, -s1);
+  }
+  for (int e = tid; e < MR * D; e += NW * 32) {
+    int m = e / D, ch = e % D;
+    int hq = h * GROUP + m % GROUP, lq = m / GROUP;
+    qs[e] = h2f(q[b * sqb + hq * sqh + lq * sql + ch]);
+  }
+  for (int ch = tid; ch < D; ch += NW * 32) {
+    float s = kscale[h * D + ch], z = kzero[h * D + ch];
+    kzs[ch] = z + k_a * s;
+    kss[ch] = s * k_b;
+  }
+  for (int e = lane; e < MR * D; e += 32) corr[e] = 0.f;
+  __syncthreads();
+
+  // folded key scale/zero of this thread's registers (half2) and the code factors
+  u32 KS2[2 * KR], KZ2[2 * KR];
+#pragma unroll
+  for (int r = 0; r < 2 * KR; ++r) {
+    int c0 = key_channel(tig, r, 0), c1 = key_channel(tig, r, 1);
+    KS2[r] = f2h2(kss[c0], kss[c1]);
+    KZ2[r] = f2h2(kzs[c0], kzs[c1]);
+  }
+
+  // ---- this warp's token range ----
+  int chunk = ((L + NS - 1) / NS + TB - 1) / TB * TB;
+  int lo = split * chunk, hi = min(lo + chunk, L);
+  int sub = ((chunk + NW - 1) / NW + TILE - 1) / TILE * TILE;
+  int wlo = lo + warp * sub, whi = min(wlo + sub, hi);
+  int vis = 0;
+#if HAS_HIST
+  vis = hist[b];
+#endif
+  if (wlo < vis) wlo = min(whi, wlo + (vis - wlo) / TILE * TILE);
+
+  const unsigned char* kcb = kc + b * skcb + h * skch;
+  const unsigned char* vcb = vc + b * svcb + h * svch;
+  const u16* kovb = kov + b * skvb + h * skvh;
+  const unsigned char* koib = koi + b * skib + h * skih;
+  const u16* vovb = vov + b * svvb + h * svvh;
+  const unsigned char* voib = voi + b * svib + h * svih;
+  const u16* vsb = vsc + b * svsb + h * svsh;
+  const u16* vzb = vze + b * svzb + h * svzh;
+  const int* posb = pos + b * spb;
+
+  float m_run = NEG_BIG, l_run = 0.f;  // row gid (quad-consistent)
+  float acc[NMT][4];
+#pragma unroll
+  for (int i = 0; i < NMT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+
+  for (int blk = wlo; blk < whi; blk += TB) {
+    // positions: consecutive from P in this block (mode A) or not (mode B: per-token angles, qr = q)
+    int P = 0x7fffffff;
+    bool okA = true;
+    for (int u = lane; u < TB; u += 32) {
+      int t = blk + u;
+      bool valid = t < whi && t >= vis;
+      int pp = valid ? posb[t] - u : 0x7fffffff;
+      P = min(P, pp);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) P = min(P, __shfl_xor_sync(0xffffffffu, P, o));
+    for (int u = lane; u < TB; u += 32) {
+      int t = blk + u;
+      bool valid = t < whi && t >= vis;
+      if (valid && posb[t] - u != P) okA = false;
+    }
+    const bool modeA = __all_sync(0xffffffffu, okA);
+    if (!modeA) P = 0;
+    // qr = R(P)^T q, float32, rows < MR
+    for (int e = lane; e < MR * HALF; e += 32) {
+      int m = e / HALF, i = e % HALF;
+      float c = 1.f, s = 0.f;
+      if (modeA) cos_sin((float)P * inv_freq[i], &c, &s);
+      float qa = qs[m * D + i], qb = qs[m * D + HALF + i];
+      qr[m * D + i] = qa * c + qb * s;
+      qr[m * D + HALF + i] = qb * c - qa * s;
+    }
+    __syncwarp();
+    // A fragments of the rotated queries (row gid; rows >= MR and gid + 8 are zero)
+    u32 QA[2 * KR];
+#pragma unroll
+    for (int r = 0; r < 2 * KR; ++r) {
+      QA[r] = 0u;
+      if (gid < MR) QA[r] = f2h2(qr[gid * D + key_channel(tig, r, 0)], qr[gid * D + key_channel(tig, r, 1)]);
+    }
+
+    for (int t0 = blk; t0 < min(blk + TB, whi); t0 += TILE) {
+      const int jb = t0 - blk;
+      // ---------------- scores ----------------
+      float sc[2][4];
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
+        const int u = nt * 8 + gid;  // token of this thread within the tile
+        const int t = min(t0 + u, whi - 1);
+        const unsigned char* row = kcb + t * skct;
+        u32 w[2][KWT];
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+          for (int j = 0; j < KWT; ++j)
+            w[hf][j] = *(const u32*)(row + hf * (HALF * KB / 8) + (tig * KWT + j) * 4);
+        // cos / sin / -sin of this token (table in mode A, direct in mode B)
+        u32 C[KR], S[KR], NSn[KR];
+        if (modeA) {
+          const u32* tr = rtab + ((jb + u) * 4 + tig) * 3 * KR;
+#pragma unroll
+          for (int r = 0; r < KR; ++r) { C[r] = tr[r]; S[r] = tr[KR + r]; NSn[r] = tr[2 * KR + r]; }
+        } else {
+          float pt = (float)posb[t];
+#pragma unroll
+          for (int r = 0; r < KR; ++r) {
+            float c0, s0, c1, s1;
+            cos_sin(pt * inv_freq[key_channel(tig, r, 0)], &c0, &s0);
+            cos_sin(pt * inv_freq[key_channel(tig, r, 1)], &c1, &s1);
+            C[r] = f2h2(c0, c1); S[r] = f2h2(s0, s1); NSn[r] = f2h2(-s0, -s1);
+          }
+        }
+        u32 kreg[2 * KR];
+#pragma unroll
+        for (int r = 0; r < 2 * KR; ++r) {
+          const int hf = r / KR, rr = r % KR, j = rr / KNI, qq = rr % KNI;
+          const int shift = KB * KNS * (qq / KNS);
+          const u32 mask = (((1u << KB) - 1u) << (KB * (qq % KNS))) * 0x10001u;
+          u32 x = ((w[hf][j] >> shift) & mask) | MAGIC;
+          const float f = (float)(1 << (KB * (qq % KNS)));
+          const u32 inv = hh(f2h2(1.f / f, 0.f)), off = hh(f2h2(-1024.f / f, 0.f));
+          x = hfma2(x, inv, off);              // the code, exactly
+          kreg[r] = hfma2(x, KS2[r], KZ2[r]);  // pre-RoPE key
+        }
+#pragma unroll
+        for (int r = 0; r < KR; ++r) {  // RoPE by R(j): a' = a c - b s, b' = b c + a s
+          u32 a = kreg[r], bb = kreg[KR + r];
+          kreg[r] = hfma2(bb, NSn[r], hmul2(a, C[r]));
+          kreg[KR + r] = hfma2(a, S[r], hmul2(bb, C[r]));
+        }
+#pragma unroll
+        for (int s = 0; s < KR; ++s)  // k-slices: registers (2s, 2s+1)
+          mma16816(sc[nt], QA[2 * s], 0u, QA[2 * s + 1], 0u, kreg[2 * s], kreg[2 * s + 1]);
+      }
+      // ---------------- key outlier slots: score corrections ----------------
+#if KS > 0
+      for (int e = lane; e < TILE * KS; e += 32) {
+        const int u = e % TILE, s = e / TILE, t = t0 + u;
+        const bool valid = t < whi && t >= vis;
+        const int tt = min(t, whi - 1);
+        int idx = valid ? (int)koib[tt * skit + s] : 255;
+#pragma unroll
+        for (int s2 = 0; s2 < KS; ++s2)
+          if (s2 > s && (int)koib[tt * skit + s2] == idx) idx = 255;
+        float cm[MR];
+#pragma unroll
+        for (int m = 0; m < MR; ++m) cm[m] = 0.f;
+        if (idx < D) {
+          const int bit = idx * KB;
+          const int code = (kcb[tt * skct + bit / 8] >> (bit % 8)) & ((1 << KB) - 1);
+          const float deq = (float)code * kss[idx] + kzs[idx];
+          const float delta = h2f(kovb[tt * skvt + s]) - deq;
+          const int fi = idx % HALF;
+          float c, sn;
+          if (modeA) cos_sin((float)(jb + u) * inv_freq[fi], &c, &sn);
+          else cos_sin((float)posb[tt] * inv_freq[fi], &c, &sn);
+#pragma unroll
+          for (int m = 0; m < MR; ++m) {
+            const float qa = qr[m * D + fi], qb = qr[m * D + HALF + fi];
+            cm[m] = delta * (idx < HALF ? qa * c + qb * sn : qb * c - qa * sn);
+          }
+        }
+#pragma unroll
+        for (int m = 0; m < MR; ++m) kcor[(s * MR + m) * TILE + u] = cm[m];
+      }
+      __syncwarp();
+      if (gid < MR) {
+#pragma unroll
+        for (int s = 0; s < KS; ++s) {
+          const float* kr = kcor + (s * MR + gid) * TILE;
+          sc[0][0] += kr[2 * tig]; sc[0][1] += kr[2 * tig + 1];
+          sc[1][0] += kr[8 + 2 * tig]; sc[1][1] += kr[9 + 2 * tig];
+        }
+      }
+#endif
+      // ---------------- online softmax (row gid; log2 domain) ----------------
+      float sv[4] = {sc[0][0], sc[0][1], sc[1][0], sc[1][1]};
+      const int tok[4] = {2 * tig, 2 * tig + 1, 8 + 2 * tig, 9 + 2 * tig};
+      float tmax = NEG_BIG;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int t = t0 + tok[i];
+        sv[i] = (t < whi && t >= vis && gid < MR) ? sv[i] * qk_scale : __int_as_float(0xff800000);
+        tmax = fmaxf(tmax, sv[i]);
+      }
+      tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
+      tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
+      const float m_new = fmaxf(m_run, tmax);
+      const float alpha = exp2f(m_run - m_new);
+      m_run = m_new;
+      float p[4], psum = 0.f;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) { p[i] = exp2f(sv[i] - m_new); psum += p[i]; }
+      l_run = l_run * alpha + psum;
+      if (__any_sync(0xffffffffu, alpha != 1.f)) {
+        // acc holds rows 2tig, 2tig+1 (C columns); corr rows are rescaled by the lanes
+        const float a0 = __shfl_sync(0xffffffffu, alpha, (2 * tig) * 4);
+        const float a1 = __shfl_sync(0xffffffffu, alpha, (2 * tig + 1) * 4);
+#pragma unroll
+        for (int i = 0; i < NMT; ++i) { acc[i][0] *= a0; acc[i][1] *= a1; acc[i][2] *= a0; acc[i][3] *= a1; }
+#if VS > 0
+        for (int m = 0; m < MR; ++m) {
+          const float am = __shfl_sync(0xffffffffu, alpha, m * 4);
+          if (am != 1.f)
+            for (int ch = lane; ch < D; ch += 32) corr[m * D + ch] *= am;
+        }
+#endif
+      }
+      // ---------------- values ----------------
+      // P^T as B operand: (tokens 2tig, 2tig+1 ; row gid), (tokens 2tig+8, 2tig+9 ; row gid)
+      const u32 pb0 = f2h2(p[0], p[1]), pb1 = f2h2(p[2], p[3]);
+      u32 vw[4][(VBT + 3) / 4];
+      u32 SC[2], ZE[2];
+      {
+        float scl[4], zer[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int t = t0 + tok[i];
+          const bool valid = t < whi && t >= vis;
+          const int tt = min(t, whi - 1);
+          const unsigned char* row = vcb + tt * svct + gid * VBT;
+#pragma unroll
+          for (int j = 0; j < (VBT + 3) / 4; ++j) vw[i][j] = *(const u32*)(row + 4 * j);
+          const float s = fmaxf(h2f(vsb[tt * svst]), MIN_SCALE), z = h2f(vzb[tt * svzt]);
+          scl[i] = valid ? s * v_b : 0.f;
+          zer[i] = valid ? z + v_a * s : 0.f;
+        }
+        SC[0] = f2h2(scl[0], scl[1]); SC[1] = f2h2(scl[2], scl[3]);
+        ZE[0] = f2h2(zer[0], zer[1]); ZE[1] = f2h2(zer[2], zer[3]);
+      }
+#pragma unroll
+      for (int mt = 0; mt < NMT; ++mt) {
+        u32 a[4];  // a0: (ch row gid, tok 2tig..), a1: (row gid+8, ..), a2: (row gid, tok 2tig+8..), a3
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {  // token pairs (0,1) -> a0/a1, (2,3) -> a2/a3
+#pragma unroll
+          for (int rsel = 0; rsel < 2; ++rsel) {  // local channel 2mt + rsel
+            const int cl = 2 * mt + rsel;
+            const int byte = cl / VCPB, pos_in = cl % VCPB;
+            const u32 sel = (byte % 4) | ((byte % 4) << 4) | ((4 + byte % 4) << 8) | ((4 + byte % 4) << 12);
+            const u32 pr = __byte_perm(vw[2 * half][byte / 4], vw[2 * half + 1][byte / 4], sel);
+            const u32 mask = (((1u << VB) - 1u) << (VB * pos_in)) * 0x10001u;
+            u32 x = (pr & mask) | MAGIC;
+            const float f = (float)(1 << (VB * pos_in));
+            x = hfma2(x, hh(f2h2(1.f / f, 0.f)), hh(f2h2(-1024.f / f, 0.f)));
+            a[2 * half + rsel] = hfma2(x, SC[half], ZE[half]);
+          }
+        }
+        // a[0] = (row gid: cl 2mt, tokens pair 0), a[1] = (row gid+8: cl 2mt+1, pair 0), a[2], a[3] pair 1
+        mma16816(acc[mt], a[0], a[1], a[2], a[3], pb0, pb1);
+      }
+      // ---------------- value outlier slots: p * (val - deq) into corr ----------------
+#if VS > 0
+      if (gid < MR) {
+        pst[gid * TILE + tok[0]] = p[0]; pst[gid * TILE + tok[1]] = p[1];
+        pst[gid * TILE + tok[2]] = p[2]; pst[gid * TILE + tok[3]] = p[3];
+      }
+      __syncwarp();
+      for (int e = lane; e < TILE * VS; e += 32) {
+        const int u = e % TILE, s = e / TILE, t = t0 + u;
+        const bool valid = t < whi && t >= vis;
+        const int tt = min(t, whi - 1);
+        int idx = valid ? (int)voib[tt * svit + s] : 255;
+#pragma unroll
+        for (int s2 = 0; s2 < VS; ++s2)
+          if (s2 > s && (int)voib[tt * svit + s2] == idx) idx = 255;
+        if (idx < D) {
+          const int bit = idx * VB;
+          const int code = (vcb[tt * svct + bit / 8] >> (bit % 8)) & ((1 << VB) - 1);
+          const float s0 = fmaxf(h2f(vsb[tt * svst]), MIN_SCALE);
+          const float deq = (float)code * (s0 * v_b) + (h2f(vzb[tt * svzt]) + v_a * s0);
+          const float delta = h2f(vovb[tt * svvt + s]) - deq;
+#pragma unroll
+          for (int m = 0; m < MR; ++m) atomicAdd(&corr[m * D + idx], pst[m * TILE + u] * delta);
+        }
+      }
+      __syncwarp();
+#endif
+    }
+  }
+
+  // ---- warp result: corr[row][ch] += acc (unnormalized, relative to m_run of the row) ----
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+  __syncwarp();
+#pragma unroll
+  for (int mt = 0; mt < NMT; ++mt) {
+    const int r0 = 2 * tig, r1 = 2 * tig + 1;
+    const int cA = val_channel(mt, gid), cB = val_channel(mt, gid + 8);
+    if (r0 < MR) { corr[r0 * D + cA] += acc[mt][0]; corr[r0 * D + cB] += acc[mt][2]; }
+    if (r1 < MR) { corr[r1 * D + cA] += acc[mt][1]; corr[r1 * D + cB] += acc[mt][3]; }
+  }
+  if (tig == 0 && gid < MR) { wm[warp * MR + gid] = m_run; wl[warp * MR + gid] = l_run; }
+  __syncthreads();
+
+  // ---- CTA combine of the warps -> this split's normalized partial output and log-sum-exp ----
+  const long long part = ((long long)bh * NS + split) * 16;
+  for (int e = tid; e < 16 * D; e += NW * 32) {
+    const int m = e / D, ch = e % D;
+    float o = 0.f;
+    if (m < MR) {
+      float M = NEG_BIG;
+      for (int w = 0; w < NW; ++w) M = fmaxf(M, wm[w * MR + m]);
+      float Lsum = 0.f;
+      for (int w = 0; w < NW; ++w) {
+        const float wt = exp2f(wm[w * MR + m] - M);
+        Lsum += wl[w * MR + m] * wt;
+        o += wbase[w * PERW + MR * D + m * D + ch] * wt;
+      }
+      o = Lsum > 0.f ? o / Lsum : 0.f;
+      if (ch == 0) lse_part[part + m] = Lsum > 0.f ? M + log2f(Lsum) : NEG_BIG;
+    } else if (ch == 0) {
+      lse_part[part + m] = NEG_BIG;
+    }
+    o_part[(part + m) * D + ch] = o;
+  }
+}

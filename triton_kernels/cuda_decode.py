@@ -1,0 +1,140 @@
+"""CUDA (tensor-core) decode attention over the packed cache: the first stage of the split-K decode.
+
+``cuda/packed_decode.cu`` is compiled at first use with NVRTC (the runtime compiler that ships with PyTorch's
+CUDA wheels, through ``torch.cuda._compile_kernel``), once per configuration (head_dim, bits, slots, query
+rows per KV head) and device; no build step at install time. It writes the same per-split partial outputs and
+log-sum-exps as :func:`triton_kernels.decode_attention._packed_decode_kernel`, so the Triton merge kernel (splits
++ exact block) is shared.
+
+What it covers (:func:`cuda_decode_blocker` says why not otherwise): float16 queries, head_dim 128 (or 64 with
+4-bit codes), 2/4-bit keys and values with uniform (affine) signpost grids, ``q_len * group <= 8``, no sliding
+window, 4-byte aligned code rows. The rest takes the Triton kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+
+import torch
+
+_SRC = os.path.join(os.path.dirname(__file__), "cuda", "packed_decode.cu")
+KERNEL = "kvq_packed_decode"
+NUM_WARPS = 4
+TB = 64  # tokens per rotation block (shared R(j) table rows)
+TILE = 16
+
+#: use the CUDA decode kernel by default where it applies (``KVQUANT_CUDA_DECODE=1``; off until checked on a GPU).
+CUDA_DECODE_DEFAULT = os.environ.get("KVQUANT_CUDA_DECODE", "0") == "1"
+
+
+def source(d: int, kb: int, vb: int, ks: int, vs: int, mr: int, has_hist: bool, len_dev: bool,
+           num_warps: int = NUM_WARPS) -> str:
+    """The kernel source with its configuration as ``#define`` lines."""
+    with open(_SRC) as fh:
+        body = fh.read()
+    defs = dict(D=d, KB=kb, VB=vb, KS=ks, VS=vs, MR=mr, NW=num_warps, HAS_HIST=int(has_hist), LEN_DEV=int(len_dev))
+    return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + body
+
+
+def shared_bytes(d: int, ks: int, mr: int, num_warps: int = NUM_WARPS) -> int:
+    """Dynamic shared memory of one CTA (must match the layout in packed_decode.cu)."""
+    kr = d // 16
+    perw = 2 * mr * d + mr * TILE + max(ks, 1) * mr * TILE
+    floats = TB * 4 * 3 * kr + mr * d + 2 * d + num_warps * perw + 2 * num_warps * mr
+    return 4 * floats
+
+
+def cuda_decode_blocker(query: torch.Tensor, m_rows: int, window, kb: int, vb: int, d: int, kgrid, vgrid) -> str:
+    """Why the CUDA decode kernel does not apply ("" when it does)."""
+    if not query.is_cuda:
+        return "not a CUDA tensor"
+    if query.dtype != torch.float16:
+        return f"query dtype {query.dtype} (needs float16)"
+    if torch.cuda.get_device_capability(query.device) < (8, 0):
+        return "needs compute capability 8.0+ (mma.sync m16n8k16)"
+    if m_rows > 8:
+        return f"{m_rows} query rows per kv head (needs q_len * group <= 8)"
+    if window is not None:
+        return "sliding window"
+    if kb not in (2, 4) or vb not in (2, 4):
+        return f"bits {kb}/{vb} (needs 2 or 4)"
+    if d != 128 and not (d == 64 and kb == 4 and vb == 4):
+        return f"head_dim {d} with bits {kb}/{vb} (needs 128, or 64 with 4-bit keys and values)"
+    if kgrid is None or vgrid is None:
+        return "non-uniform signpost tables (the CUDA kernel folds uniform grids into scale and zero)"
+    if not hasattr(torch.cuda, "_compile_kernel"):
+        return "this PyTorch has no torch.cuda._compile_kernel (NVRTC)"
+    return ""
+
+
+@functools.cache
+def _kernel(device_index: int, d: int, kb: int, vb: int, ks: int, vs: int, mr: int, has_hist: bool, len_dev: bool):
+    src = source(d, kb, vb, ks, vs, mr, has_hist, len_dev)
+    with torch.cuda.device(device_index):
+        major, minor = torch.cuda.get_device_capability(device_index)
+        kern = torch.cuda._compile_kernel(src, KERNEL, compute_capability=f"{major}{minor}",
+                                          nvcc_options=["-std=c++17"])
+        smem = shared_bytes(d, ks, mr)
+        if smem >= 48 * 1024:
+            kern.set_shared_memory_config(smem)
+    return kern, smem
+
+
+def _launch(kern, grid, block, smem, args, stream) -> None:
+    from torch.cuda._utils import _check_cuda, _get_gpu_runtime_library
+
+    keep = []
+    for kind, val in args:
+        if kind == "p":
+            keep.append(ctypes.c_void_p(val.data_ptr() if isinstance(val, torch.Tensor) else int(val)))
+        elif kind == "i":
+            keep.append(ctypes.c_int(int(val)))
+        elif kind == "q":
+            keep.append(ctypes.c_longlong(int(val)))
+        else:
+            keep.append(ctypes.c_float(float(val)))
+    arr = (ctypes.c_void_p * len(keep))(*[ctypes.cast(ctypes.byref(k), ctypes.c_void_p) for k in keep])
+    lib = _get_gpu_runtime_library()
+    _check_cuda(lib.cuLaunchKernel(kern.func, grid[0], grid[1], grid[2], block[0], block[1], block[2], smem,
+                                   stream._as_parameter_, arr, None))
+
+
+def packed_decode_cuda(query, packed, kzero, kscale, freq, hist, length: int, length_dev, o_part, lse_part,
+                       num_splits: int, qk_scale: float, kgrid, vgrid) -> None:
+    """Stage 1 of the decode on tensor cores: fills ``o_part [B, H, num_splits, 16, D]`` and ``lse_part``.
+
+    Arguments as prepared by :func:`triton_kernels.decode_attention.packed_attention_triton` (``kzero``/``kscale``
+    float32 ``[H, D]``, ``freq`` float32 ``[D/2]``, ``hist`` int ``[B]`` or None).
+    """
+    bsz, hq, lq, d = query.shape
+    h = packed.k_codes.shape[1]
+    group = hq // h
+    mr = group * lq
+    ks = packed.k_out_idx.shape[-1]
+    vs = packed.v_out_idx.shape[-1]
+    kern, smem = _kernel(query.device.index if query.device.index is not None else torch.cuda.current_device(),
+                         d, packed.key_bits, packed.value_bits, ks, vs, mr, hist is not None, length_dev is not None)
+    if hist is not None and hist.dtype != torch.int32:
+        hist = hist.to(torch.int32)
+    pk = packed
+    args = [("p", query), ("p", pk.k_codes), ("p", pk.k_out_val), ("p", pk.k_out_idx), ("p", pk.v_codes),
+            ("p", pk.v_scale), ("p", pk.v_zero), ("p", pk.v_out_val), ("p", pk.v_out_idx), ("p", kzero),
+            ("p", kscale), ("p", pk.positions), ("p", freq), ("p", hist if hist is not None else pk.positions),
+            ("p", length_dev if length_dev is not None else pk.positions), ("p", o_part), ("p", lse_part),
+            ("i", length), ("i", h), ("i", num_splits), ("i", group)]
+    args += [("q", s) for s in query.stride()[:3]]
+    for name in ("k_codes", "k_out_val", "k_out_idx", "v_codes", "v_scale", "v_zero", "v_out_val", "v_out_idx"):
+        args += [("q", s) for s in getattr(pk, name).stride()[:3]]
+    args.append(("q", pk.positions.stride(0)))
+    args += [("f", qk_scale), ("f", kgrid[0]), ("f", kgrid[1]), ("f", vgrid[0]), ("f", vgrid[1])]
+    _launch(kern, (bsz * h, num_splits, 1), (NUM_WARPS * 32, 1, 1), smem, args,
+            torch.cuda.current_stream(query.device))
+
+
+def default_cuda_splits(batch: int, kv_heads: int, length: int, device: torch.device) -> int:
+    """CTAs per (batch, kv head): about four CTAs (16 warps) per SM, each at least 256 tokens."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = -(-4 * sms // max(batch * kv_heads, 1))
+    return int(max(1, min(want, -(-max(length, 1) // 256), 128)))
