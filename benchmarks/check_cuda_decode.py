@@ -1,6 +1,6 @@
 """The CUDA decode kernel (triton_kernels/cuda_decode.py) vs the torch oracle and the Triton fast path, on a GPU.
 
-Each case builds a packed cache with the quantize kernels (uniform signpost grids: the CUDA kernel's scope), runs
+Each case builds a packed cache with the quantize kernels (uniform grids, or NormalFloat tables), runs
 ``packed_attention_triton(..., decode_backend="cuda")`` and ``decode_backend="triton"`` and compares both with
 ``packed_attention_torch`` (float32 oracle): max abs error and ||out - ref|| / ||ref||, pass below 1e-2.
 
@@ -17,21 +17,22 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-import check_kernels_gpu as ck  # noqa: E402
-from common import md_table, write_results  # noqa: E402
+import check_kernels_gpu as ck
+from common import md_table, write_results
 
-from kvquant_hf import attention  # noqa: E402
-from triton_kernels.decode_attention import packed_attention_triton  # noqa: E402
+from kvquant_hf import attention
+from triton_kernels.decode_attention import packed_attention_triton
 
 REL_TOL = 1e-2
 
 
 def run_case(name, bits, b, hq, h, d, length, lq, sink, pad=None, gap=None, n_slots=2, seed=0, len_dev=False,
-             num_splits=None, vbits=None):
+             num_splits=None, vbits=None, uniform=True):
     dev = "cuda"
-    packed = ck.build_cache(b, h, length, d, bits, n_slots, torch.float16, seed, pad=pad, gap=gap, uniform=True)
+    packed = ck.build_cache(b, h, length, d, bits, n_slots, torch.float16, seed, pad=pad, gap=gap, uniform=uniform)
     if vbits is not None and vbits != bits:  # mixed bits: values from a second cache
-        other = ck.build_cache(b, h, length, d, vbits, n_slots, torch.float16, seed + 7, pad=pad, gap=gap, uniform=True)
+        other = ck.build_cache(b, h, length, d, vbits, n_slots, torch.float16, seed + 7, pad=pad, gap=gap,
+                               uniform=uniform)
         packed.v_codes, packed.v_scale, packed.v_zero = other.v_codes, other.v_scale, other.v_zero
         packed.v_out_val, packed.v_out_idx, packed.v_lut, packed.value_bits = (
             other.v_out_val, other.v_out_idx, other.v_lut, other.value_bits)
@@ -78,6 +79,12 @@ CASES = [
     ("length on device", 4, 2, 32, 8, 128, 6000, 1, 1, dict(len_dev=True, num_splits=5)),
     ("mixed bits 4/2", 4, 1, 32, 8, 128, 4096, 1, 1, dict(vbits=2)),
     ("many splits (empty ones)", 4, 1, 32, 8, 128, 700, 1, 1, dict(num_splits=16)),
+    ("NormalFloat tables", 4, 2, 32, 8, 128, 8192, 1, 4, dict(pad=[0, 1000], uniform=False)),
+    ("NormalFloat tables", 2, 2, 32, 8, 128, 8192, 1, 4, dict(pad=[0, 1000], uniform=False)),
+    ("NF + gap + gqa8", 4, 1, 64, 8, 128, 5000, 1, 1, dict(gap=1003, uniform=False)),
+    ("NF mixed bits 4/2", 4, 1, 32, 8, 128, 4096, 1, 1, dict(vbits=2, uniform=False)),
+    ("NF head_dim 64", 4, 1, 8, 2, 64, 16384, 1, 1, dict(uniform=False)),
+    ("long 128K NF", 4, 1, 32, 8, 128, 131072, 1, 4, dict(uniform=False)),
     ("long 128K", 4, 1, 32, 8, 128, 131072, 1, 4, {}),
     ("long 128K", 2, 1, 32, 8, 128, 131072, 1, 4, {}),
 ]
@@ -104,7 +111,7 @@ def main(argv=None):
             "cuda_rel", "cuda_ok", "triton_rel", "triton_ok", "error"]
     fmt = [{k: (f"{v:.2e}" if k.endswith(("_rel", "_max_abs")) and isinstance(v, float) else v) for k, v in r.items()}
            for r in rows]
-    md = ("# CUDA decode kernel vs the torch oracle (float16, uniform grids)\n\n"
+    md = ("# CUDA decode kernel vs the torch oracle (float16; uniform grids unless the case says NormalFloat)\n\n"
           f"Pass: finite and ||out - ref|| / ||ref|| < {REL_TOL}. Failures: {failures}.\n\n" + md_table(fmt, cols))
     print(write_results(args.name, rows, md, repo_and_out=True))
     print("FAILURES:", failures)

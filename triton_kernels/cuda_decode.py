@@ -7,8 +7,9 @@ log-sum-exps as :func:`triton_kernels.decode_attention._packed_decode_kernel`, s
 + exact block) is shared.
 
 What it covers (:func:`cuda_decode_blocker` says why not otherwise): float16 queries, head_dim 128 (or 64 with
-4-bit codes), 2/4-bit keys and values with uniform (affine) signpost grids, ``q_len * group <= 8``, no sliding
-window, 4-byte aligned code rows. The rest takes the Triton kernels.
+4-bit codes), 2/4-bit keys and values (uniform grids folded into scale and zero, other signpost tables gathered
+per code pair from shared memory), up to 2 outlier slots per token, ``q_len * group <= 8``, no sliding window,
+4-byte aligned code rows. The rest takes the Triton kernels.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import warnings
 
 import torch
 
@@ -25,29 +27,33 @@ NUM_WARPS = 4
 TB = 64  # tokens per rotation block (shared R(j) table rows)
 TILE = 16
 
-#: use the CUDA decode kernel by default where it applies (``KVQUANT_CUDA_DECODE=1``; off until checked on a GPU).
-CUDA_DECODE_DEFAULT = os.environ.get("KVQUANT_CUDA_DECODE", "0") == "1"
+#: use the CUDA decode kernel where it applies (``KVQUANT_CUDA_DECODE=0`` in the environment turns it off).
+CUDA_DECODE_DEFAULT = os.environ.get("KVQUANT_CUDA_DECODE", "1") == "1"
 
 
 def source(d: int, kb: int, vb: int, ks: int, vs: int, mr: int, has_hist: bool, len_dev: bool,
-           num_warps: int = NUM_WARPS) -> str:
+           num_warps: int = NUM_WARPS, min_blocks: int = 1, k_lut: bool = False, v_lut: bool = False) -> str:
     """The kernel source with its configuration as ``#define`` lines."""
     with open(_SRC) as fh:
         body = fh.read()
-    defs = dict(D=d, KB=kb, VB=vb, KS=ks, VS=vs, MR=mr, NW=num_warps, HAS_HIST=int(has_hist), LEN_DEV=int(len_dev))
+    defs = dict(D=d, KB=kb, VB=vb, KS=ks, VS=vs, MR=mr, NW=num_warps, HAS_HIST=int(has_hist), LEN_DEV=int(len_dev),
+                MINB=min_blocks, K_LUT=int(k_lut), V_LUT=int(v_lut))
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + body
 
 
-def shared_bytes(d: int, ks: int, mr: int, num_warps: int = NUM_WARPS) -> int:
+def shared_bytes(d: int, ks: int, mr: int, kb: int = 4, vb: int = 4, num_warps: int = NUM_WARPS) -> int:
     """Dynamic shared memory of one CTA (must match the layout in packed_decode.cu)."""
     kr = d // 16
-    perw = 2 * mr * d + mr * TILE + max(ks, 1) * mr * TILE
-    floats = TB * 4 * 3 * kr + mr * d + 2 * d + num_warps * perw + 2 * num_warps * mr
+    perw = 2 * mr * d + mr * TILE + max(ks, 1) * mr * TILE + TILE * (d * kb // 8 + d * vb // 8) // 4
+    floats = TB * 4 * 3 * kr + mr * d + 2 * d + num_warps * perw + 2 * num_warps * mr + 32 + (1 << 2 * kb) + (1 << 2 * vb)
     return 4 * floats
 
 
-def cuda_decode_blocker(query: torch.Tensor, m_rows: int, window, kb: int, vb: int, d: int, kgrid, vgrid) -> str:
+def cuda_decode_blocker(query: torch.Tensor, m_rows: int, window, kb: int, vb: int, d: int, kgrid, vgrid,
+                        k_slots: int = 0, v_slots: int = 0, packed=None) -> str:
     """Why the CUDA decode kernel does not apply ("" when it does)."""
+    if _BROKEN:
+        return f"the CUDA kernel failed to compile or load here ({_BROKEN[0]})"
     if not query.is_cuda:
         return "not a CUDA tensor"
     if query.dtype != torch.float16:
@@ -62,21 +68,30 @@ def cuda_decode_blocker(query: torch.Tensor, m_rows: int, window, kb: int, vb: i
         return f"bits {kb}/{vb} (needs 2 or 4)"
     if d != 128 and not (d == 64 and kb == 4 and vb == 4):
         return f"head_dim {d} with bits {kb}/{vb} (needs 128, or 64 with 4-bit keys and values)"
-    if kgrid is None or vgrid is None:
-        return "non-uniform signpost tables (the CUDA kernel folds uniform grids into scale and zero)"
+    if k_slots > 2 or v_slots > 2:
+        return f"{k_slots}/{v_slots} outlier slots per token (needs <= 2: one lane per token and slot)"
+    if packed is not None:
+        for name in ("k_codes", "k_out_val", "k_out_idx", "v_codes", "v_scale", "v_zero", "v_out_val", "v_out_idx"):
+            t = getattr(packed, name)
+            if t.shape[2] * t.stride(2) >= 2**31:
+                return f"packed.{name} is too long for 32-bit per-token offsets"
     if not hasattr(torch.cuda, "_compile_kernel"):
         return "this PyTorch has no torch.cuda._compile_kernel (NVRTC)"
     return ""
 
 
+_BROKEN: list[str] = []  # the reason, once compiling or loading the kernel failed (then Triton is used)
+
+
 @functools.cache
-def _kernel(device_index: int, d: int, kb: int, vb: int, ks: int, vs: int, mr: int, has_hist: bool, len_dev: bool):
-    src = source(d, kb, vb, ks, vs, mr, has_hist, len_dev)
+def _kernel(device_index: int, d: int, kb: int, vb: int, ks: int, vs: int, mr: int, has_hist: bool, len_dev: bool,
+            k_lut: bool, v_lut: bool):
+    src = source(d, kb, vb, ks, vs, mr, has_hist, len_dev, k_lut=k_lut, v_lut=v_lut)
     with torch.cuda.device(device_index):
         major, minor = torch.cuda.get_device_capability(device_index)
         kern = torch.cuda._compile_kernel(src, KERNEL, compute_capability=f"{major}{minor}",
                                           nvcc_options=["-std=c++17"])
-        smem = shared_bytes(d, ks, mr)
+        smem = shared_bytes(d, ks, mr, kb, vb)
         if smem >= 48 * 1024:
             kern.set_shared_memory_config(smem)
     return kern, smem
@@ -102,11 +117,13 @@ def _launch(kern, grid, block, smem, args, stream) -> None:
 
 
 def packed_decode_cuda(query, packed, kzero, kscale, freq, hist, length: int, length_dev, o_part, lse_part,
-                       num_splits: int, qk_scale: float, kgrid, vgrid) -> None:
+                       num_splits: int, qk_scale: float, kgrid, vgrid, required: bool = False) -> bool:
     """Stage 1 of the decode on tensor cores: fills ``o_part [B, H, num_splits, 16, D]`` and ``lse_part``.
 
     Arguments as prepared by :func:`triton_kernels.decode_attention.packed_attention_triton` (``kzero``/``kscale``
-    float32 ``[H, D]``, ``freq`` float32 ``[D/2]``, ``hist`` int ``[B]`` or None).
+    float32 ``[H, D]``, ``freq`` float32 ``[D/2]``, ``hist`` int ``[B]`` or None). Returns False (nothing written)
+    if the kernel cannot be compiled or loaded on this machine -- with a warning, once; the caller then takes the
+    Triton kernel -- or raises RuntimeError if ``required``.
     """
     bsz, hq, lq, d = query.shape
     h = packed.k_codes.shape[1]
@@ -114,27 +131,52 @@ def packed_decode_cuda(query, packed, kzero, kscale, freq, hist, length: int, le
     mr = group * lq
     ks = packed.k_out_idx.shape[-1]
     vs = packed.v_out_idx.shape[-1]
-    kern, smem = _kernel(query.device.index if query.device.index is not None else torch.cuda.current_device(),
-                         d, packed.key_bits, packed.value_bits, ks, vs, mr, hist is not None, length_dev is not None)
+    try:
+        kern, smem = _kernel(query.device.index if query.device.index is not None else torch.cuda.current_device(),
+                             d, packed.key_bits, packed.value_bits, ks, vs, mr, hist is not None, length_dev is not None,
+                             kgrid is None, vgrid is None)
+    except Exception as exc:  # NVRTC / driver errors come in many types; all mean "use Triton"
+        msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        if required:
+            raise RuntimeError(f"decode_backend='cuda': the CUDA decode kernel could not be built here ({msg}); "
+                               "use decode_backend='triton' (or None).") from exc
+        if not _BROKEN:
+            _BROKEN.append(msg)
+            warnings.warn(f"kvquant_hf: the CUDA decode kernel could not be built ({msg}); using the Triton kernel.",
+                          RuntimeWarning, stacklevel=3)
+        return False
     if hist is not None and hist.dtype != torch.int32:
         hist = hist.to(torch.int32)
+    from .decode_attention import _pair_table
+
     pk = packed
+    dev = query.device
+    klut = pk.k_lut.to(dev, torch.float32).contiguous()
+    vlut = pk.v_lut.to(dev, torch.float32).contiguous()
+    kpair = _pair_table(pk.k_lut.to(dev), pk.key_bits, torch.float16) if kgrid is None else klut
+    vpair = _pair_table(pk.v_lut.to(dev), pk.value_bits, torch.float16) if vgrid is None else vlut
     args = [("p", query), ("p", pk.k_codes), ("p", pk.k_out_val), ("p", pk.k_out_idx), ("p", pk.v_codes),
             ("p", pk.v_scale), ("p", pk.v_zero), ("p", pk.v_out_val), ("p", pk.v_out_idx), ("p", kzero),
             ("p", kscale), ("p", pk.positions), ("p", freq), ("p", hist if hist is not None else pk.positions),
-            ("p", length_dev if length_dev is not None else pk.positions), ("p", o_part), ("p", lse_part),
+            ("p", length_dev if length_dev is not None else pk.positions),
+            ("p", klut), ("p", vlut), ("p", kpair), ("p", vpair), ("p", o_part), ("p", lse_part),
             ("i", length), ("i", h), ("i", num_splits), ("i", group)]
     args += [("q", s) for s in query.stride()[:3]]
     for name in ("k_codes", "k_out_val", "k_out_idx", "v_codes", "v_scale", "v_zero", "v_out_val", "v_out_idx"):
-        args += [("q", s) for s in getattr(pk, name).stride()[:3]]
+        st = getattr(pk, name).stride()
+        args += [("q", st[0]), ("q", st[1]), ("i", st[2])]  # per-token offsets in 32 bits (cuda_decode_blocker)
     args.append(("q", pk.positions.stride(0)))
-    args += [("f", qk_scale), ("f", kgrid[0]), ("f", kgrid[1]), ("f", vgrid[0]), ("f", vgrid[1])]
+    ka, kb_ = kgrid if kgrid is not None else (0.0, 1.0)  # tables: the grid folded into scale/zero, or gathered
+    va, vb_ = vgrid if vgrid is not None else (0.0, 1.0)
+    args += [("f", qk_scale), ("f", ka), ("f", kb_), ("f", va), ("f", vb_)]
     _launch(kern, (bsz * h, num_splits, 1), (NUM_WARPS * 32, 1, 1), smem, args,
             torch.cuda.current_stream(query.device))
+    return True
 
 
 def default_cuda_splits(batch: int, kv_heads: int, length: int, device: torch.device) -> int:
-    """CTAs per (batch, kv head): about four CTAs (16 warps) per SM, each at least 256 tokens."""
+    """CTAs per (batch, kv head): two CTAs per SM (two fit at ~230 registers), each at least 256 tokens. More
+    splits cost more in the merge kernel than they gain (H200, 128K: 33 splits 224 + 12 us, 66: 237 + 29 us)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = -(-4 * sms // max(batch * kv_heads, 1))
+    want = -(-2 * sms // max(batch * kv_heads, 1))
     return int(max(1, min(want, -(-max(length, 1) // 256), 128)))

@@ -1188,7 +1188,8 @@ def packed_attention_triton(
 
             kgrid_c = affine_grid(packed.k_lut)
             vgrid_c = affine_grid(packed.v_lut)
-            why_c = cuda_decode.cuda_decode_blocker(query, m_rows, window, kb, vb, d, kgrid_c, vgrid_c)
+            why_c = cuda_decode.cuda_decode_blocker(query, m_rows, window, kb, vb, d, kgrid_c, vgrid_c, k_slots, v_slots,
+                                                   packed)
             if decode_backend == "cuda" and why_c:
                 raise ValueError(f"decode_backend='cuda' but the CUDA decode kernel does not apply: {why_c}.")
             use_cuda = not why_c and (decode_backend == "cuda" or cuda_decode.CUDA_DECODE_DEFAULT)
@@ -1204,10 +1205,12 @@ def packed_attention_triton(
         hist = hist_start if hist_start is not None else packed.positions
         qpos = q_positions if q_positions is not None else packed.positions
         pk = packed
-        if use_cuda:
-            cuda_decode.packed_decode_cuda(
+        if use_cuda:  # False afterwards only if the kernel could not be compiled here (then Triton below)
+            use_cuda = cuda_decode.packed_decode_cuda(
                 query, packed, kzero, kscale, freq, hist_start, length, length_dev, o_part, lse_part, num_splits,
-                float(scaling * attention_scaling * LOG2E), kgrid_c, vgrid_c)
+                float(scaling * attention_scaling * LOG2E), kgrid_c, vgrid_c, required=decode_backend == "cuda")
+        if use_cuda:
+            _LAST_KERNELS["split"] = None
         elif use_decode:
             klut = packed.k_lut.to(dev, torch.float32).contiguous()
             vlut = packed.v_lut.to(dev, torch.float32).contiguous()

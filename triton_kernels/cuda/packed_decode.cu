@@ -16,6 +16,9 @@
 // Outlier slots are per-token corrections computed by one lane per (token, slot): keys as a score change
 // delta * (R(j)^T qr)[idx], values as p * delta added to a per-warp shared accumulator.
 
+#ifndef MINB
+#define MINB 1
+#endif
 #ifndef D
 #define D 128
 #endif
@@ -33,6 +36,11 @@
 #define VBT (D * VB / 64)          // value bytes per thread (8 threads per token)
 #define VCPB (8 / VB)              // value codes per byte
 #define NMT (D / 16)               // PV m-tiles (16 channels each)
+#define VW ((VBT + 3) / 4)         // value words per thread per token
+#define KROW (D * KB / 8)          // packed key bytes per token
+#define VROW (D * VB / 8)
+#define KSX (KS > 0 ? KS : 1)
+#define VSX (VS > 0 ? VS : 1)
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -78,12 +86,14 @@ __device__ __forceinline__ float key_factor(int r) {
   int q = (r % KR) % KNI;
   return (float)(1 << (KB * (q % KNS)));
 }
+// token (0..15 in the tile) of PV k-index pair i (0..3) of thread tig: 2tig, 2tig+1, 2tig+8, 2tig+9
+__device__ __forceinline__ int tokof(int tig, int i) { return 2 * tig + (i & 1) + 8 * (i >> 1); }
 // value channel of PV A-row ar (0..15) in m-tile mt, for the thread whose gid = ar % 8
 __device__ __forceinline__ int val_channel(int mt, int ar) {
   return (ar % 8) * (D / 8) + 2 * mt + ar / 8;
 }
 
-extern "C" __global__ void __launch_bounds__(NW * 32) kvq_packed_decode(
+extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
     const u16* __restrict__ q,          // fp16 [B, Hq, Lq, D], RoPE applied
     const unsigned char* __restrict__ kc, const u16* __restrict__ kov, const unsigned char* __restrict__ koi,
     const unsigned char* __restrict__ vc, const u16* __restrict__ vsc, const u16* __restrict__ vze,
@@ -91,30 +101,37 @@ extern "C" __global__ void __launch_bounds__(NW * 32) kvq_packed_decode(
     const float* __restrict__ kzero, const float* __restrict__ kscale,  // [H, D]
     const int* __restrict__ pos, const float* __restrict__ inv_freq, const int* __restrict__ hist,
     const int* __restrict__ len_ptr,
+    const float* __restrict__ klut, const float* __restrict__ vlut,  // signposts (float32, 2**bits)
+    const u32* __restrict__ kpair, const u32* __restrict__ vpair,    // half2 pair tables (K_LUT / V_LUT)
     float* __restrict__ o_part, float* __restrict__ lse_part,  // [B, H, NS, 16, D], [B, H, NS, 16]
     int L, int H, int NS, int GROUP,
     long long sqb, long long sqh, long long sql,
-    long long skcb, long long skch, long long skct,
-    long long skvb, long long skvh, long long skvt,
-    long long skib, long long skih, long long skit,
-    long long svcb, long long svch, long long svct,
-    long long svsb, long long svsh, long long svst,
-    long long svzb, long long svzh, long long svzt,
-    long long svvb, long long svvh, long long svvt,
-    long long svib, long long svih, long long svit,
+    long long skcb, long long skch, int skct,
+    long long skvb, long long skvh, int skvt,
+    long long skib, long long skih, int skit,
+    long long svcb, long long svch, int svct,
+    long long svsb, long long svsh, int svst,
+    long long svzb, long long svzh, int svzt,
+    long long svvb, long long svvh, int svvt,
+    long long svib, long long svih, int svit,
     long long spb,
     float qk_scale, float k_a, float k_b, float v_a, float v_b) {
   extern __shared__ float smem[];
   // shared layout: R(j) table [TB][4 tig][3][KR] u32 | q [MR][D] f32 | kz, ks (folded) [D] f32 each |
-  //                per warp: qr [MR][D] f32, corr [MR][D] f32, pst [MR][TILE] f32, kcor [KS][MR][TILE] f32 | wm, wl [NW][MR]
+  //                per warp: qr [MR][D] f32, corr [MR][D] f32, pst [MR][TILE] f32, kcor [KS][MR][TILE] f32,
+  //                kraw [TILE][KROW] u8, vraw [TILE][VROW] u8 | wm, wl [NW][MR]
   u32* rtab = (u32*)smem;
   float* qs = smem + TB * 4 * 3 * KR;
   float* kzs = qs + MR * D;
   float* kss = kzs + D;
   float* wbase = kss + D;
-  const int PERW = 2 * MR * D + MR * TILE + (KS > 0 ? KS : 1) * MR * TILE;
+  const int PERW = 2 * MR * D + MR * TILE + KSX * MR * TILE + TILE * (KROW + VROW) / 4;
   float* wm = wbase + NW * PERW;
   float* wl = wm + NW * MR;
+  float* ktf = wl + NW * MR;  // code -> signpost (affine grids: the code itself; scale/zero carry the grid)
+  float* vtf = ktf + 16;
+  u32* kpt = (u32*)(vtf + 16);  // half2 signposts of code pairs (K_LUT / V_LUT)
+  u32* vpt = kpt + (1 << (2 * KB));
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int gid = lane / 4, tig = lane % 4;
@@ -127,6 +144,8 @@ extern "C" __global__ void __launch_bounds__(NW * 32) kvq_packed_decode(
   float* corr = qr + MR * D;
   float* pst = corr + MR * D;
   float* kcor = pst + MR * TILE;
+  u32* kraw = (u32*)(kcor + KSX * MR * TILE);  // this tile's packed key / value rows (slot lanes read codes here)
+  u32* vraw = kraw + TILE * KROW / 4;
 
   // ---- CTA setup: R(j) table, queries (float32), folded key scale/zero ----
   for (int e = tid; e < TB * 4 * KR; e += NW * 32) {
@@ -150,6 +169,16 @@ extern "C" __global__ void __launch_bounds__(NW * 32) kvq_packed_decode(
     kss[ch] = s * k_b;
   }
   for (int e = lane; e < MR * D; e += 32) corr[e] = 0.f;
+  for (int c = tid; c < 16; c += NW * 32) {
+    ktf[c] = (K_LUT && c < (1 << KB)) ? klut[c] : (float)c;
+    vtf[c] = (V_LUT && c < (1 << VB)) ? vlut[c] : (float)c;
+  }
+#if K_LUT
+  for (int e = tid; e < (1 << (2 * KB)); e += NW * 32) kpt[e] = kpair[e];
+#endif
+#if V_LUT
+  for (int e = tid; e < (1 << (2 * VB)); e += NW * 32) vpt[e] = vpair[e];
+#endif
   __syncthreads();
 
   // folded key scale/zero of this thread's registers (half2) and the code factors
@@ -187,26 +216,67 @@ extern "C" __global__ void __launch_bounds__(NW * 32) kvq_packed_decode(
 #pragma unroll
   for (int i = 0; i < NMT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 
+  // ---- one tile's raw data, loaded one tile ahead (registers) ----
+  const int su = lane % TILE, ss = lane / TILE;  // this lane's (token, slot) in the slot corrections
+  u32 kwN[2][2][KWT], vwN[4][VW];
+  u16 vsN[4], vzN[4];
+  int kiN[KSX], viN[VSX];
+  u16 kvN = 0, vvN = 0, vs1N = 0, vz1N = 0;
+  auto load_tile = [&](int t0) {
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      const unsigned char* row = kcb + min(t0 + nt * 8 + gid, whi - 1) * skct;
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+        for (int j = 0; j < KWT; ++j) kwN[nt][hf][j] = *(const u32*)(row + hf * (HALF * KB / 8) + (tig * KWT + j) * 4);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int tt = min(t0 + tokof(tig, i), whi - 1);
+      const unsigned char* row = vcb + tt * svct + gid * VBT;
+#pragma unroll
+      for (int j = 0; j < VW; ++j) vwN[i][j] = *(const u32*)(row + 4 * j);
+      vsN[i] = vsb[tt * svst];
+      vzN[i] = vzb[tt * svzt];
+    }
+    const int ts = min(t0 + su, whi - 1);
+#pragma unroll
+    for (int s2 = 0; s2 < KSX; ++s2) kiN[s2] = KS > 0 ? (int)koib[ts * skit + s2] : 255;
+#pragma unroll
+    for (int s2 = 0; s2 < VSX; ++s2) viN[s2] = VS > 0 ? (int)voib[ts * svit + s2] : 255;
+    if (ss < KS) kvN = kovb[ts * skvt + ss];
+    if (ss < VS) { vvN = vovb[ts * svvt + ss]; vs1N = vsb[ts * svst]; vz1N = vzb[ts * svzt]; }
+  };
+  int pN[2];
+  auto load_pos = [&](int blk) {
+    pN[0] = posb[min(blk + lane, whi - 1)];
+    pN[1] = posb[min(blk + 32 + lane, whi - 1)];
+  };
+  if (wlo < whi) { load_tile(wlo); load_pos(wlo); }
+
   for (int blk = wlo; blk < whi; blk += TB) {
     // positions: consecutive from P in this block (mode A) or not (mode B: per-token angles, qr = q)
+    const int pC[2] = {pN[0], pN[1]};
+    if (blk + TB < whi) load_pos(blk + TB);
     int P = 0x7fffffff;
-    bool okA = true;
-    for (int u = lane; u < TB; u += 32) {
-      int t = blk + u;
-      bool valid = t < whi && t >= vis;
-      int pp = valid ? posb[t] - u : 0x7fffffff;
-      P = min(P, pp);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int u = lane + 32 * i, t = blk + u;
+      if (t < whi && t >= vis) P = min(P, pC[i] - u);
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) P = min(P, __shfl_xor_sync(0xffffffffu, P, o));
-    for (int u = lane; u < TB; u += 32) {
-      int t = blk + u;
-      bool valid = t < whi && t >= vis;
-      if (valid && posb[t] - u != P) okA = false;
+    bool okA = true;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int u = lane + 32 * i, t = blk + u;
+      if (t < whi && t >= vis && pC[i] - u != P) okA = false;
     }
     const bool modeA = __all_sync(0xffffffffu, okA);
     if (!modeA) P = 0;
     // qr = R(P)^T q, float32, rows < MR
+    __syncwarp();
     for (int e = lane; e < MR * HALF; e += 32) {
       int m = e / HALF, i = e % HALF;
       float c = 1.f, s = 0.f;
@@ -226,20 +296,48 @@ extern "C" __global__ void __launch_bounds__(NW * 32) kvq_packed_decode(
 
     for (int t0 = blk; t0 < min(blk + TB, whi); t0 += TILE) {
       const int jb = t0 - blk;
+      // this tile's data (loaded one tile ahead), then the next tile's loads
+      u32 kw[2][2][KWT], vw[4][VW];
+      u16 vsC[4], vzC[4];
+      int ki[KSX], vi[VSX];
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+          for (int j = 0; j < KWT; ++j) kw[nt][hf][j] = kwN[nt][hf][j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int j = 0; j < VW; ++j) vw[i][j] = vwN[i][j];
+        vsC[i] = vsN[i]; vzC[i] = vzN[i];
+      }
+#pragma unroll
+      for (int s2 = 0; s2 < KSX; ++s2) ki[s2] = kiN[s2];
+#pragma unroll
+      for (int s2 = 0; s2 < VSX; ++s2) vi[s2] = viN[s2];
+      const u16 kv1 = kvN, vv1 = vvN, vs1 = vs1N, vz1 = vz1N;
+      if (t0 + TILE < whi) load_tile(t0 + TILE);
+#if KS > 0 || VS > 0
+      __syncwarp();  // the previous tile's slot lanes are done with kraw / vraw
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+          for (int j = 0; j < KWT; ++j)
+            kraw[(nt * 8 + gid) * (KROW / 4) + hf * (HALF * KB / 32) + tig * KWT + j] = kw[nt][hf][j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < VW; ++j) vraw[tokof(tig, i) * (VROW / 4) + gid * (VBT / 4) + j] = vw[i][j];
+#endif
       // ---------------- scores ----------------
       float sc[2][4];
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
         sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
         const int u = nt * 8 + gid;  // token of this thread within the tile
-        const int t = min(t0 + u, whi - 1);
-        const unsigned char* row = kcb + t * skct;
-        u32 w[2][KWT];
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf)
-#pragma unroll
-          for (int j = 0; j < KWT; ++j)
-            w[hf][j] = *(const u32*)(row + hf * (HALF * KB / 8) + (tig * KWT + j) * 4);
         // cos / sin / -sin of this token (table in mode A, direct in mode B)
         u32 C[KR], S[KR], NSn[KR];
         if (modeA) {
@@ -247,7 +345,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32) kvq_packed_decode(
 #pragma unroll
           for (int r = 0; r < KR; ++r) { C[r] = tr[r]; S[r] = tr[KR + r]; NSn[r] = tr[2 * KR + r]; }
         } else {
-          float pt = (float)posb[t];
+          float pt = (float)posb[min(t0 + u, whi - 1)];
 #pragma unroll
           for (int r = 0; r < KR; ++r) {
             float c0, s0, c1, s1;
@@ -262,10 +360,15 @@ extern "C" __global__ void __launch_bounds__(NW * 32) kvq_packed_decode(
           const int hf = r / KR, rr = r % KR, j = rr / KNI, qq = rr % KNI;
           const int shift = KB * KNS * (qq / KNS);
           const u32 mask = (((1u << KB) - 1u) << (KB * (qq % KNS))) * 0x10001u;
-          u32 x = ((w[hf][j] >> shift) & mask) | MAGIC;
+#if K_LUT
+          const u32 y = (kw[nt][hf][j] >> (KB * qq)) & (((1u << KB) - 1u) * 0x10001u);
+          const u32 x = kpt[(y & ((1u << KB) - 1u)) | (y >> (16 - KB))];  // signposts of codes qq, qq + KNI
+#else
+          u32 x = ((kw[nt][hf][j] >> shift) & mask) | MAGIC;
           const float f = (float)(1 << (KB * (qq % KNS)));
           const u32 inv = hh(f2h2(1.f / f, 0.f)), off = hh(f2h2(-1024.f / f, 0.f));
           x = hfma2(x, inv, off);              // the code, exactly
+#endif
           kreg[r] = hfma2(x, KS2[r], KZ2[r]);  // pre-RoPE key
         }
 #pragma unroll
@@ -280,26 +383,26 @@ extern "C" __global__ void __launch_bounds__(NW * 32) kvq_packed_decode(
       }
       // ---------------- key outlier slots: score corrections ----------------
 #if KS > 0
-      for (int e = lane; e < TILE * KS; e += 32) {
-        const int u = e % TILE, s = e / TILE, t = t0 + u;
+      __syncwarp();
+      if (ss < KS) {
+        const int u = su, s = ss, t = t0 + u;
         const bool valid = t < whi && t >= vis;
-        const int tt = min(t, whi - 1);
-        int idx = valid ? (int)koib[tt * skit + s] : 255;
+        int idx = valid ? ki[s] : 255;
 #pragma unroll
-        for (int s2 = 0; s2 < KS; ++s2)
-          if (s2 > s && (int)koib[tt * skit + s2] == idx) idx = 255;
+        for (int s2 = 0; s2 < KSX; ++s2)
+          if (s2 > s && ki[s2] == idx) idx = 255;
         float cm[MR];
 #pragma unroll
         for (int m = 0; m < MR; ++m) cm[m] = 0.f;
         if (idx < D) {
           const int bit = idx * KB;
-          const int code = (kcb[tt * skct + bit / 8] >> (bit % 8)) & ((1 << KB) - 1);
-          const float deq = (float)code * kss[idx] + kzs[idx];
-          const float delta = h2f(kovb[tt * skvt + s]) - deq;
+          const int code = (((const unsigned char*)kraw)[u * KROW + bit / 8] >> (bit % 8)) & ((1 << KB) - 1);
+          const float deq = ktf[code] * kss[idx] + kzs[idx];
+          const float delta = h2f(kv1) - deq;
           const int fi = idx % HALF;
           float c, sn;
           if (modeA) cos_sin((float)(jb + u) * inv_freq[fi], &c, &sn);
-          else cos_sin((float)posb[tt] * inv_freq[fi], &c, &sn);
+          else cos_sin((float)posb[min(t, whi - 1)] * inv_freq[fi], &c, &sn);
 #pragma unroll
           for (int m = 0; m < MR; ++m) {
             const float qa = qr[m * D + fi], qb = qr[m * D + HALF + fi];
@@ -321,11 +424,10 @@ extern "C" __global__ void __launch_bounds__(NW * 32) kvq_packed_decode(
 #endif
       // ---------------- online softmax (row gid; log2 domain) ----------------
       float sv[4] = {sc[0][0], sc[0][1], sc[1][0], sc[1][1]};
-      const int tok[4] = {2 * tig, 2 * tig + 1, 8 + 2 * tig, 9 + 2 * tig};
       float tmax = NEG_BIG;
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const int t = t0 + tok[i];
+        const int t = t0 + tokof(tig, i);
         sv[i] = (t < whi && t >= vis && gid < MR) ? sv[i] * qk_scale : __int_as_float(0xff800000);
         tmax = fmaxf(tmax, sv[i]);
       }
@@ -350,24 +452,20 @@ extern "C" __global__ void __launch_bounds__(NW * 32) kvq_packed_decode(
           if (am != 1.f)
             for (int ch = lane; ch < D; ch += 32) corr[m * D + ch] *= am;
         }
+        __syncwarp();
 #endif
       }
       // ---------------- values ----------------
       // P^T as B operand: (tokens 2tig, 2tig+1 ; row gid), (tokens 2tig+8, 2tig+9 ; row gid)
       const u32 pb0 = f2h2(p[0], p[1]), pb1 = f2h2(p[2], p[3]);
-      u32 vw[4][(VBT + 3) / 4];
       u32 SC[2], ZE[2];
       {
         float scl[4], zer[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          const int t = t0 + tok[i];
+          const int t = t0 + tokof(tig, i);
           const bool valid = t < whi && t >= vis;
-          const int tt = min(t, whi - 1);
-          const unsigned char* row = vcb + tt * svct + gid * VBT;
-#pragma unroll
-          for (int j = 0; j < (VBT + 3) / 4; ++j) vw[i][j] = *(const u32*)(row + 4 * j);
-          const float s = fmaxf(h2f(vsb[tt * svst]), MIN_SCALE), z = h2f(vzb[tt * svzt]);
+          const float s = fmaxf(h2f(vsC[i]), MIN_SCALE), z = h2f(vzC[i]);
           scl[i] = valid ? s * v_b : 0.f;
           zer[i] = valid ? z + v_a * s : 0.f;
         }
@@ -385,37 +483,40 @@ extern "C" __global__ void __launch_bounds__(NW * 32) kvq_packed_decode(
             const int byte = cl / VCPB, pos_in = cl % VCPB;
             const u32 sel = (byte % 4) | ((byte % 4) << 4) | ((4 + byte % 4) << 8) | ((4 + byte % 4) << 12);
             const u32 pr = __byte_perm(vw[2 * half][byte / 4], vw[2 * half + 1][byte / 4], sel);
+#if V_LUT
+            const u32 y = (pr >> (VB * pos_in)) & (((1u << VB) - 1u) * 0x10001u);
+            const u32 x = vpt[(y & ((1u << VB) - 1u)) | (y >> (16 - VB))];
+#else
             const u32 mask = (((1u << VB) - 1u) << (VB * pos_in)) * 0x10001u;
             u32 x = (pr & mask) | MAGIC;
             const float f = (float)(1 << (VB * pos_in));
             x = hfma2(x, hh(f2h2(1.f / f, 0.f)), hh(f2h2(-1024.f / f, 0.f)));
+#endif
             a[2 * half + rsel] = hfma2(x, SC[half], ZE[half]);
           }
         }
-        // a[0] = (row gid: cl 2mt, tokens pair 0), a[1] = (row gid+8: cl 2mt+1, pair 0), a[2], a[3] pair 1
         mma16816(acc[mt], a[0], a[1], a[2], a[3], pb0, pb1);
       }
       // ---------------- value outlier slots: p * (val - deq) into corr ----------------
 #if VS > 0
       if (gid < MR) {
-        pst[gid * TILE + tok[0]] = p[0]; pst[gid * TILE + tok[1]] = p[1];
-        pst[gid * TILE + tok[2]] = p[2]; pst[gid * TILE + tok[3]] = p[3];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) pst[gid * TILE + tokof(tig, i)] = p[i];
       }
       __syncwarp();
-      for (int e = lane; e < TILE * VS; e += 32) {
-        const int u = e % TILE, s = e / TILE, t = t0 + u;
+      if (ss < VS) {
+        const int u = su, s = ss, t = t0 + u;
         const bool valid = t < whi && t >= vis;
-        const int tt = min(t, whi - 1);
-        int idx = valid ? (int)voib[tt * svit + s] : 255;
+        int idx = valid ? vi[s] : 255;
 #pragma unroll
-        for (int s2 = 0; s2 < VS; ++s2)
-          if (s2 > s && (int)voib[tt * svit + s2] == idx) idx = 255;
+        for (int s2 = 0; s2 < VSX; ++s2)
+          if (s2 > s && vi[s2] == idx) idx = 255;
         if (idx < D) {
           const int bit = idx * VB;
-          const int code = (vcb[tt * svct + bit / 8] >> (bit % 8)) & ((1 << VB) - 1);
-          const float s0 = fmaxf(h2f(vsb[tt * svst]), MIN_SCALE);
-          const float deq = (float)code * (s0 * v_b) + (h2f(vzb[tt * svzt]) + v_a * s0);
-          const float delta = h2f(vovb[tt * svvt + s]) - deq;
+          const int code = (((const unsigned char*)vraw)[u * VROW + bit / 8] >> (bit % 8)) & ((1 << VB) - 1);
+          const float s0 = fmaxf(h2f(vs1), MIN_SCALE);
+          const float deq = vtf[code] * (s0 * v_b) + (h2f(vz1) + v_a * s0);
+          const float delta = h2f(vv1) - deq;
 #pragma unroll
           for (int m = 0; m < MR; ++m) atomicAdd(&corr[m * D + idx], pst[m * TILE + u] * delta);
         }
