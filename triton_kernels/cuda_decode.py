@@ -49,17 +49,15 @@ def shared_bytes(d: int, ks: int, mr: int, kb: int = 4, vb: int = 4, num_warps: 
     return 4 * floats
 
 
-def cuda_decode_blocker(query: torch.Tensor, m_rows: int, window, kb: int, vb: int, d: int, kgrid, vgrid,
-                        k_slots: int = 0, v_slots: int = 0, packed=None) -> str:
-    """Why the CUDA decode kernel does not apply ("" when it does)."""
-    if _BROKEN:
-        return f"the CUDA kernel failed to compile or load here ({_BROKEN[0]})"
-    if not query.is_cuda:
-        return "not a CUDA tensor"
+_BROKEN: list[str] = []  # the reason, once compiling or loading the kernel failed (then Triton is used)
+
+
+def cuda_decode_blocker(query: torch.Tensor, m_rows: int, window, kb: int, vb: int, d: int, k_slots: int = 0,
+                        v_slots: int = 0, packed=None) -> str:
+    """Why the CUDA decode kernel does not apply ("" when it does). The shape/format checks come first (they run
+    anywhere); the device checks last."""
     if query.dtype != torch.float16:
         return f"query dtype {query.dtype} (needs float16)"
-    if torch.cuda.get_device_capability(query.device) < (8, 0):
-        return "needs compute capability 8.0+ (mma.sync m16n8k16)"
     if m_rows > 8:
         return f"{m_rows} query rows per kv head (needs q_len * group <= 8)"
     if window is not None:
@@ -75,12 +73,15 @@ def cuda_decode_blocker(query: torch.Tensor, m_rows: int, window, kb: int, vb: i
             t = getattr(packed, name)
             if t.shape[2] * t.stride(2) >= 2**31:
                 return f"packed.{name} is too long for 32-bit per-token offsets"
+    if not query.is_cuda:
+        return "not a CUDA tensor"
+    if _BROKEN:
+        return f"the CUDA kernel failed to compile or load here ({_BROKEN[0]})"
+    if torch.cuda.get_device_capability(query.device) < (8, 0):
+        return "needs compute capability 8.0+ (mma.sync m16n8k16)"
     if not hasattr(torch.cuda, "_compile_kernel"):
         return "this PyTorch has no torch.cuda._compile_kernel (NVRTC)"
     return ""
-
-
-_BROKEN: list[str] = []  # the reason, once compiling or loading the kernel failed (then Triton is used)
 
 
 @functools.cache

@@ -1188,8 +1188,7 @@ def packed_attention_triton(
 
             kgrid_c = affine_grid(packed.k_lut)
             vgrid_c = affine_grid(packed.v_lut)
-            why_c = cuda_decode.cuda_decode_blocker(query, m_rows, window, kb, vb, d, kgrid_c, vgrid_c, k_slots, v_slots,
-                                                   packed)
+            why_c = cuda_decode.cuda_decode_blocker(query, m_rows, window, kb, vb, d, k_slots, v_slots, packed)
             if decode_backend == "cuda" and why_c:
                 raise ValueError(f"decode_backend='cuda' but the CUDA decode kernel does not apply: {why_c}.")
             use_cuda = not why_c and (decode_backend == "cuda" or cuda_decode.CUDA_DECODE_DEFAULT)

@@ -1,0 +1,111 @@
+"""The CUDA decode kernel's host side (CI has no GPU): dispatch rules, errors, source configuration, and -- where an
+NVRTC library is given (``KVQUANT_NVRTC_LIB``) -- that every supported configuration compiles for sm_90 without
+register spills. The kernel's numerics are checked on a GPU by ``benchmarks/check_cuda_decode.py``."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+
+import pytest
+import torch
+
+from triton_kernels import cuda_decode
+from triton_kernels.decode_attention import packed_attention_triton
+
+from test_triton_kernels import _inv_freq, _make_packed
+
+
+def _q(dtype=torch.float16, d=128):
+    return torch.zeros(1, 4, 1, d, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "kw,needle",
+    [
+        (dict(query=_q(torch.bfloat16)), "needs float16"),
+        (dict(m_rows=9), "q_len * group <= 8"),
+        (dict(window=128), "sliding window"),
+        (dict(kb=3), "bits 3/4"),
+        (dict(query=_q(d=64), d=64, vb=2), "head_dim 64 with bits 4/2"),
+        (dict(k_slots=3), "3/2 outlier slots"),
+        (dict(), "not a CUDA tensor"),  # every format check passes; the device check is last
+    ],
+)
+def test_blocker_names_the_reason(kw, needle):
+    args = dict(query=_q(), m_rows=4, window=None, kb=4, vb=4, d=128, k_slots=2, v_slots=2)
+    args.update(kw)
+    assert needle in cuda_decode.cuda_decode_blocker(**args)
+
+
+def test_decode_backend_errors_on_cpu():
+    p = _make_packed(1, 2, 40, 128, 4, 4, 2, torch.float16, seed=0)
+    q = torch.randn(1, 8, 1, 128).half()
+    ek = torch.randn(1, 2, 1, 128).half()
+    kw = dict(scaling=0.1, inv_freq=_inv_freq(128))
+    with pytest.raises(ValueError, match="CUDA decode kernel does not apply: not a CUDA tensor"):
+        packed_attention_triton(q, p, ek, ek, None, decode_backend="cuda", **kw)
+    with pytest.raises(ValueError, match="decode_backend='gpu' must be None, 'cuda' or 'triton'"):
+        packed_attention_triton(q, p, ek, ek, None, decode_backend="gpu", **kw)
+    p32 = _make_packed(1, 2, 40, 128, 4, 4, 2, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="decode fast path does not apply"):
+        packed_attention_triton(q.float(), p32, ek.float(), ek.float(), None, decode_backend="cuda", **kw)
+
+
+def test_source_carries_the_configuration():
+    src = cuda_decode.source(128, 4, 2, 2, 1, 4, True, False, k_lut=True, v_lut=False)
+    for line in ("#define D 128", "#define KB 4", "#define VB 2", "#define KS 2", "#define VS 1", "#define MR 4",
+                 "#define HAS_HIST 1", "#define LEN_DEV 0", "#define K_LUT 1", "#define V_LUT 0"):
+        assert line in src
+    assert 'extern "C" __global__' in src and cuda_decode.KERNEL in src
+
+
+def test_shared_memory_layout_size():
+    """shared_bytes must match the kernel's layout: recompute it from the layout comment's pieces."""
+    d, ks, mr, kb, vb, nw = 128, 2, 4, 4, 2, cuda_decode.NUM_WARPS
+    kr, tile, tb = d // 16, cuda_decode.TILE, cuda_decode.TB
+    perw = 2 * mr * d + mr * tile + ks * mr * tile + tile * (d * kb // 8 + d * vb // 8) // 4
+    words = tb * 4 * 3 * kr + mr * d + 2 * d + nw * perw + 2 * nw * mr + 32 + 2 ** (2 * kb) + 2 ** (2 * vb)
+    assert cuda_decode.shared_bytes(d, ks, mr, kb, vb) == 4 * words
+    assert cuda_decode.shared_bytes(128, 2, 8, 4, 4) < 227 * 1024  # the largest config fits an H100/H200 SM
+    src = open(cuda_decode._SRC).read()
+    assert "const int PERW = 2 * MR * D + MR * TILE + KSX * MR * TILE + TILE * (KROW + VROW) / 4;" in src
+
+
+NVRTC = os.environ.get("KVQUANT_NVRTC_LIB")
+
+
+@pytest.mark.skipif(not NVRTC, reason="set KVQUANT_NVRTC_LIB to a libnvrtc.so (pip nvidia-cuda-nvrtc) to compile")
+@pytest.mark.parametrize("cfg", [
+    dict(d=128, kb=4, vb=4, ks=2, vs=2, mr=4, has_hist=False, len_dev=True),
+    dict(d=128, kb=2, vb=2, ks=2, vs=2, mr=4, has_hist=True, len_dev=False, k_lut=True, v_lut=True),
+    dict(d=128, kb=4, vb=2, ks=0, vs=0, mr=8, has_hist=False, len_dev=False),
+    dict(d=64, kb=4, vb=4, ks=1, vs=1, mr=3, has_hist=True, len_dev=False, k_lut=True),
+])
+def test_kernel_compiles_for_sm90(cfg, tmp_path):
+    lib = ctypes.CDLL(NVRTC)
+    src = cuda_decode.source(**cfg).encode()
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"packed_decode.cu", 0, None, None) == 0
+    opts = [b"--gpu-architecture=sm_90", b"-std=c++17"]
+    res = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    n = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
+    log = ctypes.create_string_buffer(n.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    assert res == 0, log.value.decode()
+    lib.nvrtcGetCUBINSize(prog, ctypes.byref(n))
+    cubin = ctypes.create_string_buffer(n.value)
+    lib.nvrtcGetCUBIN(prog, cubin)
+    path = tmp_path / "k.cubin"
+    path.write_bytes(cubin.raw)
+    import subprocess
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    usage = subprocess.run([tool, "--dump-resource-usage", str(path)], capture_output=True, text=True).stdout
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
+    assert regs <= 255 and local == 0, usage
