@@ -10,11 +10,10 @@ import re
 
 import pytest
 import torch
+from test_triton_kernels import _inv_freq, _make_packed
 
 from triton_kernels import cuda_decode
 from triton_kernels.decode_attention import packed_attention_triton
-
-from test_triton_kernels import _inv_freq, _make_packed
 
 
 def _q(dtype=torch.float16, d=128):
@@ -69,7 +68,8 @@ def test_shared_memory_layout_size():
     words = tb * 4 * 3 * kr + mr * d + 2 * d + nw * perw + 2 * nw * mr + 32 + 2 ** (2 * kb) + 2 ** (2 * vb)
     assert cuda_decode.shared_bytes(d, ks, mr, kb, vb) == 4 * words
     assert cuda_decode.shared_bytes(128, 2, 8, 4, 4) < 227 * 1024  # the largest config fits an H100/H200 SM
-    src = open(cuda_decode._SRC).read()
+    with open(cuda_decode._SRC) as fh:
+        src = fh.read()
     assert "const int PERW = 2 * MR * D + MR * TILE + KSX * MR * TILE + TILE * (KROW + VROW) / 4;" in src
 
 
@@ -105,7 +105,8 @@ def test_kernel_compiles_for_sm90(cfg, tmp_path):
     import triton
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    usage = subprocess.run([tool, "--dump-resource-usage", str(path)], capture_output=True, text=True).stdout
+    usage = subprocess.run([tool, "--dump-resource-usage", str(path)], capture_output=True, text=True,
+                           check=True).stdout
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
     local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
     assert regs <= 255 and local == 0, usage
