@@ -31,6 +31,15 @@ TILE = 16
 CUDA_DECODE_DEFAULT = os.environ.get("KVQUANT_CUDA_DECODE", "1") == "1"
 
 
+def extra_defines() -> dict[str, int]:
+    """Kernel variants for benchmarks: ``KVQUANT_CUDA_DEFINES="TB=128 KSMEM=0"`` overrides the #defines."""
+    out = {}
+    for item in os.environ.get("KVQUANT_CUDA_DEFINES", "").split():
+        k, _, v = item.partition("=")
+        out[k] = int(v)
+    return out
+
+
 def source(d: int, kb: int, vb: int, ks: int, vs: int, mr: int, has_hist: bool, len_dev: bool,
            num_warps: int = NUM_WARPS, min_blocks: int = 1, k_lut: bool = False, v_lut: bool = False) -> str:
     """The kernel source with its configuration as ``#define`` lines."""
@@ -38,14 +47,18 @@ def source(d: int, kb: int, vb: int, ks: int, vs: int, mr: int, has_hist: bool, 
         body = fh.read()
     defs = dict(D=d, KB=kb, VB=vb, KS=ks, VS=vs, MR=mr, NW=num_warps, HAS_HIST=int(has_hist), LEN_DEV=int(len_dev),
                 MINB=min_blocks, K_LUT=int(k_lut), V_LUT=int(v_lut))
+    defs.update(extra_defines())
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + body
 
 
 def shared_bytes(d: int, ks: int, mr: int, kb: int = 4, vb: int = 4, num_warps: int = NUM_WARPS) -> int:
     """Dynamic shared memory of one CTA (must match the layout in packed_decode.cu)."""
     kr = d // 16
+    tb = extra_defines().get("TB", TB)
+    num_warps = extra_defines().get("NW", num_warps)
     perw = 2 * mr * d + mr * TILE + max(ks, 1) * mr * TILE + TILE * (d * kb // 8 + d * vb // 8) // 4
-    floats = TB * 4 * 3 * kr + mr * d + 2 * d + num_warps * perw + 2 * num_warps * mr + 32 + (1 << 2 * kb) + (1 << 2 * vb)
+    floats = (tb * 4 * 3 * kr + mr * d + 2 * d + num_warps * perw + 2 * num_warps * mr + 32 + (1 << 2 * kb)
+              + (1 << 2 * vb) + 16 * kr)
     return 4 * floats
 
 
@@ -86,7 +99,7 @@ def cuda_decode_blocker(query: torch.Tensor, m_rows: int, window, kb: int, vb: i
 
 @functools.cache
 def _kernel(device_index: int, d: int, kb: int, vb: int, ks: int, vs: int, mr: int, has_hist: bool, len_dev: bool,
-            k_lut: bool, v_lut: bool):
+            k_lut: bool, v_lut: bool, extra: tuple = ()):
     src = source(d, kb, vb, ks, vs, mr, has_hist, len_dev, k_lut=k_lut, v_lut=v_lut)
     with torch.cuda.device(device_index):
         major, minor = torch.cuda.get_device_capability(device_index)
@@ -135,7 +148,7 @@ def packed_decode_cuda(query, packed, kzero, kscale, freq, hist, length: int, le
     try:
         kern, smem = _kernel(query.device.index if query.device.index is not None else torch.cuda.current_device(),
                              d, packed.key_bits, packed.value_bits, ks, vs, mr, hist is not None, length_dev is not None,
-                             kgrid is None, vgrid is None)
+                             kgrid is None, vgrid is None, tuple(sorted(extra_defines().items())))
     except Exception as exc:  # NVRTC / driver errors come in many types; all mean "use Triton"
         msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         if required:
@@ -170,7 +183,7 @@ def packed_decode_cuda(query, packed, kzero, kscale, freq, hist, length: int, le
     ka, kb_ = kgrid if kgrid is not None else (0.0, 1.0)  # tables: the grid folded into scale/zero, or gathered
     va, vb_ = vgrid if vgrid is not None else (0.0, 1.0)
     args += [("f", qk_scale), ("f", ka), ("f", kb_), ("f", va), ("f", vb_)]
-    _launch(kern, (bsz * h, num_splits, 1), (NUM_WARPS * 32, 1, 1), smem, args,
+    _launch(kern, (bsz * h, num_splits, 1), (extra_defines().get("NW", NUM_WARPS) * 32, 1, 1), smem, args,
             torch.cuda.current_stream(query.device))
     return True
 
