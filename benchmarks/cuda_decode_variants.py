@@ -24,7 +24,7 @@ from triton_kernels.decode_attention import packed_attention_triton
 
 def main(argv=None):
     variants = (argv if argv is not None else sys.argv[1:]) or [""]
-    length = int(os.environ.get("CTX", 131072))
+    length = int(os.environ.get("CTX", "131072"))
     q = torch.randn(1, da.HQ, 1, da.D, dtype=torch.float16, device="cuda")
     ek = torch.randn(1, da.H, da.SINK + 1, da.D, dtype=torch.float16, device="cuda")
     freq = da.inv_freq()
@@ -38,7 +38,7 @@ def main(argv=None):
         os.environ["KVQUANT_CUDA_DEFINES"] = var
         row = {"variant": var or "default"}
         for (lut, bits), p in caches.items():
-            fn = lambda p=p: packed_attention_triton(q, p, ek, ek, None, scaling=da.D ** -0.5, inv_freq=freq,  # noqa: E731
+            fn = lambda p=p: packed_attention_triton(q, p, ek, ek, None, scaling=da.D ** -0.5, inv_freq=freq,
                                                     decode_backend="cuda")
             fn()
             row[f"{lut} nuq{bits}"] = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3
