@@ -27,10 +27,10 @@
 #define TB 64          // tokens per rotation block
 #endif
 #ifndef KSMEM
-#define KSMEM 1        // key scale/zero half2 pairs read from shared memory per token (fewer registers)
+#define KSMEM 0        // 1: key scale/zero half2 read from shared memory per token (H200: slower, 272 vs 248 us)
 #endif
 #ifndef KCOS_TAB
-#define KCOS_TAB 1     // key-slot cos/sin from the R(j) table (mode A) instead of MUFU
+#define KCOS_TAB 0     // 1: key-slot cos/sin from the R(j) table instead of MUFU (H200: no gain)
 #endif
 #define TILE 16        // tokens per MMA tile
 #define NEG_BIG (-1.0e30f)
@@ -352,6 +352,71 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       for (int i = 0; i < 4; ++i)
 #pragma unroll
         for (int j = 0; j < VW; ++j) vraw[tokof(tig, i) * (VROW / 4) + gid * (VBT / 4) + j] = vw[i][j];
+      __syncwarp();  // kraw / vraw visible to the slot lanes
+#endif
+      // ---------------- outlier slots, the parts that do not need the scores (overlap the MMAs) ----------------
+      // keys: one lane per (token, slot) computes delta * (R(j)^T qr)[idx] for every row into kcor
+#if KS > 0
+      if (ss < KS) {
+        const int u = su, s = ss, t = t0 + u;
+        const bool valid = t < whi && t >= vis;
+        int idx = valid ? ki[s] : 255;
+#pragma unroll
+        for (int s2 = 0; s2 < KSX; ++s2)
+          if (s2 > s && ki[s2] == idx) idx = 255;
+        float cm[MR];
+#pragma unroll
+        for (int m = 0; m < MR; ++m) cm[m] = 0.f;
+        if (idx < D) {
+          const int bit = idx * KB;
+          const int code = (((const unsigned char*)kraw)[u * KROW + bit / 8] >> (bit % 8)) & ((1 << KB) - 1);
+          const float deq = ktf[code] * kss[idx] + kzs[idx];
+          const float delta = h2f(kv1) - deq;
+          const int fi = idx % HALF;
+          float c, sn;
+          if (modeA) {
+#if KCOS_TAB
+            // the R(j) table entry of channel fi: invert key_channel (first RoPE half)
+            const int tf = fi / (HALF / 4), rem = fi % (HALF / 4);
+            const int jw = rem / KCPW, l = (rem % KCPW) / KNI, qf = (rem % KCPW) % KNI;
+            const u32* tr = rtab + ((jb + u) * 4 + tf) * 3 * KR + jw * KNI + qf;
+            c = h2f((u16)(tr[0] >> (16 * l)));
+            sn = h2f((u16)(tr[KR] >> (16 * l)));
+#else
+            cos_sin((float)(jb + u) * inv_freq[fi], &c, &sn);
+#endif
+          } else {
+            cos_sin((float)posb[min(t, whi - 1)] * inv_freq[fi], &c, &sn);
+          }
+#pragma unroll
+          for (int m = 0; m < MR; ++m) {
+            const float qa = qr[m * D + fi], qb = qr[m * D + HALF + fi];
+            cm[m] = delta * (idx < HALF ? qa * c + qb * sn : qb * c - qa * sn);
+          }
+        }
+#pragma unroll
+        for (int m = 0; m < MR; ++m) kcor[(s * MR + m) * TILE + u] = cm[m];
+      }
+#endif
+      // values: this lane's (token, slot) channel and val - deq; p * delta is added after the softmax
+      int vidx = 255;
+      float vdelta = 0.f;
+#if VS > 0
+      if (ss < VS) {
+        const int t = t0 + su;
+        const bool valid = t < whi && t >= vis;
+        vidx = valid ? vi[ss] : 255;
+#pragma unroll
+        for (int s2 = 0; s2 < VSX; ++s2)
+          if (s2 > ss && vi[s2] == vidx) vidx = 255;
+        if (vidx < D) {
+          const int bit = vidx * VB;
+          const int code = (((const unsigned char*)vraw)[su * VROW + bit / 8] >> (bit % 8)) & ((1 << VB) - 1);
+          const float s0 = fmaxf(h2f(vs1), MIN_SCALE);
+          const float deq = vtf[code] * (s0 * v_b) + (h2f(vz1) + v_a * s0);
+          vdelta = h2f(vv1) - deq;
+        }
+      }
 #endif
       // ---------------- scores ----------------
       float sc[2][4];
@@ -402,49 +467,8 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
         for (int s = 0; s < KR; ++s)  // k-slices: registers (2s, 2s+1)
           mma16816(sc[nt], QA[2 * s], 0u, QA[2 * s + 1], 0u, kreg[2 * s], kreg[2 * s + 1]);
       }
-      // ---------------- key outlier slots: score corrections ----------------
+      // ---------------- key outlier slots: add the corrections computed before the MMAs ----------------
 #if KS > 0
-      __syncwarp();
-      if (ss < KS) {
-        const int u = su, s = ss, t = t0 + u;
-        const bool valid = t < whi && t >= vis;
-        int idx = valid ? ki[s] : 255;
-#pragma unroll
-        for (int s2 = 0; s2 < KSX; ++s2)
-          if (s2 > s && ki[s2] == idx) idx = 255;
-        float cm[MR];
-#pragma unroll
-        for (int m = 0; m < MR; ++m) cm[m] = 0.f;
-        if (idx < D) {
-          const int bit = idx * KB;
-          const int code = (((const unsigned char*)kraw)[u * KROW + bit / 8] >> (bit % 8)) & ((1 << KB) - 1);
-          const float deq = ktf[code] * kss[idx] + kzs[idx];
-          const float delta = h2f(kv1) - deq;
-          const int fi = idx % HALF;
-          float c, sn;
-          if (modeA) {
-#if KCOS_TAB
-            // the R(j) table entry of channel fi: invert key_channel (first RoPE half)
-            const int tf = fi / (HALF / 4), rem = fi % (HALF / 4);
-            const int jw = rem / KCPW, l = (rem % KCPW) / KNI, qf = (rem % KCPW) % KNI;
-            const u32* tr = rtab + ((jb + u) * 4 + tf) * 3 * KR + jw * KNI + qf;
-            c = h2f((u16)(tr[0] >> (16 * l)));
-            sn = h2f((u16)(tr[KR] >> (16 * l)));
-#else
-            cos_sin((float)(jb + u) * inv_freq[fi], &c, &sn);
-#endif
-          } else {
-            cos_sin((float)posb[min(t, whi - 1)] * inv_freq[fi], &c, &sn);
-          }
-#pragma unroll
-          for (int m = 0; m < MR; ++m) {
-            const float qa = qr[m * D + fi], qb = qr[m * D + HALF + fi];
-            cm[m] = delta * (idx < HALF ? qa * c + qb * sn : qb * c - qa * sn);
-          }
-        }
-#pragma unroll
-        for (int m = 0; m < MR; ++m) kcor[(s * MR + m) * TILE + u] = cm[m];
-      }
       __syncwarp();
       if (gid < MR) {
 #pragma unroll
@@ -537,22 +561,9 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
         for (int i = 0; i < 4; ++i) pst[gid * TILE + tokof(tig, i)] = p[i];
       }
       __syncwarp();
-      if (ss < VS) {
-        const int u = su, s = ss, t = t0 + u;
-        const bool valid = t < whi && t >= vis;
-        int idx = valid ? vi[s] : 255;
+      if (vidx < D) {
 #pragma unroll
-        for (int s2 = 0; s2 < VSX; ++s2)
-          if (s2 > s && vi[s2] == idx) idx = 255;
-        if (idx < D) {
-          const int bit = idx * VB;
-          const int code = (((const unsigned char*)vraw)[u * VROW + bit / 8] >> (bit % 8)) & ((1 << VB) - 1);
-          const float s0 = fmaxf(h2f(vs1), MIN_SCALE);
-          const float deq = vtf[code] * (s0 * v_b) + (h2f(vz1) + v_a * s0);
-          const float delta = h2f(vv1) - deq;
-#pragma unroll
-          for (int m = 0; m < MR; ++m) atomicAdd(&corr[m * D + idx], pst[m * TILE + u] * delta);
-        }
+        for (int m = 0; m < MR; ++m) atomicAdd(&corr[m * D + vidx], pst[m * TILE + su] * vdelta);
       }
       __syncwarp();
 #endif
