@@ -24,7 +24,7 @@ import torch
 _SRC = os.path.join(os.path.dirname(__file__), "cuda", "packed_decode.cu")
 KERNEL = "kvq_packed_decode"
 NUM_WARPS = 4
-TB = 64  # tokens per rotation block (shared R(j) table rows)
+TB = 128  # tokens per rotation block (shared R(j) table rows; must match packed_decode.cu)
 TILE = 16
 
 #: use the CUDA decode kernel where it applies (``KVQUANT_CUDA_DECODE=0`` in the environment turns it off).
