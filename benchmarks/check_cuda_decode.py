@@ -27,20 +27,20 @@ REL_TOL = 1e-2
 
 
 def run_case(name, bits, b, hq, h, d, length, lq, sink, pad=None, gap=None, n_slots=2, seed=0, len_dev=False,
-             num_splits=None, vbits=None, uniform=True):
+             num_splits=None, vbits=None, uniform=True, dtype=torch.float16):
     dev = "cuda"
-    packed = ck.build_cache(b, h, length, d, bits, n_slots, torch.float16, seed, pad=pad, gap=gap, uniform=uniform)
+    packed = ck.build_cache(b, h, length, d, bits, n_slots, dtype, seed, pad=pad, gap=gap, uniform=uniform)
     if vbits is not None and vbits != bits:  # mixed bits: values from a second cache
-        other = ck.build_cache(b, h, length, d, vbits, n_slots, torch.float16, seed + 7, pad=pad, gap=gap,
+        other = ck.build_cache(b, h, length, d, vbits, n_slots, dtype, seed + 7, pad=pad, gap=gap,
                                uniform=uniform)
         packed.v_codes, packed.v_scale, packed.v_zero = other.v_codes, other.v_scale, other.v_zero
         packed.v_out_val, packed.v_out_idx, packed.v_lut, packed.value_bits = (
             other.v_out_val, other.v_out_idx, other.v_lut, other.value_bits)
     g = torch.Generator(device=dev).manual_seed(seed + 1)
     e = sink + lq
-    q = torch.randn(b, hq, lq, d, device=dev, generator=g).half()
-    ek = torch.randn(b, h, e, d, device=dev, generator=g).half()
-    ev = torch.randn(b, h, e, d, device=dev, generator=g).half()
+    q = torch.randn(b, hq, lq, d, device=dev, generator=g).to(dtype)
+    ek = torch.randn(b, h, e, d, device=dev, generator=g).to(dtype)
+    ev = torch.randn(b, h, e, d, device=dev, generator=g).to(dtype)
     mask = torch.ones(b, lq, e, dtype=torch.bool, device=dev)
     mask[:, :, sink:] = torch.tril(torch.ones(lq, lq, dtype=torch.bool, device=dev))
     inv_freq = 1.0 / (500000.0 ** (torch.arange(0, d, 2, dtype=torch.float32, device=dev) / d))
@@ -94,13 +94,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--name", default="check_cuda_decode")
     ap.add_argument("--skip-long", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="bfloat16 caches and queries (the kernel's opt-in bf16 inputs)")
     args = ap.parse_args(argv)
     rows, failures = [], 0
     for name, bits, b, hq, h, d, length, lq, sink, kw in CASES:
         if args.skip_long and length > 20000:
             continue
         try:
-            row = run_case(name, bits, b, hq, h, d, length, lq, sink, **kw)
+            row = run_case(name, bits, b, hq, h, d, length, lq, sink,
+                           dtype=torch.bfloat16 if args.bf16 else torch.float16, **kw)
         except Exception as exc:  # noqa: BLE001 -- a crash is a failed case in the report
             traceback.print_exc()
             row = dict(case=name, bits=bits, cuda_ok=False, error=f"{type(exc).__name__}: {str(exc)[:200]}")
@@ -111,7 +113,8 @@ def main(argv=None):
             "cuda_rel", "cuda_ok", "triton_rel", "triton_ok", "error"]
     fmt = [{k: (f"{v:.2e}" if k.endswith(("_rel", "_max_abs")) and isinstance(v, float) else v) for k, v in r.items()}
            for r in rows]
-    md = ("# CUDA decode kernel vs the torch oracle (float16; uniform grids unless the case says NormalFloat)\n\n"
+    md = (f"# CUDA decode kernel vs the torch oracle ({'bfloat16' if args.bf16 else 'float16'}; uniform grids unless "
+          "the case says NormalFloat)\n\n"
           f"Pass: finite and ||out - ref|| / ||ref|| < {REL_TOL}. Failures: {failures}.\n\n" + md_table(fmt, cols))
     print(write_results(args.name, rows, md, repo_and_out=True))
     print("FAILURES:", failures)

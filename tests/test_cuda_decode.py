@@ -23,7 +23,9 @@ def _q(dtype=torch.float16, d=128):
 @pytest.mark.parametrize(
     "kw,needle",
     [
-        (dict(query=_q(torch.bfloat16)), "needs float16"),
+        (dict(query=_q(torch.bfloat16)), "bf16 inputs are opt-in"),
+        (dict(query=_q(torch.bfloat16), allow_bf16=True), "not a CUDA tensor"),
+        (dict(query=_q(torch.float32)), "needs float16 or bfloat16"),
         (dict(m_rows=9), "q_len * group <= 8"),
         (dict(window=128), "sliding window"),
         (dict(kb=3), "bits 3/4"),
@@ -53,9 +55,9 @@ def test_decode_backend_errors_on_cpu():
 
 
 def test_source_carries_the_configuration():
-    src = cuda_decode.source(128, 4, 2, 2, 1, 4, True, False, k_lut=True, v_lut=False)
+    src = cuda_decode.source(128, 4, 2, 2, 1, 4, True, False, k_lut=True, v_lut=False, bf16=True)
     for line in ("#define D 128", "#define KB 4", "#define VB 2", "#define KS 2", "#define VS 1", "#define MR 4",
-                 "#define HAS_HIST 1", "#define LEN_DEV 0", "#define K_LUT 1", "#define V_LUT 0"):
+                 "#define HAS_HIST 1", "#define LEN_DEV 0", "#define K_LUT 1", "#define V_LUT 0", "#define BF16IN 1"):
         assert line in src
     assert 'extern "C" __global__' in src and cuda_decode.KERNEL in src
 
@@ -82,6 +84,7 @@ NVRTC = os.environ.get("KVQUANT_NVRTC_LIB")
     dict(d=128, kb=2, vb=2, ks=2, vs=2, mr=4, has_hist=True, len_dev=False, k_lut=True, v_lut=True),
     dict(d=128, kb=4, vb=2, ks=0, vs=0, mr=8, has_hist=False, len_dev=False),
     dict(d=64, kb=4, vb=4, ks=1, vs=1, mr=3, has_hist=True, len_dev=False, k_lut=True),
+    dict(d=128, kb=4, vb=4, ks=2, vs=2, mr=4, has_hist=False, len_dev=True, k_lut=True, v_lut=True, bf16=True),
 ])
 def test_kernel_compiles_for_sm90(cfg, tmp_path):
     lib = ctypes.CDLL(NVRTC)

@@ -6,7 +6,8 @@ rows per KV head) and device; no build step at install time. It writes the same 
 log-sum-exps as :func:`triton_kernels.decode_attention._packed_decode_kernel`, so the Triton merge kernel (splits
 + exact block) is shared.
 
-What it covers (:func:`cuda_decode_blocker` says why not otherwise): float16 queries, head_dim 128 (or 64 with
+What it covers (:func:`cuda_decode_blocker` says why not otherwise): float16 queries (bfloat16 opt-in,
+:data:`CUDA_BF16_DEFAULT`), head_dim 128 (or 64 with
 4-bit codes), 2/4-bit keys and values (uniform grids folded into scale and zero, other signpost tables gathered
 per code pair from shared memory), up to 2 outlier slots per token, ``q_len * group <= 8``, no sliding window,
 4-byte aligned code rows. The rest takes the Triton kernels.
@@ -29,6 +30,10 @@ TILE = 16
 
 #: use the CUDA decode kernel where it applies (``KVQUANT_CUDA_DECODE=0`` in the environment turns it off).
 CUDA_DECODE_DEFAULT = os.environ.get("KVQUANT_CUDA_DECODE", "1") == "1"
+#: bfloat16 models through the CUDA kernel (bf16 inputs, float16 dequantization and MMA operands) by default. Off:
+#: not yet checked on a GPU (``benchmarks/check_cuda_decode.py --bf16``); ``KVQUANT_CUDA_BF16=1`` or
+#: ``decode_backend="cuda"`` use it.
+CUDA_BF16_DEFAULT = os.environ.get("KVQUANT_CUDA_BF16", "0") == "1"
 
 
 def extra_defines() -> dict[str, int]:
@@ -41,12 +46,13 @@ def extra_defines() -> dict[str, int]:
 
 
 def source(d: int, kb: int, vb: int, ks: int, vs: int, mr: int, has_hist: bool, len_dev: bool,
-           num_warps: int = NUM_WARPS, min_blocks: int = 1, k_lut: bool = False, v_lut: bool = False) -> str:
+           num_warps: int = NUM_WARPS, min_blocks: int = 1, k_lut: bool = False, v_lut: bool = False,
+           bf16: bool = False) -> str:
     """The kernel source with its configuration as ``#define`` lines."""
     with open(_SRC) as fh:
         body = fh.read()
     defs = dict(D=d, KB=kb, VB=vb, KS=ks, VS=vs, MR=mr, NW=num_warps, HAS_HIST=int(has_hist), LEN_DEV=int(len_dev),
-                MINB=min_blocks, K_LUT=int(k_lut), V_LUT=int(v_lut))
+                MINB=min_blocks, K_LUT=int(k_lut), V_LUT=int(v_lut), BF16IN=int(bf16))
     defs.update(extra_defines())
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + body
 
@@ -66,11 +72,14 @@ _BROKEN: list[str] = []  # the reason, once compiling or loading the kernel fail
 
 
 def cuda_decode_blocker(query: torch.Tensor, m_rows: int, window, kb: int, vb: int, d: int, k_slots: int = 0,
-                        v_slots: int = 0, packed=None) -> str:
+                        v_slots: int = 0, packed=None, allow_bf16: bool = False) -> str:
     """Why the CUDA decode kernel does not apply ("" when it does). The shape/format checks come first (they run
     anywhere); the device checks last."""
-    if query.dtype != torch.float16:
-        return f"query dtype {query.dtype} (needs float16)"
+    if query.dtype == torch.bfloat16 and not allow_bf16:
+        return ("query dtype torch.bfloat16 (bf16 inputs are opt-in until checked on a GPU: KVQUANT_CUDA_BF16=1 or "
+                "decode_backend='cuda')")
+    if query.dtype not in (torch.float16, torch.bfloat16):
+        return f"query dtype {query.dtype} (needs float16 or bfloat16)"
     if m_rows > 8:
         return f"{m_rows} query rows per kv head (needs q_len * group <= 8)"
     if window is not None:
@@ -99,8 +108,8 @@ def cuda_decode_blocker(query: torch.Tensor, m_rows: int, window, kb: int, vb: i
 
 @functools.cache
 def _kernel(device_index: int, d: int, kb: int, vb: int, ks: int, vs: int, mr: int, has_hist: bool, len_dev: bool,
-            k_lut: bool, v_lut: bool, extra: tuple = ()):
-    src = source(d, kb, vb, ks, vs, mr, has_hist, len_dev, k_lut=k_lut, v_lut=v_lut)
+            k_lut: bool, v_lut: bool, bf16: bool = False, extra: tuple = ()):
+    src = source(d, kb, vb, ks, vs, mr, has_hist, len_dev, k_lut=k_lut, v_lut=v_lut, bf16=bf16)
     with torch.cuda.device(device_index):
         major, minor = torch.cuda.get_device_capability(device_index)
         kern = torch.cuda._compile_kernel(src, KERNEL, compute_capability=f"{major}{minor}",
@@ -148,7 +157,8 @@ def packed_decode_cuda(query, packed, kzero, kscale, freq, hist, length: int, le
     try:
         kern, smem = _kernel(query.device.index if query.device.index is not None else torch.cuda.current_device(),
                              d, packed.key_bits, packed.value_bits, ks, vs, mr, hist is not None, length_dev is not None,
-                             kgrid is None, vgrid is None, tuple(sorted(extra_defines().items())))
+                             kgrid is None, vgrid is None, query.dtype == torch.bfloat16,
+                             tuple(sorted(extra_defines().items())))
     except Exception as exc:  # NVRTC / driver errors come in many types; all mean "use Triton"
         msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         if required:

@@ -1167,8 +1167,24 @@ def packed_attention_triton(
         if decode_kernel and why:
             raise ValueError(f"decode_kernel=True but the decode fast path does not apply: {why}.")
         use_decode = decode_kernel is not False and not why
-        if use_decode and decode_kernel is None and query.dtype == torch.bfloat16 and not BF16_DECODE_DEFAULT:
-            use_decode = False  # bf16 fast path: opt-in until benchmarks/check_kernels_gpu.py has passed on a GPU
+        _need(decode_backend in (None, "cuda", "triton"),
+              f"decode_backend={decode_backend!r} must be None, 'cuda' or 'triton'.")
+        use_cuda = False
+        if use_decode and decode_backend != "triton":
+            from . import cuda_decode
+
+            kgrid_c = affine_grid(packed.k_lut)
+            vgrid_c = affine_grid(packed.v_lut)
+            why_c = cuda_decode.cuda_decode_blocker(query, m_rows, window, kb, vb, d, k_slots, v_slots, packed,
+                                                    allow_bf16=decode_backend == "cuda" or cuda_decode.CUDA_BF16_DEFAULT)
+            if decode_backend == "cuda" and why_c:
+                raise ValueError(f"decode_backend='cuda' but the CUDA decode kernel does not apply: {why_c}.")
+            use_cuda = not why_c and (decode_backend == "cuda" or cuda_decode.CUDA_DECODE_DEFAULT)
+        elif decode_backend == "cuda":
+            raise ValueError(f"decode_backend='cuda' but the decode fast path does not apply: {why}.")
+        if (use_decode and not use_cuda and decode_kernel is None and query.dtype == torch.bfloat16
+                and not BF16_DECODE_DEFAULT):
+            use_decode = False  # bf16 Triton fast path: opt-in (check_kernels_gpu.py "bf16 fast path" rows fail 1e-2)
         if use_decode:
             block_m = 16
             num_mb = 1
@@ -1180,20 +1196,6 @@ def packed_attention_triton(
         kscale = packed.k_scale.to(dev, torch.float32).contiguous()
         _need(kzero.shape == (h, d) and kscale.shape == (h, d), f"k_zero/k_scale must be [{h}, {d}].")
         freq = inv_freq.to(dev, torch.float32).contiguous()
-        _need(decode_backend in (None, "cuda", "triton"),
-              f"decode_backend={decode_backend!r} must be None, 'cuda' or 'triton'.")
-        use_cuda = False
-        if use_decode and decode_backend != "triton":
-            from . import cuda_decode
-
-            kgrid_c = affine_grid(packed.k_lut)
-            vgrid_c = affine_grid(packed.v_lut)
-            why_c = cuda_decode.cuda_decode_blocker(query, m_rows, window, kb, vb, d, k_slots, v_slots, packed)
-            if decode_backend == "cuda" and why_c:
-                raise ValueError(f"decode_backend='cuda' but the CUDA decode kernel does not apply: {why_c}.")
-            use_cuda = not why_c and (decode_backend == "cuda" or cuda_decode.CUDA_DECODE_DEFAULT)
-        elif decode_backend == "cuda":
-            raise ValueError(f"decode_backend='cuda' but the decode fast path does not apply: {why}.")
         if num_splits is None and use_cuda:
             num_splits = cuda_decode.default_cuda_splits(bsz, h, length, dev)
         if num_splits is None:

@@ -65,6 +65,18 @@ __device__ __forceinline__ u32 f2h2(float lo, float hi) {  // lo -> bits 0..15
 __device__ __forceinline__ float h2f(u16 h) {
   float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
 }
+// model-dtype inputs (queries, slot values, value scale/zero): float16, or bfloat16 with BF16IN (the kernel still
+// dequantizes and multiplies in float16: bf16 models whose keys/values exceed the fp16 range must not use it)
+#ifndef BF16IN
+#define BF16IN 0
+#endif
+__device__ __forceinline__ float in2f(u16 h) {
+#if BF16IN
+  return __uint_as_float(((u32)h) << 16);
+#else
+  return h2f(h);
+#endif
+}
 __device__ __forceinline__ u32 hh(u32 x) {  // half2 (x, x) from the fp16 bits in x's low half
   return (x & 0xFFFFu) | (x << 16);
 }
@@ -102,7 +114,7 @@ __device__ __forceinline__ int val_channel(int mt, int ar) {
 }
 
 extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
-    const u16* __restrict__ q,          // fp16 [B, Hq, Lq, D], RoPE applied
+    const u16* __restrict__ q,          // fp16 (BF16IN: bf16) [B, Hq, Lq, D], RoPE applied
     const unsigned char* __restrict__ kc, const u16* __restrict__ kov, const unsigned char* __restrict__ koi,
     const unsigned char* __restrict__ vc, const u16* __restrict__ vsc, const u16* __restrict__ vze,
     const u16* __restrict__ vov, const unsigned char* __restrict__ voi,
@@ -170,7 +182,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
   for (int e = tid; e < MR * D; e += NW * 32) {
     int m = e / D, ch = e % D;
     int hq = h * GROUP + m % GROUP, lq = m / GROUP;
-    qs[e] = h2f(q[b * sqb + hq * sqh + lq * sql + ch]);
+    qs[e] = in2f(q[b * sqb + hq * sqh + lq * sql + ch]);
   }
   for (int ch = tid; ch < D; ch += NW * 32) {
     float s = kscale[h * D + ch], z = kzero[h * D + ch];
@@ -371,7 +383,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
           const int bit = idx * KB;
           const int code = (((const unsigned char*)kraw)[u * KROW + bit / 8] >> (bit % 8)) & ((1 << KB) - 1);
           const float deq = ktf[code] * kss[idx] + kzs[idx];
-          const float delta = h2f(kv1) - deq;
+          const float delta = in2f(kv1) - deq;
           const int fi = idx % HALF;
           float c, sn;
           if (modeA) {
@@ -412,9 +424,9 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
         if (vidx < D) {
           const int bit = vidx * VB;
           const int code = (((const unsigned char*)vraw)[su * VROW + bit / 8] >> (bit % 8)) & ((1 << VB) - 1);
-          const float s0 = fmaxf(h2f(vs1), MIN_SCALE);
-          const float deq = vtf[code] * (s0 * v_b) + (h2f(vz1) + v_a * s0);
-          vdelta = h2f(vv1) - deq;
+          const float s0 = fmaxf(in2f(vs1), MIN_SCALE);
+          const float deq = vtf[code] * (s0 * v_b) + (in2f(vz1) + v_a * s0);
+          vdelta = in2f(vv1) - deq;
         }
       }
 #endif
@@ -522,7 +534,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
         for (int i = 0; i < 4; ++i) {
           const int t = t0 + tokof(tig, i);
           const bool valid = t < whi && t >= vis;
-          const float s = fmaxf(h2f(vsC[i]), MIN_SCALE), z = h2f(vzC[i]);
+          const float s = fmaxf(in2f(vsC[i]), MIN_SCALE), z = in2f(vzC[i]);
           scl[i] = valid ? s * v_b : 0.f;
           zer[i] = valid ? z + v_a * s : 0.f;
         }
