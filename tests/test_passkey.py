@@ -68,7 +68,7 @@ def test_scoring_counts_correct_answers(monkeypatch):
     tok = ByteTokenizer()
     model = make_tiny_llama()
 
-    def oracle(model, ids, method, new_tokens, signposts, chunk, pad_id):
+    def oracle(model, ids, method, new_tokens, signposts, chunk, pad_id, cache_config=None):
         text = tok.decode(ids[0].tolist())
         key = text.split("The pass key is ")[1][:5]
         return tok.encode(" " + key + ".")
@@ -140,3 +140,21 @@ def test_nuq_answers_follow_the_model_when_lossless(monkeypatch):
     got = passkey._generate(model, ids, "nuq4", 6, None, 64, 0)
     assert len(ref) == len(got) == 6
     assert sum(a == b for a, b in zip(ref, got)) >= 4
+
+
+def test_cli_cache_config_reaches_the_cache(monkeypatch, tmp_path):
+    model = make_tiny_llama()
+    model.generation_config.eos_token_id = None
+    monkeypatch.setattr(passkey, "load_model_and_tokenizer", lambda *a, **k: (model, ByteTokenizer()))
+    caches = []
+    orig_chunked = generation._ForwardRouter._chunked_prefill
+    monkeypatch.setattr(generation._ForwardRouter, "_chunked_prefill",
+                        lambda self, ids, kw: (caches.append(self.cache), orig_chunked(self, ids, kw))[1])
+    out = passkey.main(["--model", "tiny", "--lengths", "400", "--depths", "0.5", "--trials", "1", "--methods", "nuq4",
+                        "--chunk", "128", "--cache-config", '{"sink_tokens": 3}', "--device", "cpu"])
+    assert caches and all(c.config.sink_tokens == 3 and c.config.prefill_chunk_size == 128 for c in caches)
+    assert out["config"]["cache_config"] == '{"sink_tokens": 3}'
+    with pytest.raises(SystemExit, match="not valid JSON"):
+        passkey.main(["--model", "tiny", "--methods", "nuq4", "--cache-config", "{qnorm}"])
+    with pytest.raises(SystemExit, match="must be a JSON object"):
+        passkey.main(["--model", "tiny", "--methods", "nuq4", "--cache-config", "[1]"])

@@ -108,11 +108,11 @@ def _loaded_signposts(folder: str, bits: int):
 
 
 def _generate(model, ids: torch.Tensor, method: str, new_tokens: int, signposts: str | None, chunk: int,
-              pad_id: int) -> list[int]:
+              pad_id: int, cache_config: dict | None = None) -> list[int]:
     kwargs: dict[str, Any] = {"max_new_tokens": new_tokens, "do_sample": False, "pad_token_id": pad_id,
                               "attention_mask": torch.ones_like(ids)}
     if method.startswith("nuq"):
-        cfg = {"bits": int(method[3:]), "prefill_chunk_size": chunk}
+        cfg = {"bits": int(method[3:]), "prefill_chunk_size": chunk, **(cache_config or {})}
         if signposts:
             cfg["signposts"] = _loaded_signposts(signposts, int(method[3:]))
         out = model.generate(ids, cache_implementation="kvquant", cache_config=cfg, **kwargs)
@@ -131,7 +131,7 @@ def _generate(model, ids: torch.Tensor, method: str, new_tokens: int, signposts:
 
 def run_passkey(model, tokenizer, lengths: Sequence[int], depths: Sequence[float], trials: int,
                 methods: Sequence[str], signposts: str | None = None, chunk: int = 1024, new_tokens: int = 8,
-                seed: int = 0, log=None, on_cell=None) -> dict[str, Any]:
+                seed: int = 0, log=None, on_cell=None, cache_config: dict | None = None) -> dict[str, Any]:
     """Run the passkey grid; returns ``{method: {"accuracy", "correct", "total", "cells": [...]}}``.
 
     ``on_cell(results)`` is called after every (length, depth) cell with the results so far (checkpoints).
@@ -155,7 +155,7 @@ def run_passkey(model, tokenizer, lengths: Sequence[int], depths: Sequence[float
                                    device=device)
                 for m in methods:
                     with torch.inference_mode():
-                        new = _generate(model, ids, m, new_tokens, signposts, chunk, pad_id)
+                        new = _generate(model, ids, m, new_tokens, signposts, chunk, pad_id, cache_config)
                     answer = tokenizer.decode(new, skip_special_tokens=True)
                     ok = extract_passkey(answer) == key
                     cell = cells[m]
@@ -209,6 +209,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
     p.add_argument("--signposts", default=None, help="folder with nuqX subfolders written by calibrate.py")
     p.add_argument("--chunk", type=int, default=1024, help="prefill_chunk_size of the nuq caches")
+    p.add_argument("--cache-config", default=None, metavar="JSON",
+                   help='more cache_config for the nuq caches, e.g. \'{"qnorm": true}\'')
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
@@ -220,6 +222,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = _parser().parse_args(argv)
+    extra_cfg = None
+    if args.cache_config:
+        try:
+            extra_cfg = json.loads(args.cache_config)
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"--cache-config is not valid JSON ({exc}); e.g. --cache-config '{{\"qnorm\": true}}'")
+        if not isinstance(extra_cfg, dict):
+            raise SystemExit(f"--cache-config must be a JSON object, got {type(extra_cfg).__name__}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     model, tok = load_model_and_tokenizer(args.model, dtype=getattr(torch, dtype), device=device)
@@ -248,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     results = run_passkey(model, tok, args.lengths, args.depths, args.trials, args.methods, args.signposts,
                           args.chunk, args.new_tokens, args.seed, log=lambda s: print(s, flush=True),
-                          on_cell=lambda res: write(res, False))
+                          on_cell=lambda res: write(res, False), cache_config=extra_cfg)
     print(summary_table(results))
     write(results, True)
     return document(results, True)
