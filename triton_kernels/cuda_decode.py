@@ -193,8 +193,9 @@ def packed_decode_cuda(query, packed, kzero, kscale, freq, hist, length: int, le
     ka, kb_ = kgrid if kgrid is not None else (0.0, 1.0)  # tables: the grid folded into scale/zero, or gathered
     va, vb_ = vgrid if vgrid is not None else (0.0, 1.0)
     args += [("f", qk_scale), ("f", ka), ("f", kb_), ("f", va), ("f", vb_)]
-    _launch(kern, (bsz * h, num_splits, 1), (extra_defines().get("NW", NUM_WARPS) * 32, 1, 1), smem, args,
-            torch.cuda.current_stream(query.device))
+    with torch.cuda.device(query.device):  # the module was loaded in this device's context (multi-GPU device maps)
+        _launch(kern, (bsz * h, num_splits, 1), (extra_defines().get("NW", NUM_WARPS) * 32, 1, 1), smem, args,
+                torch.cuda.current_stream(query.device))
     return True
 
 
