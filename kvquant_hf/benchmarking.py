@@ -157,7 +157,7 @@ def kvquant_decode_benchmark(model, batch: int, context: int, bits: int, cuda_gr
 
         with torch.inference_mode():
             result["ms_per_step"] = cuda_median_ms(step, warmup, iters)
-            cats = {"attention_ms": ("packed_attn",), "append_ms": ("quantize",)}
+            cats = {"attention_ms": ("packed_attn", "kvq_packed_decode"), "append_ms": ("quantize",)}  # Triton, CUDA
             bd = step_breakdown(step, cats)
         result.update(attention_ms=bd["attention_ms"], append_ms=bd["append_ms"], other_kernels_ms=bd["other"])
         result["other_ms"] = result["ms_per_step"] - bd["attention_ms"] - bd["append_ms"]
