@@ -4,7 +4,7 @@ Each variant is a set of ``#define`` overrides (``KVQUANT_CUDA_DEFINES``, see ``
 times are CUDA-graph replays (``triton.testing.do_bench_cudagraph`` medians) of the whole packed attention call
 (stage 1 + merge), for uniform and NormalFloat tables at 4 and 2 bits.
 
-Usage: ``PYTHONPATH=. python benchmarks/cuda_decode_variants.py "" "KSMEM=0" "KCOS_TAB=0" "TB=128"``
+Usage: ``PYTHONPATH=. python benchmarks/cuda_decode_variants.py "" "TB=64"``
 """
 
 from __future__ import annotations

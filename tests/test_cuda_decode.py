@@ -67,7 +67,7 @@ def test_shared_memory_layout_size():
     d, ks, mr, kb, vb, nw = 128, 2, 4, 4, 2, cuda_decode.NUM_WARPS
     kr, tile, tb = d // 16, cuda_decode.TILE, cuda_decode.TB
     perw = 2 * mr * d + mr * tile + ks * mr * tile + tile * (d * kb // 8 + d * vb // 8) // 4
-    words = tb * 4 * 3 * kr + mr * d + 2 * d + nw * perw + 2 * nw * mr + 32 + 2 ** (2 * kb) + 2 ** (2 * vb) + 16 * kr
+    words = tb * 4 * 3 * kr + mr * d + 2 * d + nw * perw + 2 * nw * mr + 32 + 2 ** (2 * kb) + 2 ** (2 * vb)
     assert cuda_decode.shared_bytes(d, ks, mr, kb, vb) == 4 * words
     assert cuda_decode.shared_bytes(128, 2, 8, 4, 4) < 227 * 1024  # the largest config fits an H100/H200 SM
     with open(cuda_decode._SRC) as fh:

@@ -26,12 +26,6 @@
 #ifndef TB
 #define TB 128         // tokens per rotation block (H200: 243 us vs 254 us with 64)
 #endif
-#ifndef KSMEM
-#define KSMEM 0        // 1: key scale/zero half2 read from shared memory per token (H200: slower, 272 vs 248 us)
-#endif
-#ifndef KCOS_TAB
-#define KCOS_TAB 0     // 1: key-slot cos/sin from the R(j) table instead of MUFU (H200: no gain)
-#endif
 #define TILE 16        // tokens per MMA tile
 #define NEG_BIG (-1.0e30f)
 #define MIN_SCALE 6.103515625e-05f
@@ -152,7 +146,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
   float* vtf = ktf + 16;
   u32* kpt = (u32*)(vtf + 16);  // half2 signposts of code pairs (K_LUT / V_LUT)
   u32* vpt = kpt + (1 << (2 * KB));
-  u32* kh2 = vpt + (1 << (2 * VB));  // [4 tig][2][2 KR]: folded key scale / zero as half2 per register
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int gid = lane / 4, tig = lane % 4;
@@ -203,17 +196,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
   __syncthreads();
 
   // folded key scale/zero of this thread's registers (half2) and the code factors
-#if KSMEM
-  for (int e = tid; e < 4 * 2 * KR; e += NW * 32) {
-    const int t = e / (2 * KR), r = e % (2 * KR);
-    const int c0 = key_channel(t, r, 0), c1 = key_channel(t, r, 1);
-    kh2[t * 4 * KR + r] = f2h2(kss[c0], kss[c1]);
-    kh2[t * 4 * KR + 2 * KR + r] = f2h2(kzs[c0], kzs[c1]);
-  }
-  __syncthreads();
-  const u32* KS2 = kh2 + tig * 4 * KR;
-  const u32* KZ2 = KS2 + 2 * KR;
-#else
   u32 KS2[2 * KR], KZ2[2 * KR];
 #pragma unroll
   for (int r = 0; r < 2 * KR; ++r) {
@@ -221,7 +203,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
     KS2[r] = f2h2(kss[c0], kss[c1]);
     KZ2[r] = f2h2(kzs[c0], kzs[c1]);
   }
-#endif
 
   // ---- this warp's token range ----
   int chunk = ((L + NS - 1) / NS + TB - 1) / TB * TB;
@@ -386,20 +367,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
           const float delta = in2f(kv1) - deq;
           const int fi = idx % HALF;
           float c, sn;
-          if (modeA) {
-#if KCOS_TAB
-            // the R(j) table entry of channel fi: invert key_channel (first RoPE half)
-            const int tf = fi / (HALF / 4), rem = fi % (HALF / 4);
-            const int jw = rem / KCPW, l = (rem % KCPW) / KNI, qf = (rem % KCPW) % KNI;
-            const u32* tr = rtab + ((jb + u) * 4 + tf) * 3 * KR + jw * KNI + qf;
-            c = h2f((u16)(tr[0] >> (16 * l)));
-            sn = h2f((u16)(tr[KR] >> (16 * l)));
-#else
-            cos_sin((float)(jb + u) * inv_freq[fi], &c, &sn);
-#endif
-          } else {
-            cos_sin((float)posb[min(t, whi - 1)] * inv_freq[fi], &c, &sn);
-          }
+          cos_sin((modeA ? (float)(jb + u) : (float)posb[min(t, whi - 1)]) * inv_freq[fi], &c, &sn);
 #pragma unroll
           for (int m = 0; m < MR; ++m) {
             const float qa = qr[m * D + fi], qb = qr[m * D + HALF + fi];
