@@ -36,17 +36,7 @@ def run_case(name, bits, b, hq, h, d, length, lq, sink, pad=None, gap=None, n_sl
         packed.v_codes, packed.v_scale, packed.v_zero = other.v_codes, other.v_scale, other.v_zero
         packed.v_out_val, packed.v_out_idx, packed.v_lut, packed.value_bits = (
             other.v_out_val, other.v_out_idx, other.v_lut, other.value_bits)
-    g = torch.Generator(device=dev).manual_seed(seed + 1)
-    e = sink + lq
-    q = torch.randn(b, hq, lq, d, device=dev, generator=g).to(dtype)
-    ek = torch.randn(b, h, e, d, device=dev, generator=g).to(dtype)
-    ev = torch.randn(b, h, e, d, device=dev, generator=g).to(dtype)
-    mask = torch.ones(b, lq, e, dtype=torch.bool, device=dev)
-    mask[:, :, sink:] = torch.tril(torch.ones(lq, lq, dtype=torch.bool, device=dev))
-    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, d, 2, dtype=torch.float32, device=dev) / d))
-    kw = dict(scaling=d ** -0.5, inv_freq=inv_freq, attention_scaling=1.0)
-    if pad is not None:
-        kw["hist_start"] = torch.tensor(pad, dtype=torch.int64, device=dev)
+    q, ek, ev, mask, kw = ck.attention_inputs(b, hq, h, d, lq, sink, dtype, seed, pad)
     ref = attention.packed_attention_torch(q, packed, ek, ev, mask, **kw).float()
     extra = {}
     if len_dev:

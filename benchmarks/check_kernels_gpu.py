@@ -100,9 +100,9 @@ def build_cache(b, h, length, d, bits, n_slots, dtype, seed, cap_extra=64, pad=N
                               length=length, key_bits=bits, value_bits=bits, head_dim=d)
 
 
-def check_attention(name, dtype, bits, b, hq, h, d, length, lq, sink, window=None, pad=None, n_slots=2, seed=0,
-                    num_splits=None, gap=None, **kernel_kw):
-    packed = build_cache(b, h, length, d, bits, n_slots, dtype, seed, pad=pad, gap=gap, uniform="uniform" in name)
+def attention_inputs(b, hq, h, d, lq, sink, dtype, seed, pad=None):
+    """Random queries, an exact block of ``sink`` tokens + the ``lq`` new ones (causal among themselves), and the
+    keyword arguments of the attention functions (Llama-3 RoPE base, ``hist_start`` = ``pad`` when given)."""
     g = torch.Generator(device=DEV).manual_seed(seed + 1)
     e = sink + lq
     q = torch.randn(b, hq, lq, d, device=DEV, generator=g).to(dtype)
@@ -111,10 +111,17 @@ def check_attention(name, dtype, bits, b, hq, h, d, length, lq, sink, window=Non
     mask = torch.ones(b, lq, e, dtype=torch.bool, device=DEV)
     mask[:, :, sink:] = torch.tril(torch.ones(lq, lq, dtype=torch.bool, device=DEV))
     inv_freq = 1.0 / (500000.0 ** (torch.arange(0, d, 2, dtype=torch.float32, device=DEV) / d))
-    q_pos = packed.positions[:, length - 1:length].long() + 1 + torch.arange(lq, device=DEV)[None]
     kw = dict(scaling=d ** -0.5, inv_freq=inv_freq, attention_scaling=1.0)
     if pad is not None:
         kw["hist_start"] = torch.tensor(pad, dtype=torch.int64, device=DEV)
+    return q, ek, ev, mask, kw
+
+
+def check_attention(name, dtype, bits, b, hq, h, d, length, lq, sink, window=None, pad=None, n_slots=2, seed=0,
+                    num_splits=None, gap=None, **kernel_kw):
+    packed = build_cache(b, h, length, d, bits, n_slots, dtype, seed, pad=pad, gap=gap, uniform="uniform" in name)
+    q, ek, ev, mask, kw = attention_inputs(b, hq, h, d, lq, sink, dtype, seed, pad)
+    q_pos = packed.positions[:, length - 1:length].long() + 1 + torch.arange(lq, device=DEV)[None]
     if window is not None:
         kw.update(q_positions=q_pos, window=window)
     ref = attention.packed_attention_torch(q, packed, ek, ev, mask, **kw).float()

@@ -37,7 +37,7 @@ CUDA_BF16_DEFAULT = os.environ.get("KVQUANT_CUDA_BF16", "0") == "1"
 
 
 def extra_defines() -> dict[str, int]:
-    """Kernel variants for benchmarks: ``KVQUANT_CUDA_DEFINES="TB=128 KSMEM=0"`` overrides the #defines."""
+    """Kernel variants for benchmarks: ``KVQUANT_CUDA_DEFINES="TB=64 NW=8"`` overrides the #defines."""
     out = {}
     for item in os.environ.get("KVQUANT_CUDA_DEFINES", "").split():
         k, _, v = item.partition("=")
@@ -71,8 +71,9 @@ _BROKEN: list[str] = []  # the reason, once compiling or loading the kernel fail
 
 
 def cuda_decode_blocker(query: torch.Tensor, m_rows: int, window, kb: int, vb: int, d: int, k_slots: int = 0,
-                        v_slots: int = 0, packed=None, allow_bf16: bool = False) -> str:
-    """Why the CUDA decode kernel does not apply ("" when it does). The shape/format checks come first (they run
+                        v_slots: int = 0, allow_bf16: bool = False) -> str:
+    """Why the CUDA decode kernel does not apply ("" when it does), for a case the Triton decode fast path takes
+    (``_decode_path_blocker`` has checked the cache layout). The shape/format checks come first (they run
     anywhere); the device checks last."""
     if query.dtype == torch.bfloat16 and not allow_bf16:
         return ("query dtype torch.bfloat16 (bf16 inputs are opt-in until checked on a GPU: KVQUANT_CUDA_BF16=1 or "
@@ -89,11 +90,6 @@ def cuda_decode_blocker(query: torch.Tensor, m_rows: int, window, kb: int, vb: i
         return f"head_dim {d} with bits {kb}/{vb} (needs 128, or 64 with 4-bit keys and values)"
     if k_slots > 2 or v_slots > 2:
         return f"{k_slots}/{v_slots} outlier slots per token (needs <= 2: one lane per token and slot)"
-    if packed is not None:
-        for name in ("k_codes", "k_out_val", "k_out_idx", "v_codes", "v_scale", "v_zero", "v_out_val", "v_out_idx"):
-            t = getattr(packed, name)
-            if t.shape[2] * t.stride(2) >= 2**31:
-                return f"packed.{name} is too long for 32-bit per-token offsets"
     if not query.is_cuda:
         return "not a CUDA tensor"
     if _BROKEN:
@@ -119,8 +115,16 @@ def _kernel(device_index: int, d: int, kb: int, vb: int, ks: int, vs: int, mr: i
     return kern, smem
 
 
+@functools.cache
+def _driver():
+    """The CUDA driver library (torch's helper opens it anew on every call)."""
+    from torch.cuda._utils import _get_gpu_runtime_library
+
+    return _get_gpu_runtime_library()
+
+
 def _launch(kern, grid, block, smem, args, stream) -> None:
-    from torch.cuda._utils import _check_cuda, _get_gpu_runtime_library
+    from torch.cuda._utils import _check_cuda
 
     keep = []
     for kind, val in args:
@@ -133,17 +137,17 @@ def _launch(kern, grid, block, smem, args, stream) -> None:
         else:
             keep.append(ctypes.c_float(float(val)))
     arr = (ctypes.c_void_p * len(keep))(*[ctypes.cast(ctypes.byref(k), ctypes.c_void_p) for k in keep])
-    lib = _get_gpu_runtime_library()
-    _check_cuda(lib.cuLaunchKernel(kern.func, grid[0], grid[1], grid[2], block[0], block[1], block[2], smem,
-                                   stream._as_parameter_, arr, None))
+    _check_cuda(_driver().cuLaunchKernel(kern.func, grid[0], grid[1], grid[2], block[0], block[1], block[2], smem,
+                                         stream._as_parameter_, arr, None))
 
 
 def packed_decode_cuda(query, packed, kzero, kscale, freq, hist, length: int, length_dev, o_part, lse_part,
-                       num_splits: int, qk_scale: float, kgrid, vgrid, required: bool = False) -> bool:
+                       num_splits: int, qk_scale: float, klut, vlut, kgrid, vgrid, required: bool = False) -> bool:
     """Stage 1 of the decode on tensor cores: fills ``o_part [B, H, num_splits, 16, D]`` and ``lse_part``.
 
     Arguments as prepared by :func:`triton_kernels.decode_attention.packed_attention_triton` (``kzero``/``kscale``
-    float32 ``[H, D]``, ``freq`` float32 ``[D/2]``, ``hist`` int ``[B]`` or None). Returns False (nothing written)
+    float32 ``[H, D]``, ``freq`` float32 ``[D/2]``, ``hist`` int ``[B]`` or None, ``klut``/``vlut`` float32
+    signposts, ``kgrid``/``vgrid`` their uniform grid ``(a, b)`` or None = gathered). Returns False (nothing written)
     if the kernel cannot be compiled or loaded on this machine -- with a warning, once; the caller then takes the
     Triton kernel -- or raises RuntimeError if ``required``.
     """
@@ -153,11 +157,11 @@ def packed_decode_cuda(query, packed, kzero, kscale, freq, hist, length: int, le
     mr = group * lq
     ks = packed.k_out_idx.shape[-1]
     vs = packed.v_out_idx.shape[-1]
+    extra = extra_defines()
     try:
         kern, smem = _kernel(query.device.index if query.device.index is not None else torch.cuda.current_device(),
                              d, packed.key_bits, packed.value_bits, ks, vs, mr, hist is not None, length_dev is not None,
-                             kgrid is None, vgrid is None, query.dtype == torch.bfloat16,
-                             tuple(sorted(extra_defines().items())))
+                             kgrid is None, vgrid is None, query.dtype == torch.bfloat16, tuple(sorted(extra.items())))
     except Exception as exc:  # NVRTC / driver errors come in many types; all mean "use Triton"
         msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         if required:
@@ -170,14 +174,12 @@ def packed_decode_cuda(query, packed, kzero, kscale, freq, hist, length: int, le
         return False
     if hist is not None and hist.dtype != torch.int32:
         hist = hist.to(torch.int32)
-    from .decode_attention import _pair_table
+    from .decode_attention import _PER_TOKEN, _pair_table
 
     pk = packed
-    dev = query.device
-    klut = pk.k_lut.to(dev, torch.float32).contiguous()
-    vlut = pk.v_lut.to(dev, torch.float32).contiguous()
-    kpair = _pair_table(pk.k_lut.to(dev), pk.key_bits, torch.float16) if kgrid is None else klut
-    vpair = _pair_table(pk.v_lut.to(dev), pk.value_bits, torch.float16) if vgrid is None else vlut
+    # float16 pair tables whatever the model dtype: the kernel dequantizes in float16
+    kpair = _pair_table(pk.k_lut.to(query.device), pk.key_bits) if kgrid is None else klut
+    vpair = _pair_table(pk.v_lut.to(query.device), pk.value_bits) if vgrid is None else vlut
     args = [("p", query), ("p", pk.k_codes), ("p", pk.k_out_val), ("p", pk.k_out_idx), ("p", pk.v_codes),
             ("p", pk.v_scale), ("p", pk.v_zero), ("p", pk.v_out_val), ("p", pk.v_out_idx), ("p", kzero),
             ("p", kscale), ("p", pk.positions), ("p", freq), ("p", hist if hist is not None else pk.positions),
@@ -185,22 +187,15 @@ def packed_decode_cuda(query, packed, kzero, kscale, freq, hist, length: int, le
             ("p", klut), ("p", vlut), ("p", kpair), ("p", vpair), ("p", o_part), ("p", lse_part),
             ("i", length), ("i", h), ("i", num_splits), ("i", group)]
     args += [("q", s) for s in query.stride()[:3]]
-    for name in ("k_codes", "k_out_val", "k_out_idx", "v_codes", "v_scale", "v_zero", "v_out_val", "v_out_idx"):
+    for name in _PER_TOKEN:
         st = getattr(pk, name).stride()
-        args += [("q", st[0]), ("q", st[1]), ("i", st[2])]  # per-token offsets in 32 bits (cuda_decode_blocker)
+        args += [("q", st[0]), ("q", st[1]), ("i", st[2])]  # per-token offsets in 32 bits (_decode_path_blocker)
     args.append(("q", pk.positions.stride(0)))
     ka, kb_ = kgrid if kgrid is not None else (0.0, 1.0)  # tables: the grid folded into scale/zero, or gathered
     va, vb_ = vgrid if vgrid is not None else (0.0, 1.0)
     args += [("f", qk_scale), ("f", ka), ("f", kb_), ("f", va), ("f", vb_)]
     with torch.cuda.device(query.device):  # the module was loaded in this device's context (multi-GPU device maps)
-        _launch(kern, (bsz * h, num_splits, 1), (extra_defines().get("NW", NUM_WARPS) * 32, 1, 1), smem, args,
+        _launch(kern, (bsz * h, num_splits, 1), (extra.get("NW", NUM_WARPS) * 32, 1, 1), smem, args,
                 torch.cuda.current_stream(query.device))
     return True
 
-
-def default_cuda_splits(batch: int, kv_heads: int, length: int, device: torch.device) -> int:
-    """CTAs per (batch, kv head): two CTAs per SM (two fit at ~230 registers), each at least 256 tokens. More
-    splits cost more in the merge kernel than they gain (H200, 128K: 33 splits 224 + 12 us, 66: 237 + 29 us)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = -(-2 * sms // max(batch * kv_heads, 1))
-    return int(max(1, min(want, -(-max(length, 1) // 256), 128)))

@@ -990,6 +990,10 @@ def default_num_splits(batch: int, kv_heads: int, row_blocks: int, length: int, 
 BF16_DECODE_DEFAULT = os.environ.get("KVQUANT_BF16_DECODE", "0") == "1"
 
 
+#: the per-token tensors of a ``PackedKV`` (``[B, H, cap, ...]``)
+_PER_TOKEN = ("k_codes", "k_out_val", "k_out_idx", "v_codes", "v_scale", "v_zero", "v_out_val", "v_out_idx")
+
+
 def _decode_path_blocker(query, packed, m_rows, window, kb, vb, d) -> str:
     """Why the decode fast path (:func:`_packed_decode_kernel`) does not apply; "" when it does."""
     if query.dtype not in (torch.float16, torch.bfloat16):
@@ -1004,8 +1008,12 @@ def _decode_path_blocker(query, packed, m_rows, window, kb, vb, d) -> str:
         return f"head_dim {d} (needs >= 32)"
     for name in ("k_codes", "v_codes"):
         t = getattr(packed, name)
-        if t.data_ptr() % 4 or any(st % 4 for st in t.stride()[:3]) or t.shape[2] * t.stride(2) >= 2**31:
-            return f"packed.{name} rows are not 4-byte aligned (or the capacity is too large for 32-bit offsets)"
+        if t.data_ptr() % 4 or any(st % 4 for st in t.stride()[:3]):
+            return f"packed.{name} rows are not 4-byte aligned"
+    for name in _PER_TOKEN:  # both decode kernels address a (batch, head)'s tokens with 32-bit offsets
+        t = getattr(packed, name)
+        if t.shape[2] * t.stride(2) >= 2**31:
+            return f"packed.{name} is too long for 32-bit per-token offsets"
     for name in ("k_out_val", "v_out_val", "v_scale", "v_zero"):
         if getattr(packed, name).dtype != query.dtype:
             return f"packed.{name} is {getattr(packed, name).dtype}, the query {query.dtype}"
@@ -1173,9 +1181,7 @@ def packed_attention_triton(
         if use_decode and decode_backend != "triton":
             from . import cuda_decode
 
-            kgrid_c = affine_grid(packed.k_lut)
-            vgrid_c = affine_grid(packed.v_lut)
-            why_c = cuda_decode.cuda_decode_blocker(query, m_rows, window, kb, vb, d, k_slots, v_slots, packed,
+            why_c = cuda_decode.cuda_decode_blocker(query, m_rows, window, kb, vb, d, k_slots, v_slots,
                                                     allow_bf16=decode_backend == "cuda" or cuda_decode.CUDA_BF16_DEFAULT)
             if decode_backend == "cuda" and why_c:
                 raise ValueError(f"decode_backend='cuda' but the CUDA decode kernel does not apply: {why_c}.")
@@ -1196,27 +1202,27 @@ def packed_attention_triton(
         kscale = packed.k_scale.to(dev, torch.float32).contiguous()
         _need(kzero.shape == (h, d) and kscale.shape == (h, d), f"k_zero/k_scale must be [{h}, {d}].")
         freq = inv_freq.to(dev, torch.float32).contiguous()
-        if num_splits is None and use_cuda:
-            num_splits = cuda_decode.default_cuda_splits(bsz, h, length, dev)
-        if num_splits is None:
-            num_splits = default_num_splits(bsz, h, num_mb, length, dev, block_n)
+        if num_splits is None:  # the CUDA kernel: 256+ tokens per CTA (4 warps); more splits cost more in the merge
+            num_splits = default_num_splits(bsz, h, num_mb, length, dev, 256 if use_cuda else block_n,
+                                            128 if use_cuda else 64)
         _need(isinstance(num_splits, int) and num_splits >= 1, f"num_splits={num_splits!r} must be an int >= 1.")
         o_part = torch.empty(bsz, h, num_splits, num_mb * block_m, d, dtype=torch.float32, device=dev)
         lse_part = torch.empty(bsz, h, num_splits, num_mb * block_m, dtype=torch.float32, device=dev)
         hist = hist_start if hist_start is not None else packed.positions
         qpos = q_positions if q_positions is not None else packed.positions
         pk = packed
-        if use_cuda:  # False afterwards only if the kernel could not be compiled here (then Triton below)
-            use_cuda = cuda_decode.packed_decode_cuda(
-                query, packed, kzero, kscale, freq, hist_start, length, length_dev, o_part, lse_part, num_splits,
-                float(scaling * attention_scaling * LOG2E), kgrid_c, vgrid_c, required=decode_backend == "cuda")
-        if use_cuda:
-            _LAST_KERNELS["split"] = None
-        elif use_decode:
+        if use_decode:  # signposts of both fast paths: a uniform grid folds into scale/zero, other tables are gathered
             klut = packed.k_lut.to(dev, torch.float32).contiguous()
             vlut = packed.v_lut.to(dev, torch.float32).contiguous()
             kgrid = None if lut_gather else affine_grid(packed.k_lut)
             vgrid = None if lut_gather else affine_grid(packed.v_lut)
+        if use_cuda:  # False afterwards only if the kernel could not be compiled here (then Triton below)
+            use_cuda = cuda_decode.packed_decode_cuda(
+                query, packed, kzero, kscale, freq, hist_start, length, length_dev, o_part, lse_part, num_splits,
+                float(scaling * attention_scaling * LOG2E), klut, vlut, kgrid, vgrid, required=decode_backend == "cuda")
+        if use_cuda:
+            _LAST_KERNELS["split"] = None
+        elif use_decode:
             kpair = klut if kgrid is not None else _pair_table(packed.k_lut.to(dev), kb, query.dtype)
             vpair = vlut if vgrid is not None else _pair_table(packed.v_lut.to(dev), vb, query.dtype)
             _LAST_KERNELS["split"] = _packed_decode_kernel[(bsz * h, num_splits)](
