@@ -23,7 +23,7 @@ def _q(dtype=torch.float16, d=128):
 @pytest.mark.parametrize(
     "kw,needle",
     [
-        (dict(query=_q(torch.bfloat16)), "bf16 inputs are opt-in"),
+        (dict(query=_q(torch.bfloat16)), "bf16 inputs are turned off"),
         (dict(query=_q(torch.bfloat16), allow_bf16=True), "not a CUDA tensor"),
         (dict(query=_q(torch.float32)), "needs float16 or bfloat16"),
         (dict(m_rows=9), "q_len * group <= 8"),
@@ -129,3 +129,18 @@ def test_kernel_compiles_for_sm90(cfg, tmp_path):
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
     local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
     assert regs <= 255 and local == 0, usage
+
+
+@pytest.mark.parametrize("env,expected", [(None, True), ("0", False), ("1", True)])
+def test_bf16_default_follows_the_environment(monkeypatch, env, expected):
+    import importlib
+
+    if env is None:
+        monkeypatch.delenv("KVQUANT_CUDA_BF16", raising=False)
+    else:
+        monkeypatch.setenv("KVQUANT_CUDA_BF16", env)
+    try:
+        assert importlib.reload(cuda_decode).CUDA_BF16_DEFAULT is expected
+    finally:
+        monkeypatch.undo()
+        importlib.reload(cuda_decode)

@@ -6,8 +6,8 @@ rows per KV head) and device; no build step at install time. It writes the same 
 log-sum-exps as :func:`triton_kernels.decode_attention._packed_decode_kernel`, so the Triton merge kernel (splits
 + exact block) is shared.
 
-What it covers (:func:`cuda_decode_blocker` says why not otherwise): float16 queries (bfloat16 opt-in,
-:data:`CUDA_BF16_DEFAULT`), head_dim 128 (or 64 with
+What it covers (:func:`cuda_decode_blocker` says why not otherwise): float16 and bfloat16 queries (bfloat16 inputs
+are dequantized and multiplied in float16 inside; :data:`CUDA_BF16_DEFAULT`), head_dim 128 (or 64 with
 4-bit codes), 2/4-bit keys and values (uniform grids folded into scale and zero, other signpost tables gathered
 per code pair from shared memory), up to 2 outlier slots per token, ``q_len * group <= 8``, no sliding window,
 4-byte aligned code rows. The rest takes the Triton kernels.
@@ -30,10 +30,11 @@ TILE = 16
 
 #: use the CUDA decode kernel where it applies (``KVQUANT_CUDA_DECODE=0`` in the environment turns it off).
 CUDA_DECODE_DEFAULT = os.environ.get("KVQUANT_CUDA_DECODE", "1") == "1"
-#: bfloat16 models through the CUDA kernel (bf16 inputs, float16 dequantization and MMA operands) by default. Off:
-#: not yet checked on a GPU (``benchmarks/check_cuda_decode.py --bf16``); ``KVQUANT_CUDA_BF16=1`` or
-#: ``decode_backend="cuda"`` use it.
-CUDA_BF16_DEFAULT = os.environ.get("KVQUANT_CUDA_BF16", "0") == "1"
+#: bfloat16 models through the CUDA kernel (bf16 inputs, float16 dequantization and MMA operands) by default; checked
+#: on the H200 (``benchmarks/check_cuda_decode.py --bf16``: 21/21 cases, results/check_cuda_decode_bf16.md).
+#: Queries, scales and zero points beyond the float16 range (|x| > 65504) would become inf inside the kernel (inf/NaN
+#: outputs, never finite wrong ones); ``KVQUANT_CUDA_BF16=0`` sends bf16 models to the Triton kernel instead.
+CUDA_BF16_DEFAULT = os.environ.get("KVQUANT_CUDA_BF16", "1") == "1"
 
 
 def extra_defines() -> dict[str, int]:
@@ -76,8 +77,8 @@ def cuda_decode_blocker(query: torch.Tensor, m_rows: int, window, kb: int, vb: i
     (``_decode_path_blocker`` has checked the cache layout). The shape/format checks come first (they run
     anywhere); the device checks last."""
     if query.dtype == torch.bfloat16 and not allow_bf16:
-        return ("query dtype torch.bfloat16 (bf16 inputs are opt-in until checked on a GPU: KVQUANT_CUDA_BF16=1 or "
-                "decode_backend='cuda')")
+        return ("query dtype torch.bfloat16 (bf16 inputs are turned off: KVQUANT_CUDA_BF16=0 in the environment; "
+                "decode_backend='cuda' forces the kernel)")
     if query.dtype not in (torch.float16, torch.bfloat16):
         return f"query dtype {query.dtype} (needs float16 or bfloat16)"
     if m_rows > 8:
