@@ -47,6 +47,21 @@
 typedef unsigned int u32;
 typedef unsigned short u16;
 
+// PROF=1 (benchmarks only, benchmarks/cuda_decode_variants.py --prof): each warp sums SM clock cycles per phase of
+// its tile loop and writes them (with its tile count) into row 15 of its split's partial output, which the merge
+// never reads when MR <= 8 (rows >= MR are zero). Phases: 0 tile data + slot staging, 1 slot pre-work, 2 key
+// dequantization + score MMAs, 3 key slots + softmax, 4 value dequantization + PV MMAs, 5 value slots,
+// 6 per-block work (positions, query rotation), 7 setup, 8 warp/CTA combine.
+#ifndef PROF
+#define PROF 0
+#endif
+#if PROF
+__device__ __forceinline__ u32 clk() { u32 c; asm volatile("mov.u32 %0, %%clock;" : "=r"(c)::"memory"); return c; }
+#define PMARK(i) { const u32 _c = clk(); prof[i] += (float)(_c - plast); plast = _c; }
+#else
+#define PMARK(i)
+#endif
+
 __device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
   u32 d; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
 }
@@ -147,6 +162,10 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
   u32* kpt = (u32*)(vtf + 16);  // half2 signposts of code pairs (K_LUT / V_LUT)
   u32* vpt = kpt + (1 << (2 * KB));
 
+#if PROF
+  float prof[9] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, ntiles = 0.f;
+  u32 plast = clk();
+#endif
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int gid = lane / 4, tig = lane % 4;
   const int bh = blockIdx.x, split = blockIdx.y;
@@ -268,6 +287,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
     pN[1] = posb[min(blk + 32 + lane, whi - 1)];
   };
   if (wlo < whi) { load_tile(wlo); load_pos(wlo); }
+  PMARK(7);
 
   for (int blk = wlo; blk < whi; blk += TB) {
     // positions: consecutive from P in this block (mode A) or not (mode B: per-token angles, qr = q)
@@ -309,6 +329,10 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
     }
 
     for (int t0 = blk; t0 < min(blk + TB, whi); t0 += TILE) {
+      PMARK(6);
+#if PROF
+      ntiles += 1.f;
+#endif
       const int jb = t0 - blk;
       // this tile's data (loaded one tile ahead), then the next tile's loads
       u32 kw[2][2][KWT], vw[4][VW];
@@ -347,6 +371,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
         for (int j = 0; j < VW; ++j) vraw[tokof(tig, i) * (VROW / 4) + gid * (VBT / 4) + j] = vw[i][j];
       __syncwarp();  // kraw / vraw visible to the slot lanes
 #endif
+      PMARK(0);
       // ---------------- outlier slots, the parts that do not need the scores (overlap the MMAs) ----------------
       // keys: one lane per (token, slot) computes delta * (R(j)^T qr)[idx] for every row into kcor
 #if KS > 0
@@ -398,6 +423,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
         }
       }
 #endif
+      PMARK(1);
       // ---------------- scores ----------------
       float sc[2][4];
 #pragma unroll
@@ -447,6 +473,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
         for (int s = 0; s < KR; ++s)  // k-slices: registers (2s, 2s+1)
           mma16816(sc[nt], QA[2 * s], 0u, QA[2 * s + 1], 0u, kreg[2 * s], kreg[2 * s + 1]);
       }
+      PMARK(2);
       // ---------------- key outlier slots: add the corrections computed before the MMAs ----------------
 #if KS > 0
       __syncwarp();
@@ -492,6 +519,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
         __syncwarp();
 #endif
       }
+      PMARK(3);
       // ---------------- values ----------------
       // P^T as B operand: (tokens 2tig, 2tig+1 ; row gid), (tokens 2tig+8, 2tig+9 ; row gid)
       const u32 pb0 = f2h2(p[0], p[1]), pb1 = f2h2(p[2], p[3]);
@@ -534,6 +562,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
         }
         mma16816(acc[mt], a[0], a[1], a[2], a[3], pb0, pb1);
       }
+      PMARK(4);
       // ---------------- value outlier slots: p * (val - deq) into corr ----------------
 #if VS > 0
       if (gid < MR) {
@@ -547,8 +576,10 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       }
       __syncwarp();
 #endif
+      PMARK(5);
     }
   }
+  PMARK(6);
 
   // ---- warp result: corr[row][ch] += acc (unnormalized, relative to m_run of the row) ----
   l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
@@ -585,4 +616,12 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
     }
     o_part[(part + m) * D + ch] = o;
   }
+#if PROF
+  __syncthreads();
+  PMARK(8);
+  if (lane == 0) {
+    for (int i = 0; i < 9; ++i) o_part[(part + 15) * D + warp * 10 + i] = prof[i];
+    o_part[(part + 15) * D + warp * 10 + 9] = ntiles;
+  }
+#endif
 }
