@@ -60,6 +60,10 @@ CASES = [
     ("decode nuq2", 2, 2, 32, 8, 128, 8192, 1, 4, dict(pad=[0, 1000])),
     ("gqa8 + position gap", 2, 1, 64, 8, 128, 5000, 1, 1, dict(gap=1003)),
     ("gqa8 + position gap", 4, 1, 64, 8, 128, 5000, 1, 1, dict(gap=1003)),
+    # a jump at offset 100 of a 128-token rotation block (the kernel checked only a block's first 64 positions
+    # before 2026-11-30 session 5; 40000 tokens = 33 splits of 1280, warps of 320, so block 0 of warp 0 holds it)
+    ("position gap at block offset 100", 4, 1, 32, 8, 128, 40000, 1, 1, dict(gap=100)),
+    ("position gap at block offset 100", 2, 1, 32, 8, 128, 40000, 1, 1, dict(gap=100, uniform=False)),
     ("head_dim 64", 4, 1, 8, 2, 64, 16384, 1, 1, {}),
     ("short (37 tokens)", 4, 1, 32, 8, 128, 37, 1, 1, {}),
     ("one token", 4, 1, 32, 8, 128, 1, 1, 1, {}),

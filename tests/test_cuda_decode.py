@@ -62,16 +62,23 @@ def test_source_carries_the_configuration():
     assert 'extern "C" __global__' in src and cuda_decode.KERNEL in src
 
 
-def test_shared_memory_layout_size():
-    """shared_bytes must match the kernel's layout: recompute it from the layout comment's pieces."""
+@pytest.mark.parametrize("stage", [1, 0])
+def test_shared_memory_layout_size(monkeypatch, stage):
+    """shared_bytes must match the kernel's layout (both slot paths): recompute it from the layout's pieces."""
+    monkeypatch.setenv("KVQUANT_CUDA_DEFINES", f"STAGE={stage}")
     d, ks, mr, kb, vb, nw = 128, 2, 4, 4, 2, cuda_decode.NUM_WARPS
     kr, tile, tb = d // 16, cuda_decode.TILE, cuda_decode.TB
-    perw = 2 * mr * d + mr * tile + ks * mr * tile + tile * (d * kb // 8 + d * vb // 8) // 4
+    if stage:  # qr, staged key fragments [2][32][2 KR + 4], staged value fragments [32][4 D/16 + 4]
+        perw = mr * d + 2 * 32 * (2 * kr + 4) + 32 * (4 * d // 16 + 4)
+    else:
+        perw = 2 * mr * d + mr * tile + ks * mr * tile + tile * (d * kb // 8 + d * vb // 8) // 4
     words = tb * 4 * 3 * kr + mr * d + 2 * d + nw * perw + 2 * nw * mr + 32 + 2 ** (2 * kb) + 2 ** (2 * vb)
     assert cuda_decode.shared_bytes(d, ks, mr, kb, vb) == 4 * words
-    assert cuda_decode.shared_bytes(128, 2, 8, 4, 4) < 227 * 1024  # the largest config fits an H100/H200 SM
+    # the largest config: two CTAs (the launch bounds' target) fit an H100/H200 SM (228 KB, 1 KB reserved per CTA)
+    assert 2 * (cuda_decode.shared_bytes(128, 2, 8, 4, 4) + 1024) <= 228 * 1024
     with open(cuda_decode._SRC) as fh:
         src = fh.read()
+    assert "const int PERW = MR * D + 2 * 32 * KPAD + 32 * VPAD;" in src
     assert "const int PERW = 2 * MR * D + MR * TILE + KSX * MR * TILE + TILE * (KROW + VROW) / 4;" in src
 
 
@@ -98,8 +105,12 @@ NVRTC = _nvrtc_lib()
     dict(d=128, kb=4, vb=2, ks=0, vs=0, mr=8, has_hist=False, len_dev=False),
     dict(d=64, kb=4, vb=4, ks=1, vs=1, mr=3, has_hist=True, len_dev=False, k_lut=True),
     dict(d=128, kb=4, vb=4, ks=2, vs=2, mr=4, has_hist=False, len_dev=True, k_lut=True, v_lut=True, bf16=True),
+    dict(d=128, kb=4, vb=4, ks=2, vs=2, mr=4, has_hist=False, len_dev=True, stage=0),
 ])
-def test_kernel_compiles_for_sm90(cfg, tmp_path):
+def test_kernel_compiles_for_sm90(cfg, tmp_path, monkeypatch):
+    cfg = dict(cfg)
+    if "stage" in cfg:  # the per-token correction path for outlier slots (STAGE=0)
+        monkeypatch.setenv("KVQUANT_CUDA_DEFINES", f"STAGE={cfg.pop('stage')}")
     builtins = os.path.join(os.path.dirname(NVRTC), "libnvrtc-builtins.so.13.0")
     if os.path.exists(builtins):  # NVRTC dlopens it by name: load it first so no LD_LIBRARY_PATH is needed
         ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)

@@ -27,6 +27,7 @@
 #define TB 128         // tokens per rotation block (H200: 243 us vs 254 us with 64)
 #endif
 #define TILE 16        // tokens per MMA tile
+#define PPL (TB / 32)  // block positions per lane
 #define NEG_BIG (-1.0e30f)
 #define MIN_SCALE 6.103515625e-05f
 #define MAGIC 0x64006400u
@@ -42,6 +43,15 @@
 #define KROW (D * KB / 8)          // packed key bytes per token
 #define VROW (D * VB / 8)
 #define KSX (KS > 0 ? KS : 1)
+// STAGE=1: each tile's dequantized pre-RoPE keys and scaled values go through a per-warp shared-memory copy of the
+// lanes' MMA fragments, where one lane per (token, slot) overwrites its outlier element with the exact value; then
+// every lane reloads its fragments (no per-slot score corrections, no shared float atomics, no rescaled
+// correction rows). STAGE=0: the per-token correction path.
+#ifndef STAGE
+#define STAGE 1
+#endif
+#define KPAD (2 * KR + 4)          // staged key words per lane and 8-token half (padding: conflict-free 128-bit)
+#define VPAD (4 * NMT + 4)         // staged value words per lane
 #define VSX (VS > 0 ? VS : 1)
 
 typedef unsigned int u32;
@@ -71,6 +81,10 @@ __device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
 __device__ __forceinline__ u32 f2h2(float lo, float hi) {  // lo -> bits 0..15
   u32 d; asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo)); return d;
 }
+__device__ __forceinline__ u16 f2h(float x) {
+  u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x)); return h;
+}
+struct alignas(16) U4 { u32 x, y, z, w; };
 __device__ __forceinline__ float h2f(u16 h) {
   float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
 }
@@ -154,7 +168,13 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
   float* kzs = qs + MR * D;
   float* kss = kzs + D;
   float* wbase = kss + D;
+#if STAGE
+  // per warp: qr [MR][D] f32 | key fragments [2][32][KPAD] u32 (corr [MR][D] f32 after the loop) | values [32][VPAD]
+  const int PERW = MR * D + 2 * 32 * KPAD + 32 * VPAD;
+  static_assert(MR * D <= 2 * 32 * KPAD, "corr must fit in the key staging area");
+#else
   const int PERW = 2 * MR * D + MR * TILE + KSX * MR * TILE + TILE * (KROW + VROW) / 4;
+#endif
   float* wm = wbase + NW * PERW;
   float* wl = wm + NW * MR;
   float* ktf = wl + NW * MR;  // code -> signpost (affine grids: the code itself; scale/zero carry the grid)
@@ -175,10 +195,15 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
 #endif
   float* qr = wbase + warp * PERW;
   float* corr = qr + MR * D;
+#if STAGE
+  u32* kst = (u32*)corr;
+  u32* vst = kst + 2 * 32 * KPAD;
+#else
   float* pst = corr + MR * D;
   float* kcor = pst + MR * TILE;
   u32* kraw = (u32*)(kcor + KSX * MR * TILE);  // this tile's packed key / value rows (slot lanes read codes here)
   u32* vraw = kraw + TILE * KROW / 4;
+#endif
 
   // ---- CTA setup: R(j) table, queries (float32), folded key scale/zero ----
   for (int e = tid; e < TB * 4 * KR; e += NW * 32) {
@@ -201,7 +226,9 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
     kzs[ch] = z + k_a * s;
     kss[ch] = s * k_b;
   }
+#if !STAGE
   for (int e = lane; e < MR * D; e += 32) corr[e] = 0.f;
+#endif
   for (int c = tid; c < 16; c += NW * 32) {
     ktf[c] = (K_LUT && c < (1 << KB)) ? klut[c] : (float)c;
     vtf[c] = (V_LUT && c < (1 << VB)) ? vlut[c] : (float)c;
@@ -279,23 +306,86 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
 #pragma unroll
     for (int s2 = 0; s2 < VSX; ++s2) viN[s2] = VS > 0 ? (int)voib[ts * svit + s2] : 255;
     if (ss < KS) kvN = kovb[ts * skvt + ss];
-    if (ss < VS) { vvN = vovb[ts * svvt + ss]; vs1N = vsb[ts * svst]; vz1N = vzb[ts * svzt]; }
+    if (ss < VS) {
+      vvN = vovb[ts * svvt + ss];
+#if !STAGE
+      vs1N = vsb[ts * svst]; vz1N = vzb[ts * svzt];
+#endif
+    }
   };
-  int pN[2];
+  int pN[PPL];  // positions of this lane's tokens lane + 32 i of a block (TB / 32 each)
   auto load_pos = [&](int blk) {
-    pN[0] = posb[min(blk + lane, whi - 1)];
-    pN[1] = posb[min(blk + 32 + lane, whi - 1)];
+#pragma unroll
+    for (int i = 0; i < PPL; ++i) pN[i] = posb[min(blk + 32 * i + lane, whi - 1)];
   };
   if (wlo < whi) { load_tile(wlo); load_pos(wlo); }
+  // pre-RoPE keys of token gid of an 8-token half (words kwn) as 2 * KR half2 registers
+  auto key_regs = [&](const u32 (&kwn)[2][KWT], u32* kreg) {
+#pragma unroll
+    for (int r = 0; r < 2 * KR; ++r) {
+      const int hf = r / KR, rr = r % KR, j = rr / KNI, qq = rr % KNI;
+      const int shift = KB * KNS * (qq / KNS);
+      const u32 mask = (((1u << KB) - 1u) << (KB * (qq % KNS))) * 0x10001u;
+#if K_LUT
+      const u32 y = (kwn[hf][j] >> (KB * qq)) & (((1u << KB) - 1u) * 0x10001u);
+      const u32 x = kpt[(y & ((1u << KB) - 1u)) | (y >> (16 - KB))];  // signposts of codes qq, qq + KNI
+#else
+      u32 x = ((kwn[hf][j] >> shift) & mask) | MAGIC;
+      const float f = (float)(1 << (KB * (qq % KNS)));
+      const u32 inv = hh(f2h2(1.f / f, 0.f)), off = hh(f2h2(-1024.f / f, 0.f));
+      x = hfma2(x, inv, off);              // the code, exactly
+#endif
+      kreg[r] = hfma2(x, KS2[r], KZ2[r]);  // pre-RoPE key
+    }
+  };
+  // per-token value scale / zero of this thread's 4 tokens as half2 pairs (0 for tokens outside the range)
+  auto val_scales = [&](int t0, const u16* vsC, const u16* vzC, u32* SC, u32* ZE) {
+    float scl[4], zer[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int t = t0 + tokof(tig, i);
+      const bool valid = t < whi && t >= vis;
+      const float s = fmaxf(in2f(vsC[i]), MIN_SCALE), z = in2f(vzC[i]);
+      scl[i] = valid ? s * v_b : 0.f;
+      zer[i] = valid ? z + v_a * s : 0.f;
+    }
+    SC[0] = f2h2(scl[0], scl[1]); SC[1] = f2h2(scl[2], scl[3]);
+    ZE[0] = f2h2(zer[0], zer[1]); ZE[1] = f2h2(zer[2], zer[3]);
+  };
+  // value A fragments of m-tile mt: a0 (ch row gid, tok 2tig..), a1 (row gid+8, ..), a2 (row gid, tok 2tig+8..), a3
+  auto val_regs = [&](int mt, const u32 (&vw)[4][VW], const u32* SC, const u32* ZE, u32* a) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {  // token pairs (0,1) -> a0/a1, (2,3) -> a2/a3
+#pragma unroll
+      for (int rsel = 0; rsel < 2; ++rsel) {  // local channel 2mt + rsel
+        const int cl = 2 * mt + rsel;
+        const int byte = cl / VCPB, pos_in = cl % VCPB;
+        const u32 sel = (byte % 4) | ((byte % 4) << 4) | ((4 + byte % 4) << 8) | ((4 + byte % 4) << 12);
+        const u32 pr = __byte_perm(vw[2 * half][byte / 4], vw[2 * half + 1][byte / 4], sel);
+#if V_LUT
+        const u32 y = (pr >> (VB * pos_in)) & (((1u << VB) - 1u) * 0x10001u);
+        const u32 x = vpt[(y & ((1u << VB) - 1u)) | (y >> (16 - VB))];
+#else
+        const u32 mask = (((1u << VB) - 1u) << (VB * pos_in)) * 0x10001u;
+        u32 x = (pr & mask) | MAGIC;
+        const float f = (float)(1 << (VB * pos_in));
+        x = hfma2(x, hh(f2h2(1.f / f, 0.f)), hh(f2h2(-1024.f / f, 0.f)));
+#endif
+        a[2 * half + rsel] = hfma2(x, SC[half], ZE[half]);
+      }
+    }
+  };
   PMARK(7);
 
   for (int blk = wlo; blk < whi; blk += TB) {
     // positions: consecutive from P in this block (mode A) or not (mode B: per-token angles, qr = q)
-    const int pC[2] = {pN[0], pN[1]};
+    int pC[PPL];
+#pragma unroll
+    for (int i = 0; i < PPL; ++i) pC[i] = pN[i];
     if (blk + TB < whi) load_pos(blk + TB);
     int P = 0x7fffffff;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < PPL; ++i) {
       const int u = lane + 32 * i, t = blk + u;
       if (t < whi && t >= vis) P = min(P, pC[i] - u);
     }
@@ -303,7 +393,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
     for (int o = 16; o > 0; o >>= 1) P = min(P, __shfl_xor_sync(0xffffffffu, P, o));
     bool okA = true;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
+    for (int i = 0; i < PPL; ++i) {
       const int u = lane + 32 * i, t = blk + u;
       if (t < whi && t >= vis && pC[i] - u != P) okA = false;
     }
@@ -311,13 +401,15 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
     if (!modeA) P = 0;
     // qr = R(P)^T q, float32, rows < MR
     __syncwarp();
-    for (int e = lane; e < MR * HALF; e += 32) {
-      int m = e / HALF, i = e % HALF;
+    for (int i = lane; i < HALF; i += 32) {
       float c = 1.f, s = 0.f;
       if (modeA) cos_sin((float)P * inv_freq[i], &c, &s);
-      float qa = qs[m * D + i], qb = qs[m * D + HALF + i];
-      qr[m * D + i] = qa * c + qb * s;
-      qr[m * D + HALF + i] = qb * c - qa * s;
+#pragma unroll
+      for (int m = 0; m < MR; ++m) {
+        const float qa = qs[m * D + i], qb = qs[m * D + HALF + i];
+        qr[m * D + i] = qa * c + qb * s;
+        qr[m * D + HALF + i] = qb * c - qa * s;
+      }
     }
     __syncwarp();
     // A fragments of the rotated queries (row gid; rows >= MR and gid + 8 are zero)
@@ -356,6 +448,63 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       for (int s2 = 0; s2 < VSX; ++s2) vi[s2] = viN[s2];
       const u16 kv1 = kvN, vv1 = vvN, vs1 = vs1N, vz1 = vz1N;
       if (t0 + TILE < whi) load_tile(t0 + TILE);
+#if STAGE
+      u32 SC[2], ZE[2];
+      val_scales(t0, vsC, vzC, SC, ZE);
+#if KS > 0 || VS > 0
+      // this lane's fragments into its staging rows (it alone reads them back; slot lanes patch them in between)
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        u32 kreg[2 * KR];
+        key_regs(kw[nt], kreg);
+        U4* dst = (U4*)(kst + (nt * 32 + lane) * KPAD);
+#pragma unroll
+        for (int g = 0; g < KR / 2; ++g) dst[g] = U4{kreg[4 * g], kreg[4 * g + 1], kreg[4 * g + 2], kreg[4 * g + 3]};
+      }
+#pragma unroll
+      for (int mt = 0; mt < NMT; ++mt) {
+        u32 a[4];
+        val_regs(mt, vw, SC, ZE, a);
+        *(U4*)(vst + lane * VPAD + 4 * mt) = U4{a[0], a[1], a[2], a[3]};
+      }
+      __syncwarp();
+      PMARK(0);
+      // outlier slots: the lane of (token su, slot ss) writes the exact value over that element's fragment half
+      {
+        const int t = t0 + su;
+        const bool valid = t < whi && t >= vis;
+#if KS > 0
+        if (ss < KS) {
+          int idx = valid ? ki[ss] : 255;
+#pragma unroll
+          for (int s2 = 0; s2 < KSX; ++s2)
+            if (s2 > ss && ki[s2] == idx) idx = 255;  // the same channel twice: the later slot holds it
+          if (idx < D) {  // channel idx = key_channel(tg, r, l) of lane (su % 8) * 4 + tg, half su / 8
+            const int hh_ = idx / HALF, rem = idx % HALF, tg = rem / (HALF / 4), r2 = rem % (HALF / 4);
+            const int j = r2 / KCPW, qq = r2 % KCPW, l = qq / KNI, qn = qq % KNI;
+            const int r = hh_ * KR + j * KNI + qn;
+            ((u16*)kst)[(((su / 8) * 32 + (su % 8) * 4 + tg) * KPAD + r) * 2 + l] = f2h(in2f(kv1));
+          }
+        }
+#endif
+#if VS > 0
+        if (ss < VS) {
+          int idx = valid ? vi[ss] : 255;
+#pragma unroll
+          for (int s2 = 0; s2 < VSX; ++s2)
+            if (s2 > ss && vi[s2] == idx) idx = 255;
+          if (idx < D) {  // channel idx = val_channel(mt, row) of gid idx / (D / 8); token su of tig (su % 8) / 2
+            const int go = idx / (D / 8), rem = idx % (D / 8), mt = rem / 2, rs = rem % 2;
+            const int ln = go * 4 + (su % 8) / 2, k = 2 * (su / 8) + rs;
+            ((u16*)vst)[(ln * VPAD + 4 * mt + k) * 2 + (su % 2)] = f2h(in2f(vv1));
+          }
+        }
+#endif
+      }
+      __syncwarp();
+#endif
+      PMARK(1);
+#else  // !STAGE
 #if KS > 0 || VS > 0
       __syncwarp();  // the previous tile's slot lanes are done with kraw / vraw
 #pragma unroll
@@ -424,6 +573,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       }
 #endif
       PMARK(1);
+#endif  // STAGE
       // ---------------- scores ----------------
       float sc[2][4];
 #pragma unroll
@@ -447,22 +597,18 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
           }
         }
         u32 kreg[2 * KR];
+#if STAGE && (KS > 0 || VS > 0)
+        {
+          const U4* src = (const U4*)(kst + (nt * 32 + lane) * KPAD);
 #pragma unroll
-        for (int r = 0; r < 2 * KR; ++r) {
-          const int hf = r / KR, rr = r % KR, j = rr / KNI, qq = rr % KNI;
-          const int shift = KB * KNS * (qq / KNS);
-          const u32 mask = (((1u << KB) - 1u) << (KB * (qq % KNS))) * 0x10001u;
-#if K_LUT
-          const u32 y = (kw[nt][hf][j] >> (KB * qq)) & (((1u << KB) - 1u) * 0x10001u);
-          const u32 x = kpt[(y & ((1u << KB) - 1u)) | (y >> (16 - KB))];  // signposts of codes qq, qq + KNI
-#else
-          u32 x = ((kw[nt][hf][j] >> shift) & mask) | MAGIC;
-          const float f = (float)(1 << (KB * (qq % KNS)));
-          const u32 inv = hh(f2h2(1.f / f, 0.f)), off = hh(f2h2(-1024.f / f, 0.f));
-          x = hfma2(x, inv, off);              // the code, exactly
-#endif
-          kreg[r] = hfma2(x, KS2[r], KZ2[r]);  // pre-RoPE key
+          for (int g = 0; g < KR / 2; ++g) {
+            const U4 v = src[g];
+            kreg[4 * g] = v.x; kreg[4 * g + 1] = v.y; kreg[4 * g + 2] = v.z; kreg[4 * g + 3] = v.w;
+          }
         }
+#else
+        key_regs(kw[nt], kreg);
+#endif
 #pragma unroll
         for (int r = 0; r < KR; ++r) {  // RoPE by R(j): a' = a c - b s, b' = b c + a s
           u32 a = kreg[r], bb = kreg[KR + r];
@@ -475,7 +621,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       }
       PMARK(2);
       // ---------------- key outlier slots: add the corrections computed before the MMAs ----------------
-#if KS > 0
+#if KS > 0 && !STAGE
       __syncwarp();
       if (gid < MR) {
 #pragma unroll
@@ -510,7 +656,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
         const float a1 = __shfl_sync(0xffffffffu, alpha, (2 * tig + 1) * 4);
 #pragma unroll
         for (int i = 0; i < NMT; ++i) { acc[i][0] *= a0; acc[i][1] *= a1; acc[i][2] *= a0; acc[i][3] *= a1; }
-#if VS > 0
+#if VS > 0 && !STAGE
         for (int m = 0; m < MR; ++m) {
           const float am = __shfl_sync(0xffffffffu, alpha, m * 4);
           if (am != 1.f)
@@ -523,48 +669,24 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       // ---------------- values ----------------
       // P^T as B operand: (tokens 2tig, 2tig+1 ; row gid), (tokens 2tig+8, 2tig+9 ; row gid)
       const u32 pb0 = f2h2(p[0], p[1]), pb1 = f2h2(p[2], p[3]);
+#if !STAGE
       u32 SC[2], ZE[2];
-      {
-        float scl[4], zer[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int t = t0 + tokof(tig, i);
-          const bool valid = t < whi && t >= vis;
-          const float s = fmaxf(in2f(vsC[i]), MIN_SCALE), z = in2f(vzC[i]);
-          scl[i] = valid ? s * v_b : 0.f;
-          zer[i] = valid ? z + v_a * s : 0.f;
-        }
-        SC[0] = f2h2(scl[0], scl[1]); SC[1] = f2h2(scl[2], scl[3]);
-        ZE[0] = f2h2(zer[0], zer[1]); ZE[1] = f2h2(zer[2], zer[3]);
-      }
+      val_scales(t0, vsC, vzC, SC, ZE);
+#endif
 #pragma unroll
       for (int mt = 0; mt < NMT; ++mt) {
-        u32 a[4];  // a0: (ch row gid, tok 2tig..), a1: (row gid+8, ..), a2: (row gid, tok 2tig+8..), a3
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {  // token pairs (0,1) -> a0/a1, (2,3) -> a2/a3
-#pragma unroll
-          for (int rsel = 0; rsel < 2; ++rsel) {  // local channel 2mt + rsel
-            const int cl = 2 * mt + rsel;
-            const int byte = cl / VCPB, pos_in = cl % VCPB;
-            const u32 sel = (byte % 4) | ((byte % 4) << 4) | ((4 + byte % 4) << 8) | ((4 + byte % 4) << 12);
-            const u32 pr = __byte_perm(vw[2 * half][byte / 4], vw[2 * half + 1][byte / 4], sel);
-#if V_LUT
-            const u32 y = (pr >> (VB * pos_in)) & (((1u << VB) - 1u) * 0x10001u);
-            const u32 x = vpt[(y & ((1u << VB) - 1u)) | (y >> (16 - VB))];
+        u32 a[4];
+#if STAGE && (KS > 0 || VS > 0)
+        const U4 v = *(const U4*)(vst + lane * VPAD + 4 * mt);
+        a[0] = v.x; a[1] = v.y; a[2] = v.z; a[3] = v.w;
 #else
-            const u32 mask = (((1u << VB) - 1u) << (VB * pos_in)) * 0x10001u;
-            u32 x = (pr & mask) | MAGIC;
-            const float f = (float)(1 << (VB * pos_in));
-            x = hfma2(x, hh(f2h2(1.f / f, 0.f)), hh(f2h2(-1024.f / f, 0.f)));
+        val_regs(mt, vw, SC, ZE, a);
 #endif
-            a[2 * half + rsel] = hfma2(x, SC[half], ZE[half]);
-          }
-        }
         mma16816(acc[mt], a[0], a[1], a[2], a[3], pb0, pb1);
       }
       PMARK(4);
       // ---------------- value outlier slots: p * (val - deq) into corr ----------------
-#if VS > 0
+#if VS > 0 && !STAGE
       if (gid < MR) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) pst[gid * TILE + tokof(tig, i)] = p[i];
@@ -585,6 +707,10 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
   l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
   l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
   __syncwarp();
+#if STAGE  // corr shares the key staging rows: zero it now that every lane is done with them
+  for (int e = lane; e < MR * D; e += 32) corr[e] = 0.f;
+  __syncwarp();
+#endif
 #pragma unroll
   for (int mt = 0; mt < NMT; ++mt) {
     const int r0 = 2 * tig, r1 = 2 * tig + 1;
