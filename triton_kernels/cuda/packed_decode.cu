@@ -50,6 +50,14 @@
 #ifndef STAGE
 #define STAGE 1
 #endif
+// QREG=1 (with STAGE): each lane rotates its own query fragments by R(P) in registers at a block start (no
+// shared qr copy, no warp syncs). KCH=2: the score MMAs of an 8-token half accumulate in two chains.
+#ifndef QREG
+#define QREG 0
+#endif
+#ifndef KCH
+#define KCH 1
+#endif
 #define KPAD (2 * KR + 4)          // staged key words per lane and 8-token half (padding: conflict-free 128-bit)
 #define VPAD (4 * NMT + 4)         // staged value words per lane
 #define VSX (VS > 0 ? VS : 1)
@@ -399,6 +407,24 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
     }
     const bool modeA = __all_sync(0xffffffffu, okA);
     if (!modeA) P = 0;
+    u32 QA[2 * KR];  // A fragments of the rotated queries (row gid; rows >= MR and gid + 8 are zero)
+#if QREG && STAGE
+#pragma unroll
+    for (int r = 0; r < KR; ++r) {
+      float lo[2], hi[2];
+#pragma unroll
+      for (int l = 0; l < 2; ++l) {
+        const int i = key_channel(tig, r, l);  // first-half channel; its pair is i + HALF
+        float c = 1.f, sn = 0.f;
+        if (modeA) cos_sin((float)P * inv_freq[i], &c, &sn);
+        const float qa = gid < MR ? qs[gid * D + i] : 0.f, qb = gid < MR ? qs[gid * D + HALF + i] : 0.f;
+        lo[l] = qa * c + qb * sn;
+        hi[l] = qb * c - qa * sn;
+      }
+      QA[r] = f2h2(lo[0], lo[1]);
+      QA[KR + r] = f2h2(hi[0], hi[1]);
+    }
+#else
     // qr = R(P)^T q, float32, rows < MR
     __syncwarp();
     for (int i = lane; i < HALF; i += 32) {
@@ -412,13 +438,12 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       }
     }
     __syncwarp();
-    // A fragments of the rotated queries (row gid; rows >= MR and gid + 8 are zero)
-    u32 QA[2 * KR];
 #pragma unroll
     for (int r = 0; r < 2 * KR; ++r) {
       QA[r] = 0u;
       if (gid < MR) QA[r] = f2h2(qr[gid * D + key_channel(tig, r, 0)], qr[gid * D + key_channel(tig, r, 1)]);
     }
+#endif
 
     for (int t0 = blk; t0 < min(blk + TB, whi); t0 += TILE) {
       PMARK(6);
@@ -615,9 +640,20 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
           kreg[r] = hfma2(bb, NSn[r], hmul2(a, C[r]));
           kreg[KR + r] = hfma2(a, S[r], hmul2(bb, C[r]));
         }
+#if KCH == 2
+        float sc2[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int s = 0; s < KR; s += 2) {  // k-slices: registers (2s, 2s+1), two accumulation chains
+          mma16816(sc[nt], QA[2 * s], 0u, QA[2 * s + 1], 0u, kreg[2 * s], kreg[2 * s + 1]);
+          mma16816(sc2, QA[2 * s + 2], 0u, QA[2 * s + 3], 0u, kreg[2 * s + 2], kreg[2 * s + 3]);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) sc[nt][i] += sc2[i];
+#else
 #pragma unroll
         for (int s = 0; s < KR; ++s)  // k-slices: registers (2s, 2s+1)
           mma16816(sc[nt], QA[2 * s], 0u, QA[2 * s + 1], 0u, kreg[2 * s], kreg[2 * s + 1]);
+#endif
       }
       PMARK(2);
       // ---------------- key outlier slots: add the corrections computed before the MMAs ----------------
