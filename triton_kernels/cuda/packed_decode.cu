@@ -53,10 +53,10 @@
 // QREG=1 (with STAGE): each lane rotates its own query fragments by R(P) in registers at a block start (no
 // shared qr copy, no warp syncs). KCH=2: the score MMAs of an 8-token half accumulate in two chains.
 #ifndef QREG
-#define QREG 0
+#define QREG 1         // H200 128K: 167 / 154 us with KCH=2 vs 172 / 160 (uniform nuq4 / nuq2; cuda_decode_round2.md)
 #endif
 #ifndef KCH
-#define KCH 1
+#define KCH 2
 #endif
 #define KPAD (2 * KR + 4)          // staged key words per lane and 8-token half (padding: conflict-free 128-bit)
 #define VPAD (4 * NMT + 4)         // staged value words per lane
