@@ -68,6 +68,8 @@ def shared_bytes(d: int, ks: int, mr: int, kb: int = 4, vb: int = 4, num_warps: 
     else:
         perw = 2 * mr * d + mr * TILE + max(ks, 1) * mr * TILE + TILE * (d * kb // 8 + d * vb // 8) // 4
     floats = tb * 4 * 3 * kr + mr * d + 2 * d + num_warps * perw + 2 * num_warps * mr + 32 + (1 << 2 * kb) + (1 << 2 * vb)
+    if extra_defines().get("LUTX", 0):  # per-lane single-code tables, [16][32] words each for keys and values
+        floats += 2 * 16 * 32
     return 4 * floats
 
 

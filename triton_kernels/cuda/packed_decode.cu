@@ -58,6 +58,12 @@
 #ifndef KCH
 #define KCH 2
 #endif
+// LUTX=1: gathered tables (K_LUT / V_LUT) as per-lane copies of the single-code signposts, [code][lane] u32 (the
+// fp16 value in both halves): two conflict-free lookups per half2 instead of one pair-table lookup whose random
+// addresses collide in the shared-memory banks.
+#ifndef LUTX
+#define LUTX 0
+#endif
 #define KPAD (2 * KR + 4)          // staged key words per lane and 8-token half (padding: conflict-free 128-bit)
 #define VPAD (4 * NMT + 4)         // staged value words per lane
 #define VSX (VS > 0 ? VS : 1)
@@ -189,6 +195,8 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
   float* vtf = ktf + 16;
   u32* kpt = (u32*)(vtf + 16);  // half2 signposts of code pairs (K_LUT / V_LUT)
   u32* vpt = kpt + (1 << (2 * KB));
+  u32* ktx = vpt + (1 << (2 * VB));  // LUTX: [16][32] each
+  u32* vtx = ktx + 16 * 32;
 
 #if PROF
   float prof[9] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, ntiles = 0.f;
@@ -246,6 +254,13 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
 #endif
 #if V_LUT
   for (int e = tid; e < (1 << (2 * VB)); e += NW * 32) vpt[e] = vpair[e];
+#endif
+#if LUTX
+  for (int e = tid; e < 16 * 32; e += NW * 32) {
+    const int c = e / 32;
+    ktx[e] = hh(f2h(K_LUT && c < (1 << KB) ? klut[c] : 0.f));
+    vtx[e] = hh(f2h(V_LUT && c < (1 << VB) ? vlut[c] : 0.f));
+  }
 #endif
   __syncthreads();
 
@@ -336,7 +351,11 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       const u32 mask = (((1u << KB) - 1u) << (KB * (qq % KNS))) * 0x10001u;
 #if K_LUT
       const u32 y = (kwn[hf][j] >> (KB * qq)) & (((1u << KB) - 1u) * 0x10001u);
+#if LUTX
+      const u32 x = (ktx[(y & 0xFFFFu) * 32 + lane] & 0xFFFFu) | (ktx[(y >> 16) * 32 + lane] & 0xFFFF0000u);
+#else
       const u32 x = kpt[(y & ((1u << KB) - 1u)) | (y >> (16 - KB))];  // signposts of codes qq, qq + KNI
+#endif
 #else
       u32 x = ((kwn[hf][j] >> shift) & mask) | MAGIC;
       const float f = (float)(1 << (KB * (qq % KNS)));
@@ -372,7 +391,11 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
         const u32 pr = __byte_perm(vw[2 * half][byte / 4], vw[2 * half + 1][byte / 4], sel);
 #if V_LUT
         const u32 y = (pr >> (VB * pos_in)) & (((1u << VB) - 1u) * 0x10001u);
+#if LUTX
+        const u32 x = (vtx[(y & 0xFFFFu) * 32 + lane] & 0xFFFFu) | (vtx[(y >> 16) * 32 + lane] & 0xFFFF0000u);
+#else
         const u32 x = vpt[(y & ((1u << VB) - 1u)) | (y >> (16 - VB))];
+#endif
 #else
         const u32 mask = (((1u << VB) - 1u) << (VB * pos_in)) * 0x10001u;
         u32 x = (pr & mask) | MAGIC;
