@@ -62,24 +62,19 @@ def test_source_carries_the_configuration():
     assert 'extern "C" __global__' in src and cuda_decode.KERNEL in src
 
 
-@pytest.mark.parametrize("stage", [1, 0])
-def test_shared_memory_layout_size(monkeypatch, stage):
-    """shared_bytes must match the kernel's layout (both slot paths): recompute it from the layout's pieces."""
-    monkeypatch.setenv("KVQUANT_CUDA_DEFINES", f"STAGE={stage}")
+def test_shared_memory_layout_size():
+    """shared_bytes must match the kernel's layout: recompute it from the layout's pieces."""
     d, ks, mr, kb, vb, nw = 128, 2, 4, 4, 2, cuda_decode.NUM_WARPS
-    kr, tile, tb = d // 16, cuda_decode.TILE, cuda_decode.TB
-    if stage:  # qr, staged key fragments [2][32][2 KR + 4], staged value fragments [32][4 D/16 + 4]
-        perw = mr * d + 2 * 32 * (2 * kr + 4) + 32 * (4 * d // 16 + 4)
-    else:
-        perw = 2 * mr * d + mr * tile + ks * mr * tile + tile * (d * kb // 8 + d * vb // 8) // 4
+    kr, tb = d // 16, cuda_decode.TB
+    perw = 2 * 32 * (2 * kr + 4) + 32 * (4 * d // 16 + 4)  # staged key fragments [2][32][KPAD], values [32][VPAD]
     words = tb * 4 * 3 * kr + mr * d + 2 * d + nw * perw + 2 * nw * mr + 32 + 2 ** (2 * kb) + 2 ** (2 * vb)
     assert cuda_decode.shared_bytes(d, ks, mr, kb, vb) == 4 * words
     # the largest config: two CTAs (the launch bounds' target) fit an H100/H200 SM (228 KB, 1 KB reserved per CTA)
     assert 2 * (cuda_decode.shared_bytes(128, 2, 8, 4, 4) + 1024) <= 228 * 1024
     with open(cuda_decode._SRC) as fh:
         src = fh.read()
-    assert "const int PERW = MR * D + 2 * 32 * KPAD + 32 * VPAD;" in src
-    assert "const int PERW = 2 * MR * D + MR * TILE + KSX * MR * TILE + TILE * (KROW + VROW) / 4;" in src
+    assert "const int PERW = 2 * 32 * KPAD + 32 * VPAD;" in src
+    assert "static_assert(MR * D <= 2 * 32 * KPAD" in src  # the warp result (corr) reuses the key staging rows
 
 
 def _nvrtc_lib() -> str | None:
@@ -105,12 +100,8 @@ NVRTC = _nvrtc_lib()
     dict(d=128, kb=4, vb=2, ks=0, vs=0, mr=8, has_hist=False, len_dev=False),
     dict(d=64, kb=4, vb=4, ks=1, vs=1, mr=3, has_hist=True, len_dev=False, k_lut=True),
     dict(d=128, kb=4, vb=4, ks=2, vs=2, mr=4, has_hist=False, len_dev=True, k_lut=True, v_lut=True, bf16=True),
-    dict(d=128, kb=4, vb=4, ks=2, vs=2, mr=4, has_hist=False, len_dev=True, stage=0),
 ])
-def test_kernel_compiles_for_sm90(cfg, tmp_path, monkeypatch):
-    cfg = dict(cfg)
-    if "stage" in cfg:  # the per-token correction path for outlier slots (STAGE=0)
-        monkeypatch.setenv("KVQUANT_CUDA_DEFINES", f"STAGE={cfg.pop('stage')}")
+def test_kernel_compiles_for_sm90(cfg, tmp_path):
     builtins = os.path.join(os.path.dirname(NVRTC), "libnvrtc-builtins.so.13.0")
     if os.path.exists(builtins):  # NVRTC dlopens it by name: load it first so no LD_LIBRARY_PATH is needed
         ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
@@ -155,3 +146,19 @@ def test_bf16_default_follows_the_environment(monkeypatch, env, expected):
     finally:
         monkeypatch.undo()
         importlib.reload(cuda_decode)
+
+
+@pytest.mark.parametrize("batch,length,expected", [
+    (1, 131072, 33),   # 8 (batch, head) programs x 33 = 264 = two per SM on 132 SMs
+    (4, 131072, 8),    # 32 x 8 = 256 (not 9: 288 programs would start a second, nearly empty wave)
+    (8, 131072, 4),    # 64 x 4 = 256 (not 5: 320)
+    (64, 131072, 1),   # more programs than two per SM: no split
+    (1, 1000, 4),      # bounded by the 256-token blocks
+])
+def test_default_splits_fill_whole_waves(monkeypatch, batch, length, expected):
+    from triton_kernels import decode_attention as da
+
+    monkeypatch.setattr(da, "_sm_count", lambda device: 132)
+    splits = da.default_num_splits(batch, 8, 1, length, torch.device("cpu"), block_n=256, max_splits=128)
+    assert splits == expected
+    assert batch * 8 * splits <= 2 * 132 or splits == 1

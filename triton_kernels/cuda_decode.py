@@ -63,13 +63,8 @@ def shared_bytes(d: int, ks: int, mr: int, kb: int = 4, vb: int = 4, num_warps: 
     kr = d // 16
     tb = extra_defines().get("TB", TB)
     num_warps = extra_defines().get("NW", num_warps)
-    if extra_defines().get("STAGE", 1):  # qr, staged key fragments (2 x 32 x KPAD words), values (32 x VPAD)
-        perw = mr * d + 2 * 32 * (2 * kr + 4) + 32 * (4 * (d // 16) + 4)
-    else:
-        perw = 2 * mr * d + mr * TILE + max(ks, 1) * mr * TILE + TILE * (d * kb // 8 + d * vb // 8) // 4
+    perw = 2 * 32 * (2 * kr + 4) + 32 * (4 * (d // 16) + 4)  # per warp: staged key (KPAD) and value (VPAD) fragments
     floats = tb * 4 * 3 * kr + mr * d + 2 * d + num_warps * perw + 2 * num_warps * mr + 32 + (1 << 2 * kb) + (1 << 2 * vb)
-    if extra_defines().get("LUTX", 0):  # per-lane single-code tables, [16][32] words each for keys and values
-        floats += 2 * 16 * 32
     return 4 * floats
 
 

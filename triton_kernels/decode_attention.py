@@ -977,9 +977,13 @@ def _sm_count(device: torch.device) -> int:
 
 def default_num_splits(batch: int, kv_heads: int, row_blocks: int, length: int, device: torch.device,
                        block_n: int = 64, max_splits: int = 64) -> int:
-    """Splits so that stage 1 fills the GPU about twice, bounded by the number of token blocks."""
+    """Splits so that stage 1 fills two programs per SM in whole waves, bounded by the number of token blocks.
+
+    Rounded down: 64 (batch, head) programs on 132 SMs take 4 splits (256 programs, one wave of two per SM), not 5
+    (320 programs: a second wave that is a fifth full doubles the time of the one before it).
+    """
     programs = batch * kv_heads * row_blocks
-    want = triton.cdiv(2 * _sm_count(device), max(programs, 1))
+    want = max(1, (2 * _sm_count(device)) // max(programs, 1))
     return int(max(1, min(want, max_splits, triton.cdiv(max(length, 1), block_n))))
 
 

@@ -43,26 +43,13 @@
 #define KROW (D * KB / 8)          // packed key bytes per token
 #define VROW (D * VB / 8)
 #define KSX (KS > 0 ? KS : 1)
-// STAGE=1: each tile's dequantized pre-RoPE keys and scaled values go through a per-warp shared-memory copy of the
-// lanes' MMA fragments, where one lane per (token, slot) overwrites its outlier element with the exact value; then
-// every lane reloads its fragments (no per-slot score corrections, no shared float atomics, no rescaled
-// correction rows). STAGE=0: the per-token correction path.
-#ifndef STAGE
-#define STAGE 1
-#endif
-// QREG=1 (with STAGE): each lane rotates its own query fragments by R(P) in registers at a block start (no
-// shared qr copy, no warp syncs). KCH=2: the score MMAs of an 8-token half accumulate in two chains.
-#ifndef QREG
-#define QREG 1         // H200 128K: 167 / 154 us with KCH=2 vs 172 / 160 (uniform nuq4 / nuq2; cuda_decode_round2.md)
-#endif
+// Outlier slots: each tile's dequantized pre-RoPE keys and scaled values go through a per-warp shared-memory copy
+// of the lanes' MMA fragments, where one lane per (token, slot) overwrites its outlier element with the exact value;
+// then every lane reloads its fragments. (Session 4's per-token corrections -- score deltas, p * delta added with
+// shared float atomics, which sm_90 runs as CAS loops -- took 240 us at 128K vs 172 us this way.)
+// KCH=2: the score MMAs of an 8-token half accumulate in two chains (167 vs 172 us at 128K, cuda_decode_round2.md).
 #ifndef KCH
 #define KCH 2
-#endif
-// LUTX=1: gathered tables (K_LUT / V_LUT) as per-lane copies of the single-code signposts, [code][lane] u32 (the
-// fp16 value in both halves): two conflict-free lookups per half2 instead of one pair-table lookup whose random
-// addresses collide in the shared-memory banks.
-#ifndef LUTX
-#define LUTX 0
 #endif
 #define KPAD (2 * KR + 4)          // staged key words per lane and 8-token half (padding: conflict-free 128-bit)
 #define VPAD (4 * NMT + 4)         // staged value words per lane
@@ -175,28 +162,21 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
     float qk_scale, float k_a, float k_b, float v_a, float v_b) {
   extern __shared__ float smem[];
   // shared layout: R(j) table [TB][4 tig][3][KR] u32 | q [MR][D] f32 | kz, ks (folded) [D] f32 each |
-  //                per warp: qr [MR][D] f32, corr [MR][D] f32, pst [MR][TILE] f32, kcor [KS][MR][TILE] f32,
-  //                kraw [TILE][KROW] u8, vraw [TILE][VROW] u8 | wm, wl [NW][MR]
+  //                per warp (below) | wm, wl [NW][MR] | code tables
   u32* rtab = (u32*)smem;
   float* qs = smem + TB * 4 * 3 * KR;
   float* kzs = qs + MR * D;
   float* kss = kzs + D;
   float* wbase = kss + D;
-#if STAGE
-  // per warp: qr [MR][D] f32 | key fragments [2][32][KPAD] u32 (corr [MR][D] f32 after the loop) | values [32][VPAD]
-  const int PERW = MR * D + 2 * 32 * KPAD + 32 * VPAD;
+  // per warp: key fragments [2][32][KPAD] u32 (its result corr [MR][D] f32 after the loop) | values [32][VPAD] u32
+  const int PERW = 2 * 32 * KPAD + 32 * VPAD;
   static_assert(MR * D <= 2 * 32 * KPAD, "corr must fit in the key staging area");
-#else
-  const int PERW = 2 * MR * D + MR * TILE + KSX * MR * TILE + TILE * (KROW + VROW) / 4;
-#endif
   float* wm = wbase + NW * PERW;
   float* wl = wm + NW * MR;
   float* ktf = wl + NW * MR;  // code -> signpost (affine grids: the code itself; scale/zero carry the grid)
   float* vtf = ktf + 16;
   u32* kpt = (u32*)(vtf + 16);  // half2 signposts of code pairs (K_LUT / V_LUT)
   u32* vpt = kpt + (1 << (2 * KB));
-  u32* ktx = vpt + (1 << (2 * VB));  // LUTX: [16][32] each
-  u32* vtx = ktx + 16 * 32;
 
 #if PROF
   float prof[9] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, ntiles = 0.f;
@@ -209,17 +189,9 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
 #if LEN_DEV
   L = *len_ptr;
 #endif
-  float* qr = wbase + warp * PERW;
-  float* corr = qr + MR * D;
-#if STAGE
+  float* corr = wbase + warp * PERW;
   u32* kst = (u32*)corr;
   u32* vst = kst + 2 * 32 * KPAD;
-#else
-  float* pst = corr + MR * D;
-  float* kcor = pst + MR * TILE;
-  u32* kraw = (u32*)(kcor + KSX * MR * TILE);  // this tile's packed key / value rows (slot lanes read codes here)
-  u32* vraw = kraw + TILE * KROW / 4;
-#endif
 
   // ---- CTA setup: R(j) table, queries (float32), folded key scale/zero ----
   for (int e = tid; e < TB * 4 * KR; e += NW * 32) {
@@ -242,9 +214,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
     kzs[ch] = z + k_a * s;
     kss[ch] = s * k_b;
   }
-#if !STAGE
-  for (int e = lane; e < MR * D; e += 32) corr[e] = 0.f;
-#endif
   for (int c = tid; c < 16; c += NW * 32) {
     ktf[c] = (K_LUT && c < (1 << KB)) ? klut[c] : (float)c;
     vtf[c] = (V_LUT && c < (1 << VB)) ? vlut[c] : (float)c;
@@ -254,13 +223,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
 #endif
 #if V_LUT
   for (int e = tid; e < (1 << (2 * VB)); e += NW * 32) vpt[e] = vpair[e];
-#endif
-#if LUTX
-  for (int e = tid; e < 16 * 32; e += NW * 32) {
-    const int c = e / 32;
-    ktx[e] = hh(f2h(K_LUT && c < (1 << KB) ? klut[c] : 0.f));
-    vtx[e] = hh(f2h(V_LUT && c < (1 << VB) ? vlut[c] : 0.f));
-  }
 #endif
   __syncthreads();
 
@@ -331,9 +293,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
     if (ss < KS) kvN = kovb[ts * skvt + ss];
     if (ss < VS) {
       vvN = vovb[ts * svvt + ss];
-#if !STAGE
-      vs1N = vsb[ts * svst]; vz1N = vzb[ts * svzt];
-#endif
     }
   };
   int pN[PPL];  // positions of this lane's tokens lane + 32 i of a block (TB / 32 each)
@@ -351,11 +310,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       const u32 mask = (((1u << KB) - 1u) << (KB * (qq % KNS))) * 0x10001u;
 #if K_LUT
       const u32 y = (kwn[hf][j] >> (KB * qq)) & (((1u << KB) - 1u) * 0x10001u);
-#if LUTX
-      const u32 x = (ktx[(y & 0xFFFFu) * 32 + lane] & 0xFFFFu) | (ktx[(y >> 16) * 32 + lane] & 0xFFFF0000u);
-#else
       const u32 x = kpt[(y & ((1u << KB) - 1u)) | (y >> (16 - KB))];  // signposts of codes qq, qq + KNI
-#endif
 #else
       u32 x = ((kwn[hf][j] >> shift) & mask) | MAGIC;
       const float f = (float)(1 << (KB * (qq % KNS)));
@@ -391,11 +346,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
         const u32 pr = __byte_perm(vw[2 * half][byte / 4], vw[2 * half + 1][byte / 4], sel);
 #if V_LUT
         const u32 y = (pr >> (VB * pos_in)) & (((1u << VB) - 1u) * 0x10001u);
-#if LUTX
-        const u32 x = (vtx[(y & 0xFFFFu) * 32 + lane] & 0xFFFFu) | (vtx[(y >> 16) * 32 + lane] & 0xFFFF0000u);
-#else
         const u32 x = vpt[(y & ((1u << VB) - 1u)) | (y >> (16 - VB))];
-#endif
 #else
         const u32 mask = (((1u << VB) - 1u) << (VB * pos_in)) * 0x10001u;
         u32 x = (pr & mask) | MAGIC;
@@ -431,7 +382,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
     const bool modeA = __all_sync(0xffffffffu, okA);
     if (!modeA) P = 0;
     u32 QA[2 * KR];  // A fragments of the rotated queries (row gid; rows >= MR and gid + 8 are zero)
-#if QREG && STAGE
 #pragma unroll
     for (int r = 0; r < KR; ++r) {
       float lo[2], hi[2];
@@ -447,26 +397,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       QA[r] = f2h2(lo[0], lo[1]);
       QA[KR + r] = f2h2(hi[0], hi[1]);
     }
-#else
-    // qr = R(P)^T q, float32, rows < MR
-    __syncwarp();
-    for (int i = lane; i < HALF; i += 32) {
-      float c = 1.f, s = 0.f;
-      if (modeA) cos_sin((float)P * inv_freq[i], &c, &s);
-#pragma unroll
-      for (int m = 0; m < MR; ++m) {
-        const float qa = qs[m * D + i], qb = qs[m * D + HALF + i];
-        qr[m * D + i] = qa * c + qb * s;
-        qr[m * D + HALF + i] = qb * c - qa * s;
-      }
-    }
-    __syncwarp();
-#pragma unroll
-    for (int r = 0; r < 2 * KR; ++r) {
-      QA[r] = 0u;
-      if (gid < MR) QA[r] = f2h2(qr[gid * D + key_channel(tig, r, 0)], qr[gid * D + key_channel(tig, r, 1)]);
-    }
-#endif
 
     for (int t0 = blk; t0 < min(blk + TB, whi); t0 += TILE) {
       PMARK(6);
@@ -496,7 +426,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       for (int s2 = 0; s2 < VSX; ++s2) vi[s2] = viN[s2];
       const u16 kv1 = kvN, vv1 = vvN, vs1 = vs1N, vz1 = vz1N;
       if (t0 + TILE < whi) load_tile(t0 + TILE);
-#if STAGE
       u32 SC[2], ZE[2];
       val_scales(t0, vsC, vzC, SC, ZE);
 #if KS > 0 || VS > 0
@@ -552,76 +481,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       __syncwarp();
 #endif
       PMARK(1);
-#else  // !STAGE
-#if KS > 0 || VS > 0
-      __syncwarp();  // the previous tile's slot lanes are done with kraw / vraw
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf)
-#pragma unroll
-          for (int j = 0; j < KWT; ++j)
-            kraw[(nt * 8 + gid) * (KROW / 4) + hf * (HALF * KB / 32) + tig * KWT + j] = kw[nt][hf][j];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < VW; ++j) vraw[tokof(tig, i) * (VROW / 4) + gid * (VBT / 4) + j] = vw[i][j];
-      __syncwarp();  // kraw / vraw visible to the slot lanes
-#endif
-      PMARK(0);
-      // ---------------- outlier slots, the parts that do not need the scores (overlap the MMAs) ----------------
-      // keys: one lane per (token, slot) computes delta * (R(j)^T qr)[idx] for every row into kcor
-#if KS > 0
-      if (ss < KS) {
-        const int u = su, s = ss, t = t0 + u;
-        const bool valid = t < whi && t >= vis;
-        int idx = valid ? ki[s] : 255;
-#pragma unroll
-        for (int s2 = 0; s2 < KSX; ++s2)
-          if (s2 > s && ki[s2] == idx) idx = 255;
-        float cm[MR];
-#pragma unroll
-        for (int m = 0; m < MR; ++m) cm[m] = 0.f;
-        if (idx < D) {
-          const int bit = idx * KB;
-          const int code = (((const unsigned char*)kraw)[u * KROW + bit / 8] >> (bit % 8)) & ((1 << KB) - 1);
-          const float deq = ktf[code] * kss[idx] + kzs[idx];
-          const float delta = in2f(kv1) - deq;
-          const int fi = idx % HALF;
-          float c, sn;
-          cos_sin((modeA ? (float)(jb + u) : (float)posb[min(t, whi - 1)]) * inv_freq[fi], &c, &sn);
-#pragma unroll
-          for (int m = 0; m < MR; ++m) {
-            const float qa = qr[m * D + fi], qb = qr[m * D + HALF + fi];
-            cm[m] = delta * (idx < HALF ? qa * c + qb * sn : qb * c - qa * sn);
-          }
-        }
-#pragma unroll
-        for (int m = 0; m < MR; ++m) kcor[(s * MR + m) * TILE + u] = cm[m];
-      }
-#endif
-      // values: this lane's (token, slot) channel and val - deq; p * delta is added after the softmax
-      int vidx = 255;
-      float vdelta = 0.f;
-#if VS > 0
-      if (ss < VS) {
-        const int t = t0 + su;
-        const bool valid = t < whi && t >= vis;
-        vidx = valid ? vi[ss] : 255;
-#pragma unroll
-        for (int s2 = 0; s2 < VSX; ++s2)
-          if (s2 > ss && vi[s2] == vidx) vidx = 255;
-        if (vidx < D) {
-          const int bit = vidx * VB;
-          const int code = (((const unsigned char*)vraw)[su * VROW + bit / 8] >> (bit % 8)) & ((1 << VB) - 1);
-          const float s0 = fmaxf(in2f(vs1), MIN_SCALE);
-          const float deq = vtf[code] * (s0 * v_b) + (in2f(vz1) + v_a * s0);
-          vdelta = in2f(vv1) - deq;
-        }
-      }
-#endif
-      PMARK(1);
-#endif  // STAGE
       // ---------------- scores ----------------
       float sc[2][4];
 #pragma unroll
@@ -645,7 +504,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
           }
         }
         u32 kreg[2 * KR];
-#if STAGE && (KS > 0 || VS > 0)
+#if KS > 0 || VS > 0
         {
           const U4* src = (const U4*)(kst + (nt * 32 + lane) * KPAD);
 #pragma unroll
@@ -680,17 +539,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       }
       PMARK(2);
       // ---------------- key outlier slots: add the corrections computed before the MMAs ----------------
-#if KS > 0 && !STAGE
-      __syncwarp();
-      if (gid < MR) {
-#pragma unroll
-        for (int s = 0; s < KS; ++s) {
-          const float* kr = kcor + (s * MR + gid) * TILE;
-          sc[0][0] += kr[2 * tig]; sc[0][1] += kr[2 * tig + 1];
-          sc[1][0] += kr[8 + 2 * tig]; sc[1][1] += kr[9 + 2 * tig];
-        }
-      }
-#endif
       // ---------------- online softmax (row gid; log2 domain) ----------------
       float sv[4] = {sc[0][0], sc[0][1], sc[1][0], sc[1][1]};
       float tmax = NEG_BIG;
@@ -715,27 +563,15 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
         const float a1 = __shfl_sync(0xffffffffu, alpha, (2 * tig + 1) * 4);
 #pragma unroll
         for (int i = 0; i < NMT; ++i) { acc[i][0] *= a0; acc[i][1] *= a1; acc[i][2] *= a0; acc[i][3] *= a1; }
-#if VS > 0 && !STAGE
-        for (int m = 0; m < MR; ++m) {
-          const float am = __shfl_sync(0xffffffffu, alpha, m * 4);
-          if (am != 1.f)
-            for (int ch = lane; ch < D; ch += 32) corr[m * D + ch] *= am;
-        }
-        __syncwarp();
-#endif
       }
       PMARK(3);
       // ---------------- values ----------------
       // P^T as B operand: (tokens 2tig, 2tig+1 ; row gid), (tokens 2tig+8, 2tig+9 ; row gid)
       const u32 pb0 = f2h2(p[0], p[1]), pb1 = f2h2(p[2], p[3]);
-#if !STAGE
-      u32 SC[2], ZE[2];
-      val_scales(t0, vsC, vzC, SC, ZE);
-#endif
 #pragma unroll
       for (int mt = 0; mt < NMT; ++mt) {
         u32 a[4];
-#if STAGE && (KS > 0 || VS > 0)
+#if KS > 0 || VS > 0
         const U4 v = *(const U4*)(vst + lane * VPAD + 4 * mt);
         a[0] = v.x; a[1] = v.y; a[2] = v.z; a[3] = v.w;
 #else
@@ -745,18 +581,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       }
       PMARK(4);
       // ---------------- value outlier slots: p * (val - deq) into corr ----------------
-#if VS > 0 && !STAGE
-      if (gid < MR) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) pst[gid * TILE + tokof(tig, i)] = p[i];
-      }
-      __syncwarp();
-      if (vidx < D) {
-#pragma unroll
-        for (int m = 0; m < MR; ++m) atomicAdd(&corr[m * D + vidx], pst[m * TILE + su] * vdelta);
-      }
-      __syncwarp();
-#endif
       PMARK(5);
     }
   }
@@ -766,10 +590,8 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
   l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
   l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
   __syncwarp();
-#if STAGE  // corr shares the key staging rows: zero it now that every lane is done with them
   for (int e = lane; e < MR * D; e += 32) corr[e] = 0.f;
   __syncwarp();
-#endif
 #pragma unroll
   for (int mt = 0; mt < NMT; ++mt) {
     const int r0 = 2 * tig, r1 = 2 * tig + 1;
@@ -792,7 +614,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       for (int w = 0; w < NW; ++w) {
         const float wt = exp2f(wm[w * MR + m] - M);
         Lsum += wl[w * MR + m] * wt;
-        o += wbase[w * PERW + MR * D + m * D + ch] * wt;
+        o += wbase[w * PERW + m * D + ch] * wt;
       }
       o = Lsum > 0.f ? o / Lsum : 0.f;
       if (ch == 0) lse_part[part + m] = Lsum > 0.f ? M + log2f(Lsum) : NEG_BIG;
