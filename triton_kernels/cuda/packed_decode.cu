@@ -51,9 +51,15 @@
 #ifndef KCH
 #define KCH 2
 #endif
+// LUTR=1: gathered tables (K_LUT / V_LUT) also as per-lane copies [entry][32 lanes], so lookups never collide in the
+// shared-memory banks: 2-bit pair tables (16 pairs) directly, 4-bit tables as single codes (two lookups per half2).
+#ifndef LUTR
+#define LUTR 0
+#endif
 #define KPAD (2 * KR + 4)          // staged key words per lane and 8-token half (padding: conflict-free 128-bit)
 #define VPAD (4 * NMT + 4)         // staged value words per lane
 #define VSX (VS > 0 ? VS : 1)
+static_assert(KS <= 2 && VS <= 2, "one lane per (token, slot): at most 2 slots per token (lanes 0-15, 16-31)");
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -177,6 +183,8 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
   float* vtf = ktf + 16;
   u32* kpt = (u32*)(vtf + 16);  // half2 signposts of code pairs (K_LUT / V_LUT)
   u32* vpt = kpt + (1 << (2 * KB));
+  u32* krep = vpt + (1 << (2 * VB));  // LUTR: [16][32] each
+  u32* vrep = krep + 16 * 32;
 
 #if PROF
   float prof[9] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, ntiles = 0.f;
@@ -223,6 +231,13 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
 #endif
 #if V_LUT
   for (int e = tid; e < (1 << (2 * VB)); e += NW * 32) vpt[e] = vpair[e];
+#endif
+#if LUTR
+  for (int e = tid; e < 16 * 32; e += NW * 32) {
+    const int c = e >> 5;
+    if (K_LUT) krep[e] = KB == 2 ? kpair[c] : hh(f2h(klut[c]));
+    if (V_LUT) vrep[e] = VB == 2 ? vpair[c] : hh(f2h(vlut[c]));
+  }
 #endif
   __syncthreads();
 
@@ -310,7 +325,13 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       const u32 mask = (((1u << KB) - 1u) << (KB * (qq % KNS))) * 0x10001u;
 #if K_LUT
       const u32 y = (kwn[hf][j] >> (KB * qq)) & (((1u << KB) - 1u) * 0x10001u);
+#if LUTR && KB == 2
+      const u32 x = krep[((((y & 3u) | (y >> 14))) << 5) + lane];
+#elif LUTR
+      const u32 x = (krep[((y & 15u) << 5) + lane] & 0xFFFFu) | (krep[((y >> 16) << 5) + lane] & 0xFFFF0000u);
+#else
       const u32 x = kpt[(y & ((1u << KB) - 1u)) | (y >> (16 - KB))];  // signposts of codes qq, qq + KNI
+#endif
 #else
       u32 x = ((kwn[hf][j] >> shift) & mask) | MAGIC;
       const float f = (float)(1 << (KB * (qq % KNS)));
@@ -346,7 +367,13 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
         const u32 pr = __byte_perm(vw[2 * half][byte / 4], vw[2 * half + 1][byte / 4], sel);
 #if V_LUT
         const u32 y = (pr >> (VB * pos_in)) & (((1u << VB) - 1u) * 0x10001u);
+#if LUTR && VB == 2
+        const u32 x = vrep[((((y & 3u) | (y >> 14))) << 5) + lane];
+#elif LUTR
+        const u32 x = (vrep[((y & 15u) << 5) + lane] & 0xFFFFu) | (vrep[((y >> 16) << 5) + lane] & 0xFFFF0000u);
+#else
         const u32 x = vpt[(y & ((1u << VB) - 1u)) | (y >> (16 - VB))];
+#endif
 #else
         const u32 mask = (((1u << VB) - 1u) << (VB * pos_in)) * 0x10001u;
         u32 x = (pr & mask) | MAGIC;
@@ -452,7 +479,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
         const bool valid = t < whi && t >= vis;
 #if KS > 0
         if (ss < KS) {
-          int idx = valid ? ki[ss] : 255;
+          int idx = valid ? (ss == 0 ? ki[0] : ki[KSX - 1]) : 255;  // (a register select: ki[ss] went to local memory)
 #pragma unroll
           for (int s2 = 0; s2 < KSX; ++s2)
             if (s2 > ss && ki[s2] == idx) idx = 255;  // the same channel twice: the later slot holds it
@@ -466,7 +493,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
 #endif
 #if VS > 0
         if (ss < VS) {
-          int idx = valid ? vi[ss] : 255;
+          int idx = valid ? (ss == 0 ? vi[0] : vi[VSX - 1]) : 255;
 #pragma unroll
           for (int s2 = 0; s2 < VSX; ++s2)
             if (s2 > ss && vi[s2] == idx) idx = 255;
