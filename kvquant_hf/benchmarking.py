@@ -37,6 +37,7 @@ def fast_fill_layer(layer: KVQuantLayer, batch: int, heads: int, head_dim: int, 
     layer._ensure_capacity(hist + (layer.config.block_size if spare is None else spare))
     if n_sink:
         layer.sink_k[:, :, :n_sink].normal_(generator=g)
+        layer._sink_rope = None  # sink_k written directly: rotate it again when read
         layer.sink_v[:, :, :n_sink].normal_(generator=g)
         layer.sink_positions[:, :n_sink] = torch.arange(n_sink, dtype=torch.int32, device=device)
         layer.sink_valid[:, :n_sink] = True

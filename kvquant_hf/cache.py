@@ -3,7 +3,8 @@
 Each model layer owns a :class:`KVQuantLayer` that stores
 
 * the **attention sink**: the first ``config.sink_tokens`` real tokens of every sequence, exact and *pre-RoPE*
-  (``sink_k / sink_v [B, H, n_sink, D]``, positions ``sink_positions [B, n_sink]`` int32);
+  (``sink_k / sink_v [B, H, n_sink, D]``, positions ``sink_positions [B, n_sink]`` int32), plus the sink keys
+  rotated once when they arrive (``sink_k_rot``, model dtype; decode steps do not rotate the sink again);
 * the **packed history**: every other token, quantized on arrival in the layout of
   :class:`kvquant_hf.attention.PackedKV` (pre-RoPE nuqX key codes with per-channel calibrated thresholds and
   outlier slots, nuqX value codes with per-token scale/zero and outlier slots, ``positions [B, cap]`` int32).
@@ -55,7 +56,7 @@ logger = logging.getLogger(__name__)
 _HISTORY_TENSORS = (
     "k_codes", "k_out_val", "k_out_idx", "v_codes", "v_scale", "v_zero", "v_out_val", "v_out_idx", "positions",
 )
-_SINK_TENSORS = ("sink_k", "sink_v", "sink_positions", "sink_valid")
+_SINK_TENSORS = ("sink_k", "sink_v", "sink_positions", "sink_valid", "sink_k_rot")
 _ROW_TENSORS = ("hist_start",)
 GROWTH_FACTOR = 1.5
 MIN_TRITON_HEAD_DIM = 32
@@ -163,8 +164,9 @@ def history_token_bytes(config: KVQuantConfig, num_heads: int, head_dim: int, dt
 
 
 def sink_token_bytes(num_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-    """Bytes one sink token costs per sequence and layer: exact K and V in the model dtype + int32 position."""
-    return 2 * num_heads * head_dim * _element_size(dtype) + 4
+    """Bytes one sink token costs per sequence and layer: exact K (pre-RoPE and rotated) and V in the model dtype
+    + int32 position."""
+    return 3 * num_heads * head_dim * _element_size(dtype) + 4
 
 
 def layer_tensor_bytes(config: KVQuantConfig, batch: int, num_heads: int, head_dim: int, dtype: torch.dtype,
@@ -190,6 +192,7 @@ def layer_tensor_bytes(config: KVQuantConfig, batch: int, num_heads: int, head_d
         b * cap * 4,  # positions
         b * h * ns * d * es, b * h * ns * d * es,  # sink_k, sink_v
         b * ns * 4, b * ns,  # sink_positions, sink_valid
+        b * h * ns * d * es,  # sink_k_rot
         b * 8,  # hist_start
         4 * 2**config.key_bits, 4 * 2**config.value_bits,  # k_lut, v_lut (float32)
         4 * h * d, 4 * h * d, 4 * h * d, 4 * h * d,  # k_lower, k_upper, k_zero, k_scale (float32)
@@ -316,6 +319,8 @@ class KVQuantLayer(CacheLayerMixin):
         self.sink_v = torch.zeros(b, h, ns, d, dtype=self.dtype, device=self.device)
         self.sink_positions = torch.zeros(b, ns, dtype=torch.int32, device=self.device)
         self.sink_valid = torch.zeros(b, ns, dtype=torch.bool, device=self.device)
+        self.sink_k_rot = torch.zeros(b, h, ns, d, dtype=self.dtype, device=self.device)
+        self._sink_rope = None  # (inv_freq object, attention_scaling) sink_k_rot was rotated with; None: stale
         self.hist_start = torch.zeros(b, dtype=torch.int64, device=self.device)
         self.length = self.n_sink = 0
         self.has_hist_pad = False
@@ -470,8 +475,11 @@ class KVQuantLayer(CacheLayerMixin):
         k_new_rot = apply_rope(k.to(rot_dtype), inputs.rope.cos.to(rot_dtype), inputs.rope.sin.to(rot_dtype))
         if self.n_sink:
             sink_pos = self.sink_positions[:, : self.n_sink]
-            cos, sin = inputs.rope.cos_sin(sink_pos, dtype=rot_dtype)
-            sink_k = apply_rope(self.sink_k[:, :, : self.n_sink].to(rot_dtype), cos, sin)
+            if rot_dtype == self.dtype:  # the sink keys rotated when they arrived (again if the RoPE changed)
+                sink_k = self._rotated_sink(inputs.rope)
+            else:
+                cos, sin = inputs.rope.cos_sin(sink_pos, dtype=rot_dtype)
+                sink_k = apply_rope(self.sink_k[:, :, : self.n_sink].to(rot_dtype), cos, sin)
             exact_k = torch.cat([sink_k, k_new_rot], dim=2)
             exact_v = torch.cat([self.sink_v[:, :, : self.n_sink], v], dim=2)
             sink_visible = self.sink_valid[:, None, : self.n_sink].expand(b, n_new, self.n_sink)
@@ -492,8 +500,26 @@ class KVQuantLayer(CacheLayerMixin):
             q_positions=positions if window is not None else None,
             window=window,
         )
-        self._store(k, v, positions, real)
+        self._store(k, v, positions, real, inputs.rope)
         return out.transpose(1, 2)
+
+    def _rotated_sink(self, rope) -> torch.Tensor:
+        """``sink_k_rot[:, :, :n_sink]``: the sink keys rotated to their positions in the model dtype (what the exact
+        block needs every step). Rotated when they arrive (:meth:`_store`); rotated again here only if ``rope``
+        is not the one they were rotated with (a new ``inv_freq`` object, e.g. dynamic RoPE scaling, or a sink
+        written without it)."""
+        if not self._sink_rope_is(rope):
+            self._rotate_sink(rope, slice(0, self.n_sink))
+        return self.sink_k_rot[:, :, : self.n_sink]
+
+    def _sink_rope_is(self, rope) -> bool:
+        return (self._sink_rope is not None and self._sink_rope[0] is rope.inv_freq
+                and self._sink_rope[1] == rope.attention_scaling)
+
+    def _rotate_sink(self, rope, sl: slice) -> None:
+        cos, sin = rope.cos_sin(self.sink_positions[:, sl], dtype=self.dtype)
+        self.sink_k_rot[:, :, sl] = apply_rope(self.sink_k[:, :, sl], cos, sin)
+        self._sink_rope = (rope.inv_freq, rope.attention_scaling)
 
     def _check_finite(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
         """Apply ``config.nonfinite`` to the new keys/values (see :class:`~kvquant_hf.config.KVQuantConfig`).
@@ -503,12 +529,14 @@ class KVQuantLayer(CacheLayerMixin):
         forward call (one host sync per layer and call); ``"zero"`` (and CUDA-graph mode, which cannot sync) stores
         bad tokens as zeros in every head and counts them on the device.
         """
-        bad_k = ~torch.isfinite(k).all(-1).all(1)  # [B, L]
-        bad_v = ~torch.isfinite(v).all(-1).all(1)
-        bad = bad_k | bad_v
+        # one reduction per tensor (max |x| over heads and channels propagates NaN and Inf): few kernels per step
+        good = torch.isfinite(torch.maximum(k.abs().amax(dim=(1, 3)), v.abs().amax(dim=(1, 3))))  # [B, L]
         if self.config.nonfinite == "error" and not self.graph_mode:
-            if not bool(bad.any()):
+            if bool(good.all()):
                 return k, v
+            bad_k = ~torch.isfinite(k).all(-1).all(1)
+            bad_v = ~torch.isfinite(v).all(-1).all(1)
+            bad = bad_k | bad_v
             rows = sorted({int(r) for r in bad.nonzero()[:, 0]})
             pos = positions.to(bad.device).expand(bad.shape)[bad][:8].tolist()
             tensors = [name for name, t in (("keys", bad_k), ("values", bad_v)) if bool(t.any())]
@@ -520,10 +548,9 @@ class KVQuantLayer(CacheLayerMixin):
                 "beyond 65504), or pass cache_config={'nonfinite': 'zero'} to store such tokens as zeros.",
                 layer_idx=self.layer_idx, rows=rows, positions=pos, tensors=tensors,
             )
-        keep = ~bad[:, None, :, None]
-        zero = torch.zeros((), dtype=k.dtype, device=k.device)
-        self.nonfinite_counter += bad.sum()
-        return torch.where(keep, k, zero), torch.where(keep, v, zero)
+        keep = good[:, None, :, None]
+        self.nonfinite_counter += (~good).sum()
+        return torch.where(keep, k, 0.0), torch.where(keep, v, 0.0)
 
     def _rollback_siblings(self) -> None:
         """After a rejected call: give every layer of the cache back the length this layer has (not yet stored)."""
@@ -623,8 +650,10 @@ class KVQuantLayer(CacheLayerMixin):
         return visible, real
 
     # ---------------------------------------------------------------- storing
-    def _store(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, real: torch.Tensor | None) -> None:
-        """Append new tokens ``[B, H, L, D]``: fill the sink first, quantize the rest into the history."""
+    def _store(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, real: torch.Tensor | None,
+               rope=None) -> None:
+        """Append new tokens ``[B, H, L, D]``: fill the sink first (rotating its keys once with ``rope``), quantize
+        the rest into the history."""
         n_new = k.shape[2]
         room = self.config.sink_tokens - self.n_sink
         take = min(room, n_new)
@@ -649,6 +678,10 @@ class KVQuantLayer(CacheLayerMixin):
             self.sink_positions[:, sl] = positions.gather(1, sink_idx).to(torch.int32)
             self.sink_valid[:, sl] = sink_valid
             self.n_sink += take
+            if rope is None:
+                self._sink_rope = None  # rotated when read
+            else:  # the new sink tokens, or all of them if the earlier ones were rotated with another RoPE
+                self._rotate_sink(rope, sl if self._sink_rope_is(rope) else slice(0, self.n_sink))
             if take == n_new:
                 return
             k, v, positions = _gather_seq(k, hist_idx), _gather_seq(v, hist_idx), positions.gather(1, hist_idx)
@@ -760,7 +793,7 @@ class KVQuantLayer(CacheLayerMixin):
             v, self.v_lut, self.n_slots, cfg.value_bits,
             out=(self.v_codes, self.v_scale, self.v_zero, self.v_out_val, self.v_out_idx), start=self.length_dev,
         )
-        idx = self.length_dev.long() + torch.arange(n, device=self.device)
+        idx = self.length_dev.long() if n == 1 else self.length_dev.long() + torch.arange(n, device=self.device)
         self.positions.index_copy_(1, idx, positions.to(torch.int32))
         self.length_dev.add_(n)
 

@@ -573,9 +573,9 @@ def test_memory_footprint_exact_bytes_and_avg_bits():
     cache.layers[0] = layer
     # per history token and row: H * (K codes 8 + K slot 2+1 + V codes 8 + V scale/zero 2*2 + V slot 2+1) + position 4
     per_hist = h * (8 + 3 + 8 + 4 + 3) + 4
-    per_sink = 2 * h * HEAD_DIM * 2 + 4  # exact K and V (fp16) + position
+    per_sink = 3 * h * HEAD_DIM * 2 + 4  # exact K (pre-RoPE and rotated) and V (fp16) + position
     assert layer.bytes_per_history_token() == per_hist == 56
-    assert cache.get_memory_footprint() == b * (10 * per_hist + 1 * per_sink) == 2 * (560 + 132)
+    assert cache.get_memory_footprint() == b * (10 * per_hist + 1 * per_sink) == 2 * (560 + 196)
     assert cache.get_memory_footprint(include_spare=True) == b * (16 * per_hist + 1 * per_sink)
     stats = cache.memory_stats()
     assert stats["avg_bits_per_element"] == pytest.approx(quant.nuq_avg_bits(4, HEAD_DIM, 1))  # 5.625 at D=16
@@ -686,3 +686,47 @@ def test_packed_attention_reference_is_what_the_layer_calls(monkeypatch):
     layer.attend(synthetic_inputs(1, 4, 2, 6, 0))
     layer.attend(synthetic_inputs(1, 4, 2, 1, 6, window=3))
     assert len(calls) == 2 and calls[1]["window"] == 3 and calls[1]["q_positions"].tolist() == [[6]]
+
+
+def _decode_inputs(prefill, step_seed, inv_freq):
+    """One new token after ``prefill`` (an AttendInputs) rotated with ``inv_freq`` (a tensor object of our choice)."""
+    b, _, n, _ = prefill.key.shape
+    g = torch.Generator().manual_seed(step_seed)
+    hq, h = prefill.query.shape[1], prefill.key.shape[1]
+    positions = torch.full((b, 1), n)
+    rope = rope_for(positions, inv_freq)
+    q = apply_rope(torch.randn(b, hq, 1, HEAD_DIM, generator=g), rope.cos, rope.sin)
+    k = torch.randn(b, h, 1, HEAD_DIM, generator=g) * 2
+    v = torch.randn(b, h, 1, HEAD_DIM, generator=g)
+    return AttendInputs(q, k, v, positions, rope, None, HEAD_DIM**-0.5, None)
+
+
+def test_sink_keys_are_rotated_once_and_again_when_the_rope_changes(monkeypatch):
+    cfg = KVQuantConfig(bits=4, sink_tokens=2, block_size=16)
+    layer = KVQuantLayer(cfg, 0, calibrated_layer_signposts(2), calibrated_layer_signposts(2))
+    pre = synthetic_inputs(2, 4, 2, 7, 0)
+    layer.attend(pre)
+    inv_freq = pre.rope.inv_freq
+    # rotated when the sink filled, exactly as the exact block rotated it before (model dtype, stored positions)
+    cos, sin = pre.rope.cos_sin(layer.sink_positions[:, :2])
+    assert torch.equal(layer.sink_k_rot[:, :, :2], apply_rope(layer.sink_k[:, :, :2], cos, sin))
+    calls = []
+    orig = layer._rotate_sink
+    monkeypatch.setattr(layer, "_rotate_sink", lambda rope, sl: (calls.append(sl), orig(rope, sl)))
+    fresh = KVQuantLayer(cfg, 0, calibrated_layer_signposts(2), calibrated_layer_signposts(2))
+    fresh.attend(pre)
+    step = _decode_inputs(pre, 1, inv_freq)
+    out = layer.attend(step)
+    assert calls == []  # the same RoPE (inv_freq object): no rotation in the decode step
+    fresh._sink_rope = None  # forces the rotation: same result
+    torch.testing.assert_close(out, fresh.attend(step), rtol=0, atol=0)
+    # a new inv_freq object (e.g. dynamic RoPE scaling): the sink is rotated again with it
+    scaled = inv_freq * 0.5
+    step2 = _decode_inputs(pre, 2, scaled)
+    layer.attend(step2)
+    assert calls == [slice(0, 2)]
+    cos, sin = step2.rope.cos_sin(layer.sink_positions[:, :2])
+    assert torch.equal(layer.sink_k_rot[:, :, :2], apply_rope(layer.sink_k[:, :, :2], cos, sin))
+    # batch operations keep the rotated copy row-aligned with the sink
+    layer.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(layer.sink_k_rot[:, :, :2], apply_rope(layer.sink_k[:, :, :2], cos[[1, 0]], sin[[1, 0]]))

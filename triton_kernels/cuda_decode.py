@@ -65,8 +65,6 @@ def shared_bytes(d: int, ks: int, mr: int, kb: int = 4, vb: int = 4, num_warps: 
     num_warps = extra_defines().get("NW", num_warps)
     perw = 2 * 32 * (2 * kr + 4) + 32 * (4 * (d // 16) + 4)  # per warp: staged key (KPAD) and value (VPAD) fragments
     floats = tb * 4 * 3 * kr + mr * d + 2 * d + num_warps * perw + 2 * num_warps * mr + 32 + (1 << 2 * kb) + (1 << 2 * vb)
-    if extra_defines().get("LUTR", 0):  # per-lane table copies, [16][32] words for keys and for values
-        floats += 2 * 16 * 32
     return 4 * floats
 
 

@@ -48,13 +48,10 @@
 // then every lane reloads its fragments. (Session 4's per-token corrections -- score deltas, p * delta added with
 // shared float atomics, which sm_90 runs as CAS loops -- took 240 us at 128K vs 172 us this way.)
 // KCH=2: the score MMAs of an 8-token half accumulate in two chains (167 vs 172 us at 128K, cuda_decode_round2.md).
+// Tried and removed (measured): per-lane copies of the code tables (LUTX / LUTR: no gain, cuda_decode_round3/4.md);
+// three CTAs per SM at <= 168 registers with TB = 64 (spills: 260 vs 157 us, cuda_decode_round4.md).
 #ifndef KCH
 #define KCH 2
-#endif
-// LUTR=1: gathered tables (K_LUT / V_LUT) also as per-lane copies [entry][32 lanes], so lookups never collide in the
-// shared-memory banks: 2-bit pair tables (16 pairs) directly, 4-bit tables as single codes (two lookups per half2).
-#ifndef LUTR
-#define LUTR 0
 #endif
 #define KPAD (2 * KR + 4)          // staged key words per lane and 8-token half (padding: conflict-free 128-bit)
 #define VPAD (4 * NMT + 4)         // staged value words per lane
@@ -183,8 +180,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
   float* vtf = ktf + 16;
   u32* kpt = (u32*)(vtf + 16);  // half2 signposts of code pairs (K_LUT / V_LUT)
   u32* vpt = kpt + (1 << (2 * KB));
-  u32* krep = vpt + (1 << (2 * VB));  // LUTR: [16][32] each
-  u32* vrep = krep + 16 * 32;
 
 #if PROF
   float prof[9] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, ntiles = 0.f;
@@ -231,13 +226,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
 #endif
 #if V_LUT
   for (int e = tid; e < (1 << (2 * VB)); e += NW * 32) vpt[e] = vpair[e];
-#endif
-#if LUTR
-  for (int e = tid; e < 16 * 32; e += NW * 32) {
-    const int c = e >> 5;
-    if (K_LUT) krep[e] = KB == 2 ? kpair[c] : hh(f2h(klut[c]));
-    if (V_LUT) vrep[e] = VB == 2 ? vpair[c] : hh(f2h(vlut[c]));
-  }
 #endif
   __syncthreads();
 
@@ -325,13 +313,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       const u32 mask = (((1u << KB) - 1u) << (KB * (qq % KNS))) * 0x10001u;
 #if K_LUT
       const u32 y = (kwn[hf][j] >> (KB * qq)) & (((1u << KB) - 1u) * 0x10001u);
-#if LUTR && KB == 2
-      const u32 x = krep[((((y & 3u) | (y >> 14))) << 5) + lane];
-#elif LUTR
-      const u32 x = (krep[((y & 15u) << 5) + lane] & 0xFFFFu) | (krep[((y >> 16) << 5) + lane] & 0xFFFF0000u);
-#else
       const u32 x = kpt[(y & ((1u << KB) - 1u)) | (y >> (16 - KB))];  // signposts of codes qq, qq + KNI
-#endif
 #else
       u32 x = ((kwn[hf][j] >> shift) & mask) | MAGIC;
       const float f = (float)(1 << (KB * (qq % KNS)));
@@ -367,13 +349,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
         const u32 pr = __byte_perm(vw[2 * half][byte / 4], vw[2 * half + 1][byte / 4], sel);
 #if V_LUT
         const u32 y = (pr >> (VB * pos_in)) & (((1u << VB) - 1u) * 0x10001u);
-#if LUTR && VB == 2
-        const u32 x = vrep[((((y & 3u) | (y >> 14))) << 5) + lane];
-#elif LUTR
-        const u32 x = (vrep[((y & 15u) << 5) + lane] & 0xFFFFu) | (vrep[((y >> 16) << 5) + lane] & 0xFFFF0000u);
-#else
         const u32 x = vpt[(y & ((1u << VB) - 1u)) | (y >> (16 - VB))];
-#endif
 #else
         const u32 mask = (((1u << VB) - 1u) << (VB * pos_in)) * 0x10001u;
         u32 x = (pr & mask) | MAGIC;
