@@ -524,11 +524,18 @@ class KVQuantLayer(CacheLayerMixin):
     def _check_finite(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
         """Apply ``config.nonfinite`` to the new keys/values (see :class:`~kvquant_hf.config.KVQuantConfig`).
 
-        A token is *bad* when any element of its key or value, in any head, is NaN or Inf. ``"error"`` raises
+        A token is *bad* when any element of its key or value, in any head, is NaN or Inf (the Triton backend zeroes
+        and counts in one kernel, in place: :func:`triton_kernels.zero_nonfinite_tokens_`). ``"error"`` raises
         :class:`KVQuantNumericalError` before anything is stored and rolls back the layers that already stored this
         forward call (one host sync per layer and call); ``"zero"`` (and CUDA-graph mode, which cannot sync) stores
         bad tokens as zeros in every head and counts them on the device.
         """
+        if self.backend == "triton" and (self.graph_mode or self.config.nonfinite != "error"):
+            module, _ = _triton_module()
+            if hasattr(module, "zero_nonfinite_tokens_"):  # one kernel: detect, zero in place, count
+                with _device_guard(self.device):
+                    module.zero_nonfinite_tokens_(k, v, self.nonfinite_counter)
+                return k, v
         # one reduction per tensor (max |x| over heads and channels propagates NaN and Inf): few kernels per step
         good = torch.isfinite(torch.maximum(k.abs().amax(dim=(1, 3)), v.abs().amax(dim=(1, 3))))  # [B, L]
         if self.config.nonfinite == "error" and not self.graph_mode:

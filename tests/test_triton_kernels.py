@@ -561,3 +561,30 @@ def test_pair_table_holds_both_signposts_in_the_model_dtype(dtype):
     hi = ((tab >> 16) & 0xFFFF).to(torch.int16).view(dtype)
     assert torch.equal(lo, lut.to(dtype)[u & 15]) and torch.equal(hi, lut.to(dtype)[u >> 4])
     assert _da._pair_table(lut, 4, dtype) is tab  # cached per table, version and dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_zero_nonfinite_tokens_matches_the_torch_rule(dtype):
+    from triton_kernels import zero_nonfinite_tokens_
+
+    g = torch.Generator().manual_seed(0)
+    b, h, n, d = 2, 3, 5, 16
+    # non-contiguous views, as the attention forward passes them ([B, L, H, D] projections transposed)
+    k = torch.randn(b, n, h, d, generator=g).to(dtype).transpose(1, 2)
+    v = torch.randn(b, n, h, d, generator=g).to(dtype).transpose(1, 2)
+    k[0, 2, 1, 7] = float("nan")     # row 0, token 1: a NaN in one head's key
+    v[1, 0, 4, 0] = float("inf")     # row 1, token 4: an Inf in one head's value
+    k[1, 1, 2, 3] = float("-inf")    # row 1, token 2
+    v[1, 1, 2, 5] = float("nan")     # ... and a NaN in its value too (still one bad token)
+    bad = ~(torch.isfinite(k).all(-1).all(1) & torch.isfinite(v).all(-1).all(1))  # [B, L]
+    assert bad.sum() == 3
+    keep = ~bad[:, None, :, None]
+    want_k, want_v = torch.where(keep, k, 0.0), torch.where(keep, v, 0.0)
+    counter = torch.full((1,), 5, dtype=torch.int64)
+    zero_nonfinite_tokens_(k, v, counter)
+    assert torch.equal(k, want_k) and torch.equal(v, want_v)  # in place, every head of a bad token
+    assert counter.item() == 5 + 3
+    zero_nonfinite_tokens_(k, v, counter)  # all finite now: nothing changes
+    assert torch.equal(k, want_k) and counter.item() == 8
+    with pytest.raises(ValueError, match="int64"):
+        zero_nonfinite_tokens_(k, v, torch.zeros(1, dtype=torch.int32))

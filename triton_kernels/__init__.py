@@ -9,6 +9,7 @@ Set ``TRITON_INTERPRET=1`` *before* importing these modules to run them on CPU t
 
 from .decode_attention import default_num_splits, packed_attention_triton
 from .dequantize import dequantize_history_triton, merge_lse_
+from .guard import zero_nonfinite_tokens_
 from .quantize import KeyCodes, ValueCodes, quantize_keys_triton, quantize_values_triton
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "packed_attention_triton",
     "quantize_keys_triton",
     "quantize_values_triton",
+    "zero_nonfinite_tokens_",
 ]
