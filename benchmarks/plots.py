@@ -103,9 +103,10 @@ def _csv_rows(name: str) -> list[dict]:
 
 
 def kernel_times_128k() -> dict[str, dict[str, float]]:
-    """``{"old"|"new": {method: us}}`` at batch 1, context 131072 (default-config rows, no sweeps)."""
+    """``{"old"|"new"|"cuda": {method: us}}`` at batch 1, context 131072 (default-config rows, no sweeps)."""
     out: dict[str, dict[str, float]] = {}
-    for key, name in (("old", "decode_attention.csv"), ("new", "decode_attention_new.csv")):
+    for key, name in (("old", "decode_attention.csv"), ("new", "decode_attention_new.csv"),
+                      ("cuda", "decode_attention_cuda_final5.csv")):
         out[key] = {}
         for r in _csv_rows(name):
             if r["batch"] == "1" and r["context"] == "131072" and r["method"] in ("fp16 SDPA", "nuq4-1%", "nuq2-1%"):
@@ -117,14 +118,16 @@ def plot_kernel(path: str) -> str:
     t = kernel_times_128k()
     labels = ["fp16 SDPA", "nuq4-1%", "nuq2-1%"]
     fig, ax = plt.subplots(figsize=(7, 3.8))
-    width = 0.38
-    for i, (key, label, color) in enumerate((("old", "before (decode_attention.md, eager)", "#bbbbbb"),
-                                             ("new", "fp16 fast path (decode_attention_new.md, graph)", "#1f77b4"))):
-        xs = [j + (i - 0.5) * width for j in range(len(labels))]
+    width = 0.27
+    series = (("old", "Triton general kernel (decode_attention.md, eager)", "#bbbbbb"),
+              ("new", "Triton fp16 fast path (decode_attention_new.md, graph)", "#1f77b4"),
+              ("cuda", "CUDA tensor-core kernel (decode_attention_cuda_final5.md, graph)", "#2ca02c"))
+    for i, (key, label, color) in enumerate(series):
+        xs = [j + (i - 1) * width for j in range(len(labels))]
         ys = [t[key].get(m, float("nan")) for m in labels]
         ax.bar(xs, ys, width, label=label, color=color)
         for x, y in zip(xs, ys):
-            ax.text(x, y + 10, f"{y:.0f}", ha="center", va="bottom", fontsize=8)
+            ax.text(x, y + 10, f"{y:.0f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(labels)), labels)
     ax.set_ylabel("us per call (lower is better)")
     ax.set_ylim(0, 1.3 * max(max(v.values()) for v in t.values()))

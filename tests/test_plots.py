@@ -30,6 +30,7 @@ def test_plots_from_committed_results(tmp_path):
     assert acc["nuq4-1%"] == pytest.approx(2.47, abs=0.01)
     kernel = plots.kernel_times_128k()
     assert kernel["new"]["nuq4-1%"] == pytest.approx(436.9, abs=0.1)
+    assert kernel["cuda"]["nuq4-1%"] == pytest.approx(163.4, abs=0.1)  # decode_attention_cuda_final5.md
     cap = plots.capacity_tokens()
     assert cap[(1, "nuq2")] == (6422529, True) and cap[(2, "nuq2")] == (13647873, True)
     assert cap[(2, "nuq4")][1] is False  # 2-GPU nuq4 was only planned
