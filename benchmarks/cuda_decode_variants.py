@@ -25,7 +25,7 @@ from common import md_table, write_results
 from triton_kernels import cuda_decode
 from triton_kernels.decode_attention import packed_attention_triton
 
-PHASES = ["data+staging", "slot prework", "K deq+MMA", "K slots+softmax", "V deq+MMA", "V slots", "per block",
+PHASES = ["data+dequant+staging", "slot patch", "K frags+RoPE+MMA", "softmax", "V MMA", "end of tile", "per block",
           "setup", "combine"]
 
 

@@ -8,13 +8,13 @@
 // Same inputs and partial outputs as triton_kernels.decode_attention._packed_decode_kernel (the Triton merge
 // kernel combines the splits and the exact block). Work split: CTA = one (batch, kv head, split); each warp takes
 // a contiguous quarter of the split; blocks of TB = 128 tokens share one rotation of the queries by R(P) (P = the
-// block's first position), the keys are rotated by R(j) (j = 0..63) from a shared table: q.R(P+j)k = (R(P)^T q).R(j)k.
+// block's first position), the keys are rotated by R(j) (j = 0..TB-1) from a shared table: q.R(P+j)k = (R(P)^T q).R(j)k.
 // Tiles of 16 tokens: scores S[m][t] = Qr (A, m16 x k16, rows >= MR zero) x K^T (B, k16 x n8 per 8 tokens);
 // the score fragment is directly the B operand of O^T = V^T (A, 16 channels x 16 tokens) x P^T.
 // Codes become fp16 by the magic-number trick ((w & mask) | 0x6400 = 1024 + f*code, one fma with powers of two
 // gives the code exactly), then one fma applies the (affine-folded) scale and zero.
-// Outlier slots are per-token corrections computed by one lane per (token, slot): keys as a score change
-// delta * (R(j)^T qr)[idx], values as p * delta added to a per-warp shared accumulator.
+// Outlier slots: the dequantized fragments of a tile go through a per-warp shared copy where one lane per
+// (token, slot) writes the exact value over its element (below).
 
 #ifndef MINB
 #define MINB 1
@@ -63,9 +63,9 @@ typedef unsigned short u16;
 
 // PROF=1 (benchmarks only, benchmarks/cuda_decode_variants.py --prof): each warp sums SM clock cycles per phase of
 // its tile loop and writes them (with its tile count) into row 15 of its split's partial output, which the merge
-// never reads when MR <= 8 (rows >= MR are zero). Phases: 0 tile data + slot staging, 1 slot pre-work, 2 key
-// dequantization + score MMAs, 3 key slots + softmax, 4 value dequantization + PV MMAs, 5 value slots,
-// 6 per-block work (positions, query rotation), 7 setup, 8 warp/CTA combine.
+// never reads when MR <= 8 (rows >= MR are zero). Phases: 0 tile data, dequantization and fragment staging,
+// 1 outlier-slot patch, 2 key fragments + RoPE + score MMAs, 3 softmax, 4 PV MMAs, 5 (empty: end of tile),
+// 6 per-block work (positions, query rotation) and loop overhead, 7 setup, 8 warp/CTA combine.
 #ifndef PROF
 #define PROF 0
 #endif
@@ -363,7 +363,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
   PMARK(7);
 
   for (int blk = wlo; blk < whi; blk += TB) {
-    // positions: consecutive from P in this block (mode A) or not (mode B: per-token angles, qr = q)
+    // positions: consecutive from P in this block (mode A) or not (mode B: per-token angles, queries unrotated)
     int pC[PPL];
 #pragma unroll
     for (int i = 0; i < PPL; ++i) pC[i] = pN[i];
@@ -561,7 +561,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       for (int i = 0; i < 4; ++i) { p[i] = exp2f(sv[i] - m_new); psum += p[i]; }
       l_run = l_run * alpha + psum;
       if (__any_sync(0xffffffffu, alpha != 1.f)) {
-        // acc holds rows 2tig, 2tig+1 (C columns); corr rows are rescaled by the lanes
+        // acc holds rows 2tig, 2tig+1 (C columns)
         const float a0 = __shfl_sync(0xffffffffu, alpha, (2 * tig) * 4);
         const float a1 = __shfl_sync(0xffffffffu, alpha, (2 * tig + 1) * 4);
 #pragma unroll
