@@ -163,3 +163,14 @@ def test_default_splits_fill_whole_waves(monkeypatch, batch, length, expected):
     splits = da.default_num_splits(batch, 8, 1, length, torch.device("cpu"), block_n=256, max_splits=128)
     assert splits == expected
     assert batch * 8 * splits <= 2 * 132 or splits == 1
+
+
+def test_three_ctas_per_sm_variant_takes_more_splits(monkeypatch):
+    from triton_kernels import decode_attention as da
+
+    monkeypatch.setattr(da, "_sm_count", lambda device: 132)
+    assert cuda_decode.ctas_per_sm() == 2
+    monkeypatch.setenv("KVQUANT_CUDA_DEFINES", "KSZS=1 MINB=3 TB=64")
+    assert cuda_decode.ctas_per_sm() == 3
+    # 8 (batch, head) programs: 49 splits = 392 CTAs = one wave of three per SM
+    assert da.default_num_splits(1, 8, 1, 131072, torch.device("cpu"), 256, 128, cuda_decode.ctas_per_sm()) == 49

@@ -976,14 +976,14 @@ def _sm_count(device: torch.device) -> int:
 
 
 def default_num_splits(batch: int, kv_heads: int, row_blocks: int, length: int, device: torch.device,
-                       block_n: int = 64, max_splits: int = 64) -> int:
-    """Splits so that stage 1 fills two programs per SM in whole waves, bounded by the number of token blocks.
+                       block_n: int = 64, max_splits: int = 64, per_sm: int = 2) -> int:
+    """Splits so that stage 1 fills ``per_sm`` programs per SM in whole waves, bounded by the number of token blocks.
 
     Rounded down: 64 (batch, head) programs on 132 SMs take 4 splits (256 programs, one wave of two per SM), not 5
     (320 programs: a second wave that is a fifth full doubles the time of the one before it).
     """
     programs = batch * kv_heads * row_blocks
-    want = max(1, (2 * _sm_count(device)) // max(programs, 1))
+    want = max(1, (per_sm * _sm_count(device)) // max(programs, 1))
     return int(max(1, min(want, max_splits, triton.cdiv(max(length, 1), block_n))))
 
 
@@ -1208,7 +1208,7 @@ def packed_attention_triton(
         freq = inv_freq.to(dev, torch.float32).contiguous()
         if num_splits is None:  # the CUDA kernel: 256+ tokens per CTA (4 warps); more splits cost more in the merge
             num_splits = default_num_splits(bsz, h, num_mb, length, dev, 256 if use_cuda else block_n,
-                                            128 if use_cuda else 64)
+                                            128 if use_cuda else 64, cuda_decode.ctas_per_sm() if use_cuda else 2)
         _need(isinstance(num_splits, int) and num_splits >= 1, f"num_splits={num_splits!r} must be an int >= 1.")
         o_part = torch.empty(bsz, h, num_splits, num_mb * block_m, d, dtype=torch.float32, device=dev)
         lse_part = torch.empty(bsz, h, num_splits, num_mb * block_m, dtype=torch.float32, device=dev)
