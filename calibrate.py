@@ -20,6 +20,7 @@ import torch
 from kvquant_hf.calibration import (
     DEFAULT_KMEANS_MAX_POINTS,
     DEFAULT_MAX_TOKENS_PER_LAYER,
+    KEY_TABLES,
     calibrate,
     load_calibration_text,
 )
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model dtype; default float32 on CPU, float16 on GPU")
     p.add_argument("--fisher", default="fisher", choices=list(FISHER_WEIGHTINGS),
                    help="k-means weights: fisher (F), fisher_x2 (F * scale^2) or none")
+    p.add_argument("--key-table", default="kmeans", choices=list(KEY_TABLES),
+                   help="key tables only: kmeans (reference), kmeans-pinned (outer entries at the thresholds, "
+                   "interior weighted k-means) or uniform; values always use weighted k-means")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens-per-layer", type=int, default=DEFAULT_MAX_TOKENS_PER_LAYER,
                    help="token rows kept per layer (reservoir sample; bounds CPU memory)")
@@ -82,6 +86,7 @@ def run(args: argparse.Namespace) -> dict[int, str]:
         kmeans_max_points=args.kmeans_max_points,
         progress=not args.quiet,
         source_info={**source, "model_arg": args.model},
+        key_table=args.key_table,
     )
     folders = {b: save_signposts(sp, args.output_dir) for b, sp in result.items()}
 

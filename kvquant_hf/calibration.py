@@ -507,6 +507,43 @@ def weighted_kmeans_1d(
     return torch.tensor(np.sort(km.cluster_centers_.reshape(-1)), dtype=torch.float32)
 
 
+#: key table kinds of :func:`signposts_from_sample` (``key_table=``); values always use "kmeans"
+KEY_TABLES = ("kmeans", "kmeans-pinned", "uniform")
+
+
+def weighted_kmeans_1d_pinned(
+    points: np.ndarray, sample_weight: np.ndarray | None, n_clusters: int, max_iter: int = 300, tol: float = 1e-7,
+) -> torch.Tensor:
+    """Sorted float32 table ``[n_clusters]`` whose outer entries are pinned at -1 and +1 (the thresholds).
+
+    Weighted 1-D Lloyd iterations (nearest signpost, then weighted mean) that move only the interior
+    entries, started from the uniform grid on [-1, 1] (deterministic). Plain k-means pulls the outer
+    centroids inward (to about +-0.8 for 3-bit keys), so every in-range element between there and the
+    threshold is shrunk; pinning keeps the calibrated range representable while the interior stays
+    sensitivity-weighted. An interior entry whose cell is empty keeps its position.
+    """
+    if n_clusters < 2:
+        raise KVQuantConfigError(f"a pinned table needs at least 2 entries, got {n_clusters}.")
+    pts = np.asarray(points, dtype=np.float64).reshape(-1)
+    w = np.ones_like(pts) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64).reshape(-1)
+    c = np.linspace(-1.0, 1.0, n_clusters)
+    for _ in range(max_iter):
+        mids = (c[1:] + c[:-1]) / 2
+        cell = np.searchsorted(mids, pts, side="left")  # ties go low, like quant.encode_nearest
+        wsum = np.bincount(cell, weights=w, minlength=n_clusters)
+        xsum = np.bincount(cell, weights=w * pts, minlength=n_clusters)
+        new = c.copy()
+        inner = np.arange(1, n_clusters - 1)
+        filled = inner[wsum[inner] > 0]
+        new[filled] = xsum[filled] / wsum[filled]
+        new = np.sort(np.clip(new, -1.0, 1.0))
+        done = np.max(np.abs(new - c)) < tol
+        c = new
+        if done:
+            break
+    return torch.tensor(c, dtype=torch.float32)
+
+
 def qnorm_stats(x_in: torch.Tensor, signposts: torch.Tensor) -> torch.Tensor:
     """Q-Norm statistics ``[mu, sd, mu_q, sd_q]`` (float32) of normalized values and their nearest signposts.
 
@@ -549,8 +586,16 @@ def signposts_from_sample(
     kmeans_max_points: int = DEFAULT_KMEANS_MAX_POINTS,
     kmeans_n_init: int = 3,
     progress: bool = True,
+    key_table: str = "kmeans",
 ) -> dict[int, list[LayerSignposts]]:
-    """Per-layer thresholds, weighted k-means signposts and Q-Norm statistics for each bit width."""
+    """Per-layer thresholds, weighted k-means signposts and Q-Norm statistics for each bit width.
+
+    ``key_table`` chooses the key tables only (values always use weighted k-means): ``"kmeans"`` (the
+    reference recipe), ``"kmeans-pinned"`` (weighted k-means with the outer entries pinned at -1 and +1,
+    :func:`weighted_kmeans_1d_pinned`) or ``"uniform"`` (the intX grid on [-1, 1]).
+    """
+    if key_table not in KEY_TABLES:
+        raise KVQuantConfigError(f"key_table={key_table!r} is not supported; choose one of {KEY_TABLES}.")
     h, d = sample.num_kv_heads, sample.head_dim
     n_slots = default_outlier_slots(outlier_fraction, d)
     out: dict[int, list[LayerSignposts]] = {b: [] for b in bits}
@@ -571,7 +616,12 @@ def signposts_from_sample(
         kstats = _prepare(kx, kin, kw, kmeans_max_points, seed + 2 * layer)
         vstats = _prepare(vx, vin, vw, kmeans_max_points, seed + 2 * layer + 1)
         for b in bits:
-            ksp = weighted_kmeans_1d(kstats.points, kstats.weights, 2**b, seed, kmeans_n_init)
+            if key_table == "kmeans":
+                ksp = weighted_kmeans_1d(kstats.points, kstats.weights, 2**b, seed, kmeans_n_init)
+            elif key_table == "kmeans-pinned":
+                ksp = weighted_kmeans_1d_pinned(kstats.points, kstats.weights, 2**b)
+            else:
+                ksp = quant.uniform_signposts(b).to(torch.float32)
             vsp = weighted_kmeans_1d(vstats.points, vstats.weights, 2**b, seed, kmeans_n_init)
             out[b].append(
                 LayerSignposts(
@@ -606,6 +656,7 @@ def calibrate(
     kmeans_max_points: int = DEFAULT_KMEANS_MAX_POINTS,
     kmeans_n_init: int = 3,
     source_info: dict[str, Any] | None = None,
+    key_table: str = "kmeans",
 ) -> dict[int, Signposts]:
     """Calibrate KVQuant signposts, key thresholds and Q-Norm statistics for a model.
 
@@ -631,6 +682,9 @@ def calibrate(
         kmeans_max_points (`int`): k-means points per layer and tensor (weighted subsample above).
         kmeans_n_init (`int`): k-means restarts.
         source_info (`dict`, *optional*): recorded in `metadata.calibration` (e.g. `{"text_file": path}`).
+        key_table (`str`): key tables: "kmeans" (default, the reference recipe), "kmeans-pinned" (outer
+            entries pinned at the thresholds, interior weighted k-means) or "uniform"; recorded in
+            `metadata.calibration.key_table` when not the default. Values always use weighted k-means.
 
     Returns:
         `dict[int, Signposts]`: one entry per bit width (not yet saved; see
@@ -647,6 +701,8 @@ def calibrate(
         raise KVQuantConfigError(
             f"fisher_weighting={fisher_weighting!r} is not supported; choose one of {FISHER_WEIGHTINGS}."
         )
+    if key_table not in KEY_TABLES:
+        raise KVQuantConfigError(f"key_table={key_table!r} is not supported; choose one of {KEY_TABLES}.")
     if not isinstance(sink_tokens, int) or sink_tokens < 0:
         raise KVQuantConfigError(f"sink_tokens={sink_tokens!r} must be a non-negative integer.")
     if device is not None:
@@ -679,7 +735,7 @@ def calibrate(
     t_capture = time.perf_counter() - t0
     per_bits = signposts_from_sample(
         sample, bits_list, outlier_fraction=outlier_fraction, fisher_weighting=fisher_weighting, seed=seed,
-        kmeans_max_points=kmeans_max_points, kmeans_n_init=kmeans_n_init, progress=progress,
+        kmeans_max_points=kmeans_max_points, kmeans_n_init=kmeans_n_init, progress=progress, key_table=key_table,
     )
     duration = time.perf_counter() - t0
     ident = model_identity(model)
@@ -699,6 +755,8 @@ def calibrate(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "kvquant_hf_version": _package_version(),
     }
+    if key_table != "kmeans":
+        calibration["key_table"] = key_table
     result = {}
     for b in bits_list:
         meta = {

@@ -1,0 +1,84 @@
+"""Calibration option ``key_table``: pinned-endpoint / uniform key tables (default "kmeans" unchanged)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import calibrate as calibrate_cli
+from kvquant_hf import quant
+from kvquant_hf.calibration import KEY_TABLES, calibrate, weighted_kmeans_1d_pinned
+from kvquant_hf.errors import KVQuantConfigError
+from kvquant_hf.signposts import load_signposts
+
+FAST = {"kmeans_n_init": 1, "progress": False}
+
+
+def token_stream(n: int = 4000, vocab: int = 128, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def test_pinned_table_keeps_the_ends_and_is_a_lloyd_fixed_point():
+    rng = np.random.default_rng(0)
+    x = np.clip(rng.normal(0, 0.35, 50_000), -1, 1)  # mass in the middle: plain k-means pulls the ends in
+    c = weighted_kmeans_1d_pinned(x, None, 8)
+    assert c.shape == (8,) and c.dtype == torch.float32
+    assert c[0] == -1.0 and c[-1] == 1.0 and torch.all(c[1:] > c[:-1])
+    # every interior entry is the mean of its nearest-signpost cell
+    cell = quant.encode_nearest(torch.tensor(x, dtype=torch.float32), c).numpy()
+    for j in range(1, 7):
+        assert abs(x[cell == j].mean() - float(c[j])) < 1e-4
+    # weights move interior entries toward heavy points; the ends stay
+    w = np.where(x > 0.3, 50.0, 1.0)
+    cw = weighted_kmeans_1d_pinned(x, w, 8)
+    assert cw[0] == -1.0 and cw[-1] == 1.0 and torch.all(cw[1:-1] > c[1:-1])
+    # deterministic
+    assert torch.equal(c, weighted_kmeans_1d_pinned(x, None, 8))
+    with pytest.raises(KVQuantConfigError):
+        weighted_kmeans_1d_pinned(x, None, 1)
+
+
+def test_key_table_option_changes_only_the_key_tables(tiny_llama):
+    kwargs = dict(bits=(3, 2), nsamples=3, seqlen=48, **FAST)
+    ref = calibrate(tiny_llama, None, token_stream(), **kwargs)
+    same = calibrate(tiny_llama, None, token_stream(), key_table="kmeans", **kwargs)
+    pinned = calibrate(tiny_llama, None, token_stream(), key_table="kmeans-pinned", **kwargs)
+    uni = calibrate(tiny_llama, None, token_stream(), key_table="uniform", **kwargs)
+    assert "key_table" not in ref[3].metadata["calibration"]  # default output unchanged
+    assert pinned[3].metadata["calibration"]["key_table"] == "kmeans-pinned"
+    assert uni[2].metadata["calibration"]["key_table"] == "uniform"
+    for b in (3, 2):
+        for lr, ls, lp, lu in zip(ref[b].layers, same[b].layers, pinned[b].layers, uni[b].layers, strict=True):
+            assert torch.equal(lr.key_signposts, ls.key_signposts)
+            assert lp.key_signposts[0] == -1.0 and lp.key_signposts[-1] == 1.0
+            assert torch.all(lp.key_signposts[1:] > lp.key_signposts[:-1])
+            assert lr.key_signposts.abs().max() < 1.0  # plain k-means pulls the ends inward
+            torch.testing.assert_close(lu.key_signposts, quant.uniform_signposts(b).float())
+            for other in (lp, lu):  # thresholds and value tables are untouched
+                assert torch.equal(other.key_lower, lr.key_lower) and torch.equal(other.key_upper, lr.key_upper)
+                assert torch.equal(other.value_signposts, lr.value_signposts)
+    with pytest.raises(KVQuantConfigError, match="key_table"):
+        calibrate(tiny_llama, None, token_stream(), key_table="nope", **kwargs)
+
+
+def test_cli_key_table(tmp_path, monkeypatch, tiny_llama):
+    from kvquant_hf.models import loading
+
+    class CharTokenizer:
+        def __call__(self, text, **kwargs):
+            return {"input_ids": [ord(c) % 128 for c in text]}
+
+    monkeypatch.setattr(loading, "load_model_and_tokenizer", lambda *a, **k: (tiny_llama, CharTokenizer()))
+    text_file = tmp_path / "cal.txt"
+    text_file.write_text("some calibration text. " * 200)
+    out = tmp_path / "sp"
+    assert calibrate_cli.build_parser().parse_args(
+        ["--model", "m", "--text-file", "t", "--output-dir", "o"]).key_table == "kmeans"
+    rc = calibrate_cli.main(["--model", "tiny", "--text-file", str(text_file), "--bits", "3", "--nsamples", "2",
+                             "--seqlen", "64", "--output-dir", str(out), "--device", "cpu", "--quiet",
+                             "--key-table", "kmeans-pinned"])
+    assert rc == 0 and set(KEY_TABLES) == {"kmeans", "kmeans-pinned", "uniform"}
+    sp = load_signposts(out, bits=3)
+    assert sp.metadata["calibration"]["key_table"] == "kmeans-pinned"
+    assert all(la.key_signposts[0] == -1.0 and la.key_signposts[-1] == 1.0 for la in sp.layers)
