@@ -58,8 +58,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "pinned": ("key and value tables with their extreme levels moved to -1/+1", {"lut": "pinned"}),
     "no-fisher": ("tables: k-means without Fisher weights", {"signposts": "smollm2-1pct-nofisher"}),
     "kmeans-pinned-keys": ("key tables: Fisher-weighted k-means with the outer entries pinned at -1/+1 "
-                           "(calibrate.py --key-table kmeans-pinned; the s5 folder holds nuq3 only)",
-                           {"signposts": "smollm2-1pct-s5-pinned"}),
+                           "(calibrate.py --key-table kmeans-pinned)",
+                           {"signposts": "smollm2-1pct-pinned"}),
     "fisher-x2": ("tables: k-means weighted by F * s^2", {"signposts": "smollm2-1pct-fx2"}),
     "outliers-0": ("0% outliers (min/max key thresholds, no slots)", {"signposts": "smollm2-0pct", "slots": 0}),
     "slots-2": ("2 outlier slots per token (1% thresholds)", {"slots": 2}),
