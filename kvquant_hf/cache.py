@@ -532,10 +532,9 @@ class KVQuantLayer(CacheLayerMixin):
         """
         if self.backend == "triton" and (self.graph_mode or self.config.nonfinite != "error"):
             module, _ = _triton_module()
-            if hasattr(module, "zero_nonfinite_tokens_"):  # one kernel: detect, zero in place, count
-                with _device_guard(self.device):
-                    module.zero_nonfinite_tokens_(k, v, self.nonfinite_counter)
-                return k, v
+            with _device_guard(self.device):  # one kernel: detect, zero in place, count
+                module.zero_nonfinite_tokens_(k, v, self.nonfinite_counter)
+            return k, v
         # one reduction per tensor (max |x| over heads and channels propagates NaN and Inf): few kernels per step
         good = torch.isfinite(torch.maximum(k.abs().amax(dim=(1, 3)), v.abs().amax(dim=(1, 3))))  # [B, L]
         if self.config.nonfinite == "error" and not self.graph_mode:
