@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Prepared in session 5, not yet run: the three-CTAs-per-SM variant (KSZS=1: key scale/zero from shared memory;
-# MINB=3 TB=64: <= 168 registers, 69 KB shared). Times it against the default at 128K, checks it against the float32
-# oracle, and prints the per-phase profile of the faster one.
+# Run in session 6 (results: benchmarks/results/cuda_decode_ksz.md, check_cuda_decode_KSZS_1*.md): the
+# three-CTAs-per-SM variant (KSZS=1: key scale/zero from shared memory; MINB=3 TB=64: <= 168 registers, 69 KB
+# shared). Times it against the default at 128K, checks it against the float32 oracle, and prints the per-phase
+# profile. Both variants were slower (162.1 and 168.6 vs 157.1 us) and KSZS was then removed from packed_decode.cu,
+# so at later commits this script times the default build three times.
 #   bash benchmarks/run_cuda_next_gpu.sh      (~4 min on the H200)
 set -uo pipefail
 cd "$(dirname "$0")/.."

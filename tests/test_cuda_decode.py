@@ -170,7 +170,7 @@ def test_three_ctas_per_sm_variant_takes_more_splits(monkeypatch):
 
     monkeypatch.setattr(da, "_sm_count", lambda device: 132)
     assert cuda_decode.ctas_per_sm() == 2
-    monkeypatch.setenv("KVQUANT_CUDA_DEFINES", "KSZS=1 MINB=3 TB=64")
+    monkeypatch.setenv("KVQUANT_CUDA_DEFINES", "MINB=3 TB=64")
     assert cuda_decode.ctas_per_sm() == 3
     # 8 (batch, head) programs: 49 splits = 392 CTAs = one wave of three per SM
     assert da.default_num_splits(1, 8, 1, 131072, torch.device("cpu"), 256, 128, cuda_decode.ctas_per_sm()) == 49

@@ -47,8 +47,8 @@ def extra_defines() -> dict[str, int]:
 
 
 def ctas_per_sm() -> int:
-    """CTAs of the kernel resident per SM: 2 (249 registers, 4 warps); 3 with the ``MINB=3`` variant
-    (``KVQUANT_CUDA_DEFINES="KSZS=1 MINB=3 TB=64"``: at most 168 registers and 69 KB of shared memory)."""
+    """CTAs of the kernel resident per SM, which sizes the split grid: 2 (249 registers, 4 warps); 3 with a
+    ``KVQUANT_CUDA_DEFINES="MINB=3 TB=64"`` build (measured slower: cuda_decode_round4.md, cuda_decode_ksz.md)."""
     return 3 if extra_defines().get("MINB", 1) >= 3 else 2
 
 
@@ -71,8 +71,6 @@ def shared_bytes(d: int, ks: int, mr: int, kb: int = 4, vb: int = 4, num_warps: 
     num_warps = extra_defines().get("NW", num_warps)
     perw = 2 * 32 * (2 * kr + 4) + 32 * (4 * (d // 16) + 4)  # per warp: staged key (KPAD) and value (VPAD) fragments
     floats = tb * 4 * 3 * kr + mr * d + 2 * d + num_warps * perw + 2 * num_warps * mr + 32 + (1 << 2 * kb) + (1 << 2 * vb)
-    if extra_defines().get("KSZS", 0):  # folded key scale/zero pairs, [2 KR][4] x 2 words
-        floats += 2 * kr * 4 * 2
     return 4 * floats
 
 

@@ -49,14 +49,11 @@
 // shared float atomics, which sm_90 runs as CAS loops -- took 240 us at 128K vs 172 us this way.)
 // KCH=2: the score MMAs of an 8-token half accumulate in two chains (167 vs 172 us at 128K, cuda_decode_round2.md).
 // Tried and removed (measured): per-lane copies of the code tables (LUTX / LUTR: no gain, cuda_decode_round3/4.md);
-// three CTAs per SM at <= 168 registers with TB = 64 (spills: 260 vs 157 us, cuda_decode_round4.md).
+// three CTAs per SM at <= 168 registers with TB = 64 (spills: 260 vs 157 us, cuda_decode_round4.md); the same with
+// the folded key scale/zero read from shared memory instead of 32 registers per thread (no spills, but 168.6 vs
+// 157.1 us; that change alone 162.1 us: cuda_decode_ksz.md).
 #ifndef KCH
 #define KCH 2
-#endif
-// KSZS=1: the folded key scale/zero half2 pairs are read from a shared [2 KR][4 tig] table at dequantization instead
-// of living in 32 registers per thread (a step towards three CTAs per SM; not measured on a GPU yet).
-#ifndef KSZS
-#define KSZS 0
 #endif
 #define KPAD (2 * KR + 4)          // staged key words per lane and 8-token half (padding: conflict-free 128-bit)
 #define VPAD (4 * NMT + 4)         // staged value words per lane
@@ -186,7 +183,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
   float* vtf = ktf + 16;
   u32* kpt = (u32*)(vtf + 16);  // half2 signposts of code pairs (K_LUT / V_LUT)
   u32* vpt = kpt + (1 << (2 * KB));
-  U2* kszt = (U2*)(vpt + (1 << (2 * VB)));  // KSZS: [2 KR][4 tig] (scale, zero) half2 pairs
 
 #if PROF
   float prof[9] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, ntiles = 0.f;
@@ -234,16 +230,8 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
 #if V_LUT
   for (int e = tid; e < (1 << (2 * VB)); e += NW * 32) vpt[e] = vpair[e];
 #endif
-#if KSZS
-  for (int e = tid; e < 2 * KR * 4; e += NW * 32) {
-    const int r = e / 4, t = e % 4, c0 = key_channel(t, r, 0), c1 = key_channel(t, r, 1);
-    const float s0 = kscale[h * D + c0], s1 = kscale[h * D + c1];
-    kszt[e] = U2{f2h2(s0 * k_b, s1 * k_b), f2h2(kzero[h * D + c0] + k_a * s0, kzero[h * D + c1] + k_a * s1)};
-  }
-#endif
   __syncthreads();
 
-#if !KSZS
   // folded key scale/zero of this thread's registers (half2) and the code factors
   u32 KS2[2 * KR], KZ2[2 * KR];
 #pragma unroll
@@ -252,7 +240,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
     KS2[r] = f2h2(kss[c0], kss[c1]);
     KZ2[r] = f2h2(kzs[c0], kzs[c1]);
   }
-#endif
 
   // ---- this warp's token range ----
   int chunk = ((L + NS - 1) / NS + TB - 1) / TB * TB;
@@ -336,12 +323,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       const u32 inv = hh(f2h2(1.f / f, 0.f)), off = hh(f2h2(-1024.f / f, 0.f));
       x = hfma2(x, inv, off);              // the code, exactly
 #endif
-#if KSZS
-      const U2 sz = kszt[r * 4 + tig];
-      kreg[r] = hfma2(x, sz.x, sz.y);      // pre-RoPE key
-#else
       kreg[r] = hfma2(x, KS2[r], KZ2[r]);  // pre-RoPE key
-#endif
     }
   };
   // per-token value scale / zero of this thread's 4 tokens as half2 pairs (0 for tokens outside the range)
