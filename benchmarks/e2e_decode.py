@@ -98,11 +98,12 @@ def bench_quanto(model, batch, context):
     return ms
 
 
-def bench_kvquant(model, batch, context, bits, cuda_graph):
+def bench_kvquant(model, batch, context, bits, cuda_graph, fused_norms=False):
     """KVQuantCache decode step (eager or CUDA graph) and its breakdown."""
     from kvquant_hf.benchmarking import kvquant_decode_benchmark
 
-    return kvquant_decode_benchmark(model, batch=batch, context=context, bits=bits, cuda_graph=cuda_graph)
+    return kvquant_decode_benchmark(model, batch=batch, context=context, bits=bits, cuda_graph=cuda_graph,
+                                    fused_norms=fused_norms)
 
 
 METHODS = {
@@ -145,7 +146,11 @@ def main(argv=None):
             try:
                 if method.startswith("kvquant"):
                     bits = int(method.split("_")[1][3:])
-                    row.update(bench_kvquant(model, batch, context, bits, cuda_graph=method.endswith("_graph")))
+                    # kvquant_nuq4_graph, kvquant_nuq4, ...; "_fn": with fused_norms (kvquant_nuq4_graph_fn)
+                    fused = method.endswith("_fn")
+                    base = method[: -len("_fn")] if fused else method
+                    row.update(bench_kvquant(model, batch, context, bits, cuda_graph=base.endswith("_graph"),
+                                             fused_norms=fused))
                 else:
                     row["ms_per_step"] = METHODS[method](model, batch, context)
             except torch.OutOfMemoryError as exc:

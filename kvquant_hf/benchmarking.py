@@ -128,13 +128,28 @@ def step_breakdown(step, categories: dict[str, tuple[str, ...]]) -> dict[str, fl
 
 
 def kvquant_decode_benchmark(model, batch: int, context: int, bits: int, cuda_graph: bool = False,
-                             outlier_fraction: float = 0.01, warmup: int = 2, iters: int = 10) -> dict[str, Any]:
-    """Time one decode step of ``model`` with a fast-filled nuq``bits`` `KVQuantCache` at ``context`` tokens.
+                             outlier_fraction: float = 0.01, warmup: int = 2, iters: int = 10,
+                             fused_norms: bool = False) -> dict[str, Any]:
+    """Time one decode step of ``model`` with a fast-filled nuq``bits`` `KVQuantCache` at ``context`` tokens
+    (``fused_norms``: the model's RMSNorms on one Triton kernel each, undone afterwards).
 
     Returns ms per step (CUDA events, median), the cache size, and for eager steps a profiler breakdown
     into attention / append / other kernel time.
     """
+    from .models.norms import fuse_rms_norms, unfuse_rms_norms
+
     cache = fast_filled_cache(model, batch, context, {"bits": bits, "outlier_fraction": outlier_fraction})
+    if fused_norms:
+        fuse_rms_norms(model)
+    try:
+        return _decode_benchmark(model, cache, batch, context, cuda_graph, warmup, iters)
+    finally:
+        if fused_norms:
+            unfuse_rms_norms(model)
+
+
+def _decode_benchmark(model, cache, batch: int, context: int, cuda_graph: bool, warmup: int, iters: int
+                      ) -> dict[str, Any]:
     ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=model.device)
     pos = torch.full((batch, 1), context, dtype=torch.long, device=model.device)
     result: dict[str, Any] = {"cache_gib": cache.get_memory_footprint() / 2**30,

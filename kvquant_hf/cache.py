@@ -244,6 +244,9 @@ class KVQuantLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
     is_croppable = True
+    #: the patched attention forwards hand over queries *before* RoPE (``AttendInputs.query_rotated=False``): on the
+    #: Triton backend one kernel rotates them together with the new keys (:mod:`triton_kernels.exact_block`)
+    rotates_query = True
 
     def __init__(
         self,
@@ -270,6 +273,7 @@ class KVQuantLayer(CacheLayerMixin):
         # mirror `length` is advanced by the graph runner after each replay
         self.graph_mode = False
         self.length_dev = None  # int32 [1]
+        self._sinks_all_valid = None  # host cache of sink_valid[:, :n_sink].all() (None: not known)
         self._key_thresholds_from_prompt = key_signposts is None
         self.k_lower = self.k_upper = self.k_zero = self.k_scale = None
         for name in _HISTORY_TENSORS + _SINK_TENSORS + _ROW_TENSORS:
@@ -321,6 +325,7 @@ class KVQuantLayer(CacheLayerMixin):
         self.sink_valid = torch.zeros(b, ns, dtype=torch.bool, device=self.device)
         self.sink_k_rot = torch.zeros(b, h, ns, d, dtype=self.dtype, device=self.device)
         self._sink_rope = None  # (inv_freq object, attention_scaling) sink_k_rot was rotated with; None: stale
+        self._sinks_all_valid = None
         self.hist_start = torch.zeros(b, dtype=torch.int64, device=self.device)
         self.length = self.n_sink = 0
         self.has_hist_pad = False
@@ -462,34 +467,39 @@ class KVQuantLayer(CacheLayerMixin):
                 f"layer {self.layer_idx}: keys arrived as {k.dtype} but this layer's cache holds {self.dtype}; "
                 "do not change the model dtype mid-generation (call cache.reset() or use a new KVQuantCache)."
             )
-        k, v = self._check_finite(k, v, inputs.positions)
+        window = inputs.sliding_window
+        # Triton backend: one kernel makes the exact block (see _fused_exact_block); the guard goes into it unless
+        # nonfinite="error" must raise before anything is stored (a host check, eager mode only)
+        fused = self.backend == "triton" and window is None
+        guard_in_kernel = fused and (self.graph_mode or self.config.nonfinite != "error")
+        if not guard_in_kernel:
+            k, v = self._check_finite(k, v, inputs.positions)
         past = self.n_sink + self.length
         positions = inputs.positions.to(self.device, torch.int64).expand(b, n_new)
-        window = inputs.sliding_window
         new_visible, real = self._new_block_mask(inputs.attention_mask, past, n_new, positions, window)
+        # CUDA-graph decode (the sink is full, every new token goes to the history): the kernel also writes the
+        # positions of the new tokens at the device-side length
+        write_pos = fused and self.graph_mode
 
-        # exact block: [sink (rotated on the fly from stored positions) | new tokens (rotated like the model does)]
-        # the torch path attends in float32 anyway: rotate in float32 too, so fp16 keys near 65504 cannot overflow
-        # in RoPE (the Triton path rotates the exact block in the model dtype, as transformers does)
-        rot_dtype = k.dtype if self.backend == "triton" else torch.float32
-        k_new_rot = apply_rope(k.to(rot_dtype), inputs.rope.cos.to(rot_dtype), inputs.rope.sin.to(rot_dtype))
-        if self.n_sink:
-            sink_pos = self.sink_positions[:, : self.n_sink]
-            if rot_dtype == self.dtype:  # the sink keys rotated when they arrived (again if the RoPE changed)
-                sink_k = self._rotated_sink(inputs.rope)
-            else:
-                cos, sin = inputs.rope.cos_sin(sink_pos, dtype=rot_dtype)
-                sink_k = apply_rope(self.sink_k[:, :, : self.n_sink].to(rot_dtype), cos, sin)
-            exact_k = torch.cat([sink_k, k_new_rot], dim=2)
-            exact_v = torch.cat([self.sink_v[:, :, : self.n_sink], v], dim=2)
-            sink_visible = self.sink_valid[:, None, : self.n_sink].expand(b, n_new, self.n_sink)
-            if window is not None:
-                sink_visible = sink_visible & (positions[:, :, None] - sink_pos[:, None, :].long() < window)
-            if new_visible is None:
-                new_visible = torch.ones(b, n_new, n_new, dtype=torch.bool, device=self.device)
-            exact_mask = torch.cat([sink_visible, new_visible], dim=-1)
+        if fused:
+            module, _ = _triton_module()
+            cos, sin = inputs.rope.cos.to(q.dtype), inputs.rope.sin.to(q.dtype)
+            with _device_guard(self.device):
+                q, exact_k, exact_v = module.decode_prep(
+                    q, k, v, cos, sin,
+                    self._rotated_sink(inputs.rope) if self.n_sink else None,
+                    self.sink_v[:, :, : self.n_sink] if self.n_sink else None,
+                    rotate_query=not inputs.query_rotated,
+                    counter=self.nonfinite_counter if guard_in_kernel else None,
+                    positions=positions if write_pos else None,
+                    positions_out=self.positions if write_pos else None,
+                    length_dev=self.length_dev if write_pos else None,
+                )
+            exact_mask = self._exact_mask(new_visible, positions, window, b, n_new)
         else:
-            exact_k, exact_v, exact_mask = k_new_rot, v, new_visible
+            if not inputs.query_rotated:  # what the stock attention forward does, in the model dtype
+                q = apply_rope(q, inputs.rope.cos.to(q.dtype), inputs.rope.sin.to(q.dtype))
+            exact_k, exact_v, exact_mask = self._exact_block_torch(k, v, inputs.rope, new_visible, positions, window)
 
         out = self._attention(
             q, exact_k, exact_v, exact_mask,
@@ -500,8 +510,49 @@ class KVQuantLayer(CacheLayerMixin):
             q_positions=positions if window is not None else None,
             window=window,
         )
-        self._store(k, v, positions, real, inputs.rope)
+        self._store(k, v, positions, real, inputs.rope, positions_written=write_pos)
         return out.transpose(1, 2)
+
+    def _sinks_valid(self) -> bool:
+        """Whether every row's sink tokens are real (no left padding in them): then a step with no mask needs no
+        exact-block mask at all. Cached on the host (one sync when the sink changed)."""
+        if self._sinks_all_valid is None:
+            self._sinks_all_valid = bool(self.sink_valid[:, : self.n_sink].all())
+        return self._sinks_all_valid
+
+    def _exact_mask(self, new_visible, positions, window, b: int, n_new: int) -> torch.Tensor | None:
+        """Visibility of ``[sink | new tokens]`` for the new rows ``[B, L, S + L]`` (None: everything visible)."""
+        if not self.n_sink:
+            return new_visible
+        if new_visible is None and window is None and self._sinks_valid():
+            return None
+        sink_pos = self.sink_positions[:, : self.n_sink]
+        sink_visible = self.sink_valid[:, None, : self.n_sink].expand(b, n_new, self.n_sink)
+        if window is not None:
+            sink_visible = sink_visible & (positions[:, :, None] - sink_pos[:, None, :].long() < window)
+        if new_visible is None:
+            new_visible = torch.ones(b, n_new, n_new, dtype=torch.bool, device=self.device)
+        return torch.cat([sink_visible, new_visible], dim=-1)
+
+    def _exact_block_torch(self, k, v, rope, new_visible, positions, window):
+        """``(exact_k, exact_v, exact_mask)`` with torch ops (the torch backend, and sliding windows)."""
+        b, n_new = k.shape[0], k.shape[2]
+        # exact block: [sink (rotated on the fly from stored positions) | new tokens (rotated like the model does)]
+        # the torch path attends in float32 anyway: rotate in float32 too, so fp16 keys near 65504 cannot overflow
+        # in RoPE (the Triton path rotates the exact block in the model dtype, as transformers does)
+        rot_dtype = k.dtype if self.backend == "triton" else torch.float32
+        k_new_rot = apply_rope(k.to(rot_dtype), rope.cos.to(rot_dtype), rope.sin.to(rot_dtype))
+        if not self.n_sink:
+            return k_new_rot, v, new_visible
+        sink_pos = self.sink_positions[:, : self.n_sink]
+        if rot_dtype == self.dtype:  # the sink keys rotated when they arrived (again if the RoPE changed)
+            sink_k = self._rotated_sink(rope)
+        else:
+            cos, sin = rope.cos_sin(sink_pos, dtype=rot_dtype)
+            sink_k = apply_rope(self.sink_k[:, :, : self.n_sink].to(rot_dtype), cos, sin)
+        exact_k = torch.cat([sink_k, k_new_rot], dim=2)
+        exact_v = torch.cat([self.sink_v[:, :, : self.n_sink], v], dim=2)
+        return exact_k, exact_v, self._exact_mask(new_visible, positions, window, b, n_new)
 
     def _rotated_sink(self, rope) -> torch.Tensor:
         """``sink_k_rot[:, :, :n_sink]``: the sink keys rotated to their positions in the model dtype (what the exact
@@ -657,9 +708,10 @@ class KVQuantLayer(CacheLayerMixin):
 
     # ---------------------------------------------------------------- storing
     def _store(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, real: torch.Tensor | None,
-               rope=None) -> None:
+               rope=None, positions_written: bool = False) -> None:
         """Append new tokens ``[B, H, L, D]``: fill the sink first (rotating its keys once with ``rope``), quantize
-        the rest into the history."""
+        the rest into the history (``positions_written``: CUDA-graph decode, the exact-block kernel has already
+        written their positions)."""
         n_new = k.shape[2]
         room = self.config.sink_tokens - self.n_sink
         take = min(room, n_new)
@@ -683,6 +735,8 @@ class KVQuantLayer(CacheLayerMixin):
             self.sink_v[:, :, sl] = _gather_seq(v, sink_idx)
             self.sink_positions[:, sl] = positions.gather(1, sink_idx).to(torch.int32)
             self.sink_valid[:, sl] = sink_valid
+            if real is not None or self._sinks_all_valid is False:
+                self._sinks_all_valid = None  # padding may have reached the sink: ask again when needed
             self.n_sink += take
             if rope is None:
                 self._sink_rope = None  # rotated when read
@@ -697,7 +751,7 @@ class KVQuantLayer(CacheLayerMixin):
             self.has_hist_pad = bool((self.hist_start > 0).any())
         if self.k_lower is None:
             self._thresholds_from_prompt(k)
-        self._append_history(k, v, positions)
+        self._append_history(k, v, positions, positions_written)
 
     def _thresholds_from_prompt(self, k: torch.Tensor) -> None:
         """Uncalibrated mode: per-channel key thresholds from this call's real, non-sink tokens ``[B, H, n, D]``."""
@@ -716,9 +770,10 @@ class KVQuantLayer(CacheLayerMixin):
         lower, upper = quant.key_thresholds_from_sample(sample.permute(1, 0, 2).unsqueeze(0), self.config.outlier_fraction)
         self._set_key_thresholds(lower, upper)
 
-    def _append_history(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+    def _append_history(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                        positions_written: bool = False) -> None:
         if self.graph_mode:
-            self._append_history_graph(k, v, positions)
+            self._append_history_graph(k, v, positions, positions_written)
             return
         n = k.shape[2]
         start, end = self.length, self.length + n
@@ -773,6 +828,7 @@ class KVQuantLayer(CacheLayerMixin):
             num_splits = module.default_num_splits(self.batch_size, self.num_heads, 1, self.capacity, self.device)
         self.graph_splits = int(num_splits)
         self.length_dev = torch.tensor([self.length], dtype=torch.int32, device=self.device)
+        self._sinks_valid()  # known on the host before capture (it cannot sync)
         self.graph_mode = True
 
     def exit_graph_mode(self) -> None:
@@ -785,7 +841,8 @@ class KVQuantLayer(CacheLayerMixin):
         if self.length_dev is not None:
             self.length_dev.fill_(self.length)
 
-    def _append_history_graph(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+    def _append_history_graph(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                              positions_written: bool = False) -> None:
         """Append at the device-side length without touching the host (graph capture and replay)."""
         n = k.shape[2]
         cfg = self.config
@@ -799,8 +856,9 @@ class KVQuantLayer(CacheLayerMixin):
             v, self.v_lut, self.n_slots, cfg.value_bits,
             out=(self.v_codes, self.v_scale, self.v_zero, self.v_out_val, self.v_out_idx), start=self.length_dev,
         )
-        idx = self.length_dev.long() if n == 1 else self.length_dev.long() + torch.arange(n, device=self.device)
-        self.positions.index_copy_(1, idx, positions.to(torch.int32))
+        if not positions_written:
+            idx = self.length_dev.long() if n == 1 else self.length_dev.long() + torch.arange(n, device=self.device)
+            self.positions.index_copy_(1, idx, positions.to(torch.int32))
         self.length_dev.add_(n)
 
     # ---------------------------------------------------------------- transformers Cache layer API
@@ -836,6 +894,7 @@ class KVQuantLayer(CacheLayerMixin):
             self.clip_counter.zero_()
         if self.nonfinite_counter is not None:
             self.nonfinite_counter.zero_()
+        self._sinks_all_valid = None
         if self.is_initialized:
             self.hist_start.zero_()
             self.sink_valid.zero_()
@@ -864,6 +923,7 @@ class KVQuantLayer(CacheLayerMixin):
         self.length = 0
         self.n_sink = keep
         self.sink_valid[:, keep:] = False
+        self._sinks_all_valid = None
 
     def _batch_tensors(self) -> list[str]:
         return list(_HISTORY_TENSORS + _SINK_TENSORS + _ROW_TENSORS) if self.is_initialized else []
@@ -871,6 +931,7 @@ class KVQuantLayer(CacheLayerMixin):
     def _map_batch(self, fn) -> None:
         for name in self._batch_tensors():
             setattr(self, name, fn(getattr(self, name)))
+        self._sinks_all_valid = None
         if self.is_initialized:
             self.batch_size = self.sink_k.shape[0]
 

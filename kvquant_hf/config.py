@@ -49,6 +49,10 @@ class KVQuantConfig:
         cuda_graph (`bool`): in ``generate``, capture one decode step in a CUDA graph after the prefill and
             replay it for every new token (CUDA + Triton only; no padding changes between steps). Removes the
             per-kernel launch overhead that dominates a transformers decode step on a fast GPU.
+        fused_norms (`bool`): in ``generate``, compute the model's RMSNorm modules (Llama/Mistral) with one Triton
+            kernel each on CUDA instead of about eight torch kernels (:mod:`kvquant_hf.models.norms`; the same
+            roundings, the float32 variance summed in another order). Fewer launches per decode step; off by
+            default because it changes the model, not only the cache.
         prefill_chunk_size (`int`): in ``generate``, prompts longer than this are prefilled in chunks of this many
             tokens; each chunk attends to the packed earlier chunks, so the prompt's fp K/V never exist at once
             (0 = one call for the whole prompt).
@@ -87,6 +91,7 @@ class KVQuantConfig:
     block_size: int = 256
     signposts: str | None = None
     cuda_graph: bool = False
+    fused_norms: bool = False
     prefill_chunk_size: int = 4096
     capacity_check: bool = True
     prefill_attention: str = "auto"
@@ -144,6 +149,8 @@ class KVQuantConfig:
             raise KVQuantConfigError(f"capacity_check={self.capacity_check!r} must be True or False.")
         if not isinstance(self.cuda_graph, bool):
             raise KVQuantConfigError(f"cuda_graph={self.cuda_graph!r} must be True or False.")
+        if not isinstance(self.fused_norms, bool):
+            raise KVQuantConfigError(f"fused_norms={self.fused_norms!r} must be True or False.")
         if not isinstance(self.qnorm, bool):
             raise KVQuantConfigError(f"qnorm={self.qnorm!r} must be True or False.")
         if not isinstance(self.nonfinite, str) or self.nonfinite not in NONFINITE_POLICIES:

@@ -65,7 +65,16 @@ def build_kvquant_cache(model, cache_config: dict | KVQuantConfig | None = None)
 
     config = KVQuantConfig.from_dict(dict(cache_config) if isinstance(cache_config, dict) else (cache_config or {}))
     patch_model(model)
+    _apply_fused_norms(model, config)
     return KVQuantCache(config, model_config=model.config)
+
+
+def _apply_fused_norms(model, config: KVQuantConfig) -> None:
+    """``fused_norms=True``: one Triton kernel per RMSNorm (:mod:`kvquant_hf.models.norms`)."""
+    if config.fused_norms:
+        from .models.norms import fuse_rms_norms
+
+        fuse_rms_norms(model)
 
 
 def prepare_model_for_cache(model, cache: KVQuantCache) -> None:
@@ -73,6 +82,7 @@ def prepare_model_for_cache(model, cache: KVQuantCache) -> None:
     from .models import patch_model
 
     patch_model(model)
+    _apply_fused_norms(model, cache.config)
     text_config = model.config.get_text_config(decoder=True)
     n_layers = text_config.num_hidden_layers
     sp = cache.key_signposts

@@ -62,7 +62,7 @@ class AttendInputs:
     """Everything a layer needs to attend for one call of the attention forward.
 
     Args:
-        query: ``[B, Hq, q_len, D]`` queries, RoPE already applied.
+        query: ``[B, Hq, q_len, D]`` queries, RoPE already applied (unless ``query_rotated`` is False).
         key: ``[B, Hkv, q_len, D]`` new keys *before* RoPE.
         value: ``[B, Hkv, q_len, D]`` new values.
         positions: ``[B, q_len]`` int64 position ids of the new tokens.
@@ -72,6 +72,8 @@ class AttendInputs:
             mask, with ``kv_len`` = tokens stored before this call + ``q_len`` (cache order).
         scaling: softmax scale (``head_dim ** -0.5`` for Llama).
         sliding_window: attend only to keys with ``q_pos - k_pos < sliding_window`` (None = all).
+        query_rotated: False when ``query`` is still *before* RoPE (the patched forwards do this for layers whose
+            ``rotates_query`` is True; they rotate it with ``rope.cos/sin`` exactly as the stock forward would).
     """
 
     query: torch.Tensor
@@ -82,6 +84,7 @@ class AttendInputs:
     attention_mask: torch.Tensor | None
     scaling: float
     sliding_window: int | None = None
+    query_rotated: bool = True
 
 
 class AttendingLayer(Protocol):

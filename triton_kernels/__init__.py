@@ -9,12 +9,14 @@ Set ``TRITON_INTERPRET=1`` *before* importing these modules to run them on CPU t
 
 from .decode_attention import default_num_splits, packed_attention_triton
 from .dequantize import dequantize_history_triton, merge_lse_
+from .exact_block import decode_prep
 from .guard import zero_nonfinite_tokens_
 from .quantize import KeyCodes, ValueCodes, quantize_keys_triton, quantize_values_triton
 
 __all__ = [
     "KeyCodes",
     "ValueCodes",
+    "decode_prep",
     "default_num_splits",
     "dequantize_history_triton",
     "merge_lse_",

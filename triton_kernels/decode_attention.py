@@ -819,6 +819,8 @@ def _packed_attn_merge_kernel(
     USE_DOT: tl.constexpr,
     DOT_F32: tl.constexpr,
     IEEE: tl.constexpr,
+    BLOCK_D: tl.constexpr = 0,  # output channels per program (grid axis 1); 0: all of HEAD_DIM
+    BLOCK_S: tl.constexpr = 1,  # splits merged per step (a [BLOCK_S, BLOCK_M, BLOCK_D] tile: loads in flight)
 ):
     pid = tl.program_id(0).to(tl.int64)
     mb = pid % NUM_MB
@@ -829,22 +831,30 @@ def _packed_attn_merge_kernel(
     row_mask = rows < LQ * GROUP
     lq = rows // GROUP
     hq = h * GROUP + rows % GROUP
-    d = tl.arange(0, HEAD_DIM)
+    BD: tl.constexpr = HEAD_DIM if BLOCK_D == 0 else BLOCK_D
+    d = tl.program_id(1) * BD + tl.arange(0, BD)  # this program's output channels
+    dq = tl.arange(0, HEAD_DIM)  # all channels (exact-block scores)
 
-    m_i = tl.full([BLOCK_M], _K_NEG_BIG, tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # splits: the row maxima first, then one weighted sum with BLOCK_S splits per step (no rescaling chain, so
+    # the loads of a step are independent: a decode step's merge is bound by load latency, not bandwidth)
     m_pad = NUM_MB * BLOCK_M
-    for s in range(NUM_SPLITS):
-        part = (bh * NUM_SPLITS + s) * m_pad + rows
-        lse_s = tl.load(lse_ptr + part)
-        o_s = tl.load(o_ptr + part[:, None] * HEAD_DIM + d[None, :])
-        m_new = tl.maximum(m_i, lse_s)
-        alpha = tl.exp2(m_i - m_new)
-        w = tl.exp2(lse_s - m_new)
-        acc = acc * alpha[:, None] + w[:, None] * o_s
-        l_i = l_i * alpha + w
-        m_i = m_new
+    js = tl.arange(0, BLOCK_S)
+    m_i = tl.full([BLOCK_M], _K_NEG_BIG, tl.float32)
+    for s0 in range(0, NUM_SPLITS, BLOCK_S):
+        sp = s0 + js
+        part = (bh * NUM_SPLITS + sp[:, None]) * m_pad + rows[None, :]
+        lse_s = tl.load(lse_ptr + part, mask=(sp < NUM_SPLITS)[:, None], other=float("-inf"))
+        m_i = tl.maximum(m_i, tl.max(lse_s, axis=0))
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BD], tl.float32)
+    for s0 in range(0, NUM_SPLITS, BLOCK_S):
+        sp = s0 + js
+        ok = sp < NUM_SPLITS
+        part = (bh * NUM_SPLITS + sp[:, None]) * m_pad + rows[None, :]  # [BLOCK_S, BLOCK_M]
+        w = tl.exp2(tl.load(lse_ptr + part, mask=ok[:, None], other=float("-inf")) - m_i[None, :])
+        o_s = tl.load(o_ptr + part[:, :, None] * HEAD_DIM + d[None, None, :], mask=ok[:, None, None], other=0.0)
+        acc += tl.sum(w[:, :, None] * o_s, axis=0)
+        l_i += tl.sum(w, axis=0)
 
     if E > 0:
         if DOT_F32:
@@ -852,13 +862,13 @@ def _packed_attn_merge_kernel(
         else:
             edt = ek_ptr.dtype.element_ty
         q_rows = q_ptr + b * stride_qb + hq[:, None] * stride_qh + lq[:, None] * stride_ql
-        q = tl.load(q_rows + d[None, :] * stride_qd, mask=row_mask[:, None], other=0.0).to(edt)
+        q = tl.load(q_rows + dq[None, :] * stride_qd, mask=row_mask[:, None], other=0.0).to(edt)
         je = tl.arange(0, BLOCK_E)
         for e0 in range(0, E, BLOCK_E):
             e = e0 + je
             e_mask = e < E
             k = tl.load(
-                ek_ptr + b * stride_ekb + h * stride_ekh + e[:, None] * stride_eke + d[None, :] * stride_ekd,
+                ek_ptr + b * stride_ekb + h * stride_ekh + e[:, None] * stride_eke + dq[None, :] * stride_ekd,
                 mask=e_mask[:, None], other=0.0,
             )
             v = tl.load(
@@ -1275,7 +1285,10 @@ def packed_attention_triton(
     em = exact_mask if exact_mask is not None else out
     ek, ev = (exact_k, exact_v) if e > 0 else (query, query)
     block_e = min(64, max(16, triton.next_power_of_2(max(e, 1))))
-    _packed_attn_merge_kernel[(bsz * h * num_mb,)](
+    # decode (few exact keys): the output channels split over programs and 8 splits merged per step; prefill-sized
+    # exact blocks keep one program per row block (each program recomputes the exact-block scores)
+    block_d = min(d, 32) if e <= 64 else 0
+    _packed_attn_merge_kernel[(bsz * h * num_mb, d // block_d if block_d else 1)](
         query, ek, ev, em, o_part, lse_part, out,
         e, lq, h, num_mb, num_splits, float(scaling * LOG2E),
         *query.stride(),
@@ -1284,7 +1297,8 @@ def packed_attention_triton(
         *(exact_mask.stride() if exact_mask is not None else (0, 0, 0)),
         *out.stride(),
         HEAD_DIM=d, GROUP=group, BLOCK_M=block_m, BLOCK_E=block_e, HAS_EMASK=exact_mask is not None,
-        USE_DOT=d >= 16 and block_e >= 16, DOT_F32=dot_f32, IEEE=ieee,
+        USE_DOT=d >= 16 and block_e >= 16, DOT_F32=dot_f32, IEEE=ieee, BLOCK_D=block_d,
+        BLOCK_S=8 if block_d else 1,
         num_warps=4,
     )
     return out

@@ -41,7 +41,10 @@ def kvquant_attention_forward(
     value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
 
     cos, sin = position_embeddings
-    query = apply_rope(query, cos.to(query.dtype), sin.to(query.dtype))
+    layer = kv_cache.layers[self.layer_idx]
+    rotated = not getattr(layer, "rotates_query", False)  # KVQuantLayer rotates q with the new keys in one kernel
+    if rotated:
+        query = apply_rope(query, cos.to(query.dtype), sin.to(query.dtype))
 
     position_ids = kwargs.get("position_ids")
     if position_ids is None:
@@ -53,7 +56,6 @@ def kvquant_attention_forward(
     rope = RopeContext(
         cos=cos, sin=sin, inv_freq=rotary.inv_freq, attention_scaling=float(getattr(rotary, "attention_scaling", 1.0))
     )
-    layer = kv_cache.layers[self.layer_idx]
     out = layer.attend(
         AttendInputs(
             query=query,
@@ -64,6 +66,7 @@ def kvquant_attention_forward(
             attention_mask=attention_mask,
             scaling=self.scaling,
             sliding_window=sliding_window,
+            query_rotated=rotated,
         )
     )
     out = out.reshape(bsz, q_len, -1).contiguous()

@@ -1,0 +1,122 @@
+"""The exact-block kernel (``triton_kernels.exact_block``) under the Triton interpreter against the torch ops it
+replaces: ``apply_rope`` in the model dtype (bit-identical), ``cat`` of sink and new rows, the non-finite guard and
+the graph-mode position write."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+from conftest import interpreted_kernel_modules
+
+from kvquant_hf.layer_api import RopeContext, apply_rope, rotate_half
+
+interpreted_kernel_modules()  # skips this module unless the interpreter is on
+
+
+def _prep():
+    import importlib
+
+    import triton
+
+    import triton_kernels.exact_block as dp
+
+    if not isinstance(dp._decode_prep_kernel, triton.runtime.interpreter.InterpretedFunction):
+        dp = importlib.reload(dp)
+    return dp.decode_prep
+
+
+def _inputs(b, hq, h, n, s, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # the attention forward's layout: [B, L, H, D] projections transposed to [B, H, L, D]
+    q = (3 * torch.randn(b, n, hq, d, generator=g)).to(dtype).transpose(1, 2)
+    k = (3 * torch.randn(b, n, h, d, generator=g)).to(dtype).transpose(1, 2)
+    v = torch.randn(b, n, h, d, generator=g).to(dtype).transpose(1, 2)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    pos = torch.arange(100, 100 + n).expand(b, n) + torch.arange(b)[:, None] * 7
+    cos, sin = RopeContext(None, None, inv_freq, 1.0).cos_sin(pos, dtype)
+    sink_k = torch.randn(b, h, s, d, generator=g).to(dtype)
+    sink_v = torch.randn(b, h, s, d, generator=g).to(dtype)
+    return q, k, v, cos, sin, sink_k, sink_v, pos
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("b,hq,h,n,s,d", [(1, 4, 2, 1, 1, 16), (2, 6, 3, 3, 2, 32), (2, 8, 1, 1, 0, 64)])
+def test_rope_and_exact_block_bit_identical_to_the_torch_ops(dtype, b, hq, h, n, s, d):
+    decode_prep = _prep()
+    q, k, v, cos, sin, sink_k, sink_v, _ = _inputs(b, hq, h, n, s, d, dtype)
+    qr, ek, ev = decode_prep(q, k, v, cos, sin, sink_k, sink_v)
+    assert qr.is_contiguous() and ek.shape == (b, h, s + n, d) and ev.shape == (b, h, s + n, d)
+    assert torch.equal(ev, torch.cat([sink_v, v], dim=2))
+    assert torch.equal(ek[:, :, :s], sink_k)
+    for got, x in ((qr, q), (ek[:, :, s:], k)):
+        want = apply_rope(x, cos, sin)
+        if dtype == torch.bfloat16:
+            # the interpreter casts float32 to bfloat16 by truncation (the GPU rounds to nearest; there the kernel
+            # is bit-identical: benchmarks/check_exact_block_gpu.py): up to one bf16 ulp per rounded step
+            bound = 3 * 2**-7 * (x.float().abs() + rotate_half(x.float()).abs())
+            assert ((got.float() - want.float()).abs() <= bound).all()
+            assert not torch.allclose(got.float(), x.float(), atol=0.1)  # rotated (position 100+: far from identity)
+        else:
+            assert torch.equal(got, want)
+
+
+def test_cos_sin_of_batch_one_broadcast_and_query_left_alone():
+    decode_prep = _prep()
+    q, k, v, cos, sin, sink_k, sink_v, _ = _inputs(2, 4, 2, 2, 1, 16, torch.float16)
+    cos1, sin1 = cos[:1], sin[:1]
+    qr, ek, _ = decode_prep(q, k, v, cos1, sin1, sink_k, sink_v, rotate_query=False)
+    assert qr is q
+    assert torch.equal(ek[:, :, 1:], apply_rope(k, cos1.expand(2, -1, -1), sin1.expand(2, -1, -1)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_guard_zeroes_bad_tokens_in_place_and_counts_them(dtype):
+    decode_prep = _prep()
+    b, hq, h, n, s, d = 2, 4, 3, 4, 1, 16
+    q, k, v, cos, sin, sink_k, sink_v, _ = _inputs(b, hq, h, n, s, d, dtype, seed=3)
+    k[0, 2, 1, 7] = float("nan")   # row 0, token 1: a NaN in one head's key
+    v[1, 0, 3, 0] = float("inf")   # row 1, token 3: an Inf in one head's value
+    k[1, 1, 2, 9] = float("-inf")  # row 1, token 2 (upper half of the channels) ...
+    v[1, 1, 2, 5] = float("nan")   # ... and a NaN in its value too: still one bad token
+    bad = ~(torch.isfinite(k).all(-1).all(1) & torch.isfinite(v).all(-1).all(1))
+    keep = ~bad[:, None, :, None]
+    want_k, want_v = torch.where(keep, k, 0.0), torch.where(keep, v, 0.0)
+    counter = torch.full((1,), 2, dtype=torch.int64)
+    qr, ek, ev = decode_prep(q, k, v, cos, sin, sink_k, sink_v, counter=counter)
+    assert counter.item() == 2 + 3
+    assert torch.equal(k, want_k) and torch.equal(v, want_v)  # in place: the store sees the zeroed tokens
+    assert torch.equal(ek, torch.cat([sink_k, apply_rope(want_k, cos, sin)], dim=2))
+    assert torch.equal(ev, torch.cat([sink_v, want_v], dim=2))
+    assert torch.isfinite(qr).all()
+    decode_prep(q, k, v, cos, sin, sink_k, sink_v, counter=counter)  # all finite now: nothing counted
+    assert counter.item() == 5
+
+
+def test_positions_written_at_the_device_length():
+    decode_prep = _prep()
+    q, k, v, cos, sin, sink_k, sink_v, pos = _inputs(2, 4, 2, 2, 1, 16, torch.float16)
+    out = torch.full((2, 10), -1, dtype=torch.int32)
+    decode_prep(q, k, v, cos, sin, sink_k, sink_v, positions=pos, positions_out=out,
+                length_dev=torch.tensor([5], dtype=torch.int32))
+    want = torch.full((2, 10), -1, dtype=torch.int32)
+    want[:, 5:7] = pos.to(torch.int32)
+    assert torch.equal(out, want)
+
+
+def test_bad_arguments_are_named():
+    decode_prep = _prep()
+    q, k, v, cos, sin, sink_k, sink_v, pos = _inputs(1, 4, 2, 1, 1, 16, torch.float16)
+    with pytest.raises(ValueError, match="dtypes differ"):
+        decode_prep(q.float(), k, v, cos, sin)
+    with pytest.raises(ValueError, match="cos/sin"):
+        decode_prep(q, k, v, cos[..., :8], sin[..., :8])
+    with pytest.raises(ValueError, match="all or none"):
+        decode_prep(q, k, v, cos, sin, positions=pos)
+    with pytest.raises(ValueError, match="int64"):
+        decode_prep(q, k, v, cos, sin, counter=torch.zeros(1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="sink keys"):
+        decode_prep(q, k, v, cos, sin, sink_k[:, :1], sink_v)

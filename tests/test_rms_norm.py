@@ -1,0 +1,100 @@
+"""The fused RMSNorm (``triton_kernels.rms_norm``, opt-in ``fused_norms``) under the Triton interpreter against
+transformers' ``LlamaRMSNorm``, and the model patch that routes the norms to it."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+from conftest import interpreted_kernel_modules, make_tiny_llama
+
+from kvquant_hf import KVQuantConfig
+from kvquant_hf.errors import KVQuantConfigError
+
+interpreted_kernel_modules()  # skips this module unless the interpreter is on
+
+
+def _rms_norm():
+    import importlib
+
+    import triton
+
+    import triton_kernels.rms_norm as rn
+
+    if not isinstance(rn._rms_norm_kernel, triton.runtime.interpreter.InterpretedFunction):
+        rn = importlib.reload(rn)
+    return rn.rms_norm
+
+
+def _norm(n, dtype, wdtype=None, eps=1e-5, seed=0):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(n, eps=eps)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(n, generator=torch.Generator().manual_seed(seed)))
+    return norm.to(wdtype or dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n", [64, 96, 576])
+def test_matches_llama_rms_norm(dtype, n):
+    rms_norm = _rms_norm()
+    norm = _norm(n, dtype)
+    x = (4 * torch.randn(3, 5, n, generator=torch.Generator().manual_seed(1))).to(dtype)
+    want = norm(x)
+    got = rms_norm(x, norm.weight, norm.variance_epsilon)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    else:
+        # the variance is summed in another order (and the interpreter truncates float32 -> bf16): at most one
+        # unit in the last place for a few elements
+        ulp = 2.0 ** (-10 if dtype == torch.float16 else -7)
+        diff = (got.float() - want.float()).abs()
+        assert (diff <= 2 * ulp * want.float().abs().clamp_min(1e-3)).all()
+        if dtype == torch.float16:  # (bf16: the interpreter's truncation makes most elements differ by one ulp)
+            assert (diff > 0).float().mean() < 0.05
+
+
+def test_weight_dtype_promotes_like_transformers_and_strided_rows():
+    rms_norm = _rms_norm()
+    norm = _norm(64, torch.float16, wdtype=torch.float32)
+    x = torch.randn(4, 2, 64, generator=torch.Generator().manual_seed(2)).to(torch.float16).transpose(0, 1)
+    want = norm(x)
+    got = rms_norm(x, norm.weight, norm.variance_epsilon)
+    assert got.dtype == torch.float32 == want.dtype
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+    with pytest.raises(ValueError, match="weight has shape"):
+        rms_norm(x, norm.weight[:32], 1e-5)
+
+
+def test_fuse_rms_norms_patches_the_model_and_undoes_it(monkeypatch):
+    import triton_kernels.rms_norm as rn
+    from kvquant_hf.models import norms
+
+    rms_norm = _rms_norm()
+    monkeypatch.setattr(norms, "DEVICE_TYPES", ("cpu",))  # route CPU inputs to the (interpreted) kernel
+    model = make_tiny_llama()
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(ids).logits
+        n = norms.fuse_rms_norms(model)
+        assert n == 2 * model.config.num_hidden_layers + 1  # input/post-attention per layer and the final norm
+        assert norms.fuse_rms_norms(model) == n  # idempotent
+        calls = []
+        monkeypatch.setattr(rn, "rms_norm", lambda x, w, eps: calls.append(1) or rms_norm(x, w, eps))
+        got = model(ids).logits
+        assert len(calls) == n  # every norm went through the kernel
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        norms.unfuse_rms_norms(model)
+        torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=0)
+    assert not any("_kvquant_norm_forward" in m.__dict__ for m in model.modules())
+
+
+def test_fused_norms_config_is_validated():
+    assert KVQuantConfig(fused_norms=True).fused_norms
+    with pytest.raises(KVQuantConfigError, match="fused_norms"):
+        KVQuantConfig(fused_norms="yes")
