@@ -6,6 +6,8 @@
 #        with and without fused_norms ("_fn" methods)
 #   bash benchmarks/run_step6_gpu.sh b   the float32-oracle check of the CUDA decode kernel with the new split merge,
 #        one layer of decode attention at 128K (batch 1 and 8) and the bf16 step profile
+#   bash benchmarks/run_step6_gpu.sh c   after the merge reads only the real rows of the split parts (and 16 output
+#        channels per program): the oracle check, bf16 model checks, e2e (as in a) and the step profile again
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
@@ -20,6 +22,17 @@ if [ "${1:-a}" = a ]; then
   timeout 230 python benchmarks/e2e_decode.py --contexts 131072 524288 --extra --methods kvquant_nuq4_graph \
     kvquant_nuq4_graph_fn kvquant_nuq2_graph kvquant_nuq2_graph_fn --skip kvquant_nuq4_graph@524288x1 \
     kvquant_nuq4_graph_fn@524288x1 --name e2e_decode_bf16_s6 > "$OUT/e2e.log" 2>&1; grep "^{" "$OUT/e2e.log"
+elif [ "$1" = c ]; then
+  timeout 150 python benchmarks/check_cuda_decode.py --skip-long --name check_cuda_decode_s6c > "$OUT/check.log" 2>&1
+  grep FAILURES "$OUT/check.log"
+  timeout 100 python benchmarks/gpu_checks.py --layers 4 --dtype bfloat16 --name gpu_checks_bfloat16_s6c \
+    > "$OUT/gpu_checks.log" 2>&1; grep "'check'" "$OUT/gpu_checks.log"
+  timeout 200 python benchmarks/e2e_decode.py --contexts 131072 524288 --extra --methods kvquant_nuq4_graph \
+    kvquant_nuq4_graph_fn kvquant_nuq2_graph kvquant_nuq2_graph_fn --skip kvquant_nuq4_graph@524288x1 \
+    kvquant_nuq4_graph_fn@524288x1 --name e2e_decode_bf16_s6c > "$OUT/e2e.log" 2>&1; grep "^{" "$OUT/e2e.log"
+  timeout 120 python benchmarks/step_profile.py --dtype bfloat16 --contexts 1024 131072 \
+    --name step_profile_bfloat16_s6c > "$OUT/profile.log" 2>&1; grep -E "graph_ms|total kernel|merge" "$OUT/profile.log"
+  rm -f "$OUT"/*.log
 else
   timeout 150 python benchmarks/check_cuda_decode.py --skip-long --name check_cuda_decode_s6 > "$OUT/check.log" 2>&1
   grep FAILURES "$OUT/check.log"

@@ -120,3 +120,69 @@ def test_bad_arguments_are_named():
         decode_prep(q, k, v, cos, sin, counter=torch.zeros(1, dtype=torch.int32))
     with pytest.raises(ValueError, match="sink keys"):
         decode_prep(q, k, v, cos, sin, sink_k[:, :1], sink_v)
+
+
+# ----------------------------------------------------------------------------------------------
+# the cache's Triton path on CPU (interpreter): resolve_backend would pick torch off CUDA, so force it
+# ----------------------------------------------------------------------------------------------
+def _triton_on_cpu(monkeypatch):
+    import importlib
+
+    import triton_kernels
+    from kvquant_hf import cache as cache_mod
+
+    _prep()  # exact_block reloaded for the interpreter if needed
+    importlib.reload(triton_kernels)
+    monkeypatch.setattr(cache_mod, "resolve_backend",
+                        lambda backend, device, head_dim=None: "torch" if backend == "torch" else "triton")
+
+
+def test_layer_triton_path_matches_torch_path_with_padding_and_partial_sinks(monkeypatch):
+    """Prefill with left padding (row 1 has fewer real tokens than sink slots, so part of its sink is padding),
+    then decode steps without a mask: the fused exact block must mask the padded sink exactly as the torch path."""
+    from conftest import make_tiny_llama
+
+    from kvquant_hf import KVQuantCache, patch_model
+    from kvquant_hf.generation import _cache_kwarg_name
+
+    _triton_on_cpu(monkeypatch)
+    model = patch_model(make_tiny_llama())
+    kw = _cache_kwarg_name(model)
+    ids = torch.randint(0, 128, (2, 26), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :19] = 0  # row 1: only 1 real prompt token for 3 sink slots
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    logits = {}
+    for backend in ("torch", "triton"):
+        cache = KVQuantCache({"bits": 4, "sink_tokens": 3, "block_size": 16, "backend": backend},
+                             model_config=model.config)
+        outs = []
+        with torch.no_grad():
+            outs.append(model(ids[:, :20], attention_mask=mask[:, :20], position_ids=pos[:, :20], **{kw: cache}).logits)
+            for t in range(20, 26):
+                outs.append(model(ids[:, t : t + 1], position_ids=pos[:, t : t + 1], **{kw: cache}).logits)
+        layer = cache.layers[0]
+        assert layer.backend == backend
+        if backend == "triton":
+            assert layer._sinks_all_valid is False  # row 1's sink holds padding: the exact block keeps its mask
+            assert layer._exact_mask(None, pos[:, 25:], None, 2, 1) is not None
+        logits[backend] = torch.cat(outs, 1)
+    torch.testing.assert_close(logits["triton"], logits["torch"], atol=2e-4, rtol=2e-4)
+
+
+def test_layer_triton_path_rotates_the_query_like_the_model(monkeypatch):
+    from kvquant_hf import KVQuantConfig
+    from kvquant_hf.cache import KVQuantLayer
+    from kvquant_hf.layer_api import AttendInputs
+
+    _triton_on_cpu(monkeypatch)
+    q, k, v, cos, sin, _, _, pos = _inputs(2, 4, 2, 5, 0, 16, torch.float16, seed=7)
+    rope = RopeContext(cos, sin, 1.0 / (10000 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16)))
+    outs = []
+    for rotated in (True, False):
+        layer = KVQuantLayer(KVQuantConfig(bits=4, sink_tokens=1, backend="triton"))
+        query = apply_rope(q, cos, sin) if rotated else q
+        out = layer.attend(AttendInputs(query, k.clone(), v.clone(), pos, rope, None, 0.25, query_rotated=rotated))
+        assert layer.backend == "triton" and layer._sinks_all_valid is None  # no mask needed the sink check
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])

@@ -843,16 +843,16 @@ def _packed_attn_merge_kernel(
     for s0 in range(0, NUM_SPLITS, BLOCK_S):
         sp = s0 + js
         part = (bh * NUM_SPLITS + sp[:, None]) * m_pad + rows[None, :]
-        lse_s = tl.load(lse_ptr + part, mask=(sp < NUM_SPLITS)[:, None], other=float("-inf"))
+        lse_s = tl.load(lse_ptr + part, mask=(sp < NUM_SPLITS)[:, None] & row_mask[None, :], other=float("-inf"))
         m_i = tl.maximum(m_i, tl.max(lse_s, axis=0))
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BD], tl.float32)
     for s0 in range(0, NUM_SPLITS, BLOCK_S):
         sp = s0 + js
-        ok = sp < NUM_SPLITS
+        ok = (sp < NUM_SPLITS)[:, None] & row_mask[None, :]  # padding rows of the parts are never read
         part = (bh * NUM_SPLITS + sp[:, None]) * m_pad + rows[None, :]  # [BLOCK_S, BLOCK_M]
-        w = tl.exp2(tl.load(lse_ptr + part, mask=ok[:, None], other=float("-inf")) - m_i[None, :])
-        o_s = tl.load(o_ptr + part[:, :, None] * HEAD_DIM + d[None, None, :], mask=ok[:, None, None], other=0.0)
+        w = tl.exp2(tl.load(lse_ptr + part, mask=ok, other=float("-inf")) - m_i[None, :])
+        o_s = tl.load(o_ptr + part[:, :, None] * HEAD_DIM + d[None, None, :], mask=ok[:, :, None], other=0.0)
         acc += tl.sum(w[:, :, None] * o_s, axis=0)
         l_i += tl.sum(w, axis=0)
 
@@ -1287,7 +1287,7 @@ def packed_attention_triton(
     block_e = min(64, max(16, triton.next_power_of_2(max(e, 1))))
     # decode (few exact keys): the output channels split over programs and 8 splits merged per step; prefill-sized
     # exact blocks keep one program per row block (each program recomputes the exact-block scores)
-    block_d = min(d, 32) if e <= 64 else 0
+    block_d = min(d, 16) if e <= 64 else 0
     _packed_attn_merge_kernel[(bsz * h * num_mb, d // block_d if block_d else 1)](
         query, ek, ev, em, o_part, lse_part, out,
         e, lq, h, num_mb, num_splits, float(scaling * LOG2E),

@@ -4,7 +4,8 @@ the non-finite guard, and (CUDA-graph decode) the positions of the new tokens wr
 What :meth:`kvquant_hf.cache.KVQuantLayer.attend` did with about twenty small torch kernels per layer and step
 (``apply_rope`` on q and on the new keys: five each; ``cat`` of sink and new keys, values and mask; the guard; the
 position ``index_copy``), in one launch. RoPE is rounded like transformers' ``x * cos + rotate_half(x) * sin`` in the
-model dtype (each product and the sum rounded to the dtype), so the result is bit-identical to the torch ops.
+model dtype (each product and the sum rounded to the dtype, no FMA contraction), so the result is bit-identical to the
+torch ops.
 
 One program per (batch row, new token): all query heads, all KV heads and channels at once; the program of token 0
 of a row also copies that row's sink keys (already rotated) and values into the front of the exact block.
@@ -202,5 +203,9 @@ def decode_prep(
         *(positions.stride() if write_pos else (0, 0)), positions_out.stride(0) if write_pos else 0,
         HALF=d // 2, BLOCK_H=triton.next_power_of_2(h), BLOCK_HQ=triton.next_power_of_2(hq),
         ROTATE_Q=rotate_query, GUARD=counter is not None, WRITE_POS=write_pos,
+        # no FMA contraction: Triton narrows the rounded products to f16/bf16 arithmetic and would otherwise fuse
+        # them into fma.rn.f16 (one rounding instead of torch's two: 1-ulp differences on the H200,
+        # check_exact_block_gpu.md); separate correctly rounded mul and add equal torch's float32-then-round
+        enable_fp_fusion=False,
     )
     return q_out, exact_k, exact_v

@@ -43,5 +43,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x2.shape[0]:
         block = triton.next_power_of_2(n)
         _rms_norm_kernel[(x2.shape[0],)](x2, weight, y, n, x2.stride(0), y.stride(0), float(eps), BLOCK=block,
-                                         num_warps=min(16, max(1, block // 256)))
+                                         num_warps=min(16, max(1, block // 256)), enable_fp_fusion=False)
     return y.reshape(*x.shape[:-1], n)
