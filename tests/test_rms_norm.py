@@ -98,3 +98,16 @@ def test_fused_norms_config_is_validated():
     assert KVQuantConfig(fused_norms=True).fused_norms
     with pytest.raises(KVQuantConfigError, match="fused_norms"):
         KVQuantConfig(fused_norms="yes")
+
+
+def test_generate_with_fused_norms_patches_the_norms_and_keeps_the_tokens():
+    model = make_tiny_llama()
+    model.generation_config.pad_token_id = 0
+    ids = torch.randint(1, 128, (1, 10), generator=torch.Generator().manual_seed(4))
+    kw = dict(max_new_tokens=6, do_sample=False, cache_implementation="kvquant")
+    plain = model.generate(ids, cache_config={"bits": 4}, **kw)
+    assert not getattr(model, "_kvquant_fused_norms", False)
+    fused = model.generate(ids, cache_config={"bits": 4, "fused_norms": True}, **kw)
+    assert model._kvquant_fused_norms  # patched; on CPU the norms take the original forward (CUDA-only kernel)
+    assert sum("_kvquant_norm_forward" in m.__dict__ for m in model.modules()) == 2 * 2 + 1
+    assert torch.equal(plain, fused)
