@@ -468,8 +468,8 @@ class KVQuantLayer(CacheLayerMixin):
                 "do not change the model dtype mid-generation (call cache.reset() or use a new KVQuantCache)."
             )
         window = inputs.sliding_window
-        # Triton backend: one kernel makes the exact block (see _fused_exact_block); the guard goes into it unless
-        # nonfinite="error" must raise before anything is stored (a host check, eager mode only)
+        # Triton backend: one kernel makes the exact block (triton_kernels.exact_block.decode_prep); the guard goes
+        # into it unless nonfinite="error" must raise before anything is stored (a host check, eager mode only)
         fused = self.backend == "triton" and window is None
         guard_in_kernel = fused and (self.graph_mode or self.config.nonfinite != "error")
         if not guard_in_kernel:
