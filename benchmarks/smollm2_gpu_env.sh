@@ -9,6 +9,9 @@ if [ ! -f "$G" ]; then
   cat /tmp/smol/partA .mB/part > "$G" || { echo "missing /tmp/smol/partA (first call) or .mB/part"; exit 2; }
 fi
 echo "$SHA  $G" | sha256sum -c - || exit 2
+python -c "import gguf" 2>/dev/null || { echo "gguf is not importable: start the device command with the wheel install" \
+  "of the device README (python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade" \
+  "--target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site) and carry .whl"; exit 2; }
 export KVQUANT_SMOLLM2_GGUF=$G PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 export KVQUANT_VALID_TEXT=.gpudata/valid.tokens.txt
 OUT=${OUT:-/tmp/out}
