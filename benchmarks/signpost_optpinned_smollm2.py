@@ -7,6 +7,10 @@ does for the percentile thresholds: in-range elements only, per-element Fisher w
 (``kmeans_subsample``, seed ``seed + 2 * layer``) and ``weighted_kmeans_1d_pinned``. Values (tables and Q-Norm
 statistics) are copied unchanged from ``--base`` (the reference ``smollm2-1pct``).
 
+The ``--sample`` is the captured calibration sample of ``benchmarks/signpost_variants_smollm2.py --capture PATH``
+(the reference windows with per-element Fisher weights). Result on the H200 passkey grid: 13/15 cells within one
+trial of fp16 at nuq3 (``passkey_smollm2_nuq3_variants.md``), not a default.
+
 Usage::
 
     python benchmarks/signpost_optpinned_smollm2.py --sample /work/runs/diag/calib_sample_fisher.pt \\
