@@ -111,3 +111,8 @@ def test_generate_with_fused_norms_patches_the_norms_and_keeps_the_tokens():
     assert model._kvquant_fused_norms  # patched; on CPU the norms take the original forward (CUDA-only kernel)
     assert sum("_kvquant_norm_forward" in m.__dict__ for m in model.modules()) == 2 * 2 + 1
     assert torch.equal(plain, fused)
+    from kvquant_hf.models import unpatch_model
+
+    unpatch_model(model)  # undoes the norms too
+    assert not model._kvquant_fused_norms
+    assert not any("_kvquant_norm_forward" in m.__dict__ for m in model.modules())

@@ -102,7 +102,11 @@ def patch_model(model):
 
 
 def unpatch_model(model):
-    """Undo :func:`patch_model`."""
+    """Undo :func:`patch_model` (and :func:`kvquant_hf.models.norms.fuse_rms_norms`, if it was applied)."""
+    if getattr(model, "_kvquant_fused_norms", False):
+        from .norms import unfuse_rms_norms
+
+        unfuse_rms_norms(model)
     if not getattr(model, "_kvquant_patched", False):
         return model
     _, layers = _decoder_layers(model)
