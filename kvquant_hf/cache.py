@@ -735,8 +735,8 @@ class KVQuantLayer(CacheLayerMixin):
             self.sink_v[:, :, sl] = _gather_seq(v, sink_idx)
             self.sink_positions[:, sl] = positions.gather(1, sink_idx).to(torch.int32)
             self.sink_valid[:, sl] = sink_valid
-            if real is not None or self._sinks_all_valid is False:
-                self._sinks_all_valid = None  # padding may have reached the sink: ask again when needed
+            if real is not None:  # padding may have reached the sink: ask again when needed (new real tokens
+                self._sinks_all_valid = None  # leave a known answer as it was)
             self.n_sink += take
             if rope is None:
                 self._sink_rope = None  # rotated when read

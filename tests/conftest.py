@@ -22,27 +22,33 @@ if _ROOT not in sys.path:
 from kvquant_hf.errors import KVQuantError
 
 
+def interpreted_module(name: str, kernel: str):
+    """``triton_kernels.<name>`` with its kernels decorated for the Triton interpreter: reloaded if ``kernel`` (one
+    of its ``@triton.jit`` functions) was decorated without the flag, i.e. the module was imported earlier."""
+    import importlib
+
+    import triton
+
+    module = importlib.import_module(f"triton_kernels.{name}")
+    if not isinstance(getattr(module, kernel), triton.runtime.interpreter.InterpretedFunction):
+        module = importlib.reload(module)
+    return module
+
+
 def interpreted_kernel_modules():
     """``(triton_kernels.quantize, triton_kernels.decode_attention)`` decorated for the Triton interpreter.
 
     Call at module level of a kernel test file: it skips that module unless ``TRITON_INTERPRET=1`` was set before
     triton was imported, and reloads the kernel modules if another module imported them without the flag.
     """
-    import importlib
-
     triton = pytest.importorskip("triton")
-    import triton_kernels.decode_attention as da
-    import triton_kernels.quantize as qz
-
     interpreted = triton.runtime.interpreter.InterpretedFunction
     if os.environ.get("TRITON_INTERPRET") != "1" or not isinstance(triton.language.standard.sum, interpreted):
         # triton reads the flag when it is first imported (this conftest sets it on machines without a GPU)
         pytest.skip("run with TRITON_INTERPRET=1 set before triton is imported (Triton interpreter on CPU)",
                     allow_module_level=True)
-    if not isinstance(qz._quantize_keys_kernel, interpreted):  # imported earlier without the flag
-        qz = importlib.reload(qz)
-        da = importlib.reload(da)
-    return qz, da
+    return (interpreted_module("quantize", "_quantize_keys_kernel"),
+            interpreted_module("decode_attention", "_packed_attn_merge_kernel"))
 
 
 def make_tiny_llama(num_key_value_heads: int = 2, num_hidden_layers: int = 2, seed: int = 0):

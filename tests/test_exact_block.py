@@ -10,7 +10,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
-from conftest import interpreted_kernel_modules
+from conftest import interpreted_kernel_modules, interpreted_module
 
 from kvquant_hf.layer_api import RopeContext, apply_rope, rotate_half
 
@@ -18,15 +18,7 @@ interpreted_kernel_modules()  # skips this module unless the interpreter is on
 
 
 def _prep():
-    import importlib
-
-    import triton
-
-    import triton_kernels.exact_block as dp
-
-    if not isinstance(dp._decode_prep_kernel, triton.runtime.interpreter.InterpretedFunction):
-        dp = importlib.reload(dp)
-    return dp.decode_prep
+    return interpreted_module("exact_block", "_decode_prep_kernel").decode_prep
 
 
 def _inputs(b, hq, h, n, s, d, dtype, seed=0):

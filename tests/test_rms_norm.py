@@ -9,7 +9,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
-from conftest import interpreted_kernel_modules, make_tiny_llama
+from conftest import interpreted_kernel_modules, interpreted_module, make_tiny_llama
 
 from kvquant_hf import KVQuantConfig
 from kvquant_hf.errors import KVQuantConfigError
@@ -18,15 +18,7 @@ interpreted_kernel_modules()  # skips this module unless the interpreter is on
 
 
 def _rms_norm():
-    import importlib
-
-    import triton
-
-    import triton_kernels.rms_norm as rn
-
-    if not isinstance(rn._rms_norm_kernel, triton.runtime.interpreter.InterpretedFunction):
-        rn = importlib.reload(rn)
-    return rn.rms_norm
+    return interpreted_module("rms_norm", "_rms_norm_kernel").rms_norm
 
 
 def _norm(n, dtype, wdtype=None, eps=1e-5, seed=0):

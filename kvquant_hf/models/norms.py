@@ -19,23 +19,25 @@ import torch
 FUSABLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm")
 #: device types the fused forward handles (the tests add "cpu" under the Triton interpreter)
 DEVICE_TYPES = ("cuda",)
+_kernels = None  # triton_kernels.rms_norm, imported by fuse_rms_norms (not per call: the forward is on the hot path)
 
 
 def _fused_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     if hidden_states.device.type in DEVICE_TYPES and hidden_states.dtype in (torch.float16, torch.bfloat16,
                                                                              torch.float32):
-        from triton_kernels.rms_norm import rms_norm
-
-        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+        return _kernels.rms_norm(hidden_states, self.weight, self.variance_epsilon)
     return self.__dict__["_kvquant_norm_forward"](hidden_states)
 
 
 def fuse_rms_norms(model) -> int:
     """Swap the forward of every fusable RMSNorm module of ``model`` (idempotent); returns how many are fused."""
+    global _kernels
     try:
-        import triton_kernels.rms_norm  # noqa: F401
+        import triton_kernels.rms_norm as kernels
     except ImportError as exc:
-        raise RuntimeError(f"fused_norms needs Triton and the triton_kernels package ({exc}).") from exc
+        raise RuntimeError(f"fused_norms needs Triton and the triton_kernels package ({exc}); install triton or "
+                           "leave fused_norms off.") from exc
+    _kernels = kernels
     n = 0
     for module in model.modules():
         if type(module).__name__ not in FUSABLE_NORMS or not hasattr(module, "variance_epsilon"):
