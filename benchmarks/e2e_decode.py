@@ -98,12 +98,16 @@ def bench_quanto(model, batch, context):
     return ms
 
 
-def bench_kvquant(model, batch, context, bits, cuda_graph, fused_norms=False):
+def bench_kvquant(model, batch, context, bits, cuda_graph, fused_norms=False, fused_projections=False):
     """KVQuantCache decode step (eager or CUDA graph) and its breakdown."""
     from kvquant_hf.benchmarking import kvquant_decode_benchmark
 
     return kvquant_decode_benchmark(model, batch=batch, context=context, bits=bits, cuda_graph=cuda_graph,
-                                    fused_norms=fused_norms)
+                                    fused_norms=fused_norms, fused_projections=fused_projections)
+
+
+#: method suffix -> (fused_norms, fused_projections)
+FUSION_SUFFIXES = {"_fn": (True, False), "_fp": (False, True), "_ff": (True, True)}
 
 
 METHODS = {
@@ -146,11 +150,13 @@ def main(argv=None):
             try:
                 if method.startswith("kvquant"):
                     bits = int(method.split("_")[1][3:])
-                    # kvquant_nuq4_graph, kvquant_nuq4, ...; "_fn": with fused_norms (kvquant_nuq4_graph_fn)
-                    fused = method.endswith("_fn")
-                    base = method[: -len("_fn")] if fused else method
+                    # kvquant_nuq4_graph, kvquant_nuq4, ...; suffix "_fn": with fused_norms (kvquant_nuq4_graph_fn),
+                    # "_fp": with fused_projections, "_ff": with both
+                    suffix = method[-3:] if method[-3:] in FUSION_SUFFIXES else ""
+                    norms, projections = FUSION_SUFFIXES.get(suffix, (False, False))
+                    base = method[: len(method) - len(suffix)]
                     row.update(bench_kvquant(model, batch, context, bits, cuda_graph=base.endswith("_graph"),
-                                             fused_norms=fused))
+                                             fused_norms=norms, fused_projections=projections))
                 else:
                     row["ms_per_step"] = METHODS[method](model, batch, context)
             except torch.OutOfMemoryError as exc:

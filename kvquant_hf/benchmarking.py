@@ -129,23 +129,29 @@ def step_breakdown(step, categories: dict[str, tuple[str, ...]]) -> dict[str, fl
 
 def kvquant_decode_benchmark(model, batch: int, context: int, bits: int, cuda_graph: bool = False,
                              outlier_fraction: float = 0.01, warmup: int = 2, iters: int = 10,
-                             fused_norms: bool = False) -> dict[str, Any]:
+                             fused_norms: bool = False, fused_projections: bool = False) -> dict[str, Any]:
     """Time one decode step of ``model`` with a fast-filled nuq``bits`` `KVQuantCache` at ``context`` tokens
-    (``fused_norms``: the model's RMSNorms on one Triton kernel each, undone afterwards).
+    (``fused_norms``: the model's RMSNorms on one Triton kernel each; ``fused_projections``: one GEMV for q/k/v and
+    one for gate/up; both undone afterwards).
 
     Returns ms per step (CUDA events, median), the cache size, and for eager steps a profiler breakdown
     into attention / append / other kernel time.
     """
     from .models.norms import fuse_rms_norms, unfuse_rms_norms
+    from .models.projections import fuse_projections, unfuse_projections
 
     cache = fast_filled_cache(model, batch, context, {"bits": bits, "outlier_fraction": outlier_fraction})
     if fused_norms:
         fuse_rms_norms(model)
+    if fused_projections:
+        fuse_projections(model)
     try:
         return _decode_benchmark(model, cache, batch, context, cuda_graph, warmup, iters)
     finally:
         if fused_norms:
             unfuse_rms_norms(model)
+        if fused_projections:
+            unfuse_projections(model)
 
 
 def _decode_benchmark(model, cache, batch: int, context: int, cuda_graph: bool, warmup: int, iters: int

@@ -53,6 +53,11 @@ class KVQuantConfig:
             kernel each on CUDA instead of about eight torch kernels (:mod:`kvquant_hf.models.norms`; the same
             roundings, the float32 variance summed in another order). Fewer launches per decode step; off by
             default because it changes the model, not only the cache.
+        fused_projections (`bool`): in ``generate``, compute q/k/v with one GEMV and gate/up with one GEMV in every
+            Llama/Mistral layer, and ``silu(gate) * up`` with one Triton kernel on CUDA
+            (:mod:`kvquant_hf.models.projections`; the original weights become views of the fused ones, no extra
+            memory). Fewer and larger GEMVs per decode step; off by default because the GEMM library may sum the
+            larger matrix in another order (last-bit differences).
         prefill_chunk_size (`int`): in ``generate``, prompts longer than this are prefilled in chunks of this many
             tokens; each chunk attends to the packed earlier chunks, so the prompt's fp K/V never exist at once
             (0 = one call for the whole prompt).
@@ -92,6 +97,7 @@ class KVQuantConfig:
     signposts: str | None = None
     cuda_graph: bool = False
     fused_norms: bool = False
+    fused_projections: bool = False
     prefill_chunk_size: int = 4096
     capacity_check: bool = True
     prefill_attention: str = "auto"
@@ -151,6 +157,8 @@ class KVQuantConfig:
             raise KVQuantConfigError(f"cuda_graph={self.cuda_graph!r} must be True or False.")
         if not isinstance(self.fused_norms, bool):
             raise KVQuantConfigError(f"fused_norms={self.fused_norms!r} must be True or False.")
+        if not isinstance(self.fused_projections, bool):
+            raise KVQuantConfigError(f"fused_projections={self.fused_projections!r} must be True or False.")
         if not isinstance(self.qnorm, bool):
             raise KVQuantConfigError(f"qnorm={self.qnorm!r} must be True or False.")
         if not isinstance(self.nonfinite, str) or self.nonfinite not in NONFINITE_POLICIES:

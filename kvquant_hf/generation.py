@@ -70,11 +70,16 @@ def build_kvquant_cache(model, cache_config: dict | KVQuantConfig | None = None)
 
 
 def _apply_fused_norms(model, config: KVQuantConfig) -> None:
-    """``fused_norms=True``: one Triton kernel per RMSNorm (:mod:`kvquant_hf.models.norms`)."""
+    """``fused_norms=True``: one Triton kernel per RMSNorm (:mod:`kvquant_hf.models.norms`);
+    ``fused_projections=True``: one GEMV for q/k/v and one for gate/up (:mod:`kvquant_hf.models.projections`)."""
     if config.fused_norms:
         from .models.norms import fuse_rms_norms
 
         fuse_rms_norms(model)
+    if config.fused_projections:
+        from .models.projections import fuse_projections
+
+        fuse_projections(model)
 
 
 def prepare_model_for_cache(model, cache: KVQuantCache) -> None:

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .guard import n_nonfinite
+
 
 @triton.jit
 def _rope_rows(x1, x2, c1, c2, s1, s2, OUT_DTYPE: tl.constexpr):
@@ -63,11 +65,7 @@ def _decode_prep_kernel(
     if GUARD:  # a NaN or Inf anywhere in the token's keys or values: zero it in every head (in place), count it
         v1f = v1.to(tl.float32)
         v2f = v2.to(tl.float32)
-        # x - x is 0 for every finite x and NaN for NaN and +-Inf
-        nbad = (tl.sum(tl.sum(((k1 - k1) != 0).to(tl.int32), axis=1), axis=0)
-                + tl.sum(tl.sum(((k2 - k2) != 0).to(tl.int32), axis=1), axis=0)
-                + tl.sum(tl.sum(((v1f - v1f) != 0).to(tl.int32), axis=1), axis=0)
-                + tl.sum(tl.sum(((v2f - v2f) != 0).to(tl.int32), axis=1), axis=0))
+        nbad = n_nonfinite(k1) + n_nonfinite(k2) + n_nonfinite(v1f) + n_nonfinite(v2f)
         bad = (tl.zeros([BLOCK_H, HALF], dtype=tl.int32) + nbad) > 0
         zero = tl.zeros([BLOCK_H, HALF], dtype=tl.float32)
         k1 = tl.where(bad, zero, k1)
@@ -89,18 +87,15 @@ def _decode_prep_kernel(
     tl.store(fp, v1.to(ev_ptr.dtype.element_ty), mask=hm)
     tl.store(fp + HALF * sfd, v2.to(ev_ptr.dtype.element_ty), mask=hm)
 
-    if t == 0:  # the sink rows of this batch row (keys already rotated)
+    if t == 0:  # the sink rows of this batch row (keys already rotated): whole rows, all D = 2 * HALF channels
+        ow = tl.arange(0, 2 * HALF)
+        wm = (oh[:, None] < H) & (ow[None, :] < 2 * HALF)
         for s in range(S):
-            a1 = tl.load(sk_ptr + b * s_skb + s * s_skl + oh[:, None] * s_skh + od[None, :] * s_skd, mask=hm)
-            a2 = tl.load(sk_ptr + b * s_skb + s * s_skl + oh[:, None] * s_skh + (od[None, :] + HALF) * s_skd, mask=hm)
-            w1 = tl.load(sv_ptr + b * s_svb + s * s_svl + oh[:, None] * s_svh + od[None, :] * s_svd, mask=hm)
-            w2 = tl.load(sv_ptr + b * s_svb + s * s_svl + oh[:, None] * s_svh + (od[None, :] + HALF) * s_svd, mask=hm)
-            sp = ek_ptr + b * seb + s * sel + oh[:, None] * seh + od[None, :] * sed
-            tl.store(sp, a1.to(dt), mask=hm)
-            tl.store(sp + HALF * sed, a2.to(dt), mask=hm)
-            wp = ev_ptr + b * sfb + s * sfl + oh[:, None] * sfh + od[None, :] * sfd
-            tl.store(wp, w1.to(ev_ptr.dtype.element_ty), mask=hm)
-            tl.store(wp + HALF * sfd, w2.to(ev_ptr.dtype.element_ty), mask=hm)
+            a = tl.load(sk_ptr + b * s_skb + s * s_skl + oh[:, None] * s_skh + ow[None, :] * s_skd, mask=wm)
+            w = tl.load(sv_ptr + b * s_svb + s * s_svl + oh[:, None] * s_svh + ow[None, :] * s_svd, mask=wm)
+            tl.store(ek_ptr + b * seb + s * sel + oh[:, None] * seh + ow[None, :] * sed, a.to(dt), mask=wm)
+            tl.store(ev_ptr + b * sfb + s * sfl + oh[:, None] * sfh + ow[None, :] * sfd,
+                     w.to(ev_ptr.dtype.element_ty), mask=wm)
 
     if ROTATE_Q:
         oq = tl.arange(0, BLOCK_HQ)

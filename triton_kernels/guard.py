@@ -14,6 +14,14 @@ import triton.language as tl
 
 
 @triton.jit
+def n_nonfinite(x):
+    """The number of NaN and +-Inf elements of the 2-D tile ``x`` (int32), counted in float32."""
+    xf = x.to(tl.float32)
+    # x - x is 0 for every finite x and NaN for NaN and +-Inf
+    return tl.sum(tl.sum(((xf - xf) != 0).to(tl.int32), axis=1), axis=0)
+
+
+@triton.jit
 def _zero_nonfinite_kernel(k_ptr, v_ptr, counter_ptr, L, H, D,
                            skb, skh, skl, skd, svb, svh, svl, svd,
                            BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -27,10 +35,7 @@ def _zero_nonfinite_kernel(k_ptr, v_ptr, counter_ptr, L, H, D,
     vp = v_ptr + b * svb + t * svl + offs_h[:, None] * svh + offs_d[None, :] * svd
     kx = tl.load(kp, mask=mask, other=0.0).to(tl.float32)
     vx = tl.load(vp, mask=mask, other=0.0).to(tl.float32)
-    # x - x is 0 for every finite x and NaN for NaN and +-Inf
-    nk = tl.sum(tl.sum(((kx - kx) != 0).to(tl.int32), axis=1), axis=0)
-    nv = tl.sum(tl.sum(((vx - vx) != 0).to(tl.int32), axis=1), axis=0)
-    nbad = nk + nv
+    nbad = n_nonfinite(kx) + n_nonfinite(vx)
     zero = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     wipe = mask & ((tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.int32) + nbad) > 0)
     tl.store(kp, zero.to(k_ptr.dtype.element_ty), mask=wipe)

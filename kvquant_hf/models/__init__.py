@@ -102,11 +102,16 @@ def patch_model(model):
 
 
 def unpatch_model(model):
-    """Undo :func:`patch_model` (and :func:`kvquant_hf.models.norms.fuse_rms_norms`, if it was applied)."""
+    """Undo :func:`patch_model` (and :func:`kvquant_hf.models.norms.fuse_rms_norms` /
+    :func:`kvquant_hf.models.projections.fuse_projections`, if applied)."""
     if getattr(model, "_kvquant_fused_norms", False):
         from .norms import unfuse_rms_norms
 
         unfuse_rms_norms(model)
+    if getattr(model, "_kvquant_fused_projections", False):
+        from .projections import unfuse_projections
+
+        unfuse_projections(model)
     if not getattr(model, "_kvquant_patched", False):
         return model
     _, layers = _decoder_layers(model)

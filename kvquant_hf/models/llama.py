@@ -36,9 +36,13 @@ def kvquant_attention_forward(
 
     bsz, q_len, _ = hidden_states.shape
     hidden_shape = (bsz, q_len, -1, self.head_dim)
-    query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    qkv = self.__dict__.get("_kvquant_qkv")  # fused_projections: one GEMV for q, k and v
+    if qkv is not None:
+        query, key, value = (x.view(hidden_shape).transpose(1, 2) for x in qkv(hidden_states))
+    else:
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
 
     cos, sin = position_embeddings
     layer = kv_cache.layers[self.layer_idx]

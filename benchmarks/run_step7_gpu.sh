@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Session 7, device calls on the H200:
+#   bash benchmarks/run_step7_gpu.sh a   (first call; also copies `.mA/part` to /tmp/smol/partA for the SmolLM2 call
+#        that follows) the exact-block kernel after the refactor (shared n_nonfinite, whole-row sink copy) checked
+#        again; the opt-in fused_projections checked and timed (check_fused_gpu.py); the kernels of one CUDA-graph
+#        replay with fused norms and projections at 1K and 128K (step_profile --graph-kernels)
+#   bash benchmarks/run_step7_gpu.sh b   bf16 e2e decode with CUDA graphs: fused_norms alone ("_fn") vs fused norms
+#        and projections ("_ff"), nuq4 at 128K and nuq2 at 128K / 512K
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if [ "${1:-a}" = a ]; then
+  if [ -f .mA/part ]; then mkdir -p /tmp/smol && cp .mA/part /tmp/smol/partA; fi
+  timeout 120 python benchmarks/check_exact_block_gpu.py > "$OUT/exact.log" 2>&1; grep -E "FAILURES|us\)" "$OUT/exact.log"
+  timeout 150 python benchmarks/check_fused_gpu.py > "$OUT/fused.log" 2>&1; grep "^{" "$OUT/fused.log"
+  timeout 200 python benchmarks/step_profile.py --dtype bfloat16 --contexts 1024 131072 --graph-kernels \
+    --fused norms projections --name step_profile_graph_bf16_s7 > "$OUT/profile.log" 2>&1
+  grep -E "graph_ms|total kernel" "$OUT/profile.log"; tail -n 3 "$OUT/profile.log"
+else
+  timeout 400 python benchmarks/e2e_decode.py --contexts 131072 524288 --extra --methods kvquant_nuq4_graph_fn \
+    kvquant_nuq4_graph_ff kvquant_nuq2_graph_fn kvquant_nuq2_graph_ff --skip kvquant_nuq4_graph_fn@524288x1 \
+    kvquant_nuq4_graph_ff@524288x1 --name e2e_decode_bf16_s7 > "$OUT/e2e.log" 2>&1; grep "^{" "$OUT/e2e.log"
+fi
+rm -f "$OUT"/*.log "$OUT"/e2e_decode_partial.jsonl

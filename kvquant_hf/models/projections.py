@@ -1,0 +1,146 @@
+"""Opt-in: one GEMV for q/k/v and one for gate/up in every Llama/Mistral decoder layer, SiLU·mul in one kernel.
+
+A batch-1 decode step reads each weight once; with separate ``q_proj`` / ``k_proj`` / ``v_proj`` the two small KV
+projections run at well under the copy bandwidth and each adds a split-K reduction, and the MLP adds a SiLU and a
+multiply kernel. :func:`fuse_projections` concatenates the weights of each group into one tensor **and makes the
+original ``nn.Linear`` weights views into it** (no extra memory; the stock forwards still work), then:
+
+* the patched attention forward (:mod:`kvquant_hf.models.llama`) computes ``q, k, v`` with one ``F.linear`` when a
+  kvquant cache is used;
+* the MLP forward computes ``gate | up`` with one ``F.linear`` and ``silu(gate) * up`` with
+  :func:`triton_kernels.silu_mul.silu_mul` on CUDA (torch ops elsewhere).
+
+Each output element is the same dot product as before, but the GEMM library may pick another kernel (split-K
+order) for the larger matrix, so logits can differ in the last bits of the model dtype; that is why it is off by
+default. Turn it on with ``cache_config={"fused_projections": True}`` in ``generate`` or ``fuse_projections(model)``;
+:func:`unfuse_projections` (and ``unpatch_model``) undo it. Layers whose projections are not plain ``nn.Linear``
+modules on one device with a floating-point weight (quantized linears, offloaded or meta weights, mixed biases) and
+MLPs whose activation is not SiLU are left as they are.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+#: decoder-layer MLP classes whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``
+FUSABLE_MLPS = ("LlamaMLP", "MistralMLP")
+#: activation classes that compute ``x * sigmoid(x)`` (torch's and transformers' names)
+SILU_ACTIVATIONS = ("SiLU", "SiLUActivation")
+#: device types on which the MLP uses the Triton SiLU·mul kernel (the tests add "cpu" under the interpreter)
+DEVICE_TYPES = ("cuda",)
+_kernels = None  # triton_kernels.silu_mul, imported once by fuse_projections when Triton is there
+
+
+@dataclass
+class FusedLinear:
+    """Concatenated weight ``[sum(sizes), in]`` (and bias) of several linears that read the same input."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    sizes: tuple[int, ...]
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+
+
+def _fusable(linears) -> bool:
+    first = linears[0]
+    for lin in linears:
+        if type(lin) is not nn.Linear or getattr(lin, "_hf_hook", None) is not None:
+            return False  # quantized / offloaded linears keep their own forward
+        w = lin.weight
+        if (not w.is_floating_point() or w.device.type == "meta" or w.device != first.weight.device
+                or w.dtype != first.weight.dtype or w.shape[1] != first.weight.shape[1]):
+            return False
+        if (lin.bias is None) != (first.bias is None):
+            return False
+    return True
+
+
+def _fuse(linears) -> FusedLinear:
+    with torch.no_grad():
+        weight = torch.cat([lin.weight for lin in linears], dim=0)
+        bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears], dim=0)
+        sizes = tuple(int(lin.weight.shape[0]) for lin in linears)
+        for lin, w in zip(linears, weight.split(sizes, dim=0)):
+            lin.weight.data = w  # a view: the separate weights are freed, the modules keep working
+        if bias is not None:
+            for lin, b in zip(linears, bias.split(sizes, dim=0)):
+                lin.bias.data = b
+    return FusedLinear(weight, bias, sizes)
+
+
+def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    gate_up = self.__dict__["_kvquant_gate_up"]
+    gu = F.linear(x, gate_up.weight, gate_up.bias)
+    if _kernels is not None and gu.device.type in DEVICE_TYPES and gu.dtype in (torch.float16, torch.bfloat16,
+                                                                                 torch.float32):
+        h = _kernels.silu_mul(gu)
+    else:
+        gate, up = gu.split(gate_up.sizes, dim=-1)
+        h = self.act_fn(gate) * up
+    return self.down_proj(h)
+
+
+def _decoder_layers(model):
+    from . import _decoder_layers as layers_of
+
+    return layers_of(model)[1]
+
+
+def fuse_projections(model) -> int:
+    """Fuse q/k/v and gate/up of every fusable decoder layer of ``model`` (idempotent); returns how many groups
+    were fused (two per layer at most)."""
+    global _kernels
+    try:
+        import triton_kernels.silu_mul as kernels
+    except ImportError:  # no Triton: the MLP falls back to torch's silu and multiply
+        kernels = None
+    _kernels = kernels
+    n = 0
+    for layer in _decoder_layers(model):
+        attn = getattr(layer, "self_attn", None)
+        if attn is not None and "_kvquant_qkv" not in attn.__dict__:
+            lins = [getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj")]
+            if all(lin is not None for lin in lins) and _fusable(lins):
+                attn.__dict__["_kvquant_qkv"] = _fuse(lins)
+        n += int(attn is not None and "_kvquant_qkv" in attn.__dict__)
+        mlp = getattr(layer, "mlp", None)
+        if (mlp is not None and type(mlp).__name__ in FUSABLE_MLPS and "_kvquant_gate_up" not in mlp.__dict__
+                and type(getattr(mlp, "act_fn", None)).__name__ in SILU_ACTIVATIONS):
+            lins = [getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)]
+            if all(lin is not None for lin in lins) and _fusable(lins):
+                mlp.__dict__["_kvquant_gate_up"] = _fuse(lins)
+                mlp.__dict__["_kvquant_mlp_forward"] = mlp.forward
+                mlp.forward = types.MethodType(_fused_mlp_forward, mlp)
+        n += int(mlp is not None and "_kvquant_gate_up" in mlp.__dict__)
+    model._kvquant_fused_projections = n > 0
+    return n
+
+
+def _unfuse(linears) -> None:
+    with torch.no_grad():
+        for lin in linears:  # own storage again (save_pretrained refuses weights that share memory)
+            lin.weight.data = lin.weight.data.clone()
+            if lin.bias is not None:
+                lin.bias.data = lin.bias.data.clone()
+
+
+def unfuse_projections(model) -> None:
+    """Undo :func:`fuse_projections`: the stock forwards, and every weight in its own storage again (one layer's
+    group is copied at a time)."""
+    for layer in _decoder_layers(model):
+        attn = getattr(layer, "self_attn", None)
+        if attn is not None and attn.__dict__.pop("_kvquant_qkv", None) is not None:
+            _unfuse([attn.q_proj, attn.k_proj, attn.v_proj])
+        mlp = getattr(layer, "mlp", None)
+        if mlp is not None and mlp.__dict__.pop("_kvquant_gate_up", None) is not None:
+            mlp.__dict__.pop("_kvquant_mlp_forward", None)
+            mlp.__dict__.pop("forward", None)
+            _unfuse([mlp.gate_proj, mlp.up_proj])
+    model._kvquant_fused_projections = False
