@@ -21,6 +21,7 @@ from kvquant_hf.calibration import (
     DEFAULT_KMEANS_MAX_POINTS,
     DEFAULT_MAX_TOKENS_PER_LAYER,
     KEY_TABLES,
+    VALUE_TABLES,
     calibrate,
     load_calibration_text,
 )
@@ -49,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="k-means weights: fisher (F), fisher_x2 (F * scale^2) or none")
     p.add_argument("--key-table", default="kmeans", choices=list(KEY_TABLES),
                    help="key tables only: kmeans (reference), kmeans-pinned (outer entries at the thresholds, "
-                   "interior weighted k-means) or uniform; values always use weighted k-means")
+                   "interior weighted k-means) or uniform")
+    p.add_argument("--value-table", default="kmeans", choices=list(VALUE_TABLES),
+                   help="value tables: kmeans (reference) or uniform; uniform key and value tables let the CUDA "
+                   "decode kernel skip the table lookups (its fastest path)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens-per-layer", type=int, default=DEFAULT_MAX_TOKENS_PER_LAYER,
                    help="token rows kept per layer (reservoir sample; bounds CPU memory)")
@@ -87,6 +91,7 @@ def run(args: argparse.Namespace) -> dict[int, str]:
         progress=not args.quiet,
         source_info={**source, "model_arg": args.model},
         key_table=args.key_table,
+        value_table=args.value_table,
     )
     folders = {b: save_signposts(sp, args.output_dir) for b, sp in result.items()}
 

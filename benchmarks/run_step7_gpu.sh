@@ -6,6 +6,8 @@
 #        replay with fused norms and projections at 1K and 128K (step_profile --graph-kernels)
 #   bash benchmarks/run_step7_gpu.sh b   bf16 e2e decode with CUDA graphs: fused_norms alone ("_fn") vs fused norms
 #        and projections ("_ff"), nuq4 at 128K and nuq2 at 128K / 512K
+#   bash benchmarks/run_step7_gpu.sh c   after the append became one launch (quantize_kv_triton): its bit identity
+#        and time, the bf16 model checks (graph = eager, triton = torch), e2e (default and "_ff") and the graph profile
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
@@ -17,6 +19,16 @@ if [ "${1:-a}" = a ]; then
   timeout 200 python benchmarks/step_profile.py --dtype bfloat16 --contexts 1024 131072 --graph-kernels \
     --fused norms projections --name step_profile_graph_bf16_s7 > "$OUT/profile.log" 2>&1
   grep -E "graph_ms|total kernel" "$OUT/profile.log"; tail -n 3 "$OUT/profile.log"
+elif [ "$1" = c ]; then
+  timeout 120 python benchmarks/check_quantize_kv_gpu.py > "$OUT/qkv.log" 2>&1; grep -E "FAILURES|launch" "$OUT/qkv.log"
+  timeout 120 python benchmarks/gpu_checks.py --layers 4 --dtype bfloat16 --name gpu_checks_bfloat16_s7 \
+    > "$OUT/gpu_checks.log" 2>&1; grep "'check'" "$OUT/gpu_checks.log"
+  timeout 200 python benchmarks/e2e_decode.py --contexts 131072 524288 --extra --methods kvquant_nuq4_graph \
+    kvquant_nuq4_graph_ff kvquant_nuq2_graph kvquant_nuq2_graph_ff --skip kvquant_nuq4_graph@524288x1 \
+    kvquant_nuq4_graph_ff@524288x1 --name e2e_decode_bf16_s7c > "$OUT/e2e.log" 2>&1; grep "^{" "$OUT/e2e.log"
+  timeout 150 python benchmarks/step_profile.py --dtype bfloat16 --contexts 1024 131072 --graph-kernels \
+    --fused norms projections --name step_profile_graph_bf16_s7c > "$OUT/profile.log" 2>&1
+  grep -E "graph_ms|total kernel" "$OUT/profile.log"
 else
   timeout 400 python benchmarks/e2e_decode.py --contexts 131072 524288 --extra --methods kvquant_nuq4_graph_fn \
     kvquant_nuq4_graph_ff kvquant_nuq2_graph_fn kvquant_nuq2_graph_ff --skip kvquant_nuq4_graph_fn@524288x1 \

@@ -782,15 +782,7 @@ class KVQuantLayer(CacheLayerMixin):
         if self.triton_quantize:
             module, _ = _triton_module()
             with _device_guard(self.device):
-                module.quantize_keys_triton(
-                    k, self.k_lut, self.k_lower, self.k_upper, self.n_slots, cfg.key_bits,
-                    out=(self.k_codes, self.k_out_val, self.k_out_idx), start=start,
-                    k_zero=self.k_zero, k_scale=self.k_scale, clip_counter=self.clip_counter,
-                )
-                module.quantize_values_triton(
-                    v, self.v_lut, self.n_slots, cfg.value_bits,
-                    out=(self.v_codes, self.v_scale, self.v_zero, self.v_out_val, self.v_out_idx), start=start,
-                )
+                self._quantize_kv(module, k, v, start)
             self.positions[:, start:end] = positions.to(torch.int32)
             self.length = end
             return
@@ -807,6 +799,17 @@ class KVQuantLayer(CacheLayerMixin):
         self.positions[:, start:end] = positions.to(torch.int32)
         self.n_clipped_host += int(pk.n_clipped)
         self.length = end
+
+    def _quantize_kv(self, module, k: torch.Tensor, v: torch.Tensor, start) -> None:
+        """Quantize and pack the new keys and values into the history at ``start`` (int, or the int32 device length
+        in graph mode): one Triton launch for both."""
+        cfg = self.config
+        module.quantize_kv_triton(
+            k, v, self.k_lut, self.k_lower, self.k_upper, self.v_lut, self.n_slots, cfg.key_bits, cfg.value_bits,
+            k_out=(self.k_codes, self.k_out_val, self.k_out_idx),
+            v_out=(self.v_codes, self.v_scale, self.v_zero, self.v_out_val, self.v_out_idx), start=start,
+            k_zero=self.k_zero, k_scale=self.k_scale, clip_counter=self.clip_counter,
+        )
 
     # ---------------------------------------------------------------- CUDA-graph decode
     def enter_graph_mode(self, extra_tokens: int, num_splits: int | None = None) -> None:
@@ -845,17 +848,8 @@ class KVQuantLayer(CacheLayerMixin):
                               positions_written: bool = False) -> None:
         """Append at the device-side length without touching the host (graph capture and replay)."""
         n = k.shape[2]
-        cfg = self.config
         module, _ = _triton_module()
-        module.quantize_keys_triton(
-            k, self.k_lut, self.k_lower, self.k_upper, self.n_slots, cfg.key_bits,
-            out=(self.k_codes, self.k_out_val, self.k_out_idx), start=self.length_dev,
-            k_zero=self.k_zero, k_scale=self.k_scale, clip_counter=self.clip_counter,
-        )
-        module.quantize_values_triton(
-            v, self.v_lut, self.n_slots, cfg.value_bits,
-            out=(self.v_codes, self.v_scale, self.v_zero, self.v_out_val, self.v_out_idx), start=self.length_dev,
-        )
+        self._quantize_kv(module, k, v, self.length_dev)
         if not positions_written:
             idx = self.length_dev.long() if n == 1 else self.length_dev.long() + torch.arange(n, device=self.device)
             self.positions.index_copy_(1, idx, positions.to(torch.int32))

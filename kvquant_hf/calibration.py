@@ -507,8 +507,10 @@ def weighted_kmeans_1d(
     return torch.tensor(np.sort(km.cluster_centers_.reshape(-1)), dtype=torch.float32)
 
 
-#: key table kinds of :func:`signposts_from_sample` (``key_table=``); values always use "kmeans"
+#: key table kinds of :func:`signposts_from_sample` (``key_table=``)
 KEY_TABLES = ("kmeans", "kmeans-pinned", "uniform")
+#: value table kinds (``value_table=``)
+VALUE_TABLES = ("kmeans", "uniform")
 
 
 def weighted_kmeans_1d_pinned(
@@ -587,15 +589,19 @@ def signposts_from_sample(
     kmeans_n_init: int = 3,
     progress: bool = True,
     key_table: str = "kmeans",
+    value_table: str = "kmeans",
 ) -> dict[int, list[LayerSignposts]]:
     """Per-layer thresholds, weighted k-means signposts and Q-Norm statistics for each bit width.
 
-    ``key_table`` chooses the key tables only (values always use weighted k-means): ``"kmeans"`` (the
-    reference recipe), ``"kmeans-pinned"`` (weighted k-means with the outer entries pinned at -1 and +1,
-    :func:`weighted_kmeans_1d_pinned`) or ``"uniform"`` (the intX grid on [-1, 1]).
+    ``key_table`` chooses the key tables: ``"kmeans"`` (the reference recipe), ``"kmeans-pinned"`` (weighted
+    k-means with the outer entries pinned at -1 and +1, :func:`weighted_kmeans_1d_pinned`) or ``"uniform"`` (the
+    intX grid on [-1, 1]). ``value_table``: ``"kmeans"`` (reference) or ``"uniform"``. Uniform tables let the
+    CUDA decode kernel fold the grid into scale and zero instead of looking codes up (its fastest path).
     """
     if key_table not in KEY_TABLES:
         raise KVQuantConfigError(f"key_table={key_table!r} is not supported; choose one of {KEY_TABLES}.")
+    if value_table not in VALUE_TABLES:
+        raise KVQuantConfigError(f"value_table={value_table!r} is not supported; choose one of {VALUE_TABLES}.")
     h, d = sample.num_kv_heads, sample.head_dim
     n_slots = default_outlier_slots(outlier_fraction, d)
     out: dict[int, list[LayerSignposts]] = {b: [] for b in bits}
@@ -622,7 +628,10 @@ def signposts_from_sample(
                 ksp = weighted_kmeans_1d_pinned(kstats.points, kstats.weights, 2**b)
             else:
                 ksp = quant.uniform_signposts(b).to(torch.float32)
-            vsp = weighted_kmeans_1d(vstats.points, vstats.weights, 2**b, seed, kmeans_n_init)
+            if value_table == "kmeans":
+                vsp = weighted_kmeans_1d(vstats.points, vstats.weights, 2**b, seed, kmeans_n_init)
+            else:
+                vsp = quant.uniform_signposts(b).to(torch.float32)
             out[b].append(
                 LayerSignposts(
                     key_signposts=ksp,
@@ -657,6 +666,7 @@ def calibrate(
     kmeans_n_init: int = 3,
     source_info: dict[str, Any] | None = None,
     key_table: str = "kmeans",
+    value_table: str = "kmeans",
 ) -> dict[int, Signposts]:
     """Calibrate KVQuant signposts, key thresholds and Q-Norm statistics for a model.
 
@@ -684,7 +694,10 @@ def calibrate(
         source_info (`dict`, *optional*): recorded in `metadata.calibration` (e.g. `{"text_file": path}`).
         key_table (`str`): key tables: "kmeans" (default, the reference recipe), "kmeans-pinned" (outer
             entries pinned at the thresholds, interior weighted k-means) or "uniform"; recorded in
-            `metadata.calibration.key_table` when not the default. Values always use weighted k-means.
+            `metadata.calibration.key_table` when not the default.
+        value_table (`str`): value tables: "kmeans" (default) or "uniform"; recorded in
+            `metadata.calibration.value_table` when not the default. With uniform key and value tables the CUDA
+            decode kernel takes its fastest path (no table lookups).
 
     Returns:
         `dict[int, Signposts]`: one entry per bit width (not yet saved; see
@@ -703,6 +716,8 @@ def calibrate(
         )
     if key_table not in KEY_TABLES:
         raise KVQuantConfigError(f"key_table={key_table!r} is not supported; choose one of {KEY_TABLES}.")
+    if value_table not in VALUE_TABLES:
+        raise KVQuantConfigError(f"value_table={value_table!r} is not supported; choose one of {VALUE_TABLES}.")
     if not isinstance(sink_tokens, int) or sink_tokens < 0:
         raise KVQuantConfigError(f"sink_tokens={sink_tokens!r} must be a non-negative integer.")
     if device is not None:
@@ -736,6 +751,7 @@ def calibrate(
     per_bits = signposts_from_sample(
         sample, bits_list, outlier_fraction=outlier_fraction, fisher_weighting=fisher_weighting, seed=seed,
         kmeans_max_points=kmeans_max_points, kmeans_n_init=kmeans_n_init, progress=progress, key_table=key_table,
+        value_table=value_table,
     )
     duration = time.perf_counter() - t0
     ident = model_identity(model)
@@ -757,6 +773,8 @@ def calibrate(
     }
     if key_table != "kmeans":
         calibration["key_table"] = key_table
+    if value_table != "kmeans":
+        calibration["value_table"] = value_table
     result = {}
     for b in bits_list:
         meta = {

@@ -79,6 +79,41 @@ def test_cli_key_table(tmp_path, monkeypatch, tiny_llama):
                              "--seqlen", "64", "--output-dir", str(out), "--device", "cpu", "--quiet",
                              "--key-table", "kmeans-pinned"])
     assert rc == 0 and set(KEY_TABLES) == {"kmeans", "kmeans-pinned", "uniform"}
+    assert calibrate_cli.build_parser().parse_args(
+        ["--model", "m", "--text-file", "t", "--output-dir", "o", "--value-table", "uniform"]).value_table == "uniform"
     sp = load_signposts(out, bits=3)
     assert sp.metadata["calibration"]["key_table"] == "kmeans-pinned"
     assert all(la.key_signposts[0] == -1.0 and la.key_signposts[-1] == 1.0 for la in sp.layers)
+
+
+def test_value_table_uniform_changes_only_the_value_tables(tiny_llama):
+    kwargs = dict(bits=(4, 2), nsamples=3, seqlen=48, **FAST)
+    ref = calibrate(tiny_llama, None, token_stream(), **kwargs)
+    uni = calibrate(tiny_llama, None, token_stream(), value_table="uniform", **kwargs)
+    both = calibrate(tiny_llama, None, token_stream(), key_table="uniform", value_table="uniform", **kwargs)
+    assert "value_table" not in ref[4].metadata["calibration"]
+    assert uni[4].metadata["calibration"]["value_table"] == "uniform"
+    assert both[2].metadata["calibration"]["key_table"] == both[2].metadata["calibration"]["value_table"] == "uniform"
+    for b in (4, 2):
+        grid = quant.uniform_signposts(b).float()
+        for lr, lu, lb in zip(ref[b].layers, uni[b].layers, both[b].layers, strict=True):
+            assert not torch.equal(lr.value_signposts, grid)  # the reference is k-means
+            torch.testing.assert_close(lu.value_signposts, grid)
+            torch.testing.assert_close(lb.value_signposts, grid)
+            torch.testing.assert_close(lb.key_signposts, grid)
+            assert torch.equal(lu.key_signposts, lr.key_signposts)  # keys and thresholds untouched
+            assert torch.equal(lu.key_lower, lr.key_lower) and torch.equal(lu.key_upper, lr.key_upper)
+    with pytest.raises(KVQuantConfigError, match="value_table"):
+        calibrate(tiny_llama, None, token_stream(), value_table="kmeans-pinned", **kwargs)
+
+
+def test_uniform_tables_take_the_affine_decode_path(tiny_llama):
+    """Uniform tables are recognised as a grid (the CUDA/Triton decode folds it into scale and zero)."""
+    from triton_kernels.decode_attention import affine_grid
+
+    sp = calibrate(tiny_llama, None, token_stream(), bits=(4,), nsamples=2, seqlen=48, key_table="uniform",
+                   value_table="uniform", **FAST)[4]
+    assert all(affine_grid(la.key_signposts) is not None and affine_grid(la.value_signposts) is not None
+               for la in sp.layers)
+    ref = calibrate(tiny_llama, None, token_stream(), bits=(4,), nsamples=2, seqlen=48, **FAST)[4]
+    assert any(affine_grid(la.value_signposts) is None for la in ref.layers)

@@ -137,6 +137,54 @@ def test_quantize_values_ties_in_place(bits):
     assert (out[0][:, :, :start] == 0).all() and (out[0][:, :, start + s:] == 0).all()
 
 
+def _kv_dest(b, h, cap, d, kbits, vbits, n_slots, dtype):
+    sd = quant.value_scale_dtype(dtype)
+    kd = (torch.zeros(b, h, cap, d * kbits // 8, dtype=torch.uint8), torch.zeros(b, h, cap, n_slots, dtype=dtype),
+          torch.zeros(b, h, cap, n_slots, dtype=torch.uint8))
+    vd = (torch.zeros(b, h, cap, d * vbits // 8, dtype=torch.uint8), torch.zeros(b, h, cap, dtype=sd),
+          torch.zeros(b, h, cap, dtype=sd), torch.zeros(b, h, cap, n_slots, dtype=dtype),
+          torch.zeros(b, h, cap, n_slots, dtype=torch.uint8))
+    return kd, vd
+
+
+@pytest.mark.parametrize("kbits,vbits", [(4, 4), (3, 2), (2, 4)])
+@pytest.mark.parametrize("n_slots", [0, 1, 2])
+@pytest.mark.parametrize("s,device_start", [(1, True), (5, False), (17, False), (3, True)])
+def test_quantize_kv_one_launch_equals_two(kbits, vbits, n_slots, s, device_start):
+    """One launch for keys and values (the cache's append) writes exactly what the two separate launches write,
+    at an int or a device-side start, and counts the same clipped outliers."""
+    b, h, d, cap, start = 2, 3, 64, 40, 6
+    dtype = torch.float16 if kbits != 2 else torch.bfloat16
+    k, klut, lo, hi = _key_setup(b, h, s, d, kbits, dtype, seed=kbits * 11 + s)
+    v = (torch.randn(b, h, s, d, generator=torch.Generator().manual_seed(s)) * 3).to(dtype)
+    vlut = quant.normal_float_signposts(vbits)
+    st = torch.tensor([start], dtype=torch.int32) if device_start else start
+    kd1, vd1 = _kv_dest(b, h, cap, d, kbits, vbits, n_slots, dtype)
+    kd2, vd2 = _kv_dest(b, h, cap, d, kbits, vbits, n_slots, dtype)
+    c1, c2 = torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    quantize_keys_triton(k, klut, lo, hi, n_slots, kbits, out=kd1, start=st, clip_counter=c1)
+    quantize_values_triton(v, vlut, n_slots, vbits, out=vd1, start=st)
+    kres, vres = _qz.quantize_kv_triton(k, v, klut, lo, hi, vlut, n_slots, kbits, vbits, k_out=kd2, v_out=vd2,
+                                        start=st, clip_counter=c2)
+    for a, b_ in zip(kd1 + vd1, kd2 + vd2):
+        assert torch.equal(a, b_)
+    assert int(c1) == int(c2)
+    assert (kd2[0][:, :, start:start + s] != 0).any() and (kd2[0][:, :, :start] == 0).all()
+    if dtype == torch.float16:  # and both equal the torch reference (bf16: the interpreter truncates the scales)
+        sl = slice(None) if not device_start else slice(start, start + s)  # views of the new tokens / full storage
+        assert torch.equal(vres.codes[:, :, sl], quant.quantize_values(v, vlut, n_slots, vbits).codes)
+        assert torch.equal(kres.codes[:, :, sl], quant.quantize_keys(k, klut, lo, hi, n_slots, kbits).codes)
+    if n_slots == 0 and s == 17:
+        assert int(c2) > 0  # the outlier channel of _key_setup is clipped without slots
+
+
+def test_quantize_kv_rejects_mismatched_shapes():
+    k, klut, lo, hi = _key_setup(1, 2, 4, 64, 4, torch.float16, seed=0)
+    kd, vd = _kv_dest(1, 2, 8, 64, 4, 4, 1, torch.float16)
+    with pytest.raises(ValueError, match="same shape"):
+        _qz.quantize_kv_triton(k, k[:, :, :3], klut, lo, hi, klut, 1, 4, 4, k_out=kd, v_out=vd)
+
+
 def test_quantize_launchers_validate():
     k, lut, lo, hi = _key_setup(1, 2, 3, 64, 4, torch.float32, seed=0)
     with pytest.raises(ValueError, match="bits"):

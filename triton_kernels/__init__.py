@@ -11,7 +11,7 @@ from .decode_attention import default_num_splits, packed_attention_triton
 from .dequantize import dequantize_history_triton, merge_lse_
 from .exact_block import decode_prep
 from .guard import zero_nonfinite_tokens_
-from .quantize import KeyCodes, ValueCodes, quantize_keys_triton, quantize_values_triton
+from .quantize import KeyCodes, ValueCodes, quantize_keys_triton, quantize_kv_triton, quantize_values_triton
 
 __all__ = [
     "KeyCodes",
@@ -22,6 +22,7 @@ __all__ = [
     "merge_lse_",
     "packed_attention_triton",
     "quantize_keys_triton",
+    "quantize_kv_triton",
     "quantize_values_triton",
     "zero_nonfinite_tokens_",
 ]

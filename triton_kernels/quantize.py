@@ -346,7 +346,7 @@ def _block_t(s: int) -> int:
     return max(1, min(16, triton.next_power_of_2(max(s, 1))))
 
 
-def quantize_keys_triton(
+def _prepare_keys(
     k: torch.Tensor,
     k_lut: torch.Tensor,
     k_lower: torch.Tensor,
@@ -359,29 +359,8 @@ def quantize_keys_triton(
     k_zero: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None,
     clip_counter: torch.Tensor | None = None,
-) -> KeyCodes:
-    """Quantize pre-RoPE keys per channel (nuqX + outlier slots), bit-identical to ``quant.quantize_keys``.
-
-    Args:
-        k (`torch.Tensor`): ``[batch_size, kv_heads, seq_len, head_dim]`` pre-RoPE keys (fp16/bf16/fp32,
-            any strides).
-        k_lut (`torch.Tensor`): float32 ``[2**bits]`` sorted signposts.
-        k_lower, k_upper (`torch.Tensor`): float32 ``[kv_heads, head_dim]`` calibrated thresholds.
-        n_slots (`int`): outlier slots per token and head.
-        bits (`int`): 2, 3 or 4.
-        out (`tuple`, optional): destination storage ``(codes uint8 [B, H, cap, D*bits/8],
-            out_val k.dtype [B, H, cap, n_slots], out_idx uint8 [B, H, cap, n_slots])``; the tokens are
-            written at ``[start, start + seq_len)`` of the capacity dimension. New tensors if None.
-        start (`int` or `torch.Tensor`): token offset in ``out``; an int32 ``[1]`` device tensor is read by
-            the kernel (CUDA-graph decode; the full destination tensors are returned then).
-        k_zero, k_scale (`torch.Tensor`, optional): ``quant.key_zero_scale(k_lower, k_upper)`` if
-            already computed (saves two tiny launches per call).
-        clip_counter (`torch.Tensor`, optional): int32 ``[1]`` on the device; the number of outliers
-            clipped because a token had more than ``n_slots`` is added to it (no host sync).
-
-    Returns:
-        `KeyCodes`: views of the written tokens ``(codes, out_val, out_idx)``.
-    """
+) -> tuple[KeyCodes, tuple | None]:
+    """Checks, destinations and launch ``(grid, args, constexprs)`` of :func:`quantize_keys_triton`."""
     b, h, s, d = _check_common(k, k_lut, n_slots, bits, "keys")
     if k_lower.shape != (h, d) or k_upper.shape != (h, d):
         raise ValueError(
@@ -419,10 +398,11 @@ def quantize_keys_triton(
         _check_range(cap, start, s)
     if clip_counter is not None and (clip_counter.dtype != torch.int32 or clip_counter.device != dev):
         raise ValueError("clip_counter must be an int32 tensor on the keys' device.")
+    launch = None
     if s > 0:
         block_t = _block_t(s)
         grid = (b * h, triton.cdiv(s, block_t))
-        _quantize_keys_kernel[grid](
+        args = (
             k, lut, lower, upper, k_zero, k_scale, codes, oval, oidx,
             clip_counter if clip_counter is not None else codes,
             s, start, start_dev if start_dev is not None else codes, h,
@@ -430,40 +410,25 @@ def quantize_keys_triton(
             codes.stride(0), codes.stride(1), codes.stride(2),
             oval.stride(0), oval.stride(1), oval.stride(2),
             oidx.stride(0), oidx.stride(1), oidx.stride(2),
-            HEAD_DIM=d, BITS=bits, N_SLOTS=n_slots, BLOCK_T=block_t,
-            COUNT_CLIPPED=clip_counter is not None, START_ON_DEVICE=start_dev is not None,
-            num_warps=4,
         )
+        consts = dict(HEAD_DIM=d, BITS=bits, N_SLOTS=n_slots, BLOCK_T=block_t,
+                      COUNT_CLIPPED=clip_counter is not None, START_ON_DEVICE=start_dev is not None)
+        launch = (grid, args, consts)
     if start_dev is not None:
-        return KeyCodes(codes, oval, oidx)
+        return KeyCodes(codes, oval, oidx), launch
     sl = slice(start, start + s)
-    return KeyCodes(codes[:, :, sl], oval[:, :, sl], oidx[:, :, sl])
+    return KeyCodes(codes[:, :, sl], oval[:, :, sl], oidx[:, :, sl]), launch
 
 
-def quantize_values_triton(
+def _prepare_values(
     v: torch.Tensor,
     v_lut: torch.Tensor,
     n_slots: int,
     bits: int,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     start: int = 0,
-) -> ValueCodes:
-    """Quantize values per token (nuqX, ``n_slots`` extremes kept exact), bit-identical to ``quant.quantize_values``.
-
-    Args:
-        v (`torch.Tensor`): ``[batch_size, kv_heads, seq_len, head_dim]`` values (fp16/bf16/fp32).
-        v_lut (`torch.Tensor`): float32 ``[2**bits]`` sorted signposts.
-        n_slots (`int`): outlier slots per token and head; ``2 * (n_slots + 1) <= head_dim``.
-        bits (`int`): 2, 3 or 4.
-        out (`tuple`, optional): destination storage ``(codes uint8 [B, H, cap, D*bits/8], scale [B, H, cap],
-            zero [B, H, cap], out_val v.dtype [B, H, cap, n_slots], out_idx uint8 [B, H, cap, n_slots])``
-            with scale/zero in bf16 for bf16 values and fp16 otherwise (``quant.value_scale_dtype``).
-        start (`int` or `torch.Tensor`): token offset in ``out``; an int32 ``[1]`` device tensor is read by
-            the kernel (CUDA-graph decode; the full destination tensors are returned then).
-
-    Returns:
-        `ValueCodes`: views of the written tokens ``(codes, scale, zero, out_val, out_idx)``.
-    """
+) -> tuple[ValueCodes, tuple | None]:
+    """Checks, destinations and launch ``(grid, args, constexprs)`` of :func:`quantize_values_triton`."""
     b, h, s, d = _check_common(v, v_lut, n_slots, bits, "values")
     if 2 * (n_slots + 1) > d:
         raise ValueError(f"n_slots={n_slots} is too many for head_dim={d}; need 2 * (n_slots + 1) <= head_dim.")
@@ -492,10 +457,11 @@ def quantize_values_triton(
         if any(t.shape[2] != cap for t in (scale, zero, oval, oidx)):
             raise ValueError("all value destinations must have the same capacity (dim 2).")
         _check_range(cap, start, s)
+    launch = None
     if s > 0:
         block_t = _block_t(s)
         grid = (b * h, triton.cdiv(s, block_t))
-        _quantize_values_kernel[grid](
+        args = (
             v, lut, codes, scale, zero, oval, oidx,
             s, start, start_dev if start_dev is not None else codes, h,
             v.stride(0), v.stride(1), v.stride(2), v.stride(3),
@@ -504,12 +470,168 @@ def quantize_values_triton(
             zero.stride(0), zero.stride(1), zero.stride(2),
             oval.stride(0), oval.stride(1), oval.stride(2),
             oidx.stride(0), oidx.stride(1), oidx.stride(2),
-            HEAD_DIM=d, BITS=bits, N_SLOTS=n_slots, KP=triton.next_power_of_2(n_slots + 1),
-            SCALE_MAX=float(torch.finfo(sd).max), BLOCK_T=block_t,
-            START_ON_DEVICE=start_dev is not None,
-            num_warps=4,
         )
+        consts = dict(HEAD_DIM=d, BITS=bits, N_SLOTS=n_slots, KP=triton.next_power_of_2(n_slots + 1),
+                      SCALE_MAX=float(torch.finfo(sd).max), BLOCK_T=block_t, START_ON_DEVICE=start_dev is not None)
+        launch = (grid, args, consts)
     if start_dev is not None:
-        return ValueCodes(codes, scale, zero, oval, oidx)
+        return ValueCodes(codes, scale, zero, oval, oidx), launch
     sl = slice(start, start + s)
-    return ValueCodes(codes[:, :, sl], scale[:, :, sl], zero[:, :, sl], oval[:, :, sl], oidx[:, :, sl])
+    return ValueCodes(codes[:, :, sl], scale[:, :, sl], zero[:, :, sl], oval[:, :, sl], oidx[:, :, sl]), launch
+
+
+def quantize_keys_triton(
+    k: torch.Tensor,
+    k_lut: torch.Tensor,
+    k_lower: torch.Tensor,
+    k_upper: torch.Tensor,
+    n_slots: int,
+    bits: int,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    start: int = 0,
+    *,
+    k_zero: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    clip_counter: torch.Tensor | None = None,
+) -> KeyCodes:
+    """Quantize pre-RoPE keys per channel (nuqX + outlier slots), bit-identical to ``quant.quantize_keys``.
+
+    Args:
+        k (`torch.Tensor`): ``[batch_size, kv_heads, seq_len, head_dim]`` pre-RoPE keys (fp16/bf16/fp32,
+            any strides).
+        k_lut (`torch.Tensor`): float32 ``[2**bits]`` sorted signposts.
+        k_lower, k_upper (`torch.Tensor`): float32 ``[kv_heads, head_dim]`` calibrated thresholds.
+        n_slots (`int`): outlier slots per token and head.
+        bits (`int`): 2, 3 or 4.
+        out (`tuple`, optional): destination storage ``(codes uint8 [B, H, cap, D*bits/8],
+            out_val k.dtype [B, H, cap, n_slots], out_idx uint8 [B, H, cap, n_slots])``; the tokens are
+            written at ``[start, start + seq_len)`` of the capacity dimension. New tensors if None.
+        start (`int` or `torch.Tensor`): token offset in ``out``; an int32 ``[1]`` device tensor is read by
+            the kernel (CUDA-graph decode; the full destination tensors are returned then).
+        k_zero, k_scale (`torch.Tensor`, optional): ``quant.key_zero_scale(k_lower, k_upper)`` if
+            already computed (saves two tiny launches per call).
+        clip_counter (`torch.Tensor`, optional): int32 ``[1]`` on the device; the number of outliers
+            clipped because a token had more than ``n_slots`` is added to it (no host sync).
+
+    Returns:
+        `KeyCodes`: views of the written tokens ``(codes, out_val, out_idx)``.
+    """
+    result, launch = _prepare_keys(k, k_lut, k_lower, k_upper, n_slots, bits, out, start, k_zero=k_zero,
+                                   k_scale=k_scale, clip_counter=clip_counter)
+    if launch is not None:
+        grid, args, consts = launch
+        _quantize_keys_kernel[grid](*args, **consts, num_warps=4)
+    return result
+
+
+def quantize_values_triton(
+    v: torch.Tensor,
+    v_lut: torch.Tensor,
+    n_slots: int,
+    bits: int,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    start: int = 0,
+) -> ValueCodes:
+    """Quantize values per token (nuqX, ``n_slots`` extremes kept exact), bit-identical to ``quant.quantize_values``.
+
+    Args:
+        v (`torch.Tensor`): ``[batch_size, kv_heads, seq_len, head_dim]`` values (fp16/bf16/fp32).
+        v_lut (`torch.Tensor`): float32 ``[2**bits]`` sorted signposts.
+        n_slots (`int`): outlier slots per token and head; ``2 * (n_slots + 1) <= head_dim``.
+        bits (`int`): 2, 3 or 4.
+        out (`tuple`, optional): destination storage ``(codes uint8 [B, H, cap, D*bits/8], scale [B, H, cap],
+            zero [B, H, cap], out_val v.dtype [B, H, cap, n_slots], out_idx uint8 [B, H, cap, n_slots])``
+            with scale/zero in bf16 for bf16 values and fp16 otherwise (``quant.value_scale_dtype``).
+        start (`int` or `torch.Tensor`): token offset in ``out``; an int32 ``[1]`` device tensor is read by
+            the kernel (CUDA-graph decode; the full destination tensors are returned then).
+
+    Returns:
+        `ValueCodes`: views of the written tokens ``(codes, scale, zero, out_val, out_idx)``.
+    """
+    result, launch = _prepare_values(v, v_lut, n_slots, bits, out, start)
+    if launch is not None:
+        grid, args, consts = launch
+        _quantize_values_kernel[grid](*args, **consts, num_warps=4)
+    return result
+
+
+@triton.jit
+def _quantize_kv_kernel(
+    k_ptr, k_lut_ptr, lower_ptr, upper_ptr, kzero_ptr, kscale_ptr, kcodes_ptr, kval_ptr, kidx_ptr, clip_ptr,
+    k_s, k_start, k_start_ptr, k_h,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_kcb, stride_kch, stride_kcs,
+    stride_kvb, stride_kvh, stride_kvs,
+    stride_kib, stride_kih, stride_kis,
+    v_ptr, v_lut_ptr, vcodes_ptr, vscale_ptr, vzero_ptr, vval_ptr, vidx_ptr,
+    v_s, v_start, v_start_ptr, v_h,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_vcb, stride_vch, stride_vcs,
+    stride_sb, stride_sh, stride_ss,
+    stride_zb, stride_zh, stride_zs,
+    stride_ob, stride_oh, stride_os,
+    stride_ib, stride_ih, stride_is,
+    HEAD_DIM: tl.constexpr, K_BITS: tl.constexpr, K_SLOTS: tl.constexpr, V_BITS: tl.constexpr,
+    V_SLOTS: tl.constexpr, KP: tl.constexpr, SCALE_MAX: tl.constexpr, BLOCK_T: tl.constexpr,
+    COUNT_CLIPPED: tl.constexpr, START_ON_DEVICE: tl.constexpr,
+):
+    # grid axis 2: 0 = keys, 1 = values; each program runs exactly the body of the separate kernel
+    if tl.program_id(2) == 0:
+        _quantize_keys_kernel(
+            k_ptr, k_lut_ptr, lower_ptr, upper_ptr, kzero_ptr, kscale_ptr, kcodes_ptr, kval_ptr, kidx_ptr, clip_ptr,
+            k_s, k_start, k_start_ptr, k_h,
+            stride_kb, stride_kh, stride_ks, stride_kd,
+            stride_kcb, stride_kch, stride_kcs,
+            stride_kvb, stride_kvh, stride_kvs,
+            stride_kib, stride_kih, stride_kis,
+            HEAD_DIM, K_BITS, K_SLOTS, BLOCK_T, COUNT_CLIPPED, START_ON_DEVICE,
+        )
+    else:
+        _quantize_values_kernel(
+            v_ptr, v_lut_ptr, vcodes_ptr, vscale_ptr, vzero_ptr, vval_ptr, vidx_ptr,
+            v_s, v_start, v_start_ptr, v_h,
+            stride_vb, stride_vh, stride_vs, stride_vd,
+            stride_vcb, stride_vch, stride_vcs,
+            stride_sb, stride_sh, stride_ss,
+            stride_zb, stride_zh, stride_zs,
+            stride_ob, stride_oh, stride_os,
+            stride_ib, stride_ih, stride_is,
+            HEAD_DIM, V_BITS, V_SLOTS, KP, SCALE_MAX, BLOCK_T, START_ON_DEVICE,
+        )
+
+
+def quantize_kv_triton(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_lut: torch.Tensor,
+    k_lower: torch.Tensor,
+    k_upper: torch.Tensor,
+    v_lut: torch.Tensor,
+    n_slots: int,
+    key_bits: int,
+    value_bits: int,
+    k_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    v_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    start: int = 0,
+    *,
+    k_zero: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    clip_counter: torch.Tensor | None = None,
+) -> tuple[KeyCodes, ValueCodes]:
+    """:func:`quantize_keys_triton` and :func:`quantize_values_triton` of the same new tokens in **one launch**
+    (a cache append; one kernel less per layer and step). Same arguments as the two (``k_out`` / ``v_out`` are their
+    ``out``, ``start`` is shared), same results bit for bit: each program runs the body of one of the two kernels.
+    ``k`` and ``v`` must have the same shape."""
+    if k.shape != v.shape:
+        raise ValueError(f"keys {tuple(k.shape)} and values {tuple(v.shape)} must have the same shape.")
+    kres, klaunch = _prepare_keys(k, k_lut, k_lower, k_upper, n_slots, key_bits, k_out, start, k_zero=k_zero,
+                                  k_scale=k_scale, clip_counter=clip_counter)
+    vres, vlaunch = _prepare_values(v, v_lut, n_slots, value_bits, v_out, start)
+    if klaunch is not None:
+        (grid, kargs, kc), (_, vargs, vc) = klaunch, vlaunch
+        _quantize_kv_kernel[grid + (2,)](
+            *kargs, *vargs, HEAD_DIM=kc["HEAD_DIM"], K_BITS=kc["BITS"], K_SLOTS=kc["N_SLOTS"], V_BITS=vc["BITS"],
+            V_SLOTS=vc["N_SLOTS"], KP=vc["KP"], SCALE_MAX=vc["SCALE_MAX"], BLOCK_T=kc["BLOCK_T"],
+            COUNT_CLIPPED=kc["COUNT_CLIPPED"], START_ON_DEVICE=kc["START_ON_DEVICE"], num_warps=4,
+        )
+    return kres, vres
