@@ -65,15 +65,24 @@ NUQ_TUNED = {
     "nuq3-2slots-tuned": dict(bits=3, signposts="smollm2-1pct-optu", outlier_slots=2, sink_tokens=1, qnorm=False),
     "nuq2-2slots-tuned": dict(bits=2, signposts="smollm2-1pct-optu", outlier_slots=2, sink_tokens=1, qnorm=False),
 }
+#: the reference calibration's thresholds with uniform key and value tables (``calibrate.py --key-table uniform
+#: --value-table uniform``): the tables the CUDA decode kernel needs no lookups for
+NUQ_UNIFORM = {
+    "nuq4-1%-uniform": dict(bits=4, signposts="smollm2-1pct-uu", outlier_slots=1, sink_tokens=1, qnorm=False),
+    "nuq3-1%-uniform": dict(bits=3, signposts="smollm2-1pct-uu", outlier_slots=1, sink_tokens=1, qnorm=False),
+    "nuq2-1%-uniform": dict(bits=2, signposts="smollm2-1pct-uu", outlier_slots=1, sink_tokens=1, qnorm=False),
+}
 GROUPS = {
     "baselines": ["fp16", "int4", "int3", "int2", "kivi4", "kivi2"],
+    "fp16": ["fp16"],
     "nuq-1pct": NUQ_1PCT,
     "nuq-0pct": NUQ_0PCT,
     "nuq-tuned": NUQ_TUNED,
+    "nuq-uniform": NUQ_UNIFORM,
 }
-ORDER = ["fp16", "nuq4-1%", "nuq4-1%-tuned", "nuq4-2slots-tuned", "nuq4-0%", "int4", "kivi4",
-         "nuq3-1%", "nuq3-1%-tuned", "nuq3-2slots-tuned", "nuq3-0%", "int3",
-         "nuq2-1%", "nuq2-1%-tuned", "nuq2-2slots-tuned", "nuq2-0%", "int2", "kivi2"]
+ORDER = ["fp16", "nuq4-1%", "nuq4-1%-uniform", "nuq4-1%-tuned", "nuq4-2slots-tuned", "nuq4-0%", "int4", "kivi4",
+         "nuq3-1%", "nuq3-1%-uniform", "nuq3-1%-tuned", "nuq3-2slots-tuned", "nuq3-0%", "int3",
+         "nuq2-1%", "nuq2-1%-uniform", "nuq2-1%-tuned", "nuq2-2slots-tuned", "nuq2-0%", "int2", "kivi2"]
 TARGETS = {"nuq4-1%": 1.0, "nuq3-1%": 3.0, "nuq2-1%": 15.0}  # max % above fp16 (issue "Foundation")
 
 

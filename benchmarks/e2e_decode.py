@@ -98,12 +98,12 @@ def bench_quanto(model, batch, context):
     return ms
 
 
-def bench_kvquant(model, batch, context, bits, cuda_graph, fused_norms=False, fused_projections=False):
+def bench_kvquant(model, batch, context, bits, cuda_graph, fused_norms=False, fused_projections=False, tables="nf"):
     """KVQuantCache decode step (eager or CUDA graph) and its breakdown."""
     from kvquant_hf.benchmarking import kvquant_decode_benchmark
 
     return kvquant_decode_benchmark(model, batch=batch, context=context, bits=bits, cuda_graph=cuda_graph,
-                                    fused_norms=fused_norms, fused_projections=fused_projections)
+                                    fused_norms=fused_norms, fused_projections=fused_projections, tables=tables)
 
 
 #: method suffix -> (fused_norms, fused_projections)
@@ -131,18 +131,21 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
                     help="model dtype (the Triton decode fast path covers float16)")
     ap.add_argument("--name", default="e2e_decode", help="result file name (benchmarks/results/NAME.{md,json})")
+    ap.add_argument("--tables", nargs="+", default=["nf"], choices=["nf", "uniform"],
+                    help="signpost tables of the kvquant caches: nf (uncalibrated; k-means tables take the same "
+                    "gathered path) and/or uniform (calibrate.py --key-table uniform --value-table uniform)")
     args = ap.parse_args(argv)
 
     model = random_model(args.shape, num_layers=args.layers, dtype=getattr(torch, args.dtype))
     cases = [(c, args.batch) for c in args.contexts] + [tuple(int(x) for x in e.split("x")) for e in args.extra]
     rows = []
     for context, batch in cases:
-        for method in args.methods:
+        for method, tables in [(m, t) for m in args.methods for t in (args.tables if m.startswith("kvquant") else [""])]:
             tag = f"{method}@{context}x{batch}"
             if tag in args.skip:
                 continue
             _free()
-            row = {"method": method, "context": context, "batch": batch}
+            row = {"method": method, "tables": tables, "context": context, "batch": batch}
             if not method.startswith("kvquant"):
                 from kvquant_hf.models import unpatch_model
 
@@ -156,7 +159,7 @@ def main(argv=None):
                     norms, projections = FUSION_SUFFIXES.get(suffix, (False, False))
                     base = method[: len(method) - len(suffix)]
                     row.update(bench_kvquant(model, batch, context, bits, cuda_graph=base.endswith("_graph"),
-                                             fused_norms=norms, fused_projections=projections))
+                                             fused_norms=norms, fused_projections=projections, tables=tables))
                 else:
                     row["ms_per_step"] = METHODS[method](model, batch, context)
             except torch.OutOfMemoryError as exc:
@@ -169,7 +172,7 @@ def main(argv=None):
             rows.append(row)
             with open(os.path.join(results_dir(), "e2e_decode_partial.jsonl"), "a") as fh:
                 fh.write(json.dumps(row) + "\n")
-    cols = ["method", "context", "batch", "ms_per_step", "attention_ms", "append_ms", "other_ms", "cache_gib",
+    cols = ["method", "tables", "context", "batch", "ms_per_step", "attention_ms", "append_ms", "other_ms", "cache_gib",
             "peak_gib", "error"]
     md = f"# End-to-end decode step, {args.shape} (random {args.dtype} weights)\n\n" + md_table(rows, cols)
     print(write_results(args.name, rows, md, meta={"dtype": args.dtype}, repo_and_out=True))

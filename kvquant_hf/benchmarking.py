@@ -64,14 +64,24 @@ def fast_fill_layer(layer: KVQuantLayer, batch: int, heads: int, head_dim: int, 
         layer.sync_device_length()
 
 
+#: signpost tables of a fast-filled cache: "nf" = what an uncalibrated cache uses (NormalFloat; calibrated k-means
+#: tables take the same gathered decode path), "uniform" = the intX grid (``calibrate.py --key-table uniform
+#: --value-table uniform``; the decode kernels fold it into scale and zero)
+FAST_FILL_TABLES = ("nf", "uniform")
+
+
 def fast_filled_cache(model, batch: int, tokens: int, cache_config: dict | KVQuantConfig | None = None,
-                      seed: int = 0, reserve: int | None = None, slab: int = 1 << 16) -> KVQuantCache:
+                      seed: int = 0, reserve: int | None = None, slab: int = 1 << 16,
+                      tables: str = "nf") -> KVQuantCache:
     """A `KVQuantCache` for ``model`` whose every layer holds ``tokens`` tokens per sequence (see module doc).
 
     Each layer lives on the device of its decoder layer (accelerate ``device_map`` placements included).
     ``reserve``: allocate the capacity ``generate`` would for ``reserve`` tokens per sequence (``cache.reserve``,
-    no extra block), which is what :func:`kvquant_hf.plan_capacity` predicts.
+    no extra block), which is what :func:`kvquant_hf.plan_capacity` predicts. ``tables``: one of
+    ``FAST_FILL_TABLES`` (the lookup tables the decode kernels see; speed only, the data are random anyway).
     """
+    if tables not in FAST_FILL_TABLES:
+        raise ValueError(f"tables={tables!r} is not supported; choose one of {FAST_FILL_TABLES}.")
     from .models import patch_model
 
     patch_model(model)
@@ -85,6 +95,9 @@ def fast_filled_cache(model, batch: int, tokens: int, cache_config: dict | KVQua
         device = next(layers[i].parameters()).device
         fast_fill_layer(layer, batch, cfg.num_key_value_heads, head_dim, tokens, model.dtype, device, seed + i,
                         spare=0 if reserve is not None else None, slab=slab)
+        if tables == "uniform":
+            layer.k_lut = quant.uniform_signposts(layer.config.key_bits).to(device, torch.float32)
+            layer.v_lut = quant.uniform_signposts(layer.config.value_bits).to(device, torch.float32)
     return cache
 
 
@@ -129,10 +142,11 @@ def step_breakdown(step, categories: dict[str, tuple[str, ...]]) -> dict[str, fl
 
 def kvquant_decode_benchmark(model, batch: int, context: int, bits: int, cuda_graph: bool = False,
                              outlier_fraction: float = 0.01, warmup: int = 2, iters: int = 10,
-                             fused_norms: bool = False, fused_projections: bool = False) -> dict[str, Any]:
+                             fused_norms: bool = False, fused_projections: bool = False,
+                             tables: str = "nf") -> dict[str, Any]:
     """Time one decode step of ``model`` with a fast-filled nuq``bits`` `KVQuantCache` at ``context`` tokens
     (``fused_norms``: the model's RMSNorms on one Triton kernel each; ``fused_projections``: one GEMV for q/k/v and
-    one for gate/up; both undone afterwards).
+    one for gate/up; both undone afterwards; ``tables``: see :func:`fast_filled_cache`).
 
     Returns ms per step (CUDA events, median), the cache size, and for eager steps a profiler breakdown
     into attention / append / other kernel time.
@@ -140,7 +154,8 @@ def kvquant_decode_benchmark(model, batch: int, context: int, bits: int, cuda_gr
     from .models.norms import fuse_rms_norms, unfuse_rms_norms
     from .models.projections import fuse_projections, unfuse_projections
 
-    cache = fast_filled_cache(model, batch, context, {"bits": bits, "outlier_fraction": outlier_fraction})
+    cache = fast_filled_cache(model, batch, context, {"bits": bits, "outlier_fraction": outlier_fraction},
+                              tables=tables)
     if fused_norms:
         fuse_rms_norms(model)
     if fused_projections:

@@ -273,6 +273,7 @@ class KVQuantLayer(CacheLayerMixin):
         # mirror `length` is advanced by the graph runner after each replay
         self.graph_mode = False
         self.length_dev = None  # int32 [1]
+        self._advance_length = True  # False: length_dev is shared and advanced by its owner (CUDAGraphDecoder)
         self._sinks_all_valid = None  # host cache of sink_valid[:, :n_sink].all() (None: not known)
         self._key_thresholds_from_prompt = key_signposts is None
         self.k_lower = self.k_upper = self.k_zero = self.k_scale = None
@@ -812,9 +813,15 @@ class KVQuantLayer(CacheLayerMixin):
         )
 
     # ---------------------------------------------------------------- CUDA-graph decode
-    def enter_graph_mode(self, extra_tokens: int, num_splits: int | None = None) -> None:
+    def enter_graph_mode(self, extra_tokens: int, num_splits: int | None = None,
+                         length_dev: torch.Tensor | None = None) -> None:
         """Make decode steps capturable: capacity for ``extra_tokens`` more tokens reserved now (no growth later),
         history length mirrored in an int32 device tensor that the kernels read and the append advances.
+
+        ``length_dev``: an int32 ``[1]`` tensor on this layer's device shared with other layers of the same length
+        (set to this layer's length here). The layer then only reads it; whoever shares it advances it once per
+        step after the last layer (:class:`~kvquant_hf.cuda_graph.CUDAGraphDecoder` does: one kernel per step
+        instead of one per layer).
         """
         if not self.is_initialized or self.length == 0 or self.n_sink < self.config.sink_tokens:
             raise KVQuantError(
@@ -830,7 +837,17 @@ class KVQuantLayer(CacheLayerMixin):
             module, _ = _triton_module()
             num_splits = module.default_num_splits(self.batch_size, self.num_heads, 1, self.capacity, self.device)
         self.graph_splits = int(num_splits)
-        self.length_dev = torch.tensor([self.length], dtype=torch.int32, device=self.device)
+        if length_dev is None:
+            self.length_dev = torch.tensor([self.length], dtype=torch.int32, device=self.device)
+        else:
+            if length_dev.shape != (1,) or length_dev.dtype != torch.int32 or length_dev.device != self.device:
+                raise KVQuantError(
+                    f"layer {self.layer_idx}: a shared length_dev must be an int32 tensor of shape (1,) on "
+                    f"{self.device}; got {length_dev.dtype} {tuple(length_dev.shape)} on {length_dev.device}."
+                )
+            self.length_dev = length_dev
+            self.length_dev.fill_(self.length)
+        self._advance_length = length_dev is None
         self._sinks_valid()  # known on the host before capture (it cannot sync)
         self.graph_mode = True
 
@@ -853,7 +870,8 @@ class KVQuantLayer(CacheLayerMixin):
         if not positions_written:
             idx = self.length_dev.long() if n == 1 else self.length_dev.long() + torch.arange(n, device=self.device)
             self.positions.index_copy_(1, idx, positions.to(torch.int32))
-        self.length_dev.add_(n)
+        if self._advance_length:  # (a shared length is advanced once per step by its owner)
+            self.length_dev.add_(n)
 
     # ---------------------------------------------------------------- transformers Cache layer API
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):

@@ -53,8 +53,15 @@ class CUDAGraphDecoder:
         params = inspect.signature(type(model).forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         device = next(model.parameters()).device
+        # one device-side length per (device, length) group of layers, advanced once per step after the last layer
+        # (not by every layer's append: one small kernel per step instead of one per layer)
+        shared: dict[tuple, torch.Tensor] = {}
         for layer in cache.layers:
-            layer.enter_graph_mode(self.max_steps + 2, num_splits)
+            key = (str(layer.device), layer.length)
+            if key not in shared:
+                shared[key] = torch.tensor([layer.length], dtype=torch.int32, device=layer.device)
+            layer.enter_graph_mode(self.max_steps + 2, num_splits, length_dev=shared[key])
+        self._shared_lengths = list(shared.values())
         self.static_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.static_pos = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         start = cache.layers[0].get_seq_length()
@@ -80,11 +87,20 @@ class CUDAGraphDecoder:
     def _forward(self) -> torch.Tensor:
         out = self.forward(input_ids=self.static_ids, position_ids=self.static_pos, use_cache=True,
                          **{self._cache_kw: self.cache})
+        for length in self._shared_lengths:  # every layer has appended its token at the old length
+            length.add_(1)
         return out.logits
 
-    def _rewind_device(self, n: int) -> None:
+    def _device_lengths(self) -> list[torch.Tensor]:
+        """The distinct device-side lengths of the cache's layers (shared ones once)."""
+        seen: dict[int, torch.Tensor] = {}
         for layer in self.cache.layers:
-            layer.length_dev.sub_(n)
+            seen.setdefault(id(layer.length_dev), layer.length_dev)
+        return list(seen.values())
+
+    def _rewind_device(self, n: int) -> None:
+        for length in self._device_lengths():
+            length.sub_(n)
 
     def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """One decode step: ``input_ids``/``position_ids`` ``[B, 1]``; returns the logits ``[B, 1, vocab]``

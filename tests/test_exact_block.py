@@ -178,3 +178,49 @@ def test_layer_triton_path_rotates_the_query_like_the_model(monkeypatch):
         assert layer.backend == "triton" and layer._sinks_all_valid is None  # no mask needed the sink check
         outs.append(out)
     assert torch.equal(outs[0], outs[1])
+
+
+def test_graph_mode_with_a_shared_device_length_matches_eager(monkeypatch):
+    """What CUDAGraphDecoder runs (without capturing: no GPU here): every layer in graph mode reading one shared
+    device-side length that is advanced once per step after the last layer. The logits and the stored tokens
+    equal the eager Triton path's."""
+    from conftest import make_tiny_llama
+
+    from kvquant_hf import KVQuantCache, patch_model
+    from kvquant_hf.errors import KVQuantError
+    from kvquant_hf.generation import _cache_kwarg_name
+
+    _triton_on_cpu(monkeypatch)
+    model = patch_model(make_tiny_llama())
+    kw = _cache_kwarg_name(model)
+    ids = torch.randint(0, 128, (1, 23), generator=torch.Generator().manual_seed(9))
+    runs = {}
+    for mode in ("eager", "graph"):
+        cache = KVQuantCache({"bits": 4, "sink_tokens": 1, "block_size": 16, "backend": "triton"},
+                             model_config=model.config)
+        with torch.no_grad():
+            model(ids[:, :20], **{kw: cache})
+            shared = None
+            if mode == "graph":
+                shared = torch.zeros(1, dtype=torch.int32)
+                for layer in cache.layers:
+                    layer.enter_graph_mode(8, num_splits=2, length_dev=shared)
+                assert int(shared) == cache.layers[0].length == 19  # set to the layers' length
+            outs = []
+            for t in range(20, 23):
+                outs.append(model(ids[:, t:t + 1], position_ids=torch.tensor([[t]]), **{kw: cache}).logits)
+                if shared is not None:
+                    assert int(shared) == t - 1  # no layer advanced it
+                    shared.add_(1)
+                    for layer in cache.layers:
+                        layer.length += 1  # the host mirror, as CUDAGraphDecoder.step keeps it
+        runs[mode] = (torch.cat(outs, 1), cache)
+    torch.testing.assert_close(runs["graph"][0], runs["eager"][0], atol=2e-4, rtol=2e-4)
+    g, e = runs["graph"][1].layers[1], runs["eager"][1].layers[1]
+    n = e.length
+    assert g.length == n == 22 and int(g.length_dev) == n
+    assert torch.equal(g.k_codes[:, :, :n], e.k_codes[:, :, :n]) and torch.equal(g.v_codes[:, :, :n], e.v_codes[:, :, :n])
+    assert torch.equal(g.positions[:, :n], e.positions[:, :n])
+    layer = runs["graph"][1].layers[0]
+    with pytest.raises(KVQuantError, match="shared length_dev"):
+        layer.enter_graph_mode(4, num_splits=2, length_dev=torch.zeros(1, dtype=torch.int64))

@@ -40,6 +40,24 @@ def test_fast_filled_cache_holds_tokens_and_decodes(tiny_llama):
     assert cache.get_seq_length() == 300
 
 
+def test_fast_filled_cache_tables(tiny_llama):
+    from kvquant_hf import quant
+    from triton_kernels.decode_attention import affine_grid
+
+    nf = fast_filled_cache(tiny_llama, batch=1, tokens=40, cache_config={"bits": 4})
+    uni = fast_filled_cache(tiny_llama, batch=1, tokens=40, cache_config={"bits": 4}, tables="uniform")
+    for a, b in zip(nf.layers, uni.layers):
+        assert affine_grid(a.k_lut) is None and affine_grid(a.v_lut) is None  # NormalFloat: the gathered path
+        assert torch.equal(b.k_lut, quant.uniform_signposts(4).float()) and affine_grid(b.v_lut) is not None
+        assert torch.equal(a.k_codes, b.k_codes)  # same data, other tables
+    ids, pos = torch.randint(0, 128, (1, 1)), torch.full((1, 1), 40)
+    with torch.inference_mode():
+        out = tiny_llama(input_ids=ids, position_ids=pos, past_key_values=uni).logits
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="tables"):
+        fast_filled_cache(tiny_llama, batch=1, tokens=40, tables="kmeans")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_decode_equals_eager():
