@@ -477,7 +477,13 @@ class KVQuantLayer(CacheLayerMixin):
             k, v = self._check_finite(k, v, inputs.positions)
         past = self.n_sink + self.length
         positions = inputs.positions.to(self.device, torch.int64).expand(b, n_new)
-        new_visible, real = self._new_block_mask(inputs.attention_mask, past, n_new, positions, window)
+        if self.graph_mode and n_new == 1 and window is None:
+            # CUDA-graph decode: the one new token sees itself, the padding of the prompt is in hist_start and
+            # sink_valid (recorded at prefill), and the replayed mask is not read anyway (transformers builds a 4D
+            # mask while a graph is captured); no mask kernels in the graph
+            new_visible, real = None, None
+        else:
+            new_visible, real = self._new_block_mask(inputs.attention_mask, past, n_new, positions, window)
         # CUDA-graph decode (the sink is full, every new token goes to the history): the kernel also writes the
         # positions of the new tokens at the device-side length
         write_pos = fused and self.graph_mode

@@ -190,7 +190,13 @@ def test_graph_mode_with_a_shared_device_length_matches_eager(monkeypatch):
     from kvquant_hf.errors import KVQuantError
     from kvquant_hf.generation import _cache_kwarg_name
 
+    from kvquant_hf.cache import KVQuantLayer
+
     _triton_on_cpu(monkeypatch)
+    masks_read = []
+    original = KVQuantLayer._new_block_mask
+    monkeypatch.setattr(KVQuantLayer, "_new_block_mask",
+                        lambda self, *a: masks_read.append(self.graph_mode) or original(self, *a))
     model = patch_model(make_tiny_llama())
     kw = _cache_kwarg_name(model)
     ids = torch.randint(0, 128, (1, 23), generator=torch.Generator().manual_seed(9))
@@ -208,7 +214,10 @@ def test_graph_mode_with_a_shared_device_length_matches_eager(monkeypatch):
                 assert int(shared) == cache.layers[0].length == 19  # set to the layers' length
             outs = []
             for t in range(20, 23):
-                outs.append(model(ids[:, t:t + 1], position_ids=torch.tensor([[t]]), **{kw: cache}).logits)
+                # a 4D mask, as transformers builds while a CUDA graph is captured: graph mode builds no mask from it
+                mask = torch.zeros(1, 1, 1, t + 1)
+                outs.append(model(ids[:, t:t + 1], position_ids=torch.tensor([[t]]), attention_mask=mask,
+                                  **{kw: cache}).logits)
                 if shared is not None:
                     assert int(shared) == t - 1  # no layer advanced it
                     shared.add_(1)
@@ -216,6 +225,7 @@ def test_graph_mode_with_a_shared_device_length_matches_eager(monkeypatch):
                         layer.length += 1  # the host mirror, as CUDAGraphDecoder.step keeps it
         runs[mode] = (torch.cat(outs, 1), cache)
     torch.testing.assert_close(runs["graph"][0], runs["eager"][0], atol=2e-4, rtol=2e-4)
+    assert masks_read and True not in masks_read  # eager steps read the mask, graph-mode steps never
     g, e = runs["graph"][1].layers[1], runs["eager"][1].layers[1]
     n = e.length
     assert g.length == n == 22 and int(g.length_dev) == n
