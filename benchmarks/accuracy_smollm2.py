@@ -186,6 +186,9 @@ def render(args: argparse.Namespace) -> None:
         if nuq is None:
             continue
         others = [(n, merged[n]["ppl"]) for n in (f"int{bits}", f"kivi{bits}") if n in merged]
+        if not others:  # (the baselines group did not run into this work dir)
+            lines.append(f"- nuq{bits}-1% {nuq['ppl']:.3f}: no intX / KIVI-X run here (`accuracy_smollm2.md` has them)")
+            continue
         verdict = ", ".join(f"{n} {p:.3f} ({'beaten' if nuq['ppl'] < p else 'NOT beaten'})" for n, p in others)
         lines.append(f"- nuq{bits}-1% {nuq['ppl']:.3f} vs {verdict}")
     lines += [
