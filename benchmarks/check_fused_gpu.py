@@ -11,7 +11,7 @@
 
 Times are ``triton.testing.do_bench_cudagraph`` medians (CUDA-graph replays, as in a graph decode step).
 
-Usage (H200): ``PYTHONPATH=. python benchmarks/check_fused_gpu.py``
+Usage (H200): ``PYTHONPATH=. python benchmarks/check_fused_gpu.py [RESULT_NAME]``
 """
 
 from __future__ import annotations
@@ -44,6 +44,31 @@ def silu_case(dtype, rows: int, inter: int = 14336) -> dict:
     t_new = bench(lambda: silu_mul(gu))
     return {"dtype": str(dtype).split(".")[1], "rows": rows, "elements differing": differ,
             "torch silu + mul (us)": round(t_old, 2), "silu_mul (us)": round(t_new, 2)}
+
+
+def add_norm_case(dtype, rows: int, n: int = 4096) -> dict:
+    """The decoder layer's residual add + post-attention RMSNorm (fused_norms) vs torch's add and LlamaRMSNorm."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from triton_kernels.rms_norm import add_rms_norm
+
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    norm = LlamaRMSNorm(n, eps=1e-5).cuda()
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(n, device="cuda", generator=g))
+    norm = norm.to(dtype)
+    r = (4 * torch.randn(rows, n, device="cuda", generator=g)).to(dtype)
+    x = (2 * torch.randn(rows, n, device="cuda", generator=g)).to(dtype)
+    with torch.no_grad():
+        s_want = r + x
+        y_want = norm(s_want)
+        s, y = add_rms_norm(r, x, norm.weight, norm.variance_epsilon)
+        t_old = bench(lambda: norm(r + x))
+        t_new = bench(lambda: add_rms_norm(r, x, norm.weight, norm.variance_epsilon))
+    return {"dtype": str(dtype).split(".")[1], "rows": rows, "sum identical": bool(torch.equal(s, s_want)),
+            "normed elements differing": int((y != y_want).sum()),
+            "max rel. difference": float(((y.float() - y_want.float()).abs() / y_want.float().abs().clamp_min(1e-3)).max()),
+            "add + LlamaRMSNorm (us)": round(t_old, 2), "add_rms_norm (us)": round(t_new, 2)}
 
 
 def gemv_case(dtype, name: str, outs: tuple[int, ...], hidden: int = 4096) -> dict:
@@ -81,9 +106,15 @@ def model_case(dtype) -> dict:
             "first-step top-2 margin": float(plain.scores[0].float().topk(2).values.diff().abs().item())}
 
 
+NAME = sys.argv[1] if len(sys.argv) > 1 else "check_fused_gpu"
+
+
 def main():
     srows = [silu_case(dt, r) for dt in (torch.float16, torch.bfloat16) for r in (1, 4)]
     for r in srows:
+        print(r, flush=True)
+    arows = [add_norm_case(dt, r) for dt in (torch.float16, torch.bfloat16) for r in (1, 4)]
+    for r in arows:
         print(r, flush=True)
     grows = [gemv_case(dt, name, outs) for dt in (torch.bfloat16, torch.float16)
              for name, outs in (("q|k|v", (4096, 1024, 1024)), ("gate|up", (14336, 14336)))]
@@ -94,13 +125,15 @@ def main():
         print(r, flush=True)
     md = "\n".join([
         "# fused_projections on the H200: SiLU·mul kernel, fused GEMVs, whole-model check", "",
-        "Command: `PYTHONPATH=. python benchmarks/check_fused_gpu.py`.", "",
+        f"Command: `PYTHONPATH=. python benchmarks/check_fused_gpu.py {' '.join(sys.argv[1:])}`.", "",
         "## silu_mul vs torch silu + multiply (CUDA-graph replay medians)", "", md_table(srows, list(srows[0])), "",
+        "## Residual add + RMSNorm in one kernel (fused_norms, hidden 4096) vs torch add + LlamaRMSNorm", "",
+        md_table(arows, list(arows[0])), "",
         "## One GEMV vs separate projections (Llama-3-8B, one row)", "", md_table(grows, list(grows[0])), "",
         "## Random Llama-3-8B-shaped model, 4 layers: greedy generate with and without fused_projections", "",
         md_table(mrows, list(mrows[0])), "",
     ])
-    print(write_results("check_fused_gpu", srows + grows + mrows, md, repo_and_out=True))
+    print(write_results(NAME, srows + arows + grows + mrows, md, repo_and_out=True))
 
 
 if __name__ == "__main__":

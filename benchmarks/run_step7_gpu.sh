@@ -11,6 +11,8 @@
 #   bash benchmarks/run_step7_gpu.sh d   (first call; copies `.mA/part` too) after the CUDA-graph decoder shares one
 #        device-side length per step: the CUDA-graph pytest checks, the bf16 model checks, e2e with NormalFloat
 #        (uncalibrated / k-means: gathered) vs uniform tables (calibrate --key-table uniform --value-table uniform)
+#   bash benchmarks/run_step7_gpu.sh f   after graph-mode decode stopped building the new token's mask and fused_norms
+#        also fuses the residual add with the post-attention norm: fused checks, model checks, CUDA-graph pytest, e2e
 #   bash benchmarks/run_step7_gpu.sh e   (second call: SmolLM2) perplexity of the uniform-table calibration
 #        (smollm2-1pct-uu) vs the reference (smollm2-1pct), and the passkey grid for nuq4 / nuq3 with uniform tables
 set -uo pipefail
@@ -44,6 +46,15 @@ elif [ "$1" = d ]; then
     kvquant_nuq4_graph kvquant_nuq4_graph_ff kvquant_nuq2_graph kvquant_nuq2_graph_ff --skip \
     kvquant_nuq4_graph@524288x1 kvquant_nuq4_graph_ff@524288x1 --name e2e_decode_bf16_s7d > "$OUT/e2e.log" 2>&1
   grep "^{" "$OUT/e2e.log"
+elif [ "$1" = f ]; then
+  timeout 150 python -m pytest -q -m gpu tests/test_graph_and_benchmarking.py tests/test_cache.py tests/test_cuda_decode.py \
+    -p no:cacheprovider > "$OUT/pytest.log" 2>&1; grep -E "Error|error|passed|failed" "$OUT/pytest.log" | head -n 12
+  timeout 150 python benchmarks/check_fused_gpu.py check_fused_gpu_s7f > "$OUT/fused.log" 2>&1; grep "^{" "$OUT/fused.log"
+  timeout 120 python benchmarks/gpu_checks.py --layers 4 --dtype bfloat16 --name gpu_checks_bfloat16_s7f \
+    > "$OUT/gpu_checks.log" 2>&1; grep "'check'" "$OUT/gpu_checks.log"
+  timeout 300 python benchmarks/e2e_decode.py --contexts 131072 524288 --extra --tables nf uniform --methods \
+    kvquant_nuq4_graph kvquant_nuq4_graph_ff kvquant_nuq2_graph_ff --skip kvquant_nuq4_graph@524288x1 \
+    kvquant_nuq4_graph_ff@524288x1 --name e2e_decode_bf16_s7f > "$OUT/e2e.log" 2>&1; grep "^{" "$OUT/e2e.log"
 elif [ "$1" = e ]; then
   . benchmarks/smollm2_gpu_env.sh
   common=(--device cuda --dtype float32 --text-file .gpudata/test.raw.txt --signposts-root $SP --work-dir "$OUT/acc")

@@ -76,14 +76,49 @@ def test_fuse_rms_norms_patches_the_model_and_undoes_it(monkeypatch):
         n = norms.fuse_rms_norms(model)
         assert n == 2 * model.config.num_hidden_layers + 1  # input/post-attention per layer and the final norm
         assert norms.fuse_rms_norms(model) == n  # idempotent
-        calls = []
+        calls, add_calls = [], []
+        add_rms_norm = _module().add_rms_norm
         monkeypatch.setattr(rn, "rms_norm", lambda x, w, eps: calls.append(1) or rms_norm(x, w, eps))
+        monkeypatch.setattr(rn, "add_rms_norm", lambda r, x, w, eps: add_calls.append(1) or add_rms_norm(r, x, w, eps))
         got = model(ids).logits
-        assert len(calls) == n  # every norm went through the kernel
+        layers = model.config.num_hidden_layers
+        # every norm went through a kernel: the post-attention ones together with the residual add
+        assert len(add_calls) == layers and len(calls) == n - layers
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         norms.unfuse_rms_norms(model)
         torch.testing.assert_close(model(ids).logits, want, rtol=0, atol=0)
-    assert not any("_kvquant_norm_forward" in m.__dict__ for m in model.modules())
+    assert not any("_kvquant_norm_forward" in m.__dict__ or "_kvquant_layer_forward" in m.__dict__
+                   for m in model.modules())
+
+
+def _module():
+    return interpreted_module("rms_norm", "_add_rms_norm_kernel")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_add_rms_norm_matches_the_torch_add_and_llama_rms_norm(dtype):
+    add_rms_norm = _module().add_rms_norm
+    norm = _norm(96, dtype)
+    g = torch.Generator().manual_seed(11)
+    r = (4 * torch.randn(2, 3, 96, generator=g)).to(dtype)
+    x = (2 * torch.randn(2, 3, 96, generator=g)).to(dtype)
+    s_want = r + x
+    y_want = norm(s_want)
+    s, y = add_rms_norm(r, x, norm.weight, norm.variance_epsilon)
+    assert s.dtype == dtype and y.dtype == y_want.dtype and s.shape == y.shape == r.shape
+    if dtype == torch.bfloat16:  # the interpreter truncates float32 -> bf16 instead of rounding
+        torch.testing.assert_close(s, s_want, rtol=2 ** -7, atol=0)
+    else:
+        assert torch.equal(s, s_want)  # the residual sum is rounded like the torch add
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, y_want, rtol=1e-6, atol=1e-6)
+    else:
+        ulp = 2.0 ** (-10 if dtype == torch.float16 else -7)
+        assert ((y.float() - y_want.float()).abs() <= 3 * ulp * y_want.float().abs().clamp_min(1e-3)).all()
+    with pytest.raises(ValueError, match="must match"):
+        add_rms_norm(r, x[..., :48], norm.weight, 1e-5)
+    with pytest.raises(ValueError, match="weight has shape"):
+        add_rms_norm(r, x, norm.weight[:32], 1e-5)
 
 
 def test_fused_norms_config_is_validated():

@@ -3,7 +3,9 @@
 A decode step runs two RMSNorms per layer at about eight small kernels each; under a CUDA graph (``cuda_graph``)
 those launches, not the arithmetic, are what they cost. :func:`fuse_rms_norms` swaps the forward of every
 ``LlamaRMSNorm`` / ``MistralRMSNorm`` for :func:`triton_kernels.rms_norm.rms_norm` (same roundings; the float32
-variance is summed in another order, so an element can differ by one unit in the last place of the model dtype).
+variance is summed in another order, so an element can differ by one unit in the last place of the model dtype),
+and in every Llama/Mistral decoder layer computes the residual add after the attention together with the
+post-attention norm (:func:`triton_kernels.rms_norm.add_rms_norm`, the add rounded like torch's).
 Inputs that are not on CUDA, or when Triton cannot be used, go to the original forward. Turn it on with
 ``cache_config={"fused_norms": True}`` in ``generate`` or ``fuse_rms_norms(model)``; :func:`unfuse_rms_norms`
 undoes it.
@@ -17,6 +19,9 @@ import torch
 
 #: RMSNorm classes whose forward is ``weight * normalize(x.float()).to(x.dtype)`` with ``variance_epsilon``
 FUSABLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm")
+#: decoder layers whose forward is ``h = x + attn(norm1(x)); h + mlp(norm2(h))``: the first residual add and
+#: ``norm2`` become one kernel (:func:`triton_kernels.rms_norm.add_rms_norm`)
+FUSABLE_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer")
 #: device types the fused forward handles (the tests add "cpu" under the Triton interpreter)
 DEVICE_TYPES = ("cuda",)
 _kernels = None  # triton_kernels.rms_norm, imported by fuse_rms_norms (not per call: the forward is on the hot path)
@@ -27,6 +32,28 @@ def _fused_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
                                                                              torch.float32):
         return _kernels.rms_norm(hidden_states, self.weight, self.variance_epsilon)
     return self.__dict__["_kvquant_norm_forward"](hidden_states)
+
+
+def _fused_layer_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+    """The stock decoder-layer forward (keyword arguments go to the attention unchanged, as there) with the residual
+    add after the attention and the post-attention RMSNorm in one kernel."""
+    norm = self.post_attention_layernorm
+    if (args or hidden_states.device.type not in DEVICE_TYPES
+            or hidden_states.dtype not in (torch.float16, torch.bfloat16, torch.float32)):
+        return self.__dict__["_kvquant_layer_forward"](hidden_states, *args, **kwargs)
+    residual = hidden_states
+    h = self.input_layernorm(hidden_states)
+    h, _ = self.self_attn(hidden_states=h, **kwargs)
+    hidden, h = _kernels.add_rms_norm(residual, h, norm.weight, norm.variance_epsilon)
+    return hidden + self.mlp(h)
+
+
+def _fusable_layer(layer) -> bool:
+    return (type(layer).__name__ in FUSABLE_LAYERS
+            and all(type(getattr(layer, name, None)).__name__ in FUSABLE_NORMS
+                    for name in ("input_layernorm", "post_attention_layernorm"))
+            and hasattr(layer.post_attention_layernorm, "variance_epsilon")
+            and hasattr(layer, "self_attn") and hasattr(layer, "mlp"))
 
 
 def fuse_rms_norms(model) -> int:
@@ -46,6 +73,10 @@ def fuse_rms_norms(model) -> int:
             module.__dict__["_kvquant_norm_forward"] = module.forward
             module.forward = types.MethodType(_fused_forward, module)
         n += 1
+    for module in model.modules():
+        if _fusable_layer(module) and "_kvquant_layer_forward" not in module.__dict__:
+            module.__dict__["_kvquant_layer_forward"] = module.forward
+            module.forward = types.MethodType(_fused_layer_forward, module)
     model._kvquant_fused_norms = n > 0
     return n
 
@@ -54,6 +85,7 @@ def unfuse_rms_norms(model) -> None:
     """Undo :func:`fuse_rms_norms`."""
     for module in model.modules():
         original = module.__dict__.pop("_kvquant_norm_forward", None)
+        original = module.__dict__.pop("_kvquant_layer_forward", None) or original
         if original is not None:
             module.__dict__.pop("forward", None)
     model._kvquant_fused_norms = False
