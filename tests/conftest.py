@@ -27,10 +27,10 @@ def interpreted_module(name: str, kernel: str):
     of its ``@triton.jit`` functions) was decorated without the flag, i.e. the module was imported earlier."""
     import importlib
 
-    import triton
+    from triton.runtime.interpreter import InterpretedFunction  # (not imported by `import triton` on GPU machines)
 
     module = importlib.import_module(f"triton_kernels.{name}")
-    if not isinstance(getattr(module, kernel), triton.runtime.interpreter.InterpretedFunction):
+    if not isinstance(getattr(module, kernel), InterpretedFunction):
         module = importlib.reload(module)
     return module
 
@@ -42,7 +42,8 @@ def interpreted_kernel_modules():
     triton was imported, and reloads the kernel modules if another module imported them without the flag.
     """
     triton = pytest.importorskip("triton")
-    interpreted = triton.runtime.interpreter.InterpretedFunction
+    from triton.runtime.interpreter import InterpretedFunction as interpreted  # (see interpreted_module)
+
     if os.environ.get("TRITON_INTERPRET") != "1" or not isinstance(triton.language.standard.sum, interpreted):
         # triton reads the flag when it is first imported (this conftest sets it on machines without a GPU)
         pytest.skip("run with TRITON_INTERPRET=1 set before triton is imported (Triton interpreter on CPU)",
