@@ -187,10 +187,9 @@ def test_graph_mode_with_a_shared_device_length_matches_eager(monkeypatch):
     from conftest import make_tiny_llama
 
     from kvquant_hf import KVQuantCache, patch_model
+    from kvquant_hf.cache import KVQuantLayer
     from kvquant_hf.errors import KVQuantError
     from kvquant_hf.generation import _cache_kwarg_name
-
-    from kvquant_hf.cache import KVQuantLayer
 
     _triton_on_cpu(monkeypatch)
     masks_read = []
