@@ -13,6 +13,8 @@
 #        (uncalibrated / k-means: gathered) vs uniform tables (calibrate --key-table uniform --value-table uniform)
 #   bash benchmarks/run_step7_gpu.sh f   after graph-mode decode stopped building the new token's mask and fused_norms
 #        also fuses the residual add with the post-attention norm: fused checks, model checks, CUDA-graph pytest, e2e
+#   bash benchmarks/run_step7_gpu.sh g   the GPU pytest tests (after the conftest fix), the kernels of one CUDA-graph
+#        replay of the fastest configuration (uniform tables, fused norms and projections) and e2e repeats at 128K
 #   bash benchmarks/run_step7_gpu.sh e   (second call: SmolLM2) perplexity of the uniform-table calibration
 #        (smollm2-1pct-uu) vs the reference (smollm2-1pct), and the passkey grid for nuq4 / nuq3 with uniform tables
 set -uo pipefail
@@ -55,6 +57,16 @@ elif [ "$1" = f ]; then
   timeout 300 python benchmarks/e2e_decode.py --contexts 131072 524288 --extra --tables nf uniform --methods \
     kvquant_nuq4_graph kvquant_nuq4_graph_ff kvquant_nuq2_graph_ff --skip kvquant_nuq4_graph@524288x1 \
     kvquant_nuq4_graph_ff@524288x1 --name e2e_decode_bf16_s7f > "$OUT/e2e.log" 2>&1; grep "^{" "$OUT/e2e.log"
+elif [ "$1" = g ]; then
+  timeout 150 python -m pytest -q -m gpu tests/test_graph_and_benchmarking.py tests/test_cache.py tests/test_cuda_decode.py \
+    -p no:cacheprovider > "$OUT/pytest.log" 2>&1; grep -E "Error|passed|failed" "$OUT/pytest.log" | tail -n 8
+  timeout 150 python benchmarks/step_profile.py --dtype bfloat16 --contexts 1024 131072 --graph-kernels --tables uniform \
+    --fused norms projections --name step_profile_graph_bf16_s7g > "$OUT/profile.log" 2>&1
+  grep -E "graph_ms|total kernel" "$OUT/profile.log"
+  for i in 1 2; do
+    timeout 150 python benchmarks/e2e_decode.py --contexts 131072 --extra --tables nf uniform --methods \
+      kvquant_nuq4_graph_ff --name e2e_decode_bf16_s7g$i > "$OUT/e2e$i.log" 2>&1; grep "^{" "$OUT/e2e$i.log"
+  done
 elif [ "$1" = e ]; then
   . benchmarks/smollm2_gpu_env.sh
   common=(--device cuda --dtype float32 --text-file .gpudata/test.raw.txt --signposts-root $SP --work-dir "$OUT/acc")

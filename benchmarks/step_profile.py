@@ -23,12 +23,12 @@ from common import md_table, random_model, write_results
 from kvquant_hf.benchmarking import cuda_median_ms, fast_filled_cache, kvquant_decode_benchmark
 
 
-def kernel_table(model, context: int, bits: int, graph: bool = False) -> list[dict]:
+def kernel_table(model, context: int, bits: int, graph: bool = False, tables: str = "nf") -> list[dict]:
     """Kernels of one decode step, grouped by name: an eager step, or (``graph``) one CUDA-graph replay (the
     profiler lists the kernels a graph launch runs)."""
     from torch.profiler import ProfilerActivity, profile
 
-    cache = fast_filled_cache(model, 1, context, {"bits": bits, "outlier_fraction": 0.01})
+    cache = fast_filled_cache(model, 1, context, {"bits": bits, "outlier_fraction": 0.01}, tables=tables)
     ids = torch.randint(0, model.config.vocab_size, (1, 1), device="cuda")
     pos = torch.full((1, 1), context, dtype=torch.long, device="cuda")
 
@@ -73,6 +73,9 @@ def main(argv=None):
     ap.add_argument("--name", default=None)
     ap.add_argument("--graph-kernels", action="store_true",
                     help="list the kernels of one CUDA-graph replay instead of one eager step")
+    ap.add_argument("--tables", default="nf", choices=["nf", "uniform"],
+                    help="signpost tables of the cache (nf: uncalibrated / k-means path; uniform: calibrate.py "
+                    "--key-table uniform --value-table uniform)")
     ap.add_argument("--fused", nargs="*", default=[], choices=["norms", "projections"],
                     help="opt-in model fusions applied for every measurement (fused_norms, fused_projections)")
     args = ap.parse_args(argv)
@@ -87,17 +90,18 @@ def main(argv=None):
         fuse_projections(model)
     name = args.name or f"step_profile_{args.dtype}"
     fused = f", fused: {', '.join(args.fused)}" if args.fused else ""
-    md = [f"# One decode step, {args.shape} (random {args.dtype} weights), batch 1, nuq{args.bits}-1%{fused}\n"]
+    md = [f"# One decode step, {args.shape} (random {args.dtype} weights), batch 1, nuq{args.bits}-1%, "
+          f"{args.tables} tables{fused}\n"]
     all_rows = []
     graph = []
     for ctx in args.contexts:
-        g = kvquant_decode_benchmark(model, batch=1, context=ctx, bits=args.bits, cuda_graph=True)
+        g = kvquant_decode_benchmark(model, batch=1, context=ctx, bits=args.bits, cuda_graph=True, tables=args.tables)
         graph.append({"context": ctx, "graph_ms_per_step": g["ms_per_step"]})
         print(graph[-1], flush=True)
         torch.cuda.empty_cache()
     md.append("## CUDA-graph step\n\n" + md_table(graph, ["context", "graph_ms_per_step"]) + "\n")
     for ctx in args.contexts:
-        rows = kernel_table(model, ctx, args.bits, graph=args.graph_kernels)
+        rows = kernel_table(model, ctx, args.bits, graph=args.graph_kernels, tables=args.tables)
         total = sum(r["ms"] for r in rows)
         for r in rows:
             r["context"] = ctx
