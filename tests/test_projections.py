@@ -87,7 +87,7 @@ def test_fuse_projections_keeps_the_model_and_shares_memory(make, monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         projections.unfuse_projections(model)
         assert not model._kvquant_fused_projections
-        for layer in model.model.layers:  # own storage again (save_pretrained refuses shared tensors)
+        for layer in model.model.layers:  # own storage again (the original layout; the fused tensors are freed)
             attn = layer.self_attn
             assert len({_storage(attn.q_proj.weight), _storage(attn.k_proj.weight), _storage(attn.v_proj.weight)}) == 3
             assert _storage(layer.mlp.gate_proj.weight) != _storage(layer.mlp.up_proj.weight)
@@ -136,3 +136,14 @@ def test_generate_with_fused_projections_keeps_the_tokens(make):
     unpatch_model(model)  # undoes the projections too
     assert not model._kvquant_fused_projections
     assert not any("_kvquant_qkv" in m.__dict__ or "_kvquant_gate_up" in m.__dict__ for m in model.modules())
+
+
+def test_a_fused_model_saves_and_loads_like_the_original(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    model = make_tiny_llama()
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    projections.fuse_projections(model)
+    model.save_pretrained(tmp_path)  # the weights are views of the fused tensors while fused
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path).state_dict()
+    assert set(loaded) == set(want) and all(torch.equal(loaded[k], want[k]) for k in want)

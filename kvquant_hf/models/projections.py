@@ -125,7 +125,7 @@ def fuse_projections(model) -> int:
 
 def _unfuse(linears) -> None:
     with torch.no_grad():
-        for lin in linears:  # own storage again (save_pretrained refuses weights that share memory)
+        for lin in linears:  # own storage again: the layout of the original model (the fused tensor is freed)
             lin.weight.data = lin.weight.data.clone()
             if lin.bias is not None:
                 lin.bias.data = lin.bias.data.clone()
