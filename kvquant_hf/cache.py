@@ -822,7 +822,8 @@ class KVQuantLayer(CacheLayerMixin):
     def enter_graph_mode(self, extra_tokens: int, num_splits: int | None = None,
                          length_dev: torch.Tensor | None = None) -> None:
         """Make decode steps capturable: capacity for ``extra_tokens`` more tokens reserved now (no growth later),
-        history length mirrored in an int32 device tensor that the kernels read and the append advances.
+        history length mirrored in an int32 device tensor that the kernels read (and this layer's append advances,
+        unless the tensor is shared: see ``length_dev``).
 
         ``length_dev``: an int32 ``[1]`` tensor on this layer's device shared with other layers of the same length
         (set to this layer's length here). The layer then only reads it; whoever shares it advances it once per

@@ -57,7 +57,9 @@ class KVQuantConfig:
             Llama/Mistral layer, and ``silu(gate) * up`` with one Triton kernel on CUDA
             (:mod:`kvquant_hf.models.projections`; the original weights become views of the fused ones, no extra
             memory). Fewer and larger GEMVs per decode step; off by default because the GEMM library may sum the
-            larger matrix in another order (last-bit differences).
+            larger matrix in another order, and the SiLU·mul kernel's exp is not torch's (last-bit differences).
+            Training (autograd on) takes the stock ops; weights replaced after fusing (``model.to``,
+            ``load_state_dict(assign=True)``) drop the fusion with a warning.
         prefill_chunk_size (`int`): in ``generate``, prompts longer than this are prefilled in chunks of this many
             tokens; each chunk attends to the packed earlier chunks, so the prompt's fp K/V never exist at once
             (0 = one call for the whole prompt).

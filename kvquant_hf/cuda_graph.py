@@ -3,8 +3,9 @@
 A transformers decode step launches hundreds of small kernels; on a fast GPU the CPU cannot issue them
 as fast as they run, so a step costs far more than reading the weights and the cache. With a
 `KVQuantCache` the whole step can be captured once and replayed: the cache layers switch to *graph
-mode* (capacity reserved up front, the history length kept in a device tensor that the Triton kernels
-read and the append advances, a fixed split grid), so one captured graph serves every later step.
+mode* (capacity reserved up front, the history length kept in a device tensor that the kernels read and
+the decoder advances once per step after the last layer, a fixed split grid), so one captured graph serves every
+later step.
 
 Use it from ``generate`` with ``cache_config={"cuda_graph": True}`` or directly::
 

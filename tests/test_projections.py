@@ -147,3 +147,58 @@ def test_a_fused_model_saves_and_loads_like_the_original(tmp_path):
     model.save_pretrained(tmp_path)  # the weights are views of the fused tensors while fused
     loaded = LlamaForCausalLM.from_pretrained(tmp_path).state_dict()
     assert set(loaded) == set(want) and all(torch.equal(loaded[k], want[k]) for k in want)
+
+
+def test_replaced_weights_drop_the_fusion_with_a_warning():
+    """model.to(...) / load_state_dict(assign=True) give the linears new tensors: the stale fused copy must not run."""
+    from kvquant_hf.models import patch_model
+
+    model = patch_model(make_tiny_llama())  # as generate leaves it
+    other = make_tiny_llama(seed=1)
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(5))
+    projections.fuse_projections(model)
+    with torch.no_grad():
+        model.load_state_dict(other.state_dict(), assign=True)
+        with pytest.warns(RuntimeWarning, match="fusion is dropped"):
+            got = model(ids).logits
+        torch.testing.assert_close(got, other(ids).logits, rtol=0, atol=0)  # the new weights, not the stale copy
+        assert not any("_kvquant_qkv" in m.__dict__ or "_kvquant_gate_up" in m.__dict__ for m in model.modules())
+        assert not any("forward" in layer.mlp.__dict__ for layer in model.model.layers)
+        projections.fuse_projections(model)
+        model.to(torch.float64)
+        with pytest.warns(RuntimeWarning, match="fuse_projections"):
+            assert model(ids).logits.dtype == torch.float64
+
+
+def test_generate_after_model_to_still_works_and_kvquant_path_uses_fresh_weights():
+    model = make_tiny_llama()
+    model.generation_config.pad_token_id = 0
+    ids = torch.randint(1, 128, (1, 8), generator=torch.Generator().manual_seed(6))
+    kw = dict(max_new_tokens=4, do_sample=False, cache_implementation="kvquant")
+    model.generate(ids, cache_config={"bits": 4, "fused_projections": True}, **kw)
+    model.to(torch.bfloat16)
+    with pytest.warns(RuntimeWarning, match="fusion is dropped"):
+        out = model.generate(ids, cache_config={"bits": 4}, **kw)
+    assert out.shape == (1, 12)
+
+
+def test_training_takes_the_stock_path_so_gradients_reach_the_weights():
+    model = make_tiny_llama()
+    projections.fuse_projections(model)
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(7))
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    layer = model.model.layers[0]
+    for lin in (layer.self_attn.q_proj, layer.self_attn.v_proj, layer.mlp.gate_proj, layer.mlp.up_proj):
+        assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+
+
+def test_modules_placed_by_accelerate_are_not_fused():
+    model = make_tiny_llama()
+    model.model.layers[0].self_attn._hf_hook = object()  # what accelerate's add_hook_to_module leaves
+    model.model.layers[1].mlp.up_proj._hf_hook = object()
+    n = projections.fuse_projections(model)
+    assert n == 2
+    assert "_kvquant_qkv" not in model.model.layers[0].self_attn.__dict__
+    assert "_kvquant_gate_up" not in model.model.layers[1].mlp.__dict__
+    assert "forward" not in model.model.layers[1].mlp.__dict__

@@ -140,3 +140,64 @@ def test_generate_with_fused_norms_patches_the_norms_and_keeps_the_tokens():
     unpatch_model(model)  # undoes the norms too
     assert not model._kvquant_fused_norms
     assert not any("_kvquant_norm_forward" in m.__dict__ for m in model.modules())
+
+
+def _cpu_fusion(monkeypatch):
+    from kvquant_hf.models import norms
+
+    _module()  # the interpreted kernels
+    monkeypatch.setattr(norms, "DEVICE_TYPES", ("cpu",))
+    return norms
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_fused_layer_forward_in_generate_with_padding(monkeypatch, arch):
+    """The decoder-layer patch (residual add + post-attention norm in one kernel) through generate with the
+    KVQuantCache, a left-padded batch of two: the same tokens and scores as without fused_norms."""
+    from conftest import make_tiny_mistral
+
+    norms = _cpu_fusion(monkeypatch)
+    model = make_tiny_llama() if arch == "llama" else make_tiny_mistral()
+    model.generation_config.pad_token_id = 0
+    ids = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, cache_implementation="kvquant",
+              output_scores=True, return_dict_in_generate=True)
+    plain = model.generate(ids, cache_config={"bits": 4}, **kw)
+    calls = []
+    norms.fuse_rms_norms(model)
+    add = norms._kernels.add_rms_norm
+    monkeypatch.setattr(norms._kernels, "add_rms_norm", lambda *a: calls.append(1) or add(*a))
+    fused = model.generate(ids, cache_config={"bits": 4, "fused_norms": True}, **kw)
+    assert len(calls) == 2 * 5  # 2 layers x 5 forwards (the prefill and 4 steps; the 5th token is not fed back)
+    assert torch.equal(plain.sequences, fused.sequences)
+    for a, b in zip(plain.scores, fused.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    norms.unfuse_rms_norms(model)
+
+
+def test_fused_norms_fall_back_for_autocast_training_and_accelerate_hooks(monkeypatch):
+    norms = _cpu_fusion(monkeypatch)
+    model = make_tiny_llama()
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(ids).logits
+    norms.fuse_rms_norms(model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(ids).logits  # attention output bf16, residual float32: the stock promotion, no error
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    loss = model(ids, labels=ids).loss  # autograd on: the stock ops (the kernels have no backward)
+    loss.backward()
+    assert model.model.layers[0].post_attention_layernorm.weight.grad is not None
+    norms.unfuse_rms_norms(model)
+    hooked = make_tiny_llama()
+    hooked.model.layers[0]._hf_hook = object()
+    wrapper = hooked.model.layers[0].forward
+    hooked.model.norm._hf_hook = object()
+    n = norms.fuse_rms_norms(hooked)
+    assert n == 2 * 2  # the hooked final norm keeps its forward
+    assert "_kvquant_layer_forward" not in hooked.model.layers[0].__dict__
+    assert "_kvquant_layer_forward" in hooked.model.layers[1].__dict__
+    norms.unfuse_rms_norms(hooked)
+    assert hooked.model.layers[0].forward == wrapper

@@ -3,7 +3,9 @@
 transformers' Llama/Mistral MLP computes ``act_fn(gate_proj(x)) * up_proj(x)``: a SiLU kernel (computed in float32,
 rounded to the model dtype) and a multiply (rounded again). This kernel reads both halves of one ``[..., 2 * I]``
 GEMV output and writes the product with the same two roundings: the SiLU as ``x / (1 + exp(-x))`` in float32 with
-an IEEE division (``div_rn``), rounded to the dtype, then the product rounded.
+an IEEE division (``div_rn``), rounded to the dtype, then the product rounded. ``tl.exp`` is not the CUDA ``expf``
+torch uses, so a few float16 elements can differ by one unit in the last place (H200: 4 of 14336; bfloat16: none,
+``check_fused_gpu_s7f.md``).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..layer_api import AttendInputs, RopeContext, apply_rope
+from .projections import active_qkv
 
 
 def _is_kvquant_cache(cache) -> bool:
@@ -29,6 +30,8 @@ def kvquant_attention_forward(
     """
     kv_cache = cache if cache is not None else past_key_values
     if not _is_kvquant_cache(kv_cache):
+        if "_kvquant_qkv" in self.__dict__:
+            active_qkv(self, hidden_states)  # drops (and frees) a fusion whose weights were replaced
         original = self.__dict__["_kvquant_original_forward"]
         return original(
             hidden_states, position_embeddings, attention_mask, **{self.__dict__["_kvquant_cache_kw"]: kv_cache}, **kwargs
@@ -36,7 +39,7 @@ def kvquant_attention_forward(
 
     bsz, q_len, _ = hidden_states.shape
     hidden_shape = (bsz, q_len, -1, self.head_dim)
-    qkv = self.__dict__.get("_kvquant_qkv")  # fused_projections: one GEMV for q, k and v
+    qkv = active_qkv(self, hidden_states)  # fused_projections: one GEMV for q, k and v
     if qkv is not None:
         query, key, value = (x.view(hidden_shape).transpose(1, 2) for x in qkv(hidden_states))
     else:

@@ -20,12 +20,14 @@ MLPs whose activation is not SiLU are left as they are.
 
 from __future__ import annotations
 
-import types
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ._swap import grad_needed, hooked, restore_forward, swap_forward
 
 #: decoder-layer MLP classes whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``
 FUSABLE_MLPS = ("LlamaMLP", "MistralMLP")
@@ -38,20 +40,55 @@ _kernels = None  # triton_kernels.silu_mul, imported once by fuse_projections wh
 
 @dataclass
 class FusedLinear:
-    """Concatenated weight ``[sum(sizes), in]`` (and bias) of several linears that read the same input."""
+    """Concatenated weight ``[sum(sizes), in]`` (and bias) of several linears that read the same input; the
+    linears' weights are views of it (``ptrs``: where each one's data starts)."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
     sizes: tuple[int, ...]
+    linears: tuple[nn.Linear, ...]
+    ptrs: tuple[int, ...]
+
+    def current(self) -> bool:
+        """Whether the linears still hold views of the fused tensor (``model.to(...)``, ``.half()`` or
+        ``load_state_dict(..., assign=True)`` give them new tensors and leave this copy stale). Host-side only."""
+        return all(lin.weight.data_ptr() == p and lin.weight.dtype == self.weight.dtype
+                   and lin.weight.device == self.weight.device for lin, p in zip(self.linears, self.ptrs))
+
+    def usable(self, x: torch.Tensor) -> bool:
+        """The fused GEMV may run: inference (the fused tensor carries no gradients to the parameters) on the
+        weights' device."""
+        return x.device == self.weight.device and not grad_needed(x, *(lin.weight for lin in self.linears))
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
 
+def _stale(module, key: str) -> None:
+    """Drop a fusion whose weights were replaced (the stock forward takes over; the stale copy is freed)."""
+    module.__dict__.pop(key, None)
+    restore_forward(module, "_kvquant_mlp_forward")
+    warnings.warn(f"fused_projections: the weights of {type(module).__name__} were replaced after fusing (model.to, "
+                  ".half(), load_state_dict(assign=True), ...); this fusion is dropped and the stock forward runs. "
+                  "Call kvquant_hf.models.projections.fuse_projections(model) again to fuse the new weights.",
+                  RuntimeWarning, stacklevel=3)
+
+
+def active_qkv(attn, x: torch.Tensor) -> FusedLinear | None:
+    """The fused q/k/v GEMV of an attention module, if it has one that is current and usable for ``x``."""
+    qkv = attn.__dict__.get("_kvquant_qkv")
+    if qkv is None:
+        return None
+    if not qkv.current():
+        _stale(attn, "_kvquant_qkv")
+        return None
+    return qkv if qkv.usable(x) else None
+
+
 def _fusable(linears) -> bool:
     first = linears[0]
     for lin in linears:
-        if type(lin) is not nn.Linear or getattr(lin, "_hf_hook", None) is not None:
+        if type(lin) is not nn.Linear or hooked(lin):
             return False  # quantized / offloaded linears keep their own forward
         w = lin.weight
         if (not w.is_floating_point() or w.device.type == "meta" or w.device != first.weight.device
@@ -72,11 +109,16 @@ def _fuse(linears) -> FusedLinear:
         if bias is not None:
             for lin, b in zip(linears, bias.split(sizes, dim=0)):
                 lin.bias.data = b
-    return FusedLinear(weight, bias, sizes)
+    return FusedLinear(weight, bias, sizes, tuple(linears), tuple(lin.weight.data_ptr() for lin in linears))
 
 
 def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     gate_up = self.__dict__["_kvquant_gate_up"]
+    if not gate_up.current():
+        _stale(self, "_kvquant_gate_up")
+        return self.forward(x)
+    if not gate_up.usable(x):
+        return self.__dict__["_kvquant_mlp_forward"](x)
     gu = F.linear(x, gate_up.weight, gate_up.bias)
     if _kernels is not None and gu.device.type in DEVICE_TYPES and gu.dtype in (torch.float16, torch.bfloat16,
                                                                                  torch.float32):
@@ -107,17 +149,16 @@ def fuse_projections(model) -> int:
         attn = getattr(layer, "self_attn", None)
         if attn is not None and "_kvquant_qkv" not in attn.__dict__:
             lins = [getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj")]
-            if all(lin is not None for lin in lins) and _fusable(lins):
+            if all(lin is not None for lin in lins) and _fusable(lins) and not hooked(attn):
                 attn.__dict__["_kvquant_qkv"] = _fuse(lins)
         n += int(attn is not None and "_kvquant_qkv" in attn.__dict__)
         mlp = getattr(layer, "mlp", None)
         if (mlp is not None and type(mlp).__name__ in FUSABLE_MLPS and "_kvquant_gate_up" not in mlp.__dict__
                 and type(getattr(mlp, "act_fn", None)).__name__ in SILU_ACTIVATIONS):
             lins = [getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)]
-            if all(lin is not None for lin in lins) and _fusable(lins):
+            if all(lin is not None for lin in lins) and _fusable(lins) and not hooked(mlp):
                 mlp.__dict__["_kvquant_gate_up"] = _fuse(lins)
-                mlp.__dict__["_kvquant_mlp_forward"] = mlp.forward
-                mlp.forward = types.MethodType(_fused_mlp_forward, mlp)
+                swap_forward(mlp, "_kvquant_mlp_forward", _fused_mlp_forward)
         n += int(mlp is not None and "_kvquant_gate_up" in mlp.__dict__)
     model._kvquant_fused_projections = n > 0
     return n
@@ -140,7 +181,6 @@ def unfuse_projections(model) -> None:
             _unfuse([attn.q_proj, attn.k_proj, attn.v_proj])
         mlp = getattr(layer, "mlp", None)
         if mlp is not None and mlp.__dict__.pop("_kvquant_gate_up", None) is not None:
-            mlp.__dict__.pop("_kvquant_mlp_forward", None)
-            mlp.__dict__.pop("forward", None)
+            restore_forward(mlp, "_kvquant_mlp_forward")
             _unfuse([mlp.gate_proj, mlp.up_proj])
     model._kvquant_fused_projections = False
