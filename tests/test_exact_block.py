@@ -177,10 +177,12 @@ def test_layer_triton_path_rotates_the_query_like_the_model(monkeypatch):
     assert torch.equal(outs[0], outs[1])
 
 
-def test_graph_mode_with_a_shared_device_length_matches_eager(monkeypatch):
+@pytest.mark.parametrize("padded", [False, True], ids=["batch1", "batch2-left-padded"])
+def test_graph_mode_with_a_shared_device_length_matches_eager(monkeypatch, padded):
     """What CUDAGraphDecoder runs (without capturing: no GPU here): every layer in graph mode reading one shared
-    device-side length that is advanced once per step after the last layer. The logits and the stored tokens
-    equal the eager Triton path's."""
+    device-side length that is advanced once per step after the last layer, and no mask for the new token. The
+    logits and the stored tokens equal the eager Triton path's, also for a left-padded batch whose padding reaches
+    into the sink (so it must come from the prefill's record, not from the step's mask)."""
     from conftest import make_tiny_llama
 
     from kvquant_hf import KVQuantCache, patch_model
@@ -195,27 +197,32 @@ def test_graph_mode_with_a_shared_device_length_matches_eager(monkeypatch):
                         lambda self, *a: masks_read.append(self.graph_mode) or original(self, *a))
     model = patch_model(make_tiny_llama())
     kw = _cache_kwarg_name(model)
-    ids = torch.randint(0, 128, (1, 23), generator=torch.Generator().manual_seed(9))
+    b = 2 if padded else 1
+    ids = torch.randint(0, 128, (b, 23), generator=torch.Generator().manual_seed(9))
+    prompt_mask = torch.ones(b, 20, dtype=torch.long)
+    if padded:
+        prompt_mask[1, :6] = 0
+    pos = (prompt_mask.cumsum(-1) - 1).clamp_min(0)
     runs = {}
     for mode in ("eager", "graph"):
-        cache = KVQuantCache({"bits": 4, "sink_tokens": 1, "block_size": 16, "backend": "triton"},
+        cache = KVQuantCache({"bits": 4, "sink_tokens": 3, "block_size": 16, "backend": "triton"},
                              model_config=model.config)
         with torch.no_grad():
-            model(ids[:, :20], **{kw: cache})
+            model(ids[:, :20], attention_mask=prompt_mask, position_ids=pos, **{kw: cache})
             shared = None
             if mode == "graph":
                 shared = torch.zeros(1, dtype=torch.int32)
                 for layer in cache.layers:
                     layer.enter_graph_mode(8, num_splits=2, length_dev=shared)
-                assert int(shared) == cache.layers[0].length == 19  # set to the layers' length
+                assert int(shared) == cache.layers[0].length == 17  # set to the layers' length (20 - 3 sinks)
             outs = []
             for t in range(20, 23):
                 # a 4D mask, as transformers builds while a CUDA graph is captured: graph mode builds no mask from it
-                mask = torch.zeros(1, 1, 1, t + 1)
-                outs.append(model(ids[:, t:t + 1], position_ids=torch.tensor([[t]]), attention_mask=mask,
-                                  **{kw: cache}).logits)
+                mask = torch.zeros(b, 1, 1, t + 1)
+                step_pos = pos[:, -1:] + (t - 19)
+                outs.append(model(ids[:, t:t + 1], position_ids=step_pos, attention_mask=mask, **{kw: cache}).logits)
                 if shared is not None:
-                    assert int(shared) == t - 1  # no layer advanced it
+                    assert int(shared) == t - 3  # no layer advanced it
                     shared.add_(1)
                     for layer in cache.layers:
                         layer.length += 1  # the host mirror, as CUDAGraphDecoder.step keeps it
@@ -224,7 +231,7 @@ def test_graph_mode_with_a_shared_device_length_matches_eager(monkeypatch):
     assert masks_read and True not in masks_read  # eager steps read the mask, graph-mode steps never
     g, e = runs["graph"][1].layers[1], runs["eager"][1].layers[1]
     n = e.length
-    assert g.length == n == 22 and int(g.length_dev) == n
+    assert g.length == n == 20 and int(g.length_dev) == n
     assert torch.equal(g.k_codes[:, :, :n], e.k_codes[:, :, :n]) and torch.equal(g.v_codes[:, :, :n], e.v_codes[:, :, :n])
     assert torch.equal(g.positions[:, :n], e.positions[:, :n])
     layer = runs["graph"][1].layers[0]
