@@ -7,7 +7,8 @@
    (batch 1 row): time, and the largest difference of the outputs (the GEMM library may pick another split-K).
 3. The whole model: a random Llama-3-8B-shaped model (4 layers, bf16 and fp16), greedy ``generate`` with the
    KVQuantCache for 16 tokens with and without ``fused_projections`` (both with ``fused_norms``): tokens equal, and
-   the largest logit difference at the first step.
+   the largest logit difference at the first step; and the fused run again with ``cuda_graph=True`` (the user-facing
+   path: generate, graph capture, both fusions).
 
 Times are ``triton.testing.do_bench_cudagraph`` medians (CUDA-graph replays, as in a graph decode step).
 
@@ -98,12 +99,14 @@ def model_case(dtype) -> dict:
     with torch.inference_mode():
         plain = model.generate(ids, cache_config={"bits": 4, "fused_norms": True}, **kw)
         fused = model.generate(ids, cache_config={"bits": 4, "fused_norms": True, "fused_projections": True}, **kw)
+        graph = model.generate(ids, cache_config={"bits": 4, "fused_norms": True, "fused_projections": True,
+                                                  "cuda_graph": True}, **kw)
     unpatch_model(model)
-    a, b = plain.sequences[0, 64:], fused.sequences[0, 64:]
-    same = int((a == b).cumprod(0).sum())
-    return {"dtype": str(dtype).split(".")[1], "greedy tokens equal (of 16)": same,
+    a, b, c = plain.sequences[0, 64:], fused.sequences[0, 64:], graph.sequences[0, 64:]
+    return {"dtype": str(dtype).split(".")[1], "greedy tokens equal (of 16)": int((a == b).cumprod(0).sum()),
             "first-step max |logit diff|": float((plain.scores[0].float() - fused.scores[0].float()).abs().max()),
-            "first-step top-2 margin": float(plain.scores[0].float().topk(2).values.diff().abs().item())}
+            "first-step top-2 margin": float(plain.scores[0].float().topk(2).values.diff().abs().item()),
+            "fused + cuda_graph vs fused eager: tokens equal (of 16)": int((b == c).cumprod(0).sum())}
 
 
 NAME = sys.argv[1] if len(sys.argv) > 1 else "check_fused_gpu"
