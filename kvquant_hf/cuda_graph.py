@@ -62,7 +62,6 @@ class CUDAGraphDecoder:
             if key not in shared:
                 shared[key] = torch.tensor([layer.length], dtype=torch.int32, device=layer.device)
             layer.enter_graph_mode(self.max_steps + 2, num_splits, length_dev=shared[key])
-        self._shared_lengths = list(shared.values())
         self.static_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.static_pos = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         start = cache.layers[0].get_seq_length()
@@ -88,7 +87,9 @@ class CUDAGraphDecoder:
     def _forward(self) -> torch.Tensor:
         out = self.forward(input_ids=self.static_ids, position_ids=self.static_pos, use_cache=True,
                          **{self._cache_kw: self.cache})
-        for length in self._shared_lengths:  # every layer has appended its token at the old length
+        # the lengths __init__ shared between the layers (no layer advances them): every layer has appended its
+        # token at the old length
+        for length in self._device_lengths():
             length.add_(1)
         return out.logits
 

@@ -65,11 +65,11 @@ def build_kvquant_cache(model, cache_config: dict | KVQuantConfig | None = None)
 
     config = KVQuantConfig.from_dict(dict(cache_config) if isinstance(cache_config, dict) else (cache_config or {}))
     patch_model(model)
-    _apply_fused_norms(model, config)
+    _apply_fusions(model, config)
     return KVQuantCache(config, model_config=model.config)
 
 
-def _apply_fused_norms(model, config: KVQuantConfig) -> None:
+def _apply_fusions(model, config: KVQuantConfig) -> None:
     """``fused_norms=True``: one Triton kernel per RMSNorm (:mod:`kvquant_hf.models.norms`);
     ``fused_projections=True``: one GEMV for q/k/v and one for gate/up (:mod:`kvquant_hf.models.projections`)."""
     if config.fused_norms:
@@ -87,7 +87,7 @@ def prepare_model_for_cache(model, cache: KVQuantCache) -> None:
     from .models import patch_model
 
     patch_model(model)
-    _apply_fused_norms(model, cache.config)
+    _apply_fusions(model, cache.config)
     text_config = model.config.get_text_config(decoder=True)
     n_layers = text_config.num_hidden_layers
     sp = cache.key_signposts

@@ -11,6 +11,9 @@ import types
 
 import torch
 
+#: dtypes the fused Triton kernels take
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
 
 def hooked(module) -> bool:
     """Whether accelerate manages this module's forward (device placement or offload)."""

@@ -30,8 +30,7 @@ def kvquant_attention_forward(
     """
     kv_cache = cache if cache is not None else past_key_values
     if not _is_kvquant_cache(kv_cache):
-        if "_kvquant_qkv" in self.__dict__:
-            active_qkv(self, hidden_states)  # drops (and frees) a fusion whose weights were replaced
+        active_qkv(self, hidden_states)  # drops (and frees) a fusion whose weights were replaced
         original = self.__dict__["_kvquant_original_forward"]
         return original(
             hidden_states, position_embeddings, attention_mask, **{self.__dict__["_kvquant_cache_kw"]: kv_cache}, **kwargs

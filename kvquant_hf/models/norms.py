@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._swap import grad_needed, restore_forward, swap_forward
+from ._swap import KERNEL_DTYPES, grad_needed, restore_forward, swap_forward
 
 #: RMSNorm classes whose forward is ``weight * normalize(x.float()).to(x.dtype)`` with ``variance_epsilon``
 FUSABLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm")
@@ -26,11 +26,10 @@ FUSABLE_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer")
 #: device types the fused forward handles (the tests add "cpu" under the Triton interpreter)
 DEVICE_TYPES = ("cuda",)
 _kernels = None  # triton_kernels.rms_norm, imported by fuse_rms_norms (not per call: the forward is on the hot path)
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _fused_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    if (hidden_states.device.type in DEVICE_TYPES and hidden_states.dtype in _DTYPES
+    if (hidden_states.device.type in DEVICE_TYPES and hidden_states.dtype in KERNEL_DTYPES
             and self.weight.device == hidden_states.device and not grad_needed(hidden_states, self.weight)):
         return _kernels.rms_norm(hidden_states, self.weight, self.variance_epsilon)
     return self.__dict__["_kvquant_norm_forward"](hidden_states)
@@ -41,7 +40,7 @@ def _fused_layer_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
     add after the attention and the post-attention RMSNorm in one kernel. Training (autograd), positional extras
     and inputs the kernel does not take run the stock forward."""
     norm = self.post_attention_layernorm
-    if (args or self.training or hidden_states.device.type not in DEVICE_TYPES or hidden_states.dtype not in _DTYPES
+    if (args or self.training or hidden_states.device.type not in DEVICE_TYPES or hidden_states.dtype not in KERNEL_DTYPES
             or grad_needed(hidden_states, norm.weight)):
         return self.__dict__["_kvquant_layer_forward"](hidden_states, *args, **kwargs)
     residual = hidden_states

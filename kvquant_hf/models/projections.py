@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._swap import grad_needed, hooked, restore_forward, swap_forward
+from ._swap import KERNEL_DTYPES, grad_needed, hooked, restore_forward, swap_forward
 
 #: decoder-layer MLP classes whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``
 FUSABLE_MLPS = ("LlamaMLP", "MistralMLP")
@@ -120,8 +120,7 @@ def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     if not gate_up.usable(x):
         return self.__dict__["_kvquant_mlp_forward"](x)
     gu = F.linear(x, gate_up.weight, gate_up.bias)
-    if _kernels is not None and gu.device.type in DEVICE_TYPES and gu.dtype in (torch.float16, torch.bfloat16,
-                                                                                 torch.float32):
+    if _kernels is not None and gu.device.type in DEVICE_TYPES and gu.dtype in KERNEL_DTYPES:
         h = _kernels.silu_mul(gu)
     else:
         gate, up = gu.split(gate_up.sizes, dim=-1)
