@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Session 8, device calls on the H200 (the two-phase CUDA decode kernel, triton_kernels/cuda/packed_decode2.cu):
+#   bash benchmarks/run_step8_gpu.sh a   the new kernel against the torch oracle (check_cuda_decode.py, every case
+#        including 128K), then one layer at 128K and 512K: the one-pass kernel ("") vs the two-phase kernel
+#        ("KERNEL=2") and its variants (cuda_decode_variants.py)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if [ "${1:-a}" = a ]; then
+  KVQUANT_CUDA_KERNEL=2 timeout 150 python benchmarks/check_cuda_decode.py --name check_cuda_decode_v2 \
+    > "$OUT/check.log" 2>&1; grep -E "FAILURES|Error|error" "$OUT/check.log" | head -20
+  timeout 150 python benchmarks/cuda_decode_variants.py --name=cuda_decode_v2 "" "KERNEL=2" "KERNEL=2 KCH=1" \
+    "KERNEL=2 TB=64" > "$OUT/variants.log" 2>&1; grep "^{" "$OUT/variants.log"; tail -n 3 "$OUT/variants.log"
+  CTX=524288 timeout 120 python benchmarks/cuda_decode_variants.py --name=cuda_decode_v2_512k "" "KERNEL=2" \
+    > "$OUT/variants512.log" 2>&1; grep "^{" "$OUT/variants512.log"; tail -n 3 "$OUT/variants512.log"
+fi
