@@ -15,3 +15,11 @@ if [ "${1:-a}" = a ]; then
   CTX=524288 timeout 120 python benchmarks/cuda_decode_variants.py --name=cuda_decode_v2_512k "" "KERNEL=2" \
     > "$OUT/variants512.log" 2>&1; grep "^{" "$OUT/variants512.log"; tail -n 3 "$OUT/variants512.log"
 fi
+# b: after phase-2 inputs were prefetched at block start, value slots moved after phase 3 and the magic offset taken
+#    out before the value MMA: the check again, and where the time goes (variants without key / value slot work)
+if [ "${1:-a}" = b ]; then
+  KVQUANT_CUDA_KERNEL=2 timeout 150 python benchmarks/check_cuda_decode.py --name check_cuda_decode_v2b \
+    > "$OUT/check.log" 2>&1; grep -E "FAILURES|Error|error" "$OUT/check.log" | head -20
+  timeout 200 python benchmarks/cuda_decode_variants.py --name=cuda_decode_v2b "" "KERNEL=2" "KERNEL=2 NOKSLOT=1" \
+    "KERNEL=2 NOVSLOT=1" "KERNEL=2 NOKSLOT=1 NOVSLOT=1" > "$OUT/variants.log" 2>&1; grep "^{" "$OUT/variants.log"
+fi

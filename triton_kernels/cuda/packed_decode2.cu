@@ -38,6 +38,14 @@
 #define NMT (D / 16)
 #define VW ((VBT + 3) / 4)
 #define MRP (MR <= 4 ? 4 : 8)      // score row stride (floats) per token
+#define KSX (KS > 0 ? KS : 1)
+#define VSX (VS > 0 ? VS : 1)
+#ifndef NOKSLOT
+#define NOKSLOT 0  // timing variants only: skip the key / value slot corrections
+#endif
+#ifndef NOVSLOT
+#define NOVSLOT 0
+#endif
 #ifndef KCH
 #define KCH 2
 #endif
@@ -48,6 +56,9 @@ typedef unsigned short u16;
 
 __device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
   u32 d; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
+}
+__device__ __forceinline__ u32 hsub2(u32 a, u32 b) {
+  u32 d; asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d;
 }
 __device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
   u32 d; asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d;
@@ -228,9 +239,9 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
   const int* posb = pos + b * spb;
 
   // running state: per query row (all lanes hold all rows); lane partial sums of the block terms
-  float m_run[MR], l_p[MR], sp_p[MR], sz_p[MR];
+  float m_run[MR], l_p[MR], sz_p[MR];
 #pragma unroll
-  for (int m = 0; m < MR; ++m) { m_run[m] = NEG_BIG; l_p[m] = 0.f; sp_p[m] = 0.f; sz_p[m] = 0.f; }
+  for (int m = 0; m < MR; ++m) { m_run[m] = NEG_BIG; l_p[m] = 0.f; sz_p[m] = 0.f; }
   int E_run = 0;  // float exponent field of the running value-scale power of two (0: nothing accumulated yet)
   float acc[NMT][4];
 #pragma unroll
@@ -299,6 +310,21 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
     }
     const bool modeA = __all_sync(0xffffffffu, okA);
     if (!modeA) P = 0;
+    // phase-2 inputs of this lane's tokens (blk + lane + 32 i), loaded now so that phase 1 hides their latency:
+    // key-slot channels and exact values, value scale and zero
+    int kiP[PPL][KSX];
+    u16 kvP[PPL][KSX], vsP[PPL], vzP[PPL];
+#pragma unroll
+    for (int i = 0; i < PPL; ++i) {
+      const int tc = min(blk + lane + 32 * i, whi - 1);
+#pragma unroll
+      for (int s2 = 0; s2 < KSX; ++s2) {
+        kiP[i][s2] = KS > 0 ? (int)koib[tc * skit + s2] : 255;
+        kvP[i][s2] = KS > 0 ? kovb[tc * skvt + s2] : (u16)0;
+      }
+      vsP[i] = vsb[tc * svst];
+      vzP[i] = vzb[tc * svzt];
+    }
     u32 QA[2 * KR];  // B fragments of the rotated queries (column gid = query row; rows >= MR are zero)
 #pragma unroll
     for (int r = 0; r < KR; ++r) {
@@ -383,36 +409,30 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       const int tc = min(t, whi - 1);
 #pragma unroll
       for (int m = 0; m < MR; ++m) sv[i][m] = scs[u * MRP + m];
-#if KS > 0
-      if (valid) {
-        int ki[KS];
+#if KS > 0 && !NOKSLOT
 #pragma unroll
-        for (int s2 = 0; s2 < KS; ++s2) ki[s2] = koib[tc * skit + s2];
+      for (int s2 = 0; s2 < KS; ++s2) {
+        int idx = valid ? kiP[i][s2] : 255;
 #pragma unroll
-        for (int s2 = 0; s2 < KS; ++s2) {
-          int idx = ki[s2];
+        for (int s3 = s2 + 1; s3 < KS; ++s3)
+          if (kiP[i][s3] == idx) idx = 255;  // the same channel twice: the later slot holds it
+        if (idx < D) {  // the key row was read in phase 1: this byte comes from L1
+          const float deq = ktf[code_at<KB>(kcb + tc * skct, idx)] * kss[idx] + kzs[idx];
+          const float delta = in2f(kvP[i][s2]) - deq;
+          const int i0 = idx % HALF;
+          float c, sn;
+          cos_sin((float)pC[i] * inv_freq[i0], &c, &sn);
 #pragma unroll
-          for (int s3 = s2 + 1; s3 < KS; ++s3)
-            if (ki[s3] == idx) idx = 255;  // the same channel twice: the later slot holds it
-          if (idx < D) {
-            const float ex = in2f(kovb[tc * skvt + s2]);
-            const float deq = ktf[code_at<KB>(kcb + tc * skct, idx)] * kss[idx] + kzs[idx];
-            const float delta = ex - deq;
-            const int i0 = idx % HALF;
-            float c, sn;
-            cos_sin((float)pC[i] * inv_freq[i0], &c, &sn);
-#pragma unroll
-            for (int m = 0; m < MR; ++m) {
-              const float qa = qs[m * D + i0], qb = qs[m * D + HALF + i0];
-              sv[i][m] += delta * (idx < HALF ? qa * c + qb * sn : qb * c - qa * sn);
-            }
+          for (int m = 0; m < MR; ++m) {
+            const float qa = qs[m * D + i0], qb = qs[m * D + HALF + i0];
+            sv[i][m] += delta * (idx < HALF ? qa * c + qb * sn : qb * c - qa * sn);
           }
         }
       }
 #endif
 #pragma unroll
       for (int m = 0; m < MR; ++m) sv[i][m] = valid ? sv[i][m] * qk_scale : __int_as_float(0xff800000);
-      const float s = fmaxf(in2f(vsb[tc * svst]), MIN_SCALE), z = in2f(vzb[tc * svzt]);
+      const float s = fmaxf(in2f(vsP[i]), MIN_SCALE), z = in2f(vzP[i]);
       scl[i] = valid ? s * v_b : 0.f;
       zer[i] = valid ? z + v_a * s : 0.f;
       ebits = max(ebits, (__float_as_int(scl[i]) >> 23) & 0xff);
@@ -422,7 +442,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
     for (int o = 16; o > 0; o >>= 1) ebits = max(ebits, __shfl_xor_sync(0xffffffffu, ebits, o));
     const int E_new = max(E_run, ebits);
     const float fe = (E_run == 0 || E_new - E_run > 126) ? 0.f : __int_as_float((127 + E_run - E_new) << 23);  // 2^(E_run-E_new)
-    const float pscale = __int_as_float((254 - max(E_new, 1)) << 23);                 // 2^(127 - E_new)
+    const float pscale = __int_as_float((254 - max(E_new, 1)) << 23);  // 2^(127 - E_new)
     E_run = E_new;
     float alpha[MR];
     bool any_change = false;
@@ -438,9 +458,8 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       m_run[m] = m_new;
       l_p[m] *= alpha[m];
       sz_p[m] *= alpha[m];
-      sp_p[m] *= alpha[m] * fe;
     }
-#if VS > 0
+#if VS > 0 && !NOVSLOT
     if (any_change) {  // the value-slot corrections follow the running maxima (warp-uniform)
       for (int e = lane; e < MR * D; e += 32) {
         float a = 1.f;
@@ -448,44 +467,19 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
         for (int m = 0; m < MR; ++m) if (e / D == m) a = alpha[m];
         corr[e] *= a;
       }
-      __syncwarp();
     }
 #endif
 #pragma unroll
     for (int i = 0; i < PPL; ++i) {
       const int u = lane + 32 * i;
-      float p[MR];
 #pragma unroll
       for (int m = 0; m < MR; ++m) {
-        p[m] = exp2f(sv[i][m] - m_run[m]);
-        const u16 ph = f2h(p[m] * scl[i] * pscale);
-        pvs[m * TB + u] = ph;
-        l_p[m] += p[m];
-        sp_p[m] += h2f(ph);
-        sz_p[m] += p[m] * zer[i];
+        const float p = exp2f(sv[i][m] - m_run[m]);
+        pvs[m * TB + u] = f2h(p * scl[i] * pscale);
+        scs[u * MRP + m] = p;  // for the value slots (phase 4)
+        l_p[m] += p;
+        sz_p[m] += p * zer[i];
       }
-#if VS > 0
-      const int t = blk + u;
-      if (t < bend && t >= vis) {
-        const int tc = t;
-        int vi[VS];
-#pragma unroll
-        for (int s2 = 0; s2 < VS; ++s2) vi[s2] = voib[tc * svit + s2];
-#pragma unroll
-        for (int s2 = 0; s2 < VS; ++s2) {
-          int idx = vi[s2];
-#pragma unroll
-          for (int s3 = s2 + 1; s3 < VS; ++s3)
-            if (vi[s3] == idx) idx = 255;
-          if (idx < D) {
-            const float ex = in2f(vovb[tc * svvt + s2]);
-            const float delta = ex - (vtf[code_at<VB>(vcb + tc * svct, idx)] * scl[i] + zer[i]);
-#pragma unroll
-            for (int m = 0; m < MR; ++m) atomicAdd(&corr[m * D + idx], p[m] * delta);
-          }
-        }
-      }
-#endif
     }
     // accumulator rows 2tig, 2tig + 1 (C columns) follow the running maxima and the value-scale exponent
     {
@@ -499,6 +493,18 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       if (__any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) {
 #pragma unroll
         for (int i = 0; i < NMT; ++i) { acc[i][0] *= a0; acc[i][1] *= a1; acc[i][2] *= a0; acc[i][3] *= a1; }
+      }
+    }
+    // phase-4 inputs (value slots), loaded now so that phase 3 hides their latency
+    int viP[PPL][VSX];
+    u16 vvP[PPL][VSX];
+#pragma unroll
+    for (int i = 0; i < PPL; ++i) {
+      const int tc = min(blk + lane + 32 * i, whi - 1);
+#pragma unroll
+      for (int s2 = 0; s2 < VSX; ++s2) {
+        viP[i][s2] = VS > 0 ? (int)voib[tc * svit + s2] : 255;
+        vvP[i][s2] = VS > 0 ? vovb[tc * svvt + s2] : (u16)0;
       }
     }
     __syncwarp();
@@ -530,22 +536,43 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
             a[2 * half + rsel] = vpt[(y & ((1u << VB) - 1u)) | (y >> (16 - VB))];
 #else
             const u32 mask = (((1u << VB) - 1u) << (VB * pos_in)) * 0x10001u;
-            a[2 * half + rsel] = (pr & mask) | MAGIC;
+            // f * code exactly (the 1024 offset out before the MMA: summed over 100K tokens it costs precision)
+            a[2 * half + rsel] = hsub2((pr & mask) | MAGIC, MAGIC);
 #endif
           }
         }
         mma16816(acc[mt], a[0], a[1], a[2], a[3], pb0, pb1);
       }
     }
+#if VS > 0 && !NOVSLOT
+    // ---------------- phase 4: value slots, p * (exact - dequantized) into corr (rows read in phase 3: L1) ----------------
+#pragma unroll
+    for (int i = 0; i < PPL; ++i) {
+      const int u = lane + 32 * i, t = blk + u;
+      if (t < bend && t >= vis) {
+#pragma unroll
+        for (int s2 = 0; s2 < VS; ++s2) {
+          int idx = viP[i][s2];
+#pragma unroll
+          for (int s3 = s2 + 1; s3 < VS; ++s3)
+            if (viP[i][s3] == idx) idx = 255;
+          if (idx < D) {
+            const float delta = in2f(vvP[i][s2]) - (vtf[code_at<VB>(vcb + t * svct, idx)] * scl[i] + zer[i]);
+#pragma unroll
+            for (int m = 0; m < MR; ++m) atomicAdd(&corr[m * D + idx], scs[u * MRP + m] * delta);
+          }
+        }
+      }
+    }
+#endif
     __syncwarp();
   }
 
-  // ---- warp result: corr[row][ch] += 2^E (acc - 1024 sum P') / f + sum p z ----
-  float lsum[MR], spw[MR], szw[MR];
+  // ---- warp result: corr[row][ch] += 2^E acc / f + sum p z ----
+  float lsum[MR], szw[MR];
 #pragma unroll
-  for (int m = 0; m < MR; ++m) { lsum[m] = warp_sum(l_p[m]); spw[m] = warp_sum(sp_p[m]); szw[m] = warp_sum(sz_p[m]); }
+  for (int m = 0; m < MR; ++m) { lsum[m] = warp_sum(l_p[m]); szw[m] = warp_sum(sz_p[m]); }
   const float escale = __int_as_float(E_run << 23);  // 2^(E_run - 127); 0 when nothing was accumulated
-  const float moff = V_LUT ? 0.f : 1024.f;
   __syncwarp();
 #pragma unroll
   for (int mt = 0; mt < NMT; ++mt) {
@@ -553,14 +580,14 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
     for (int c = 0; c < 2; ++c) {
       const int m = 2 * tig + c;
       if (m < MR) {
-        float sp = 0.f, sz = 0.f;
+        float sz = 0.f;
 #pragma unroll
-        for (int mm = 0; mm < MR; ++mm) if (mm == m) { sp = spw[mm]; sz = szw[mm]; }
+        for (int mm = 0; mm < MR; ++mm) if (mm == m) sz = szw[mm];
 #pragma unroll
         for (int rsel = 0; rsel < 2; ++rsel) {
           const int ch = val_channel(mt, gid + 8 * rsel);
           const float f = V_LUT ? 1.f : val_factor(mt, rsel);
-          corr[m * D + ch] += escale * (acc[mt][2 * rsel + c] - moff * sp) / f + sz;
+          corr[m * D + ch] += escale * acc[mt][2 * rsel + c] / f + sz;
         }
       }
     }
