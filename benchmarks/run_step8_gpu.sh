@@ -23,3 +23,17 @@ if [ "${1:-a}" = b ]; then
   timeout 200 python benchmarks/cuda_decode_variants.py --name=cuda_decode_v2b "" "KERNEL=2" "KERNEL=2 NOKSLOT=1" \
     "KERNEL=2 NOVSLOT=1" "KERNEL=2 NOKSLOT=1 NOVSLOT=1" > "$OUT/variants.log" 2>&1; grep "^{" "$OUT/variants.log"
 fi
+# c: with the L2 prefetch of the next block (PF=1): times, and the stall reasons of both kernels (ncu, if it reads
+#    the counters on this machine)
+if [ "${1:-a}" = c ]; then
+  timeout 200 python benchmarks/cuda_decode_variants.py --name=cuda_decode_v2c "" "KERNEL=2" "KERNEL=2 PF=0" \
+    "KERNEL=2 NOVSLOT=1" "KERNEL=2 NOKSLOT=1 NOVSLOT=1" > "$OUT/variants.log" 2>&1; grep "^{" "$OUT/variants.log"
+  for k in 1 2; do
+    KVQUANT_CUDA_KERNEL=$k timeout 120 ncu --clock-control none -k regex:kvq_packed_decode -c 1 \
+      --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
+      --section MemoryWorkloadAnalysis --section LaunchStats --section InstructionStats \
+      python benchmarks/ncu_decode.py > "$OUT/ncu_v$k.txt" 2>&1
+    grep -E "Duration|Stall|Issued Warp|No Eligible|Active Warps|Registers|Throughput|Hit Rate|Executed Ipc" \
+      "$OUT/ncu_v$k.txt" | head -40
+  done
+fi

@@ -46,6 +46,9 @@
 #ifndef NOVSLOT
 #define NOVSLOT 0
 #endif
+#ifndef PF
+#define PF 1  // L2 prefetch of the next block
+#endif
 #ifndef KCH
 #define KCH 2
 #endif
@@ -109,6 +112,7 @@ __device__ __forceinline__ int tokof(int tig, int i) { return 2 * tig + (i & 1) 
 __device__ __forceinline__ int val_channel(int mt, int ar) { return (ar % 8) * (D / 8) + 2 * mt + ar / 8; }
 // in-place factor of the value code of m-tile mt, row half rsel (the code sits at bits VB * pos of the fp16 mantissa)
 __device__ __forceinline__ float val_factor(int mt, int rsel) { return (float)(1 << (VB * ((2 * mt + rsel) % VCPB))); }
+__device__ __forceinline__ void l2_prefetch(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
@@ -293,7 +297,24 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
     int pC[PPL];
 #pragma unroll
     for (int i = 0; i < PPL; ++i) pC[i] = pN[i];
-    if (blk + TB < whi) load_pos(blk + TB);
+    if (blk + TB < whi) {
+      load_pos(blk + TB);
+#if PF
+      // the next block's rows into L2 now (a warp's one-tile-ahead register loads alone keep too few bytes in flight)
+#pragma unroll
+      for (int i = 0; i < PPL; ++i) {
+        const int tn = min(blk + TB + lane + 32 * i, whi - 1);
+        l2_prefetch(kcb + tn * skct);
+        l2_prefetch(vcb + tn * svct);
+        if (i == 0) {  // per-token side arrays: a few bytes per token, one line covers many tokens
+          l2_prefetch(vsb + tn * svst);
+          l2_prefetch(vzb + tn * svzt);
+          if (KS > 0) { l2_prefetch(koib + tn * skit); l2_prefetch(kovb + tn * skvt); }
+          if (VS > 0) { l2_prefetch(voib + tn * svit); l2_prefetch(vovb + tn * svvt); }
+        }
+      }
+#endif
+    }
     int P = 0x7fffffff;
 #pragma unroll
     for (int i = 0; i < PPL; ++i) {
