@@ -37,3 +37,15 @@ if [ "${1:-a}" = c ]; then
       "$OUT/ncu_v$k.txt" | head -40
   done
 fi
+# d: after the key tile loop was split by rotation mode, one LOP3 per code pair, the value magic offset subtracted once
+#    per block, shared cos/sin for the query rotation: the check and the times
+if [ "${1:-a}" = d ]; then
+  KVQUANT_CUDA_KERNEL=2 timeout 150 python benchmarks/check_cuda_decode.py --name check_cuda_decode_v2d \
+    > "$OUT/check.log" 2>&1; grep -E "FAILURES|Error|error" "$OUT/check.log" | head -20
+  timeout 200 python benchmarks/cuda_decode_variants.py --name=cuda_decode_v2d "" "KERNEL=2" "KERNEL=2 NOVSLOT=1" \
+    "KERNEL=2 NOKSLOT=1 NOVSLOT=1" > "$OUT/variants.log" 2>&1; grep "^{" "$OUT/variants.log"
+  KVQUANT_CUDA_KERNEL=2 timeout 120 ncu --clock-control none -k regex:kvq_packed_decode -c 1 \
+      --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section InstructionStats \
+      python benchmarks/ncu_decode.py > "$OUT/ncu_v2.txt" 2>&1
+  grep -E "Duration|Issued Warp|No Eligible|Eligible Warps|Issued Instructions  |stall type|spends" "$OUT/ncu_v2.txt"
+fi

@@ -75,8 +75,8 @@ def shared_bytes(d: int, ks: int, mr: int, kb: int = 4, vb: int = 4, num_warps: 
     kr = d // 16
     tb = extra_defines().get("TB", TB)
     num_warps = extra_defines().get("NW", num_warps)
-    if kernel_version() == "2":  # per warp: scores [TB][MRP] f32, P' [MR][TB] f16, corrections [MR][D] f32
-        perw = tb * (4 if mr <= 4 else 8) + mr * tb // 2 + mr * d
+    if kernel_version() == "2":  # per warp: scores [TB][MRP] f32, P' [MR][TB] f16, corrections [MR][D] f32, cos/sin
+        perw = tb * (4 if mr <= 4 else 8) + mr * tb // 2 + mr * d + d  # + cos/sin of the block's position
         floats = (tb * 4 * 3 * kr + mr * d + 2 * d + num_warps * perw + 2 * num_warps * mr + 32 + (1 << 2 * kb)
                   + (1 << 2 * vb))
         return 4 * floats

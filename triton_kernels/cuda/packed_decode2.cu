@@ -56,6 +56,7 @@ static_assert(TB % 32 == 0 && TB % TILE == 0, "TB: a multiple of 32");
 
 typedef unsigned int u32;
 typedef unsigned short u16;
+struct alignas(8) U2 { u32 x, y; };
 
 __device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
   u32 d; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
@@ -160,7 +161,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
   float* kzs = qs + MR * D;
   float* kss = kzs + D;
   float* wbase = kss + D;
-  constexpr int PERW = TB * MRP + MR * TB / 2 + MR * D;
+  constexpr int PERW = TB * MRP + MR * TB / 2 + MR * D + D;
   float* wm = wbase + NW * PERW;
   float* wl = wm + NW * MR;
   float* ktf = wl + NW * MR;
@@ -169,6 +170,8 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
   u32* vpt = kpt + (1 << (2 * KB));
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  // 0x64006400 in a register the compiler cannot fold (L >= 0): (x & mask) | magic is one LOP3 (two immediates take two)
+  const u32 magic = MAGIC | ((u32)L >> 31);
   const int gid = lane / 4, tig = lane % 4;
   const int bh = blockIdx.x, split = blockIdx.y;
   const int h = bh % H, b = bh / H;
@@ -178,6 +181,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
   float* scs = wbase + warp * PERW;           // [TB][MRP] raw scores of the block
   u16* pvs = (u16*)(scs + TB * MRP);          // [MR][TB] float16 P'
   float* corr = scs + TB * MRP + MR * TB / 2;  // [MR][D] value-slot corrections, then the warp's result
+  float2* cps = (float2*)(corr + MR * D);      // [HALF] cos / sin of the block's first position
 
   // ---- CTA setup ----
   for (int e = tid; e < TB * 4 * KR; e += NW * 32) {
@@ -285,7 +289,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
     const u32 y = (kwn[hf][j] >> (KB * qq)) & (((1u << KB) - 1u) * 0x10001u);
     const u32 x = kpt[(y & ((1u << KB) - 1u)) | (y >> (16 - KB))];
 #else
-    u32 x = ((kwn[hf][j] >> shift) & mask) | MAGIC;
+    u32 x = ((kwn[hf][j] >> shift) & mask) | magic;
     const float f = (float)(1 << (KB * (qq % KNS)));
     x = hfma2(x, hh(f2h2(1.f / f, 0.f)), hh(f2h2(-1024.f / f, 0.f)));  // the code, exactly
 #endif
@@ -347,14 +351,20 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       vzP[i] = vzb[tc * svzt];
     }
     u32 QA[2 * KR];  // B fragments of the rotated queries (column gid = query row; rows >= MR are zero)
+    for (int i = lane; i < HALF; i += 32) {  // each angle once per warp
+      float c = 1.f, sn = 0.f;
+      if (modeA) cos_sin((float)P * inv_freq[i], &c, &sn);
+      cps[i] = make_float2(c, sn);
+    }
+    __syncwarp();
 #pragma unroll
     for (int r = 0; r < KR; ++r) {
       float lo2[2], hi2[2];
 #pragma unroll
       for (int l = 0; l < 2; ++l) {
         const int i = key_channel(tig, r, l);
-        float c = 1.f, sn = 0.f;
-        if (modeA) cos_sin((float)P * inv_freq[i], &c, &sn);
+        const float2 cs = cps[i];
+        const float c = cs.x, sn = cs.y;
         const float qa = gid < MR ? qs[gid * D + i] : 0.f, qb = gid < MR ? qs[gid * D + HALF + i] : 0.f;
         lo2[l] = qa * c + qb * sn;
         hi2[l] = qb * c - qa * sn;
@@ -364,7 +374,9 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
     }
 
     // ---------------- phase 1: scores of the block ----------------
-    for (int t0 = blk; t0 < bend; t0 += TILE) {
+    // one tile: MODEA = consecutive positions (R(j) from the shared table), else per-token angles
+    // (called with a constant MODEA from two loops: inlined, each loop keeps only its branch)
+    auto key_tile = [&](int t0, const bool MODEA) {
       const int jb = t0 - blk;
       u32 kw[2][2][KWT];
 #pragma unroll
@@ -374,37 +386,40 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
 #pragma unroll
           for (int j = 0; j < KWT; ++j) kw[nt][hf][j] = kwN[nt][hf][j];
       if (t0 + TILE < bend) load_k(t0 + TILE); else load_v(blk);
-      float ptk[2];  // mode B: the two tokens' positions
+      float ptk[2] = {0.f, 0.f};  // mode B: the two tokens' positions
+      if (!MODEA) {
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt) ptk[nt] = modeA ? 0.f : (float)posb[min(t0 + nt * 8 + gid, whi - 1)];
-      // cos / sin / -sin of register r of token nt (shared table in mode A, direct in mode B)
-      auto rot = [&](int nt, int r, u32& C, u32& S, u32& NS) {
-        if (modeA) {
-          const u32* tr = rtab + ((jb + nt * 8 + gid) * 4 + tig) * 3 * KR;
-          C = tr[r]; S = tr[KR + r]; NS = tr[2 * KR + r];
-        } else {
-          float c0, s0, c1, s1;
-          cos_sin(ptk[nt] * inv_freq[key_channel(tig, r, 0)], &c0, &s0);
-          cos_sin(ptk[nt] * inv_freq[key_channel(tig, r, 1)], &c1, &s1);
-          C = f2h2(c0, c1); S = f2h2(s0, s1); NS = f2h2(-s0, -s1);
-        }
-      };
+        for (int nt = 0; nt < 2; ++nt) ptk[nt] = (float)posb[min(t0 + nt * 8 + gid, whi - 1)];
+      }
       // k-steps s (registers 2s, 2s+1 of the first RoPE half) and s + KR/2 (their partners in the second half)
       float sc[4] = {0.f, 0.f, 0.f, 0.f}, sc2[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int s = 0; s < KR / 2; ++s) {
         u32 lo[2][2], hi[2][2];  // [token][register 2s + i] first half, second half
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
+        for (int nt = 0; nt < 2; ++nt) {
+          u32 C[2], S[2], NS[2];  // cos / sin / -sin of registers 2s, 2s+1 of this token
+          if (MODEA) {
+            const u32* tr = rtab + ((jb + nt * 8 + gid) * 4 + tig) * 3 * KR + 2 * s;
+            const U2 c = *(const U2*)tr, sn = *(const U2*)(tr + KR), ns = *(const U2*)(tr + 2 * KR);
+            C[0] = c.x; C[1] = c.y; S[0] = sn.x; S[1] = sn.y; NS[0] = ns.x; NS[1] = ns.y;
+          } else {
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+              float c0, s0, c1, s1;
+              cos_sin(ptk[nt] * inv_freq[key_channel(tig, 2 * s + i, 0)], &c0, &s0);
+              cos_sin(ptk[nt] * inv_freq[key_channel(tig, 2 * s + i, 1)], &c1, &s1);
+              C[i] = f2h2(c0, c1); S[i] = f2h2(s0, s1); NS[i] = f2h2(-s0, -s1);
+            }
+          }
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
             const int r = 2 * s + i;
             const u32 a = key_reg(kw[nt], r, KS2[r], KZ2[r]), bb = key_reg(kw[nt], KR + r, KS2[KR + r], KZ2[KR + r]);
-            u32 C, S, NS;
-            rot(nt, r, C, S, NS);
-            lo[nt][i] = hfma2(bb, NS, hmul2(a, C));  // RoPE by R(j): a' = a c - b s, b' = b c + a s
-            hi[nt][i] = hfma2(a, S, hmul2(bb, C));
+            lo[nt][i] = hfma2(bb, NS[i], hmul2(a, C[i]));  // RoPE by R(j): a' = a c - b s, b' = b c + a s
+            hi[nt][i] = hfma2(a, S[i], hmul2(bb, C[i]));
           }
+        }
         mma16816(sc, lo[0][0], lo[1][0], lo[0][1], lo[1][1], QA[2 * s], QA[2 * s + 1]);
         mma16816(KCH == 2 ? sc2 : sc, hi[0][0], hi[1][0], hi[0][1], hi[1][1], QA[KR + 2 * s], QA[KR + 2 * s + 1]);
       }
@@ -416,6 +431,11 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
         const int m = 2 * tig + (i & 1), u = jb + gid + 8 * (i >> 1);
         if (m < MR) scs[u * MRP + m] = sc[i];
       }
+    };
+    if (modeA) {
+      for (int t0 = blk; t0 < bend; t0 += TILE) key_tile(t0, true);
+    } else {
+      for (int t0 = blk; t0 < bend; t0 += TILE) key_tile(t0, false);
     }
     __syncwarp();
 
@@ -482,21 +502,22 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
     }
 #if VS > 0 && !NOVSLOT
     if (any_change) {  // the value-slot corrections follow the running maxima (warp-uniform)
-      for (int e = lane; e < MR * D; e += 32) {
-        float a = 1.f;
 #pragma unroll
-        for (int m = 0; m < MR; ++m) if (e / D == m) a = alpha[m];
-        corr[e] *= a;
-      }
+      for (int k = 0; k < MR * D / 32; ++k) corr[lane + 32 * k] *= alpha[32 * k / D];  // row (32 k + lane) / D
     }
 #endif
+    float spb[MR];  // the block's sum of P' per row (this lane's tokens)
+#pragma unroll
+    for (int m = 0; m < MR; ++m) spb[m] = 0.f;
 #pragma unroll
     for (int i = 0; i < PPL; ++i) {
       const int u = lane + 32 * i;
 #pragma unroll
       for (int m = 0; m < MR; ++m) {
         const float p = exp2f(sv[i][m] - m_run[m]);
-        pvs[m * TB + u] = f2h(p * scl[i] * pscale);
+        const u16 ph = f2h(p * scl[i] * pscale);
+        pvs[m * TB + u] = ph;
+        spb[m] += h2f(ph);
         scs[u * MRP + m] = p;  // for the value slots (phase 4)
         l_p[m] += p;
         sz_p[m] += p * zer[i];
@@ -516,6 +537,16 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
         for (int i = 0; i < NMT; ++i) { acc[i][0] *= a0; acc[i][1] *= a1; acc[i][2] *= a0; acc[i][3] *= a1; }
       }
     }
+#if !V_LUT
+    // the block's sum of P' for rows 2tig, 2tig + 1: phase 3 adds 1024 * sum P' to these accumulator columns
+    float spr[2] = {0.f, 0.f};
+#pragma unroll
+    for (int m = 0; m < MR; ++m) {
+      const float v = warp_sum(spb[m]);
+      if (m == 2 * tig) spr[0] = v;
+      if (m == 2 * tig + 1) spr[1] = v;
+    }
+#endif
     // phase-4 inputs (value slots), loaded now so that phase 3 hides their latency
     int viP[PPL][VSX];
     u16 vvP[PPL][VSX];
@@ -557,14 +588,21 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
             a[2 * half + rsel] = vpt[(y & ((1u << VB) - 1u)) | (y >> (16 - VB))];
 #else
             const u32 mask = (((1u << VB) - 1u) << (VB * pos_in)) * 0x10001u;
-            // f * code exactly (the 1024 offset out before the MMA: summed over 100K tokens it costs precision)
-            a[2 * half + rsel] = hsub2((pr & mask) | MAGIC, MAGIC);
+            a[2 * half + rsel] = (pr & mask) | magic;  // 1024 + f * code (the 1024 comes out after the block)
 #endif
           }
         }
         mma16816(acc[mt], a[0], a[1], a[2], a[3], pb0, pb1);
       }
     }
+#if !V_LUT
+    // out with the magic offset once per block (the accumulators never grow to 1024 x the signal: fp32 keeps it)
+#pragma unroll
+    for (int mt = 0; mt < NMT; ++mt) {
+      acc[mt][0] -= 1024.f * spr[0]; acc[mt][1] -= 1024.f * spr[1];
+      acc[mt][2] -= 1024.f * spr[0]; acc[mt][3] -= 1024.f * spr[1];
+    }
+#endif
 #if VS > 0 && !NOVSLOT
     // ---------------- phase 4: value slots, p * (exact - dequantized) into corr (rows read in phase 3: L1) ----------------
 #pragma unroll
