@@ -49,3 +49,14 @@ if [ "${1:-a}" = d ]; then
       python benchmarks/ncu_decode.py > "$OUT/ncu_v2.txt" 2>&1
   grep -E "Duration|Issued Warp|No Eligible|Eligible Warps|Issued Instructions  |stall type|spends" "$OUT/ncu_v2.txt"
 fi
+# e: value slots summed per channel across lanes (__match_any_sync) instead of shared float atomics; the key
+#    scale/zero pairs optionally from shared memory (KSZS=1) for 3-4 CTAs per SM (MINB): checks and times
+if [ "${1:-a}" = e ]; then
+  KVQUANT_CUDA_KERNEL=2 timeout 100 python benchmarks/check_cuda_decode.py --skip-long --name check_cuda_decode_v2e \
+    > "$OUT/check.log" 2>&1; grep -E "FAILURES|Error|error" "$OUT/check.log" | head -20
+  KVQUANT_CUDA_KERNEL=2 KVQUANT_CUDA_DEFINES="KSZS=1 MINB=3 TB=64" timeout 100 python benchmarks/check_cuda_decode.py \
+    --skip-long --name check_cuda_decode_v2e_ksz > "$OUT/check2.log" 2>&1; grep -E "FAILURES|Error|error" "$OUT/check2.log" | head
+  timeout 240 python benchmarks/cuda_decode_variants.py --name=cuda_decode_v2e "" "KERNEL=2" "KERNEL=2 KSZS=1" \
+    "KERNEL=2 KSZS=1 MINB=3" "KERNEL=2 KSZS=1 MINB=3 TB=64" "KERNEL=2 KSZS=1 MINB=4 TB=64" > "$OUT/variants.log" 2>&1
+  grep "^{" "$OUT/variants.log"
+fi

@@ -55,7 +55,7 @@ def extra_defines() -> dict[str, int]:
 def ctas_per_sm() -> int:
     """CTAs of the kernel resident per SM, which sizes the split grid: 2 (249 registers, 4 warps); 3 with a
     ``KVQUANT_CUDA_DEFINES="MINB=3 TB=64"`` build (measured slower: cuda_decode_round4.md, cuda_decode_ksz.md)."""
-    return 3 if extra_defines().get("MINB", 1) >= 3 else 2
+    return min(4, max(2, extra_defines().get("MINB", 1)))
 
 
 def source(d: int, kb: int, vb: int, ks: int, vs: int, mr: int, has_hist: bool, len_dev: bool,
@@ -78,7 +78,7 @@ def shared_bytes(d: int, ks: int, mr: int, kb: int = 4, vb: int = 4, num_warps: 
     if kernel_version() == "2":  # per warp: scores [TB][MRP] f32, P' [MR][TB] f16, corrections [MR][D] f32, cos/sin
         perw = tb * (4 if mr <= 4 else 8) + mr * tb // 2 + mr * d + d  # + cos/sin of the block's position
         floats = (tb * 4 * 3 * kr + mr * d + 2 * d + num_warps * perw + 2 * num_warps * mr + 32 + (1 << 2 * kb)
-                  + (1 << 2 * vb))
+                  + (1 << 2 * vb) + 4 * 2 * kr * 2)  # + the KSZS table
         return 4 * floats
     perw = 2 * 32 * (2 * kr + 4) + 32 * (4 * (d // 16) + 4)  # per warp: staged key (KPAD) and value (VPAD) fragments
     floats = tb * 4 * 3 * kr + mr * d + 2 * d + num_warps * perw + 2 * num_warps * mr + 32 + (1 << 2 * kb) + (1 << 2 * vb)

@@ -46,6 +46,9 @@
 #ifndef NOVSLOT
 #define NOVSLOT 0
 #endif
+#ifndef KSZS
+#define KSZS 0
+#endif
 #ifndef PF
 #define PF 1  // L2 prefetch of the next block
 #endif
@@ -168,6 +171,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
   float* vtf = ktf + 16;
   u32* kpt = (u32*)(vtf + 16);
   u32* vpt = kpt + (1 << (2 * KB));
+  u32* kszt = vpt + (1 << (2 * VB));  // KSZS: [4][KR][4] folded key scale / zero pairs
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   // 0x64006400 in a register the compiler cannot fold (L >= 0): (x & mask) | magic is one LOP3 (two immediates take two)
@@ -217,6 +221,18 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
 #endif
   __syncthreads();
 
+#if KSZS
+  // folded key scale / zero of each lane's registers as half2 pairs in shared memory [4 tig][KR][KS2 r, KZ2 r,
+  // KS2 r+1, KZ2 r+1] (32 registers fewer per thread; both tokens of a tile read the same entries)
+  for (int e = tid; e < 4 * 2 * KR; e += NW * 32) {
+    const int t = e / (2 * KR), r = e % (2 * KR);
+    const int c0 = key_channel(t, r, 0), c1 = key_channel(t, r, 1);
+    kszt[(t * KR + r / 2) * 4 + 2 * (r % 2)] = f2h2(kss[c0], kss[c1]);
+    kszt[(t * KR + r / 2) * 4 + 2 * (r % 2) + 1] = f2h2(kzs[c0], kzs[c1]);
+  }
+  __syncthreads();
+#define KSZ(r, which) kszt[(tig * KR + (r) / 2) * 4 + 2 * ((r) % 2) + (which)]
+#else
   u32 KS2[2 * KR], KZ2[2 * KR];
 #pragma unroll
   for (int r = 0; r < 2 * KR; ++r) {
@@ -224,6 +240,8 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
     KS2[r] = f2h2(kss[c0], kss[c1]);
     KZ2[r] = f2h2(kzs[c0], kzs[c1]);
   }
+#define KSZ(r, which) ((which) ? KZ2[r] : KS2[r])
+#endif
 
   // ---- this warp's token range ----
   int chunk = ((L + NS - 1) / NS + TB - 1) / TB * TB;
@@ -415,7 +433,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
             const int r = 2 * s + i;
-            const u32 a = key_reg(kw[nt], r, KS2[r], KZ2[r]), bb = key_reg(kw[nt], KR + r, KS2[KR + r], KZ2[KR + r]);
+            const u32 a = key_reg(kw[nt], r, KSZ(r, 0), KSZ(r, 1)), bb = key_reg(kw[nt], KR + r, KSZ(KR + r, 0), KSZ(KR + r, 1));
             lo[nt][i] = hfma2(bb, NS[i], hmul2(a, C[i]));  // RoPE by R(j): a' = a c - b s, b' = b c + a s
             hi[nt][i] = hfma2(a, S[i], hmul2(bb, C[i]));
           }
@@ -608,17 +626,29 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
 #pragma unroll
     for (int i = 0; i < PPL; ++i) {
       const int u = lane + 32 * i, t = blk + u;
-      if (t < bend && t >= vis) {
+      const bool tv = t < bend && t >= vis;
+      {
 #pragma unroll
         for (int s2 = 0; s2 < VS; ++s2) {
-          int idx = viP[i][s2];
+          int idx = tv ? viP[i][s2] : 255;
 #pragma unroll
           for (int s3 = s2 + 1; s3 < VS; ++s3)
             if (viP[i][s3] == idx) idx = 255;
-          if (idx < D) {
-            const float delta = in2f(vvP[i][s2]) - (vtf[code_at<VB>(vcb + t * svct, idx)] * scl[i] + zer[i]);
+          float delta = 0.f;
+          if (idx < D) delta = in2f(vvP[i][s2]) - (vtf[code_at<VB>(vcb + t * svct, idx)] * scl[i] + zer[i]);
+          // lanes naming the same channel add up first (shared float atomics are CAS loops on sm_90: 75 us at 128K),
+          // then the lowest lane of each channel writes: distinct channels, no races
+          const u32 g = __match_any_sync(0xffffffffu, idx < D ? idx : D + lane);
+          const bool lead = (g & ((1u << lane) - 1u)) == 0u;
 #pragma unroll
-            for (int m = 0; m < MR; ++m) atomicAdd(&corr[m * D + idx], scs[u * MRP + m] * delta);
+          for (int m = 0; m < MR; ++m) {
+            float v = scs[u * MRP + m] * delta;
+            if (__popc(g) > 1) {
+              float sum = 0.f;
+              for (u32 r = g; r; r &= r - 1u) sum += __shfl_sync(g, v, __ffs(r) - 1);
+              v = sum;
+            }
+            if (lead && idx < D) corr[m * D + idx] += v;
           }
         }
       }
