@@ -60,3 +60,11 @@ if [ "${1:-a}" = e ]; then
     "KERNEL=2 KSZS=1 MINB=3" "KERNEL=2 KSZS=1 MINB=3 TB=64" "KERNEL=2 KSZS=1 MINB=4 TB=64" > "$OUT/variants.log" 2>&1
   grep "^{" "$OUT/variants.log"
 fi
+# f: value-slot channels loaded at block start and their code bytes before phase 3 (no dependent global loads left
+#    in phase 4): check and times
+if [ "${1:-a}" = f ]; then
+  KVQUANT_CUDA_KERNEL=2 timeout 100 python benchmarks/check_cuda_decode.py --skip-long --name check_cuda_decode_v2f \
+    > "$OUT/check.log" 2>&1; grep -E "FAILURES|Error|error" "$OUT/check.log" | head -20
+  timeout 200 python benchmarks/cuda_decode_variants.py --name=cuda_decode_v2f "" "KERNEL=2" "KERNEL=2 NOVSLOT=1" \
+    "KERNEL=2 KSZS=1 MINB=3 TB=64" > "$OUT/variants.log" 2>&1; grep "^{" "$OUT/variants.log"
+fi

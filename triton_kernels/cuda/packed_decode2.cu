@@ -354,9 +354,11 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
     const bool modeA = __all_sync(0xffffffffu, okA);
     if (!modeA) P = 0;
     // phase-2 inputs of this lane's tokens (blk + lane + 32 i), loaded now so that phase 1 hides their latency:
-    // key-slot channels and exact values, value scale and zero
+    // key-slot channels and exact values, value scale and zero, and the value-slot channels (byte s = slot s) whose
+    // code bytes are loaded before phase 3
     int kiP[PPL][KSX];
     u16 kvP[PPL][KSX], vsP[PPL], vzP[PPL];
+    u32 viW[PPL];
 #pragma unroll
     for (int i = 0; i < PPL; ++i) {
       const int tc = min(blk + lane + 32 * i, whi - 1);
@@ -367,6 +369,10 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       }
       vsP[i] = vsb[tc * svst];
       vzP[i] = vzb[tc * svzt];
+      u32 w = 0xFFFFFFFFu;
+#pragma unroll
+      for (int s2 = 0; s2 < VS; ++s2) w = (w & ~(0xFFu << (8 * s2))) | ((u32)voib[tc * svit + s2] << (8 * s2));
+      viW[i] = w;
     }
     u32 QA[2 * KR];  // B fragments of the rotated queries (column gid = query row; rows >= MR are zero)
     for (int i = lane; i < HALF; i += 32) {  // each angle once per warp
@@ -565,17 +571,21 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       if (m == 2 * tig + 1) spr[1] = v;
     }
 #endif
-    // phase-4 inputs (value slots), loaded now so that phase 3 hides their latency
-    int viP[PPL][VSX];
+    // phase-4 inputs (value slots: exact values and the code bytes of their channels), loaded now so that phase 3
+    // hides their latency (the rows are not read yet)
     u16 vvP[PPL][VSX];
+    u32 vcW[PPL];
 #pragma unroll
     for (int i = 0; i < PPL; ++i) {
       const int tc = min(blk + lane + 32 * i, whi - 1);
+      u32 cw = 0;
 #pragma unroll
       for (int s2 = 0; s2 < VSX; ++s2) {
-        viP[i][s2] = VS > 0 ? (int)voib[tc * svit + s2] : 255;
         vvP[i][s2] = VS > 0 ? vovb[tc * svvt + s2] : (u16)0;
+        const int idx = min((int)((viW[i] >> (8 * s2)) & 0xFFu), D - 1);
+        if (VS > 0) cw |= (u32)vcb[tc * svct + idx * VB / 8] << (8 * s2);
       }
+      vcW[i] = cw;
     }
     __syncwarp();
 
@@ -630,12 +640,15 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       {
 #pragma unroll
         for (int s2 = 0; s2 < VS; ++s2) {
-          int idx = tv ? viP[i][s2] : 255;
+          int idx = tv ? (int)((viW[i] >> (8 * s2)) & 0xFFu) : 255;
 #pragma unroll
           for (int s3 = s2 + 1; s3 < VS; ++s3)
-            if (viP[i][s3] == idx) idx = 255;
+            if ((int)((viW[i] >> (8 * s3)) & 0xFFu) == idx) idx = 255;
           float delta = 0.f;
-          if (idx < D) delta = in2f(vvP[i][s2]) - (vtf[code_at<VB>(vcb + t * svct, idx)] * scl[i] + zer[i]);
+          if (idx < D) {
+            const int code = (vcW[i] >> (8 * s2 + VB * (idx % (8 / VB)))) & ((1 << VB) - 1);
+            delta = in2f(vvP[i][s2]) - (vtf[code] * scl[i] + zer[i]);
+          }
           // lanes naming the same channel add up first (shared float atomics are CAS loops on sm_90: 75 us at 128K),
           // then the lowest lane of each channel writes: distinct channels, no races
           const u32 g = __match_any_sync(0xffffffffu, idx < D ? idx : D + lane);
