@@ -68,3 +68,9 @@ if [ "${1:-a}" = f ]; then
   timeout 200 python benchmarks/cuda_decode_variants.py --name=cuda_decode_v2f "" "KERNEL=2" "KERNEL=2 NOVSLOT=1" \
     "KERNEL=2 KSZS=1 MINB=3 TB=64" > "$OUT/variants.log" 2>&1; grep "^{" "$OUT/variants.log"
 fi
+# g: where the value-slot time goes (timing variants: NOVP4 keeps the loads and the rescale but skips the slot loop,
+#    NOVMATCH skips the per-channel sums)
+if [ "${1:-a}" = g ]; then
+  timeout 200 python benchmarks/cuda_decode_variants.py --name=cuda_decode_v2g "KERNEL=2" "KERNEL=2 NOVP4=1" \
+    "KERNEL=2 NOVMATCH=1" "KERNEL=2 NOKSLOT=1" > "$OUT/variants.log" 2>&1; grep "^{" "$OUT/variants.log"
+fi

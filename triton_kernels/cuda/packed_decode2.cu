@@ -46,6 +46,12 @@
 #ifndef NOVSLOT
 #define NOVSLOT 0
 #endif
+#ifndef NOVP4
+#define NOVP4 0  // timing variants only: skip the value-slot loop (NOVP4), or its per-channel sums (NOVMATCH)
+#endif
+#ifndef NOVMATCH
+#define NOVMATCH 0
+#endif
 #ifndef KSZS
 #define KSZS 0
 #endif
@@ -631,7 +637,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       acc[mt][2] -= 1024.f * spr[0]; acc[mt][3] -= 1024.f * spr[1];
     }
 #endif
-#if VS > 0 && !NOVSLOT
+#if VS > 0 && !NOVSLOT && !NOVP4
     // ---------------- phase 4: value slots, p * (exact - dequantized) into corr (rows read in phase 3: L1) ----------------
 #pragma unroll
     for (int i = 0; i < PPL; ++i) {
@@ -651,7 +657,11 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
           }
           // lanes naming the same channel add up first (shared float atomics are CAS loops on sm_90: 75 us at 128K),
           // then the lowest lane of each channel writes: distinct channels, no races
+#if NOVMATCH  // timing variant only (wrong when two lanes name one channel)
+          const u32 g = 1u << lane;
+#else
           const u32 g = __match_any_sync(0xffffffffu, idx < D ? idx : D + lane);
+#endif
           const bool lead = (g & ((1u << lane) - 1u)) == 0u;
 #pragma unroll
           for (int m = 0; m < MR; ++m) {
