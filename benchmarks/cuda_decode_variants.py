@@ -67,9 +67,7 @@ def main(argv=None):
             caches[(lut, bits)] = da.make_packed(1, length, bits, da.SLOTS)
     rows, prof_rows = [], []
     for var in variants:
-        # "KERNEL=2" in a variant picks the kernel source (cuda_decode.kernel_version), the rest are #defines
-        os.environ["KVQUANT_CUDA_KERNEL"] = next((w.split("=")[1] for w in var.split() if w.startswith("KERNEL=")), "1")
-        os.environ["KVQUANT_CUDA_DEFINES"] = " ".join(w for w in var.split() if not w.startswith("KERNEL="))
+        os.environ["KVQUANT_CUDA_DEFINES"] = var
         row = {"variant": var or "default"}
         for (lut, bits), p in caches.items():
             fn = lambda p=p: packed_attention_triton(q, p, ek, ek, None, scaling=da.D ** -0.5, inv_freq=freq,
@@ -78,7 +76,7 @@ def main(argv=None):
             row[f"{lut} nuq{bits}"] = triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3
         print(row, flush=True)
         rows.append(row)
-        if prof and os.environ["KVQUANT_CUDA_KERNEL"] == "1":
+        if prof:
             os.environ["KVQUANT_CUDA_DEFINES"] = (var + " PROF=1").strip()
             for (lut, bits), p in caches.items():
                 r = phase_profile(lambda p=p: packed_attention_triton(q, p, ek, ek, None, scaling=da.D ** -0.5,

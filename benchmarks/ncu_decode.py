@@ -1,7 +1,7 @@
 """One call of the CUDA decode kernel at 128K (Llama-3-8B shape, batch 1, fp16, uniform nuq4 unless told), for
 ``ncu`` to read its counters: ``ncu --clock-control none -k regex:kvq_packed_decode -c 1 --section WarpStateStats
-python benchmarks/ncu_decode.py [bits] [uniform|nf]`` (the kernel version and #defines come from the environment,
-see ``triton_kernels/cuda_decode.py``)."""
+python benchmarks/ncu_decode.py [bits] [uniform|nf]`` (``KVQUANT_CUDA_DEFINES`` picks a kernel variant, see
+``triton_kernels/cuda_decode.py``; results/ncu_decode_v1_s8c.txt is the default kernel's report)."""
 
 from __future__ import annotations
 

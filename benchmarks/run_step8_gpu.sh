@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Session 8, device calls on the H200 (the two-phase CUDA decode kernel, triton_kernels/cuda/packed_decode2.cu):
+# Session 8, device calls on the H200 (the two-phase CUDA decode kernel, triton_kernels/cuda/packed_decode2.cu, with
+# the KVQUANT_CUDA_KERNEL=2 switch and the "KERNEL=2" variant word of cuda_decode_variants.py). The kernel was removed
+# after the last call (slower than packed_decode.cu with outlier slots: decode_kernel_gap.md, session-8 section); to
+# rerun a call, `git checkout dd38fbc` first (calls a-f ran at the commits of the same session that precede it).
 #   bash benchmarks/run_step8_gpu.sh a   the new kernel against the torch oracle (check_cuda_decode.py, every case
 #        including 128K), then one layer at 128K and 512K: the one-pass kernel ("") vs the two-phase kernel
 #        ("KERNEL=2") and its variants (cuda_decode_variants.py)

@@ -174,3 +174,8 @@ def test_three_ctas_per_sm_variant_takes_more_splits(monkeypatch):
     assert cuda_decode.ctas_per_sm() == 3
     # 8 (batch, head) programs: 49 splits = 392 CTAs = one wave of three per SM
     assert da.default_num_splits(1, 8, 1, 131072, torch.device("cpu"), 256, 128, cuda_decode.ctas_per_sm()) == 49
+    monkeypatch.setenv("KVQUANT_CUDA_DEFINES", "MINB=4 TB=64")  # four per SM at <= 128 registers; no more than four
+    assert cuda_decode.ctas_per_sm() == 4
+    assert da.default_num_splits(1, 8, 1, 131072, torch.device("cpu"), 256, 128, cuda_decode.ctas_per_sm()) == 66  # 528 CTAs
+    monkeypatch.setenv("KVQUANT_CUDA_DEFINES", "MINB=6")
+    assert cuda_decode.ctas_per_sm() == 4

@@ -23,12 +23,6 @@ import warnings
 import torch
 
 _SRC = os.path.join(os.path.dirname(__file__), "cuda", "packed_decode.cu")
-_SRC2 = os.path.join(os.path.dirname(__file__), "cuda", "packed_decode2.cu")
-
-
-def kernel_version() -> str:
-    """``KVQUANT_CUDA_KERNEL=2``: the two-phase kernel (``packed_decode2.cu``); else the one-pass kernel."""
-    return os.environ.get("KVQUANT_CUDA_KERNEL", "1")
 KERNEL = "kvq_packed_decode"
 NUM_WARPS = 4
 TB = 128  # tokens per rotation block (shared R(j) table rows; must match packed_decode.cu)
@@ -53,8 +47,9 @@ def extra_defines() -> dict[str, int]:
 
 
 def ctas_per_sm() -> int:
-    """CTAs of the kernel resident per SM, which sizes the split grid: 2 (249 registers, 4 warps); 3 with a
-    ``KVQUANT_CUDA_DEFINES="MINB=3 TB=64"`` build (measured slower: cuda_decode_round4.md, cuda_decode_ksz.md)."""
+    """CTAs of the kernel resident per SM, which sizes the split grid: 2 (249 registers, 4 warps); 3 or 4 with a
+    ``KVQUANT_CUDA_DEFINES="MINB=3 TB=64"`` (or ``MINB=4``) build (measured slower: cuda_decode_round4.md,
+    cuda_decode_ksz.md)."""
     return min(4, max(2, extra_defines().get("MINB", 1)))
 
 
@@ -62,7 +57,7 @@ def source(d: int, kb: int, vb: int, ks: int, vs: int, mr: int, has_hist: bool, 
            num_warps: int = NUM_WARPS, min_blocks: int = 1, k_lut: bool = False, v_lut: bool = False,
            bf16: bool = False) -> str:
     """The kernel source with its configuration as ``#define`` lines."""
-    with open(_SRC2 if kernel_version() == "2" else _SRC) as fh:
+    with open(_SRC) as fh:
         body = fh.read()
     defs = dict(D=d, KB=kb, VB=vb, KS=ks, VS=vs, MR=mr, NW=num_warps, HAS_HIST=int(has_hist), LEN_DEV=int(len_dev),
                 MINB=min_blocks, K_LUT=int(k_lut), V_LUT=int(v_lut), BF16IN=int(bf16))
@@ -75,11 +70,6 @@ def shared_bytes(d: int, ks: int, mr: int, kb: int = 4, vb: int = 4, num_warps: 
     kr = d // 16
     tb = extra_defines().get("TB", TB)
     num_warps = extra_defines().get("NW", num_warps)
-    if kernel_version() == "2":  # per warp: scores [TB][MRP] f32, P' [MR][TB] f16, corrections [MR][D] f32, cos/sin
-        perw = tb * (4 if mr <= 4 else 8) + mr * tb // 2 + mr * d + d  # + cos/sin of the block's position
-        floats = (tb * 4 * 3 * kr + mr * d + 2 * d + num_warps * perw + 2 * num_warps * mr + 32 + (1 << 2 * kb)
-                  + (1 << 2 * vb) + 4 * 2 * kr * 2)  # + the KSZS table
-        return 4 * floats
     perw = 2 * 32 * (2 * kr + 4) + 32 * (4 * (d // 16) + 4)  # per warp: staged key (KPAD) and value (VPAD) fragments
     floats = tb * 4 * 3 * kr + mr * d + 2 * d + num_warps * perw + 2 * num_warps * mr + 32 + (1 << 2 * kb) + (1 << 2 * vb)
     return 4 * floats
@@ -179,8 +169,7 @@ def packed_decode_cuda(query, packed, kzero, kscale, freq, hist, length: int, le
     try:
         kern, smem = _kernel(query.device.index if query.device.index is not None else torch.cuda.current_device(),
                              d, packed.key_bits, packed.value_bits, ks, vs, mr, hist is not None, length_dev is not None,
-                             kgrid is None, vgrid is None, query.dtype == torch.bfloat16,
-                             tuple(sorted(extra.items())) + (("version", kernel_version()),))
+                             kgrid is None, vgrid is None, query.dtype == torch.bfloat16, tuple(sorted(extra.items())))
     except Exception as exc:  # NVRTC / driver errors come in many types; all mean "use Triton"
         msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         if required:
