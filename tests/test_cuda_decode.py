@@ -4,13 +4,16 @@ wheel of the test extras, or ``KVQUANT_NVRTC_LIB``). The kernel's numerics are c
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
+import sys
 
 import pytest
 import torch
 from test_triton_kernels import _inv_freq, _make_packed
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import cuda_sass_report  # the offline NVRTC compile shared with the SASS report
 
 from triton_kernels import cuda_decode
 from triton_kernels.decode_attention import packed_attention_triton
@@ -77,20 +80,7 @@ def test_shared_memory_layout_size():
     assert "static_assert(MR * D <= 2 * 32 * KPAD" in src  # the warp result (corr) reuses the key staging rows
 
 
-def _nvrtc_lib() -> str | None:
-    """libnvrtc: ``KVQUANT_NVRTC_LIB``, else the ``nvidia-cuda-nvrtc`` wheel of the test extras (no GPU needed)."""
-    if os.environ.get("KVQUANT_NVRTC_LIB"):
-        return os.environ["KVQUANT_NVRTC_LIB"]
-    try:
-        from importlib.metadata import PackageNotFoundError, distribution
-
-        lib = distribution("nvidia-cuda-nvrtc").locate_file("nvidia/cu13/lib/libnvrtc.so.13")
-    except PackageNotFoundError:
-        return None
-    return str(lib) if os.path.exists(str(lib)) else None
-
-
-NVRTC = _nvrtc_lib()
+NVRTC = cuda_sass_report.nvrtc_lib()
 
 
 @pytest.mark.skipif(not NVRTC, reason="no libnvrtc: pip install nvidia-cuda-nvrtc (test extras) or set KVQUANT_NVRTC_LIB")
@@ -102,32 +92,14 @@ NVRTC = _nvrtc_lib()
     dict(d=128, kb=4, vb=4, ks=2, vs=2, mr=4, has_hist=False, len_dev=True, k_lut=True, v_lut=True, bf16=True),
 ])
 def test_kernel_compiles_for_sm90(cfg, tmp_path):
-    builtins = os.path.join(os.path.dirname(NVRTC), "libnvrtc-builtins.so.13.0")
-    if os.path.exists(builtins):  # NVRTC dlopens it by name: load it first so no LD_LIBRARY_PATH is needed
-        ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
-    lib = ctypes.CDLL(NVRTC)
-    src = cuda_decode.source(**cfg).encode()
-    prog = ctypes.c_void_p()
-    assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"packed_decode.cu", 0, None, None) == 0
-    opts = [b"--gpu-architecture=sm_90", b"-std=c++17"]
-    res = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
-    n = ctypes.c_size_t()
-    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
-    log = ctypes.create_string_buffer(n.value)
-    lib.nvrtcGetProgramLog(prog, log)
-    assert res == 0, log.value.decode()
-    lib.nvrtcGetCUBINSize(prog, ctypes.byref(n))
-    cubin = ctypes.create_string_buffer(n.value)
-    lib.nvrtcGetCUBIN(prog, cubin)
+    res, cubin, log = cuda_sass_report.compile_cubin(cuda_decode.source(**cfg), NVRTC)
+    assert res == 0, log
     path = tmp_path / "k.cubin"
-    path.write_bytes(cubin.raw)
+    path.write_bytes(cubin)
     import subprocess
 
-    import triton
-
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    usage = subprocess.run([tool, "--dump-resource-usage", str(path)], capture_output=True, text=True,
-                           check=True).stdout
+    usage = subprocess.run([cuda_sass_report.cuobjdump(), "--dump-resource-usage", str(path)], capture_output=True,
+                           text=True, check=True).stdout
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
     local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
     stack = int(re.search(r"STACK:(\d+)", usage).group(1))  # spills and locally indexed arrays live here
