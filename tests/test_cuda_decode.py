@@ -60,7 +60,8 @@ def test_decode_backend_errors_on_cpu():
 def test_source_carries_the_configuration():
     src = cuda_decode.source(128, 4, 2, 2, 1, 4, True, False, k_lut=True, v_lut=False, bf16=True)
     for line in ("#define D 128", "#define KB 4", "#define VB 2", "#define KS 2", "#define VS 1", "#define MR 4",
-                 "#define HAS_HIST 1", "#define LEN_DEV 0", "#define K_LUT 1", "#define V_LUT 0", "#define BF16IN 1"):
+                 "#define HAS_HIST 1", "#define LEN_DEV 0", "#define K_LUT 1", "#define V_LUT 0", "#define BF16IN 1",
+                 "#define VEC 0", "#define VSV 0"):
         assert line in src
     assert 'extern "C" __global__' in src and cuda_decode.KERNEL in src
 
@@ -70,14 +71,37 @@ def test_shared_memory_layout_size():
     d, ks, mr, kb, vb, nw = 128, 2, 4, 4, 2, cuda_decode.NUM_WARPS
     kr, tb = d // 16, cuda_decode.TB
     perw = 2 * 32 * (2 * kr + 4) + 32 * (4 * d // 16 + 4)  # staged key fragments [2][32][KPAD], values [32][VPAD]
-    words = tb * 4 * 3 * kr + mr * d + 2 * d + nw * perw + 2 * nw * mr + 32 + 2 ** (2 * kb) + 2 ** (2 * vb)
+    rw = 2 * kr + 4  # R(j) table row: cos, sin, 4 words of padding (RT2=1)
+    words = tb * 4 * rw + mr * d + 2 * d + nw * perw + 2 * nw * mr + 32 + 2 ** (2 * kb) + 2 ** (2 * vb)
     assert cuda_decode.shared_bytes(d, ks, mr, kb, vb) == 4 * words
     # the largest config: two CTAs (the launch bounds' target) fit an H100/H200 SM (228 KB, 1 KB reserved per CTA)
     assert 2 * (cuda_decode.shared_bytes(128, 2, 8, 4, 4) + 1024) <= 228 * 1024
     with open(cuda_decode._SRC) as fh:
         src = fh.read()
     assert "const int PERW = 2 * 32 * KPAD + 32 * VPAD;" in src
+    assert "#define RW (2 * KR + 4)" in src and "float* qs = smem + TB * 4 * RW;" in src
     assert "static_assert(MR * D <= 2 * 32 * KPAD" in src  # the warp result (corr) reuses the key staging rows
+
+
+def test_vector_loads_follow_the_layout():
+    """64-bit code loads only for 8-byte aligned code rows; paired scale/zero loads only for contiguous, 4-byte
+    aligned rows (a token pair never straddles a misaligned boundary)."""
+    import dataclasses
+
+    p = _make_packed(1, 2, 40, 128, 4, 4, 2, torch.float16, seed=0)
+    assert p.v_scale.stride(1) % 2 == 1  # 45 tokens of capacity: odd row stride
+    assert cuda_decode.vector_loads(p) == (True, False)
+    even = torch.zeros(1, 2, 46, dtype=p.v_scale.dtype)[..., :45]
+    # scale rows qualify, zero rows (a contiguous clone: odd stride again) do not: both must
+    assert cuda_decode.vector_loads(dataclasses.replace(p, v_scale=even, v_zero=even.clone())) == (True, False)
+    even2 = torch.zeros(1, 2, 46, dtype=p.v_scale.dtype)
+    assert cuda_decode.vector_loads(dataclasses.replace(p, v_scale=even2[..., :45], v_zero=even2[..., :45])) == \
+        (True, True)
+    shifted = torch.zeros(1, 2, p.k_codes.shape[2], p.k_codes.shape[3] + 4, dtype=torch.uint8)[..., 4:]
+    assert shifted.data_ptr() % 8 == 4
+    assert cuda_decode.vector_loads(dataclasses.replace(p, k_codes=shifted))[0] is False
+    per_token_scale = torch.zeros(1, 2, 46, 2, dtype=p.v_scale.dtype)[..., 0]  # token stride 2: no pairs
+    assert cuda_decode.vector_loads(dataclasses.replace(p, v_scale=per_token_scale, v_zero=per_token_scale))[1] is False
 
 
 NVRTC = cuda_sass_report.nvrtc_lib()
@@ -85,11 +109,14 @@ NVRTC = cuda_sass_report.nvrtc_lib()
 
 @pytest.mark.skipif(not NVRTC, reason="no libnvrtc: pip install nvidia-cuda-nvrtc (test extras) or set KVQUANT_NVRTC_LIB")
 @pytest.mark.parametrize("cfg", [
+    dict(d=128, kb=4, vb=4, ks=2, vs=2, mr=4, has_hist=False, len_dev=True, vec=True, vsv=True),
     dict(d=128, kb=4, vb=4, ks=2, vs=2, mr=4, has_hist=False, len_dev=True),
     dict(d=128, kb=2, vb=2, ks=2, vs=2, mr=4, has_hist=True, len_dev=False, k_lut=True, v_lut=True),
     dict(d=128, kb=4, vb=2, ks=0, vs=0, mr=8, has_hist=False, len_dev=False),
     dict(d=64, kb=4, vb=4, ks=1, vs=1, mr=3, has_hist=True, len_dev=False, k_lut=True),
-    dict(d=128, kb=4, vb=4, ks=2, vs=2, mr=4, has_hist=False, len_dev=True, k_lut=True, v_lut=True, bf16=True),
+    dict(d=128, kb=4, vb=4, ks=2, vs=2, mr=4, has_hist=False, len_dev=True, k_lut=True, v_lut=True, bf16=True,
+         vec=True, vsv=True),
+    dict(d=64, kb=4, vb=4, ks=1, vs=1, mr=3, has_hist=True, len_dev=False, vec=True, vsv=True),
 ])
 def test_kernel_compiles_for_sm90(cfg, tmp_path):
     res, cubin, log = cuda_sass_report.compile_cubin(cuda_decode.source(**cfg), NVRTC)

@@ -55,12 +55,13 @@ def ctas_per_sm() -> int:
 
 def source(d: int, kb: int, vb: int, ks: int, vs: int, mr: int, has_hist: bool, len_dev: bool,
            num_warps: int = NUM_WARPS, min_blocks: int = 1, k_lut: bool = False, v_lut: bool = False,
-           bf16: bool = False) -> str:
-    """The kernel source with its configuration as ``#define`` lines."""
+           bf16: bool = False, vec: bool = False, vsv: bool = False) -> str:
+    """The kernel source with its configuration as ``#define`` lines (``vec``: 8-byte aligned code rows, loaded in
+    64-bit words; ``vsv``: contiguous 4-byte aligned value scale/zero rows, loaded a token pair at a time)."""
     with open(_SRC) as fh:
         body = fh.read()
     defs = dict(D=d, KB=kb, VB=vb, KS=ks, VS=vs, MR=mr, NW=num_warps, HAS_HIST=int(has_hist), LEN_DEV=int(len_dev),
-                MINB=min_blocks, K_LUT=int(k_lut), V_LUT=int(v_lut), BF16IN=int(bf16))
+                MINB=min_blocks, K_LUT=int(k_lut), V_LUT=int(v_lut), BF16IN=int(bf16), VEC=int(vec), VSV=int(vsv))
     defs.update(extra_defines())
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + body
 
@@ -71,8 +72,22 @@ def shared_bytes(d: int, ks: int, mr: int, kb: int = 4, vb: int = 4, num_warps: 
     tb = extra_defines().get("TB", TB)
     num_warps = extra_defines().get("NW", num_warps)
     perw = 2 * 32 * (2 * kr + 4) + 32 * (4 * (d // 16) + 4)  # per warp: staged key (KPAD) and value (VPAD) fragments
-    floats = tb * 4 * 3 * kr + mr * d + 2 * d + num_warps * perw + 2 * num_warps * mr + 32 + (1 << 2 * kb) + (1 << 2 * vb)
+    rw = 2 * kr + 4 if extra_defines().get("RT2", 1) else 3 * kr  # R(j) table row (RW)
+    floats = tb * 4 * rw + mr * d + 2 * d + num_warps * perw + 2 * num_warps * mr + 32 + (1 << 2 * kb) + (1 << 2 * vb)
     return 4 * floats
+
+
+def vector_loads(packed) -> tuple[bool, bool]:
+    """Which wide loads the kernel may use for this cache's layout: (code rows of keys and values start at 8-byte
+    aligned addresses: 64-bit code loads; value scale and zero rows are contiguous over tokens and 4-byte aligned:
+    a token pair's scale/zero in one 32-bit load). ``KVQUANT_CUDA_DEFINES="VEC=0 VSV=0"`` turns them off."""
+    def rows_aligned(t, n):
+        return t.data_ptr() % n == 0 and all(st % n == 0 for st in t.stride()[:3])
+
+    vec = rows_aligned(packed.k_codes, 8) and rows_aligned(packed.v_codes, 8)
+    vsv = all(t.stride(2) == 1 and t.data_ptr() % 4 == 0 and t.stride(0) % 2 == 0 and t.stride(1) % 2 == 0
+              for t in (packed.v_scale, packed.v_zero))
+    return vec, vsv
 
 
 _BROKEN: list[str] = []  # the reason, once compiling or loading the kernel failed (then Triton is used)
@@ -111,8 +126,8 @@ def cuda_decode_blocker(query: torch.Tensor, m_rows: int, window, kb: int, vb: i
 
 @functools.cache
 def _kernel(device_index: int, d: int, kb: int, vb: int, ks: int, vs: int, mr: int, has_hist: bool, len_dev: bool,
-            k_lut: bool, v_lut: bool, bf16: bool = False, extra: tuple = ()):
-    src = source(d, kb, vb, ks, vs, mr, has_hist, len_dev, k_lut=k_lut, v_lut=v_lut, bf16=bf16)
+            k_lut: bool, v_lut: bool, bf16: bool = False, extra: tuple = (), vec: bool = False, vsv: bool = False):
+    src = source(d, kb, vb, ks, vs, mr, has_hist, len_dev, k_lut=k_lut, v_lut=v_lut, bf16=bf16, vec=vec, vsv=vsv)
     with torch.cuda.device(device_index):
         major, minor = torch.cuda.get_device_capability(device_index)
         kern = torch.cuda._compile_kernel(src, KERNEL, compute_capability=f"{major}{minor}",
@@ -166,10 +181,12 @@ def packed_decode_cuda(query, packed, kzero, kscale, freq, hist, length: int, le
     ks = packed.k_out_idx.shape[-1]
     vs = packed.v_out_idx.shape[-1]
     extra = extra_defines()
+    vec, vsv = vector_loads(packed)
     try:
         kern, smem = _kernel(query.device.index if query.device.index is not None else torch.cuda.current_device(),
                              d, packed.key_bits, packed.value_bits, ks, vs, mr, hist is not None, length_dev is not None,
-                             kgrid is None, vgrid is None, query.dtype == torch.bfloat16, tuple(sorted(extra.items())))
+                             kgrid is None, vgrid is None, query.dtype == torch.bfloat16, tuple(sorted(extra.items())),
+                             vec, vsv)
     except Exception as exc:  # NVRTC / driver errors come in many types; all mean "use Triton"
         msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         if required:

@@ -55,6 +55,24 @@
 #ifndef KCH
 #define KCH 2
 #endif
+// RT2=1: the R(j) table holds cos and sin only (the minus sign is an operand modifier of HFMA2), rows padded to
+// 2 KR + 4 words so the 128-bit loads of 8 consecutive rows hit distinct banks (3 KR = 24 words: 2-way conflicts).
+#ifndef RT2
+#define RT2 1
+#endif
+#if RT2
+#define RW (2 * KR + 4)
+#else
+#define RW (3 * KR)
+#endif
+// VEC=1 (the host sets it when code rows are 8-byte aligned): 64-bit loads of a lane's key and value code words.
+// VSV=1 (the host sets it for contiguous 4-byte-aligned scale/zero rows): value scale/zero of a token pair in one load.
+#ifndef VEC
+#define VEC 0
+#endif
+#ifndef VSV
+#define VSV 0
+#endif
 #define KPAD (2 * KR + 4)          // staged key words per lane and 8-token half (padding: conflict-free 128-bit)
 #define VPAD (4 * NMT + 4)         // staged value words per lane
 #define VSX (VS > 0 ? VS : 1)
@@ -80,6 +98,10 @@ __device__ __forceinline__ u32 clk() { u32 c; asm volatile("mov.u32 %0, %%clock;
 
 __device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
   u32 d; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
+}
+__device__ __forceinline__ u32 hfma2n(u32 a, u32 b, u32 c) {  // c - a * b
+  u32 d; asm("{ .reg .b32 t; neg.f16x2 t, %1; fma.rn.f16x2 %0, t, %2, %3; }" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
 }
 __device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
   u32 d; asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b)); return d;
@@ -167,10 +189,10 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
     long long spb,
     float qk_scale, float k_a, float k_b, float v_a, float v_b) {
   extern __shared__ float smem[];
-  // shared layout: R(j) table [TB][4 tig][3][KR] u32 | q [MR][D] f32 | kz, ks (folded) [D] f32 each |
+  // shared layout: R(j) table [TB][4 tig][RW] u32 (cos [KR], sin [KR], then -sin [KR] or padding) | q [MR][D] f32 | kz, ks (folded) [D] f32 each |
   //                per warp (below) | wm, wl [NW][MR] | code tables
   u32* rtab = (u32*)smem;
-  float* qs = smem + TB * 4 * 3 * KR;
+  float* qs = smem + TB * 4 * RW;
   float* kzs = qs + MR * D;
   float* kss = kzs + D;
   float* wbase = kss + D;
@@ -205,10 +227,12 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
     float c0, s0, c1, s1;
     cos_sin((float)j * inv_freq[key_channel(t, r, 0)], &c0, &s0);
     cos_sin((float)j * inv_freq[key_channel(t, r, 1)], &c1, &s1);
-    u32* row = rtab + (j * 4 + t) * 3 * KR;
+    u32* row = rtab + (j * 4 + t) * RW;
     row[r] = f2h2(c0, c1);
     row[KR + r] = f2h2(s0, s1);
+#if !RT2
     row[2 * KR + r] = f2h2(-s0, -s1);
+#endif
   }
   for (int e = tid; e < MR * D; e += NW * 32) {
     int m = e / D, ch = e % D;
@@ -279,6 +303,12 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       const unsigned char* row = kcb + min(t0 + nt * 8 + gid, whi - 1) * skct;
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf)
+#if VEC
+        if (KWT == 2) {
+          const U2 w = *(const U2*)(row + hf * (HALF * KB / 8) + tig * 8);
+          kwN[nt][hf][0] = w.x; kwN[nt][hf][KWT - 1] = w.y;
+        } else
+#endif
 #pragma unroll
         for (int j = 0; j < KWT; ++j) kwN[nt][hf][j] = *(const u32*)(row + hf * (HALF * KB / 8) + (tig * KWT + j) * 4);
     }
@@ -286,11 +316,33 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
     for (int i = 0; i < 4; ++i) {
       const int tt = min(t0 + tokof(tig, i), whi - 1);
       const unsigned char* row = vcb + tt * svct + gid * VBT;
+#if VEC
+      if (VW == 2) {
+        const U2 w = *(const U2*)row;
+        vwN[i][0] = w.x; vwN[i][VW - 1] = w.y;
+      } else
+#endif
 #pragma unroll
       for (int j = 0; j < VW; ++j) vwN[i][j] = *(const u32*)(row + 4 * j);
+#if !VSV
       vsN[i] = vsb[tt * svst];
       vzN[i] = vzb[tt * svzt];
+#endif
     }
+#if VSV
+#pragma unroll
+    for (int i = 0; i < 4; i += 2) {  // tokens t, t + 1 (t even): one 32-bit load each when both lie in the range
+      const int t = t0 + tokof(tig, i);
+      if (t + 1 < whi) {
+        const u32 s2 = *(const u32*)(vsb + t), z2 = *(const u32*)(vzb + t);
+        vsN[i] = (u16)s2; vsN[i + 1] = (u16)(s2 >> 16); vzN[i] = (u16)z2; vzN[i + 1] = (u16)(z2 >> 16);
+      } else {
+        const int tt = min(t, whi - 1);
+        vsN[i] = vsN[i + 1] = vsb[tt];
+        vzN[i] = vzN[i + 1] = vzb[tt];
+      }
+    }
+#endif
     const int ts = min(t0 + su, whi - 1);
 #pragma unroll
     for (int s2 = 0; s2 < KSX; ++s2) kiN[s2] = KS > 0 ? (int)koib[ts * skit + s2] : 255;
@@ -494,11 +546,19 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
         sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
         const int u = nt * 8 + gid;  // token of this thread within the tile
         // cos / sin / -sin of this token (table in mode A, direct in mode B)
-        u32 C[KR], S[KR], NSn[KR];
+        u32 C[KR], S[KR];
+#if !RT2
+        u32 NSn[KR];
+#endif
         if (modeA) {
-          const u32* tr = rtab + ((jb + u) * 4 + tig) * 3 * KR;
+          const u32* tr = rtab + ((jb + u) * 4 + tig) * RW;
 #pragma unroll
-          for (int r = 0; r < KR; ++r) { C[r] = tr[r]; S[r] = tr[KR + r]; NSn[r] = tr[2 * KR + r]; }
+          for (int r = 0; r < KR; ++r) {
+            C[r] = tr[r]; S[r] = tr[KR + r];
+#if !RT2
+            NSn[r] = tr[2 * KR + r];
+#endif
+          }
         } else {
           float pt = (float)posb[min(t0 + u, whi - 1)];
 #pragma unroll
@@ -506,7 +566,10 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
             float c0, s0, c1, s1;
             cos_sin(pt * inv_freq[key_channel(tig, r, 0)], &c0, &s0);
             cos_sin(pt * inv_freq[key_channel(tig, r, 1)], &c1, &s1);
-            C[r] = f2h2(c0, c1); S[r] = f2h2(s0, s1); NSn[r] = f2h2(-s0, -s1);
+            C[r] = f2h2(c0, c1); S[r] = f2h2(s0, s1);
+#if !RT2
+            NSn[r] = f2h2(-s0, -s1);
+#endif
           }
         }
         u32 kreg[2 * KR];
@@ -525,7 +588,11 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
 #pragma unroll
         for (int r = 0; r < KR; ++r) {  // RoPE by R(j): a' = a c - b s, b' = b c + a s
           u32 a = kreg[r], bb = kreg[KR + r];
+#if RT2
+          kreg[r] = hfma2n(bb, S[r], hmul2(a, C[r]));
+#else
           kreg[r] = hfma2(bb, NSn[r], hmul2(a, C[r]));
+#endif
           kreg[KR + r] = hfma2(a, S[r], hmul2(bb, C[r]));
         }
 #if KCH == 2

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Session 9, device calls on the H200 (the one-pass CUDA decode kernel, triton_kernels/cuda/packed_decode.cu):
+#   bash benchmarks/run_step9_gpu.sh a   the kernel with the R(j) table of cos/sin only in conflict-free padded rows
+#        (RT2=1) and 64-bit code / paired scale loads (VEC, VSV; the host picks them from the cache layout): the torch
+#        oracle check (every case, 128K included), one layer at 128K for the four combinations, and ncu's shared
+#        memory and L1 tables for the old and the new build
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+NCU_SECTIONS="--section SpeedOfLight --section SchedulerStats --section WarpStateStats --section InstructionStats
+  --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables"
+if [ "${1:-a}" = a ]; then
+  python - <<'PY'
+import sys; sys.path.insert(0, "benchmarks")
+import decode_attention as da
+from triton_kernels import cuda_decode
+for bits in (4, 2):
+    print("benchmark cache layout, bits", bits, "vector loads (VEC, VSV):",
+          cuda_decode.vector_loads(da.make_packed(1, 4096, bits, da.SLOTS)))
+PY
+  timeout 200 python benchmarks/check_cuda_decode.py --name check_cuda_decode_s9a > "$OUT/check.log" 2>&1
+  grep -E "FAILURES|Error|error|passed" "$OUT/check.log" | head -20
+  timeout 200 python benchmarks/cuda_decode_variants.py --name=cuda_decode_s9a "RT2=0 VEC=0 VSV=0" "VEC=0 VSV=0" \
+    "RT2=0" "" > "$OUT/variants.log" 2>&1; grep "^{" "$OUT/variants.log"; tail -n 2 "$OUT/variants.log"
+  for v in "RT2=0 VEC=0 VSV=0" ""; do
+    tag=$( [ -z "$v" ] && echo new || echo old )
+    KVQUANT_CUDA_DEFINES="$v" timeout 100 ncu --clock-control none -k regex:kvq_packed_decode -c 1 $NCU_SECTIONS \
+      python benchmarks/ncu_decode.py > "$OUT/ncu_decode_s9a_$tag.txt" 2>&1
+    grep -E "Duration|Issued Warp|Eligible Warps|L1/TEX Cache Throughput|Mem Busy|Shared|Bank|Wavefronts" \
+      "$OUT/ncu_decode_s9a_$tag.txt" | head -30
+  done
+fi
