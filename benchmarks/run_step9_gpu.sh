@@ -4,6 +4,9 @@
 #        (RT2=1) and 64-bit code / paired scale loads (VEC, VSV; the host picks them from the cache layout): the torch
 #        oracle check (every case, 128K included), one layer at 128K for the four combinations, and ncu's shared
 #        memory and L1 tables for the old and the new build
+#   bash benchmarks/run_step9_gpu.sh b   after the query rows were padded to D + 1 floats (the per-block rotation read
+#        them 8-way conflicted): the oracle check (short cases), the 64-bit / paired loads one at a time, LUTC copies
+#        of the code-pair tables, and ncu's stall reasons for the new build
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
@@ -30,4 +33,15 @@ PY
     grep -E "Duration|Issued Warp|Eligible Warps|L1/TEX Cache Throughput|Mem Busy|Shared|Bank|Wavefronts" \
       "$OUT/ncu_decode_s9a_$tag.txt" | head -30
   done
+fi
+if [ "${1:-a}" = b ]; then
+  timeout 150 python benchmarks/check_cuda_decode.py --skip-long --name check_cuda_decode_s9b > "$OUT/check.log" 2>&1
+  grep -E "FAILURES|Error|error" "$OUT/check.log" | head -20
+  timeout 250 python benchmarks/cuda_decode_variants.py --name=cuda_decode_s9b "RT2=0 VEC=0 VSV=0" "VEC=0 VSV=0" \
+    "VEC=1 VSV=0" "VEC=0 VSV=1" "VEC=0 VSV=0 LUTC=8" "VEC=0 VSV=0 LUTC=4" > "$OUT/variants.log" 2>&1
+  grep "^{" "$OUT/variants.log"; tail -n 2 "$OUT/variants.log"
+  KVQUANT_CUDA_DEFINES="VEC=0 VSV=0" timeout 100 ncu --clock-control none -k regex:kvq_packed_decode -c 1 \
+    $NCU_SECTIONS --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+    python benchmarks/ncu_decode.py > "$OUT/ncu_decode_s9b.txt" 2>&1
+  grep -E "Duration|Issued Warp|Eligible Warps|stalled|conflict" "$OUT/ncu_decode_s9b.txt" | head -60
 fi

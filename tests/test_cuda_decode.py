@@ -72,13 +72,15 @@ def test_shared_memory_layout_size():
     kr, tb = d // 16, cuda_decode.TB
     perw = 2 * 32 * (2 * kr + 4) + 32 * (4 * d // 16 + 4)  # staged key fragments [2][32][KPAD], values [32][VPAD]
     rw = 2 * kr + 4  # R(j) table row: cos, sin, 4 words of padding (RT2=1)
-    words = tb * 4 * rw + mr * d + 2 * d + nw * perw + 2 * nw * mr + 32 + 2 ** (2 * kb) + 2 ** (2 * vb)
+    qwords = (mr * (d + 1) + 3) // 4 * 4  # query rows D + 1 floats apart, padded to 16 bytes
+    words = tb * 4 * rw + qwords + 2 * d + nw * perw + 2 * nw * mr + 32 + 2 ** (2 * kb) + 2 ** (2 * vb)
     assert cuda_decode.shared_bytes(d, ks, mr, kb, vb) == 4 * words
     # the largest config: two CTAs (the launch bounds' target) fit an H100/H200 SM (228 KB, 1 KB reserved per CTA)
     assert 2 * (cuda_decode.shared_bytes(128, 2, 8, 4, 4) + 1024) <= 228 * 1024
     with open(cuda_decode._SRC) as fh:
         src = fh.read()
     assert "const int PERW = 2 * 32 * KPAD + 32 * VPAD;" in src
+    assert "#define QWORDS ((MR * QROW + 3) / 4 * 4)" in src and "float* kzs = qs + QWORDS;" in src
     assert "#define RW (2 * KR + 4)" in src and "float* qs = smem + TB * 4 * RW;" in src
     assert "static_assert(MR * D <= 2 * 32 * KPAD" in src  # the warp result (corr) reuses the key staging rows
 

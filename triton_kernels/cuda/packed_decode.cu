@@ -73,6 +73,14 @@
 #ifndef VSV
 #define VSV 0
 #endif
+// query rows in shared memory are QROW = D + 1 floats apart: the per-block query rotation reads row gid of every lane
+// (rows D apart were an 8-way bank conflict); QWORDS keeps what follows 16-byte aligned
+#define QROW (D + 1)
+#define QWORDS ((MR * QROW + 3) / 4 * 4)
+// LUTC copies of each code-pair table (K_LUT / V_LUT), lane l reading copy l % LUTC: fewer bank conflicts
+#ifndef LUTC
+#define LUTC 1
+#endif
 #define KPAD (2 * KR + 4)          // staged key words per lane and 8-token half (padding: conflict-free 128-bit)
 #define VPAD (4 * NMT + 4)         // staged value words per lane
 #define VSX (VS > 0 ? VS : 1)
@@ -193,7 +201,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
   //                per warp (below) | wm, wl [NW][MR] | code tables
   u32* rtab = (u32*)smem;
   float* qs = smem + TB * 4 * RW;
-  float* kzs = qs + MR * D;
+  float* kzs = qs + QWORDS;
   float* kss = kzs + D;
   float* wbase = kss + D;
   // per warp: key fragments [2][32][KPAD] u32 (its result corr [MR][D] f32 after the loop) | values [32][VPAD] u32
@@ -204,7 +212,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
   float* ktf = wl + NW * MR;  // code -> signpost (affine grids: the code itself; scale/zero carry the grid)
   float* vtf = ktf + 16;
   u32* kpt = (u32*)(vtf + 16);  // half2 signposts of code pairs (K_LUT / V_LUT)
-  u32* vpt = kpt + (1 << (2 * KB));
+  u32* vpt = kpt + (1 << (2 * KB)) * LUTC;
 
 #if PROF
   float prof[9] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, ntiles = 0.f;
@@ -237,7 +245,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
   for (int e = tid; e < MR * D; e += NW * 32) {
     int m = e / D, ch = e % D;
     int hq = h * GROUP + m % GROUP, lq = m / GROUP;
-    qs[e] = in2f(q[b * sqb + hq * sqh + lq * sql + ch]);
+    qs[m * QROW + ch] = in2f(q[b * sqb + hq * sqh + lq * sql + ch]);
   }
   for (int ch = tid; ch < D; ch += NW * 32) {
     float s = kscale[h * D + ch], z = kzero[h * D + ch];
@@ -249,10 +257,10 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
     vtf[c] = (V_LUT && c < (1 << VB)) ? vlut[c] : (float)c;
   }
 #if K_LUT
-  for (int e = tid; e < (1 << (2 * KB)); e += NW * 32) kpt[e] = kpair[e];
+  for (int e = tid; e < (1 << (2 * KB)) * LUTC; e += NW * 32) kpt[e] = kpair[e / LUTC];
 #endif
 #if V_LUT
-  for (int e = tid; e < (1 << (2 * VB)); e += NW * 32) vpt[e] = vpair[e];
+  for (int e = tid; e < (1 << (2 * VB)) * LUTC; e += NW * 32) vpt[e] = vpair[e / LUTC];
 #endif
   __syncthreads();
 
@@ -368,7 +376,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       const u32 mask = (((1u << KB) - 1u) << (KB * (qq % KNS))) * 0x10001u;
 #if K_LUT
       const u32 y = (kwn[hf][j] >> (KB * qq)) & (((1u << KB) - 1u) * 0x10001u);
-      const u32 x = kpt[(y & ((1u << KB) - 1u)) | (y >> (16 - KB))];  // signposts of codes qq, qq + KNI
+      const u32 x = kpt[((y & ((1u << KB) - 1u)) | (y >> (16 - KB))) * LUTC + lane % LUTC];  // codes qq, qq + KNI
 #else
       u32 x = ((kwn[hf][j] >> shift) & mask) | MAGIC;
       const float f = (float)(1 << (KB * (qq % KNS)));
@@ -404,7 +412,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
         const u32 pr = __byte_perm(vw[2 * half][byte / 4], vw[2 * half + 1][byte / 4], sel);
 #if V_LUT
         const u32 y = (pr >> (VB * pos_in)) & (((1u << VB) - 1u) * 0x10001u);
-        const u32 x = vpt[(y & ((1u << VB) - 1u)) | (y >> (16 - VB))];
+        const u32 x = vpt[((y & ((1u << VB) - 1u)) | (y >> (16 - VB))) * LUTC + lane % LUTC];
 #else
         const u32 mask = (((1u << VB) - 1u) << (VB * pos_in)) * 0x10001u;
         u32 x = (pr & mask) | MAGIC;
@@ -448,7 +456,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
         const int i = key_channel(tig, r, l);  // first-half channel; its pair is i + HALF
         float c = 1.f, sn = 0.f;
         if (modeA) cos_sin((float)P * inv_freq[i], &c, &sn);
-        const float qa = gid < MR ? qs[gid * D + i] : 0.f, qb = gid < MR ? qs[gid * D + HALF + i] : 0.f;
+        const float qa = gid < MR ? qs[gid * QROW + i] : 0.f, qb = gid < MR ? qs[gid * QROW + HALF + i] : 0.f;
         lo[l] = qa * c + qb * sn;
         hi[l] = qb * c - qa * sn;
       }
