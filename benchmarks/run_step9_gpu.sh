@@ -7,6 +7,11 @@
 #   bash benchmarks/run_step9_gpu.sh b   after the query rows were padded to D + 1 floats (the per-block rotation read
 #        them 8-way conflicted): the oracle check (short cases), the 64-bit / paired loads one at a time, LUTC copies
 #        of the code-pair tables, and ncu's stall reasons for the new build
+#   bash benchmarks/run_step9_gpu.sh c   the kept kernel (RT2, padded query rows, VEC from the layout; paired scale loads
+#        removed): score-MMA chains KCH=1/2/4 against the session-8 kernel, the oracle check (every case, fp16; bf16
+#        short cases), the GPU pytest tests
+#   bash benchmarks/run_step9_gpu.sh d   the issue's benchmarks with the kept kernel: one layer (decode_attention.py)
+#        and end to end (e2e_decode.py, bf16 Llama-3-8B shape, CUDA graph)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
@@ -44,4 +49,22 @@ if [ "${1:-a}" = b ]; then
     $NCU_SECTIONS --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
     python benchmarks/ncu_decode.py > "$OUT/ncu_decode_s9b.txt" 2>&1
   grep -E "Duration|Issued Warp|Eligible Warps|stalled|conflict" "$OUT/ncu_decode_s9b.txt" | head -60
+fi
+if [ "${1:-a}" = c ]; then
+  timeout 200 python benchmarks/cuda_decode_variants.py --name=cuda_decode_s9c "RT2=0 VEC=0" "" "KCH=4" "KCH=1" \
+    > "$OUT/variants.log" 2>&1; grep "^{" "$OUT/variants.log"
+  timeout 200 python benchmarks/check_cuda_decode.py --name check_cuda_decode_s9c > "$OUT/check.log" 2>&1
+  grep -E "FAILURES|Error|error" "$OUT/check.log" | head -20
+  timeout 120 python benchmarks/check_cuda_decode.py --bf16 --skip-long --name check_cuda_decode_bf16_s9c \
+    > "$OUT/check_bf16.log" 2>&1; grep -E "FAILURES|Error|error" "$OUT/check_bf16.log" | head -20
+  timeout 200 python -m pytest -q -m gpu tests -p no:cacheprovider > "$OUT/gpu_pytest_s9.txt" 2>&1
+  grep -E "Error|passed|failed" "$OUT/gpu_pytest_s9.txt" | tail -n 8
+fi
+if [ "${1:-a}" = d ]; then
+  timeout 200 python benchmarks/decode_attention.py --contexts 131072 --batches 1 8 --bits 4 2 --no-append --tag _s9 \
+    > "$OUT/da.log" 2>&1; grep -E "\| (1|8) \| 131072" "$OUT"/decode_attention_s9.md
+  timeout 300 python benchmarks/e2e_decode.py --contexts 131072 524288 --extra --tables nf uniform --methods \
+    kvquant_nuq4_graph kvquant_nuq4_graph_ff kvquant_nuq2_graph_ff --skip kvquant_nuq4_graph@524288x1 \
+    kvquant_nuq4_graph_ff@524288x1 --name e2e_decode_bf16_s9 > "$OUT/e2e.log" 2>&1; grep "^{" "$OUT/e2e.log"
+  rm -f "$OUT"/e2e_decode_partial.jsonl
 fi

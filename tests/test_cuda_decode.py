@@ -61,7 +61,7 @@ def test_source_carries_the_configuration():
     src = cuda_decode.source(128, 4, 2, 2, 1, 4, True, False, k_lut=True, v_lut=False, bf16=True)
     for line in ("#define D 128", "#define KB 4", "#define VB 2", "#define KS 2", "#define VS 1", "#define MR 4",
                  "#define HAS_HIST 1", "#define LEN_DEV 0", "#define K_LUT 1", "#define V_LUT 0", "#define BF16IN 1",
-                 "#define VEC 0", "#define VSV 0"):
+                 "#define VEC 0"):
         assert line in src
     assert 'extern "C" __global__' in src and cuda_decode.KERNEL in src
 
@@ -86,24 +86,19 @@ def test_shared_memory_layout_size():
 
 
 def test_vector_loads_follow_the_layout():
-    """64-bit code loads only for 8-byte aligned code rows; paired scale/zero loads only for contiguous, 4-byte
-    aligned rows (a token pair never straddles a misaligned boundary)."""
+    """64-bit code loads only where every key and value code row starts 8-byte aligned."""
     import dataclasses
 
     p = _make_packed(1, 2, 40, 128, 4, 4, 2, torch.float16, seed=0)
-    assert p.v_scale.stride(1) % 2 == 1  # 45 tokens of capacity: odd row stride
-    assert cuda_decode.vector_loads(p) == (True, False)
-    even = torch.zeros(1, 2, 46, dtype=p.v_scale.dtype)[..., :45]
-    # scale rows qualify, zero rows (a contiguous clone: odd stride again) do not: both must
-    assert cuda_decode.vector_loads(dataclasses.replace(p, v_scale=even, v_zero=even.clone())) == (True, False)
-    even2 = torch.zeros(1, 2, 46, dtype=p.v_scale.dtype)
-    assert cuda_decode.vector_loads(dataclasses.replace(p, v_scale=even2[..., :45], v_zero=even2[..., :45])) == \
-        (True, True)
+    assert p.k_codes.stride(2) == 64 and p.v_codes.stride(2) == 64
+    assert cuda_decode.vector_loads(p) is True
     shifted = torch.zeros(1, 2, p.k_codes.shape[2], p.k_codes.shape[3] + 4, dtype=torch.uint8)[..., 4:]
     assert shifted.data_ptr() % 8 == 4
-    assert cuda_decode.vector_loads(dataclasses.replace(p, k_codes=shifted))[0] is False
-    per_token_scale = torch.zeros(1, 2, 46, 2, dtype=p.v_scale.dtype)[..., 0]  # token stride 2: no pairs
-    assert cuda_decode.vector_loads(dataclasses.replace(p, v_scale=per_token_scale, v_zero=per_token_scale))[1] is False
+    assert cuda_decode.vector_loads(dataclasses.replace(p, k_codes=shifted)) is False
+    odd_rows = torch.zeros(1, 2, p.v_codes.shape[2], p.v_codes.shape[3] + 4, dtype=torch.uint8)[..., :-4]
+    assert odd_rows.stride(2) == 68  # 4-byte aligned rows (the kernel's minimum), not 8
+    assert cuda_decode.vector_loads(dataclasses.replace(p, v_codes=odd_rows)) is False
+    assert cuda_decode.vector_loads(_make_packed(1, 2, 40, 128, 2, 2, 2, torch.float16, seed=0)) is True
 
 
 NVRTC = cuda_sass_report.nvrtc_lib()
@@ -111,14 +106,14 @@ NVRTC = cuda_sass_report.nvrtc_lib()
 
 @pytest.mark.skipif(not NVRTC, reason="no libnvrtc: pip install nvidia-cuda-nvrtc (test extras) or set KVQUANT_NVRTC_LIB")
 @pytest.mark.parametrize("cfg", [
-    dict(d=128, kb=4, vb=4, ks=2, vs=2, mr=4, has_hist=False, len_dev=True, vec=True, vsv=True),
+    dict(d=128, kb=4, vb=4, ks=2, vs=2, mr=4, has_hist=False, len_dev=True, vec=True),
     dict(d=128, kb=4, vb=4, ks=2, vs=2, mr=4, has_hist=False, len_dev=True),
     dict(d=128, kb=2, vb=2, ks=2, vs=2, mr=4, has_hist=True, len_dev=False, k_lut=True, v_lut=True),
     dict(d=128, kb=4, vb=2, ks=0, vs=0, mr=8, has_hist=False, len_dev=False),
     dict(d=64, kb=4, vb=4, ks=1, vs=1, mr=3, has_hist=True, len_dev=False, k_lut=True),
     dict(d=128, kb=4, vb=4, ks=2, vs=2, mr=4, has_hist=False, len_dev=True, k_lut=True, v_lut=True, bf16=True,
-         vec=True, vsv=True),
-    dict(d=64, kb=4, vb=4, ks=1, vs=1, mr=3, has_hist=True, len_dev=False, vec=True, vsv=True),
+         vec=True),
+    dict(d=64, kb=4, vb=4, ks=1, vs=1, mr=3, has_hist=True, len_dev=False, vec=True),
 ])
 def test_kernel_compiles_for_sm90(cfg, tmp_path):
     res, cubin, log = cuda_sass_report.compile_cubin(cuda_decode.source(**cfg), NVRTC)

@@ -55,13 +55,13 @@ def ctas_per_sm() -> int:
 
 def source(d: int, kb: int, vb: int, ks: int, vs: int, mr: int, has_hist: bool, len_dev: bool,
            num_warps: int = NUM_WARPS, min_blocks: int = 1, k_lut: bool = False, v_lut: bool = False,
-           bf16: bool = False, vec: bool = False, vsv: bool = False) -> str:
+           bf16: bool = False, vec: bool = False) -> str:
     """The kernel source with its configuration as ``#define`` lines (``vec``: 8-byte aligned code rows, loaded in
-    64-bit words; ``vsv``: contiguous 4-byte aligned value scale/zero rows, loaded a token pair at a time)."""
+    64-bit words)."""
     with open(_SRC) as fh:
         body = fh.read()
     defs = dict(D=d, KB=kb, VB=vb, KS=ks, VS=vs, MR=mr, NW=num_warps, HAS_HIST=int(has_hist), LEN_DEV=int(len_dev),
-                MINB=min_blocks, K_LUT=int(k_lut), V_LUT=int(v_lut), BF16IN=int(bf16), VEC=int(vec), VSV=int(vsv))
+                MINB=min_blocks, K_LUT=int(k_lut), V_LUT=int(v_lut), BF16IN=int(bf16), VEC=int(vec))
     defs.update(extra_defines())
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + body
 
@@ -80,17 +80,11 @@ def shared_bytes(d: int, ks: int, mr: int, kb: int = 4, vb: int = 4, num_warps: 
     return 4 * floats
 
 
-def vector_loads(packed) -> tuple[bool, bool]:
-    """Which wide loads the kernel may use for this cache's layout: (code rows of keys and values start at 8-byte
-    aligned addresses: 64-bit code loads; value scale and zero rows are contiguous over tokens and 4-byte aligned:
-    a token pair's scale/zero in one 32-bit load). ``KVQUANT_CUDA_DEFINES="VEC=0 VSV=0"`` turns them off."""
-    def rows_aligned(t, n):
-        return t.data_ptr() % n == 0 and all(st % n == 0 for st in t.stride()[:3])
-
-    vec = rows_aligned(packed.k_codes, 8) and rows_aligned(packed.v_codes, 8)
-    vsv = all(t.stride(2) == 1 and t.data_ptr() % 4 == 0 and t.stride(0) % 2 == 0 and t.stride(1) % 2 == 0
-              for t in (packed.v_scale, packed.v_zero))
-    return vec, vsv
+def vector_loads(packed) -> bool:
+    """Whether the kernel may load code words 64 bits at a time: the key and value code rows of every (batch, head,
+    token) start at 8-byte aligned addresses. ``KVQUANT_CUDA_DEFINES="VEC=0"`` turns it off."""
+    return all(t.data_ptr() % 8 == 0 and all(st % 8 == 0 for st in t.stride()[:3])
+               for t in (packed.k_codes, packed.v_codes))
 
 
 _BROKEN: list[str] = []  # the reason, once compiling or loading the kernel failed (then Triton is used)
@@ -129,8 +123,8 @@ def cuda_decode_blocker(query: torch.Tensor, m_rows: int, window, kb: int, vb: i
 
 @functools.cache
 def _kernel(device_index: int, d: int, kb: int, vb: int, ks: int, vs: int, mr: int, has_hist: bool, len_dev: bool,
-            k_lut: bool, v_lut: bool, bf16: bool = False, extra: tuple = (), vec: bool = False, vsv: bool = False):
-    src = source(d, kb, vb, ks, vs, mr, has_hist, len_dev, k_lut=k_lut, v_lut=v_lut, bf16=bf16, vec=vec, vsv=vsv)
+            k_lut: bool, v_lut: bool, bf16: bool = False, extra: tuple = (), vec: bool = False):
+    src = source(d, kb, vb, ks, vs, mr, has_hist, len_dev, k_lut=k_lut, v_lut=v_lut, bf16=bf16, vec=vec)
     with torch.cuda.device(device_index):
         major, minor = torch.cuda.get_device_capability(device_index)
         kern = torch.cuda._compile_kernel(src, KERNEL, compute_capability=f"{major}{minor}",
@@ -184,12 +178,12 @@ def packed_decode_cuda(query, packed, kzero, kscale, freq, hist, length: int, le
     ks = packed.k_out_idx.shape[-1]
     vs = packed.v_out_idx.shape[-1]
     extra = extra_defines()
-    vec, vsv = vector_loads(packed)
+    vec = vector_loads(packed)
     try:
         kern, smem = _kernel(query.device.index if query.device.index is not None else torch.cuda.current_device(),
                              d, packed.key_bits, packed.value_bits, ks, vs, mr, hist is not None, length_dev is not None,
                              kgrid is None, vgrid is None, query.dtype == torch.bfloat16, tuple(sorted(extra.items())),
-                             vec, vsv)
+                             vec)
     except Exception as exc:  # NVRTC / driver errors come in many types; all mean "use Triton"
         msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         if required:

@@ -55,6 +55,7 @@
 #ifndef KCH
 #define KCH 2
 #endif
+static_assert(KCH == 1 || KCH == 2 || KCH == 4, "KCH: 1, 2 or 4 accumulation chains");
 // RT2=1: the R(j) table holds cos and sin only (the minus sign is an operand modifier of HFMA2), rows padded to
 // 2 KR + 4 words so the 128-bit loads of 8 consecutive rows hit distinct banks (3 KR = 24 words: 2-way conflicts).
 #ifndef RT2
@@ -65,13 +66,11 @@
 #else
 #define RW (3 * KR)
 #endif
-// VEC=1 (the host sets it when code rows are 8-byte aligned): 64-bit loads of a lane's key and value code words.
-// VSV=1 (the host sets it for contiguous 4-byte-aligned scale/zero rows): value scale/zero of a token pair in one load.
+// VEC=1 (the host sets it when code rows are 8-byte aligned): 64-bit loads of a lane's key and value code words
+// (131.3 vs 132.8 us at 128K; loading a token pair's value scale and zero in one 32-bit load instead was slower,
+// 153.9 us: cuda_decode_s9b.md).
 #ifndef VEC
 #define VEC 0
-#endif
-#ifndef VSV
-#define VSV 0
 #endif
 // query rows in shared memory are QROW = D + 1 floats apart: the per-block query rotation reads row gid of every lane
 // (rows D apart were an 8-way bank conflict); QWORDS keeps what follows 16-byte aligned
@@ -332,25 +331,9 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
 #endif
 #pragma unroll
       for (int j = 0; j < VW; ++j) vwN[i][j] = *(const u32*)(row + 4 * j);
-#if !VSV
       vsN[i] = vsb[tt * svst];
       vzN[i] = vzb[tt * svzt];
-#endif
     }
-#if VSV
-#pragma unroll
-    for (int i = 0; i < 4; i += 2) {  // tokens t, t + 1 (t even): one 32-bit load each when both lie in the range
-      const int t = t0 + tokof(tig, i);
-      if (t + 1 < whi) {
-        const u32 s2 = *(const u32*)(vsb + t), z2 = *(const u32*)(vzb + t);
-        vsN[i] = (u16)s2; vsN[i + 1] = (u16)(s2 >> 16); vzN[i] = (u16)z2; vzN[i + 1] = (u16)(z2 >> 16);
-      } else {
-        const int tt = min(t, whi - 1);
-        vsN[i] = vsN[i + 1] = vsb[tt];
-        vzN[i] = vzN[i + 1] = vzb[tt];
-      }
-    }
-#endif
     const int ts = min(t0 + su, whi - 1);
 #pragma unroll
     for (int s2 = 0; s2 < KSX; ++s2) kiN[s2] = KS > 0 ? (int)koib[ts * skit + s2] : 255;
@@ -603,20 +586,17 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
 #endif
           kreg[KR + r] = hfma2(a, S[r], hmul2(bb, C[r]));
         }
-#if KCH == 2
-        float sc2[4] = {0.f, 0.f, 0.f, 0.f};
+        // KCH independent accumulation chains of the KR k-slices (KCH = 1, 2 or 4), summed at the end
+        float scc[KCH][4];
 #pragma unroll
-        for (int s = 0; s < KR; s += 2) {  // k-slices: registers (2s, 2s+1), two accumulation chains
-          mma16816(sc[nt], QA[2 * s], 0u, QA[2 * s + 1], 0u, kreg[2 * s], kreg[2 * s + 1]);
-          mma16816(sc2, QA[2 * s + 2], 0u, QA[2 * s + 3], 0u, kreg[2 * s + 2], kreg[2 * s + 3]);
-        }
-#pragma unroll
-        for (int i = 0; i < 4; ++i) sc[nt][i] += sc2[i];
-#else
+        for (int c = 0; c < KCH; ++c) scc[c][0] = scc[c][1] = scc[c][2] = scc[c][3] = 0.f;
 #pragma unroll
         for (int s = 0; s < KR; ++s)  // k-slices: registers (2s, 2s+1)
-          mma16816(sc[nt], QA[2 * s], 0u, QA[2 * s + 1], 0u, kreg[2 * s], kreg[2 * s + 1]);
-#endif
+          mma16816(scc[s % KCH], QA[2 * s], 0u, QA[2 * s + 1], 0u, kreg[2 * s], kreg[2 * s + 1]);
+#pragma unroll
+        for (int c = 0; c < KCH; ++c)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) sc[nt][i] += scc[c][i];
       }
       PMARK(2);
       // ---------------- key outlier slots: add the corrections computed before the MMAs ----------------
