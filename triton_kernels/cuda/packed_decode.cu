@@ -47,7 +47,9 @@
 // of the lanes' MMA fragments, where one lane per (token, slot) overwrites its outlier element with the exact value;
 // then every lane reloads its fragments. (Session 4's per-token corrections -- score deltas, p * delta added with
 // shared float atomics, which sm_90 runs as CAS loops -- took 240 us at 128K vs 172 us this way.)
-// KCH=2: the score MMAs of an 8-token half accumulate in two chains (167 vs 172 us at 128K, cuda_decode_round2.md).
+// KCH=2: the score MMAs of an 8-token half accumulate in two chains (167 vs 172 us at 128K, cuda_decode_round2.md;
+// KCH=4 no gain, cuda_decode_s9c.md). Also tried in session 9 and not kept: LUTC=4/8 copies of the code-pair tables
+// (no gain at 4 bits, slower at 2: cuda_decode_s9b.md).
 // Tried and removed (measured): per-lane copies of the code tables (LUTX / LUTR: no gain, cuda_decode_round3/4.md);
 // three CTAs per SM at <= 168 registers with TB = 64 (spills: 260 vs 157 us, cuda_decode_round4.md); the same with
 // the folded key scale/zero read from shared memory instead of 32 registers per thread (no spills, but 168.6 vs
