@@ -12,6 +12,8 @@
 #        short cases), the GPU pytest tests
 #   bash benchmarks/run_step9_gpu.sh d   the issue's benchmarks with the kept kernel: one layer (decode_attention.py)
 #        and end to end (e2e_decode.py, bf16 Llama-3-8B shape, CUDA graph)
+#   bash benchmarks/run_step9_gpu.sh e   the issue's whole one-layer benchmark (every context, batch and bit width,
+#        append rows) with the kept kernel: decode_attention_s9_full.md
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
@@ -67,4 +69,7 @@ if [ "${1:-a}" = d ]; then
     kvquant_nuq4_graph kvquant_nuq4_graph_ff kvquant_nuq2_graph_ff --skip kvquant_nuq4_graph@524288x1 \
     kvquant_nuq4_graph_ff@524288x1 --name e2e_decode_bf16_s9 > "$OUT/e2e.log" 2>&1; grep "^{" "$OUT/e2e.log"
   rm -f "$OUT"/e2e_decode_partial.jsonl
+fi
+if [ "${1:-a}" = e ]; then
+  timeout 560 python benchmarks/decode_attention.py --tag _s9_full > "$OUT/da_full.log" 2>&1; tail -n 3 "$OUT/da_full.log"
 fi
