@@ -14,6 +14,8 @@
 #        and end to end (e2e_decode.py, bf16 Llama-3-8B shape, CUDA graph)
 #   bash benchmarks/run_step9_gpu.sh e   the issue's whole one-layer benchmark (every context, batch and bit width,
 #        append rows) with the kept kernel: decode_attention_s9_full.md
+#   bash benchmarks/run_step9_gpu.sh f   scores as S^T = K Q^T (KA=1: 8 score MMAs per tile, softmax per token rows):
+#        the oracle checks (fp16 every case, bf16 short cases), one layer at 128K against KA=0
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
@@ -72,4 +74,12 @@ if [ "${1:-a}" = d ]; then
 fi
 if [ "${1:-a}" = e ]; then
   timeout 560 python benchmarks/decode_attention.py --tag _s9_full > "$OUT/da_full.log" 2>&1; tail -n 3 "$OUT/da_full.log"
+fi
+if [ "${1:-a}" = f ]; then
+  timeout 200 python benchmarks/check_cuda_decode.py --name check_cuda_decode_s9f > "$OUT/check.log" 2>&1
+  grep -E "FAILURES|Error|error" "$OUT/check.log" | head -20
+  timeout 120 python benchmarks/check_cuda_decode.py --bf16 --skip-long --name check_cuda_decode_bf16_s9f \
+    > "$OUT/check_bf16.log" 2>&1; grep -E "FAILURES|Error|error" "$OUT/check_bf16.log" | head -20
+  timeout 200 python benchmarks/cuda_decode_variants.py --name=cuda_decode_s9f "KA=0" "" "KA=0" "" \
+    > "$OUT/variants.log" 2>&1; grep "^{" "$OUT/variants.log"
 fi
