@@ -15,7 +15,8 @@
 #   bash benchmarks/run_step9_gpu.sh e   the issue's whole one-layer benchmark (every context, batch and bit width,
 #        append rows) with the kept kernel: decode_attention_s9_full.md
 #   bash benchmarks/run_step9_gpu.sh f   scores as S^T = K Q^T (KA=1: 8 score MMAs per tile, softmax per token rows):
-#        the oracle checks (fp16 every case, bf16 short cases), one layer at 128K against KA=0
+#        the oracle checks (fp16 every case, bf16 short cases), one layer at 128K against KA=0 (ran at 6a4a546; the
+#        KA code was taken out again after it: no gain)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}

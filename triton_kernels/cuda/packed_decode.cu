@@ -49,7 +49,10 @@
 // shared float atomics, which sm_90 runs as CAS loops -- took 240 us at 128K vs 172 us this way.)
 // KCH=2: the score MMAs of an 8-token half accumulate in two chains (167 vs 172 us at 128K, cuda_decode_round2.md;
 // KCH=4 no gain, cuda_decode_s9c.md). Also tried in session 9 and not kept: LUTC=4/8 copies of the code-pair tables
-// (no gain at 4 bits, slower at 2: cuda_decode_s9b.md).
+// (no gain at 4 bits, slower at 2: cuda_decode_s9b.md); scores as S^T = K Q^T (tokens as the MMA's M rows: 8 score
+// MMAs per tile instead of 16, no zero-padded A quads, softmax per token rows, P^T by four shuffles): correct
+// (check_cuda_decode_s9f.md) but 130.7 vs 131.4 us uniform nuq4 and 171.6 vs 169.7 NF nuq4 (cuda_decode_s9f.md;
+// commit 6a4a546), so the MMAs and the quad moves are not what limits the tile.
 // Tried and removed (measured): per-lane copies of the code tables (LUTX / LUTR: no gain, cuda_decode_round3/4.md);
 // three CTAs per SM at <= 168 registers with TB = 64 (spills: 260 vs 157 us, cuda_decode_round4.md); the same with
 // the folded key scale/zero read from shared memory instead of 32 registers per thread (no spills, but 168.6 vs
@@ -81,12 +84,6 @@ static_assert(KCH == 1 || KCH == 2 || KCH == 4, "KCH: 1, 2 or 4 accumulation cha
 // LUTC copies of each code-pair table (K_LUT / V_LUT), lane l reading copy l % LUTC: fewer bank conflicts
 #ifndef LUTC
 #define LUTC 1
-#endif
-// KA=1: scores as S^T = K Q^T (the tile's 16 tokens are the MMA's M rows, the query rows its N columns): 8 score MMAs
-// per tile instead of 16 with 12 of 16 rows zero, and no zero-padded A quads to build; the softmax then runs per
-// (lane: tokens gid, gid + 8; query rows 2 tig, 2 tig + 1) and four shuffles turn P into the PV B operand.
-#ifndef KA
-#define KA 1
 #endif
 #define KPAD (2 * KR + 4)          // staged key words per lane and 8-token half (padding: conflict-free 128-bit)
 #define VPAD (4 * NMT + 4)         // staged value words per lane
@@ -301,11 +298,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
   const u16* vzb = vze + b * svzb + h * svzh;
   const int* posb = pos + b * spb;
 
-#if KA
-  float m_run[2] = {NEG_BIG, NEG_BIG}, l_run[2] = {0.f, 0.f};  // rows 2 tig, 2 tig + 1 (same in the 8 lanes of a tig)
-#else
   float m_run = NEG_BIG, l_run = 0.f;  // row gid (quad-consistent)
-#endif
   float acc[NMT][4];
 #pragma unroll
   for (int i = 0; i < NMT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
@@ -543,16 +536,10 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
 #endif
       PMARK(1);
       // ---------------- scores ----------------
-#if KA
-      u32 kk[2][2 * KR];  // rotated keys of tokens gid (kk[0]) and gid + 8 (kk[1])
-#else
       float sc[2][4];
-#endif
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
-#if !KA
         sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
-#endif
         const int u = nt * 8 + gid;  // token of this thread within the tile
         // cos / sin / -sin of this token (table in mode A, direct in mode B)
         u32 C[KR], S[KR];
@@ -604,25 +591,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
 #endif
           kreg[KR + r] = hfma2(a, S[r], hmul2(bb, C[r]));
         }
-#if KA
-#pragma unroll
-        for (int r = 0; r < 2 * KR; ++r) kk[nt][r] = kreg[r];
-      }
-      // S^T: A = keys (rows: tokens gid / gid + 8, k: the lane's channels of slice s), B = rotated queries
-      float st[4] = {0.f, 0.f, 0.f, 0.f};
-      {
-        float scc[KCH][4];
-#pragma unroll
-        for (int c = 0; c < KCH; ++c) scc[c][0] = scc[c][1] = scc[c][2] = scc[c][3] = 0.f;
-#pragma unroll
-        for (int s = 0; s < KR; ++s)
-          mma16816(scc[s % KCH], kk[0][2 * s], kk[1][2 * s], kk[0][2 * s + 1], kk[1][2 * s + 1], QA[2 * s], QA[2 * s + 1]);
-#pragma unroll
-        for (int c = 0; c < KCH; ++c)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) st[i] += scc[c][i];
-      }
-#else
         // KCH independent accumulation chains of the KR k-slices (KCH = 1, 2 or 4), summed at the end
         float scc[KCH][4];
 #pragma unroll
@@ -635,52 +603,8 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
 #pragma unroll
           for (int i = 0; i < 4; ++i) sc[nt][i] += scc[c][i];
       }
-#endif
       PMARK(2);
       // ---------------- key outlier slots: add the corrections computed before the MMAs ----------------
-#if KA
-      // ---------------- online softmax (rows 2 tig, 2 tig + 1; tokens gid, gid + 8; log2 domain) ----------------
-      u32 pb0, pb1;
-      {
-        const int ta = t0 + gid, tb = ta + 8;
-        const bool va = ta < whi && ta >= vis, vb = tb < whi && tb >= vis;
-        const float NINF = __int_as_float(0xff800000);
-        float sv[2][2];  // [row 2 tig + i][token gid, gid + 8]
-        float pr[2][2], alpha[2];
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const bool rv = 2 * tig + i < MR;
-          sv[i][0] = (va && rv) ? st[i] * qk_scale : NINF;
-          sv[i][1] = (vb && rv) ? st[2 + i] * qk_scale : NINF;
-          float tmax = fmaxf(sv[i][0], sv[i][1]);
-          tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 4));
-          tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 8));
-          tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 16));
-          const float m_new = fmaxf(m_run[i], tmax);
-          alpha[i] = exp2f(m_run[i] - m_new);
-          m_run[i] = m_new;
-          pr[i][0] = exp2f(sv[i][0] - m_new);
-          pr[i][1] = exp2f(sv[i][1] - m_new);
-          l_run[i] = l_run[i] * alpha[i] + (pr[i][0] + pr[i][1]);
-        }
-        if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
-#pragma unroll
-          for (int i = 0; i < NMT; ++i) {
-            acc[i][0] *= alpha[0]; acc[i][1] *= alpha[1]; acc[i][2] *= alpha[0]; acc[i][3] *= alpha[1];
-          }
-        }
-        // P^T as the PV B operand of lane (gid, tig): row gid, tokens 2 tig, 2 tig + 1 (b0) and + 8 (b1); the lanes
-        // (2 tig, gid / 2) and (2 tig + 1, gid / 2) hold them (as rows 2 (gid / 2) + gid % 2, tokens t and t + 8)
-        const u32 x0 = f2h2(pr[0][0], pr[0][1]), x1 = f2h2(pr[1][0], pr[1][1]);
-        const int srcA = 8 * tig + gid / 2, srcB = srcA + 4;
-        const u32 a0 = __shfl_sync(0xffffffffu, x0, srcA), a1 = __shfl_sync(0xffffffffu, x1, srcA);
-        const u32 b0 = __shfl_sync(0xffffffffu, x0, srcB), b1 = __shfl_sync(0xffffffffu, x1, srcB);
-        const u32 A = (gid & 1) ? a1 : a0, B = (gid & 1) ? b1 : b0;
-        pb0 = __byte_perm(A, B, 0x5410);
-        pb1 = __byte_perm(A, B, 0x7632);
-      }
-      PMARK(3);
-#else
       // ---------------- online softmax (row gid; log2 domain) ----------------
       float sv[4] = {sc[0][0], sc[0][1], sc[1][0], sc[1][1]};
       float tmax = NEG_BIG;
@@ -707,10 +631,9 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
         for (int i = 0; i < NMT; ++i) { acc[i][0] *= a0; acc[i][1] *= a1; acc[i][2] *= a0; acc[i][3] *= a1; }
       }
       PMARK(3);
+      // ---------------- values ----------------
       // P^T as B operand: (tokens 2tig, 2tig+1 ; row gid), (tokens 2tig+8, 2tig+9 ; row gid)
       const u32 pb0 = f2h2(p[0], p[1]), pb1 = f2h2(p[2], p[3]);
-#endif
-      // ---------------- values ----------------
 #pragma unroll
       for (int mt = 0; mt < NMT; ++mt) {
         u32 a[4];
@@ -730,17 +653,8 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
   PMARK(6);
 
   // ---- warp result: corr[row][ch] += acc (unnormalized, relative to m_run of the row) ----
-#if KA
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 4);
-    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 8);
-    l_run[i] += __shfl_xor_sync(0xffffffffu, l_run[i], 16);
-  }
-#else
   l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
   l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
-#endif
   __syncwarp();
   for (int e = lane; e < MR * D; e += 32) corr[e] = 0.f;
   __syncwarp();
@@ -751,13 +665,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
     if (r0 < MR) { corr[r0 * D + cA] += acc[mt][0]; corr[r0 * D + cB] += acc[mt][2]; }
     if (r1 < MR) { corr[r1 * D + cA] += acc[mt][1]; corr[r1 * D + cB] += acc[mt][3]; }
   }
-#if KA
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-    if (gid == 0 && 2 * tig + i < MR) { wm[warp * MR + 2 * tig + i] = m_run[i]; wl[warp * MR + 2 * tig + i] = l_run[i]; }
-#else
   if (tig == 0 && gid < MR) { wm[warp * MR + gid] = m_run; wl[warp * MR + gid] = l_run; }
-#endif
   __syncthreads();
 
   // ---- CTA combine of the warps -> this split's normalized partial output and log-sum-exp ----
