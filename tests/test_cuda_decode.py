@@ -101,6 +101,30 @@ def test_vector_loads_follow_the_layout():
     assert cuda_decode.vector_loads(_make_packed(1, 2, 40, 128, 2, 2, 2, torch.float16, seed=0)) is True
 
 
+@pytest.mark.filterwarnings("ignore::kvquant_hf.errors.UncalibratedCacheWarning")
+@pytest.mark.parametrize("bits,head_dim", [(4, 128), (2, 128), (4, 64)])
+def test_the_cache_storage_takes_the_64_bit_loads(bits, head_dim):
+    """KVQuantCache's own packed storage (every layout the CUDA kernel serves) qualifies for the 64-bit code loads,
+    also after it grew: the fast loads are not only for the benchmark's hand-made caches."""
+    from kvquant_hf.cache import KVQuantLayer
+    from kvquant_hf.config import KVQuantConfig
+    from kvquant_hf.layer_api import AttendInputs, RopeContext, apply_rope
+
+    layer = KVQuantLayer(KVQuantConfig(bits=bits, outlier_slots=2, sink_tokens=1, block_size=16))
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    for pos0, n in ((0, 21), (21, 1), (22, 40)):  # prefill, one decode step, then a chunk that grows the storage
+        g = torch.Generator().manual_seed(pos0)
+        positions = torch.arange(pos0, pos0 + n)[None]
+        rope = RopeContext(cos=None, sin=None, inv_freq=inv_freq)
+        rope.cos, rope.sin = rope.cos_sin(positions, torch.float16)
+        q = apply_rope(torch.randn(1, 4, n, head_dim, generator=g).half(), rope.cos, rope.sin)
+        k, v = (torch.randn(1, 2, n, head_dim, generator=g).half() for _ in range(2))
+        layer.attend(AttendInputs(q, k, v, positions, rope, None, head_dim**-0.5, None))
+        view = layer.packed_view()
+        assert view is not None and view.length == pos0 + n - 1
+        assert cuda_decode.vector_loads(view) is True, (view.k_codes.stride(), view.v_codes.stride())
+
+
 NVRTC = cuda_sass_report.nvrtc_lib()
 
 
