@@ -101,7 +101,7 @@ def test_vector_loads_follow_the_layout():
     assert cuda_decode.vector_loads(_make_packed(1, 2, 40, 128, 2, 2, 2, torch.float16, seed=0)) is True
 
 
-@pytest.mark.filterwarnings("ignore::kvquant_hf.errors.UncalibratedCacheWarning")
+@pytest.mark.filterwarnings("ignore::kvquant_hf.cache.UncalibratedCacheWarning")
 @pytest.mark.parametrize("bits,head_dim", [(4, 128), (2, 128), (4, 64)])
 def test_the_cache_storage_takes_the_64_bit_loads(bits, head_dim):
     """KVQuantCache's own packed storage (every layout the CUDA kernel serves) qualifies for the 64-bit code loads,
