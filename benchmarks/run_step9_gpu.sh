@@ -84,3 +84,17 @@ if [ "${1:-a}" = f ]; then
   timeout 200 python benchmarks/cuda_decode_variants.py --name=cuda_decode_s9f "KA=0" "" "KA=0" "" \
     > "$OUT/variants.log" 2>&1; grep "^{" "$OUT/variants.log"
 fi
+# g: the tile loop split into stage / patch / compute (lambdas) and the PIPE=1 software pipeline (the next tile
+#    dequantized and patched into a second staging buffer while this one is computed; TB=64 for shared memory):
+#    the refactored default against the committed kernel (a copy of the previous commit in .s9old/, carried), the
+#    oracle checks (default: short cases; PIPE: every case), one layer at 128K
+if [ "${1:-a}" = g ]; then
+  (cd .s9old && PYTHONPATH=. timeout 100 python benchmarks/cuda_decode_variants.py --name=cuda_decode_s9g_old "" \
+    > "$OUT/variants_old.log" 2>&1; grep "^{" "$OUT/variants_old.log")
+  timeout 100 python benchmarks/check_cuda_decode.py --skip-long --name check_cuda_decode_s9g > "$OUT/check.log" 2>&1
+  grep -E "FAILURES|Error|error" "$OUT/check.log" | head -20
+  KVQUANT_CUDA_DEFINES="PIPE=1 TB=64" timeout 200 python benchmarks/check_cuda_decode.py --name check_cuda_decode_s9g_pipe \
+    > "$OUT/check_pipe.log" 2>&1; grep -E "FAILURES|Error|error" "$OUT/check_pipe.log" | head -20
+  timeout 200 python benchmarks/cuda_decode_variants.py --name=cuda_decode_s9g "" "TB=64" "PIPE=1 TB=64" \
+    > "$OUT/variants.log" 2>&1; grep "^{" "$OUT/variants.log"
+fi
