@@ -84,7 +84,8 @@ if [ "${1:-a}" = f ]; then
   timeout 200 python benchmarks/cuda_decode_variants.py --name=cuda_decode_s9f "KA=0" "" "KA=0" "" \
     > "$OUT/variants.log" 2>&1; grep "^{" "$OUT/variants.log"
 fi
-# g: the tile loop split into stage / patch / compute (lambdas) and the PIPE=1 software pipeline (the next tile
+# g (ran at 8541944; that kernel change was taken out again after it: no gain): the tile loop split into stage / patch /
+#    compute (lambdas) and the PIPE=1 software pipeline (the next tile
 #    dequantized and patched into a second staging buffer while this one is computed; TB=64 for shared memory):
 #    the refactored default against the committed kernel (a copy of the previous commit in .s9old/, carried), the
 #    oracle checks (default: short cases; PIPE: every case), one layer at 128K

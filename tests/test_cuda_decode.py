@@ -79,7 +79,7 @@ def test_shared_memory_layout_size():
     assert 2 * (cuda_decode.shared_bytes(128, 2, 8, 4, 4) + 1024) <= 228 * 1024
     with open(cuda_decode._SRC) as fh:
         src = fh.read()
-    assert "const int PERW1 = 2 * 32 * KPAD + 32 * VPAD;" in src and "const int PERW = PERW1 * (PIPE ? 2 : 1);" in src
+    assert "const int PERW = 2 * 32 * KPAD + 32 * VPAD;" in src
     assert "#define QWORDS ((MR * QROW + 3) / 4 * 4)" in src and "float* kzs = qs + QWORDS;" in src
     assert "#define RW (2 * KR + 4)" in src and "float* qs = smem + TB * 4 * RW;" in src
     assert "static_assert(MR * D <= 2 * 32 * KPAD" in src  # the warp result (corr) reuses the key staging rows

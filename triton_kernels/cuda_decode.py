@@ -72,7 +72,6 @@ def shared_bytes(d: int, ks: int, mr: int, kb: int = 4, vb: int = 4, num_warps: 
     tb = extra_defines().get("TB", TB)
     num_warps = extra_defines().get("NW", num_warps)
     perw = 2 * 32 * (2 * kr + 4) + 32 * (4 * (d // 16) + 4)  # per warp: staged key (KPAD) and value (VPAD) fragments
-    perw *= 2 if extra_defines().get("PIPE", 0) else 1  # PIPE: two staging buffers per warp
     rw = 2 * kr + 4 if extra_defines().get("RT2", 1) else 3 * kr  # R(j) table row (RW)
     qwords = (mr * (d + 1) + 3) // 4 * 4  # query rows D + 1 floats apart (QWORDS)
     lutc = extra_defines().get("LUTC", 1)  # copies of the code-pair tables

@@ -52,7 +52,9 @@
 // (no gain at 4 bits, slower at 2: cuda_decode_s9b.md); scores as S^T = K Q^T (tokens as the MMA's M rows: 8 score
 // MMAs per tile instead of 16, no zero-padded A quads, softmax per token rows, P^T by four shuffles): correct
 // (check_cuda_decode_s9f.md) but 130.7 vs 131.4 us uniform nuq4 and 171.6 vs 169.7 NF nuq4 (cuda_decode_s9f.md;
-// commit 6a4a546), so the MMAs and the quad moves are not what limits the tile.
+// commit 6a4a546), so the MMAs and the quad moves are not what limits the tile; a software pipeline (the next tile
+// dequantized and patched into a second staging buffer while this one is computed, TB=64 for shared memory):
+// 137.4 us vs 132.7 (cuda_decode_s9g.md; commit 8541944).
 // Tried and removed (measured): per-lane copies of the code tables (LUTX / LUTR: no gain, cuda_decode_round3/4.md);
 // three CTAs per SM at <= 168 registers with TB = 64 (spills: 260 vs 157 us, cuda_decode_round4.md); the same with
 // the folded key scale/zero read from shared memory instead of 32 registers per thread (no spills, but 168.6 vs
@@ -84,11 +86,6 @@ static_assert(KCH == 1 || KCH == 2 || KCH == 4, "KCH: 1, 2 or 4 accumulation cha
 // LUTC copies of each code-pair table (K_LUT / V_LUT), lane l reading copy l % LUTC: fewer bank conflicts
 #ifndef LUTC
 #define LUTC 1
-#endif
-// PIPE=1: two staging buffers per warp, the next tile dequantized and patched while this one is computed (needs
-// TB=64 for two CTAs' shared memory per SM)
-#ifndef PIPE
-#define PIPE 0
 #endif
 #define KPAD (2 * KR + 4)          // staged key words per lane and 8-token half (padding: conflict-free 128-bit)
 #define VPAD (4 * NMT + 4)         // staged value words per lane
@@ -214,8 +211,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
   float* kss = kzs + D;
   float* wbase = kss + D;
   // per warp: key fragments [2][32][KPAD] u32 (its result corr [MR][D] f32 after the loop) | values [32][VPAD] u32
-  const int PERW1 = 2 * 32 * KPAD + 32 * VPAD;  // one staging buffer
-  const int PERW = PERW1 * (PIPE ? 2 : 1);
+  const int PERW = 2 * 32 * KPAD + 32 * VPAD;
   static_assert(MR * D <= 2 * 32 * KPAD, "corr must fit in the key staging area");
   float* wm = wbase + NW * PERW;
   float* wl = wm + NW * MR;
@@ -417,10 +413,9 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       }
     }
   };
-  // per-block state: mode A (consecutive positions from P, queries rotated by R(P)) or B, and the rotated queries
-  bool modeA = true;
-  u32 QA[2 * KR];  // A fragments of the rotated queries (row gid; rows >= MR and gid + 8 are zero)
-  auto block_start = [&](int blk) {
+  PMARK(7);
+
+  for (int blk = wlo; blk < whi; blk += TB) {
     // positions: consecutive from P in this block (mode A) or not (mode B: per-token angles, queries unrotated)
     int pC[PPL];
 #pragma unroll
@@ -440,8 +435,9 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       const int u = lane + 32 * i, t = blk + u;
       if (t < whi && t >= vis && pC[i] - u != P) okA = false;
     }
-    modeA = __all_sync(0xffffffffu, okA);
+    const bool modeA = __all_sync(0xffffffffu, okA);
     if (!modeA) P = 0;
+    u32 QA[2 * KR];  // A fragments of the rotated queries (row gid; rows >= MR and gid + 8 are zero)
 #pragma unroll
     for (int r = 0; r < KR; ++r) {
       float lo[2], hi[2];
@@ -457,305 +453,205 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       QA[r] = f2h2(lo[0], lo[1]);
       QA[KR + r] = f2h2(hi[0], hi[1]);
     }
-  };
-  // dequantize one tile into staging rows kst / vst (the lane's MMA fragments)
-  auto stage = [&](int t0, u32* kst, u32* vst, const u32 (&kw)[2][2][KWT], const u32 (&vw)[4][VW], const u32* SC,
-                   const u32* ZE) {
-#if KS > 0 || VS > 0
-    // this lane's fragments into its staging rows (it alone reads them back; slot lanes patch them in between)
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-      u32 kreg[2 * KR];
-      key_regs(kw[nt], kreg);
-      U4* dst = (U4*)(kst + (nt * 32 + lane) * KPAD);
-#pragma unroll
-      for (int g = 0; g < KR / 2; ++g) dst[g] = U4{kreg[4 * g], kreg[4 * g + 1], kreg[4 * g + 2], kreg[4 * g + 3]};
-    }
-#pragma unroll
-    for (int mt = 0; mt < NMT; ++mt) {
-      u32 a[4];
-      val_regs(mt, vw, SC, ZE, a);
-      *(U4*)(vst + lane * VPAD + 4 * mt) = U4{a[0], a[1], a[2], a[3]};
-    }
+
+    for (int t0 = blk; t0 < min(blk + TB, whi); t0 += TILE) {
+      PMARK(6);
+#if PROF
+      ntiles += 1.f;
 #endif
-  };
-  // outlier slots of one staged tile (between two __syncwarp)
-  auto patch = [&](int t0, u32* kst, u32* vst, const int* ki, const int* vi, u16 kv1, u16 vv1) {
-#if KS > 0 || VS > 0
-    // outlier slots: the lane of (token su, slot ss) writes the exact value over that element's fragment half
-    {
-      const int t = t0 + su;
-      const bool valid = t < whi && t >= vis;
-#if KS > 0
-      if (ss < KS) {
-        int idx = valid ? (ss == 0 ? ki[0] : ki[KSX - 1]) : 255;  // (a register select: ki[ss] went to local memory)
+      const int jb = t0 - blk;
+      // this tile's data (loaded one tile ahead), then the next tile's loads
+      u32 kw[2][2][KWT], vw[4][VW];
+      u16 vsC[4], vzC[4];
+      int ki[KSX], vi[VSX];
 #pragma unroll
-        for (int s2 = 0; s2 < KSX; ++s2)
-          if (s2 > ss && ki[s2] == idx) idx = 255;  // the same channel twice: the later slot holds it
-        if (idx < D) {  // channel idx = key_channel(tg, r, l) of lane (su % 8) * 4 + tg, half su / 8
-          const int hh_ = idx / HALF, rem = idx % HALF, tg = rem / (HALF / 4), r2 = rem % (HALF / 4);
-          const int j = r2 / KCPW, qq = r2 % KCPW, l = qq / KNI, qn = qq % KNI;
-          const int r = hh_ * KR + j * KNI + qn;
-          ((u16*)kst)[(((su / 8) * 32 + (su % 8) * 4 + tg) * KPAD + r) * 2 + l] = f2h(in2f(kv1));
-        }
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+          for (int j = 0; j < KWT; ++j) kw[nt][hf][j] = kwN[nt][hf][j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int j = 0; j < VW; ++j) vw[i][j] = vwN[i][j];
+        vsC[i] = vsN[i]; vzC[i] = vzN[i];
       }
+#pragma unroll
+      for (int s2 = 0; s2 < KSX; ++s2) ki[s2] = kiN[s2];
+#pragma unroll
+      for (int s2 = 0; s2 < VSX; ++s2) vi[s2] = viN[s2];
+      const u16 kv1 = kvN, vv1 = vvN, vs1 = vs1N, vz1 = vz1N;
+      if (t0 + TILE < whi) load_tile(t0 + TILE);
+      u32 SC[2], ZE[2];
+      val_scales(t0, vsC, vzC, SC, ZE);
+#if KS > 0 || VS > 0
+      // this lane's fragments into its staging rows (it alone reads them back; slot lanes patch them in between)
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        u32 kreg[2 * KR];
+        key_regs(kw[nt], kreg);
+        U4* dst = (U4*)(kst + (nt * 32 + lane) * KPAD);
+#pragma unroll
+        for (int g = 0; g < KR / 2; ++g) dst[g] = U4{kreg[4 * g], kreg[4 * g + 1], kreg[4 * g + 2], kreg[4 * g + 3]};
+      }
+#pragma unroll
+      for (int mt = 0; mt < NMT; ++mt) {
+        u32 a[4];
+        val_regs(mt, vw, SC, ZE, a);
+        *(U4*)(vst + lane * VPAD + 4 * mt) = U4{a[0], a[1], a[2], a[3]};
+      }
+      __syncwarp();
+      PMARK(0);
+      // outlier slots: the lane of (token su, slot ss) writes the exact value over that element's fragment half
+      {
+        const int t = t0 + su;
+        const bool valid = t < whi && t >= vis;
+#if KS > 0
+        if (ss < KS) {
+          int idx = valid ? (ss == 0 ? ki[0] : ki[KSX - 1]) : 255;  // (a register select: ki[ss] went to local memory)
+#pragma unroll
+          for (int s2 = 0; s2 < KSX; ++s2)
+            if (s2 > ss && ki[s2] == idx) idx = 255;  // the same channel twice: the later slot holds it
+          if (idx < D) {  // channel idx = key_channel(tg, r, l) of lane (su % 8) * 4 + tg, half su / 8
+            const int hh_ = idx / HALF, rem = idx % HALF, tg = rem / (HALF / 4), r2 = rem % (HALF / 4);
+            const int j = r2 / KCPW, qq = r2 % KCPW, l = qq / KNI, qn = qq % KNI;
+            const int r = hh_ * KR + j * KNI + qn;
+            ((u16*)kst)[(((su / 8) * 32 + (su % 8) * 4 + tg) * KPAD + r) * 2 + l] = f2h(in2f(kv1));
+          }
+        }
 #endif
 #if VS > 0
-      if (ss < VS) {
-        int idx = valid ? (ss == 0 ? vi[0] : vi[VSX - 1]) : 255;
+        if (ss < VS) {
+          int idx = valid ? (ss == 0 ? vi[0] : vi[VSX - 1]) : 255;
 #pragma unroll
-        for (int s2 = 0; s2 < VSX; ++s2)
-          if (s2 > ss && vi[s2] == idx) idx = 255;
-        if (idx < D) {  // channel idx = val_channel(mt, row) of gid idx / (D / 8); token su of tig (su % 8) / 2
-          const int go = idx / (D / 8), rem = idx % (D / 8), mt = rem / 2, rs = rem % 2;
-          const int ln = go * 4 + (su % 8) / 2, k = 2 * (su / 8) + rs;
-          ((u16*)vst)[(ln * VPAD + 4 * mt + k) * 2 + (su % 2)] = f2h(in2f(vv1));
+          for (int s2 = 0; s2 < VSX; ++s2)
+            if (s2 > ss && vi[s2] == idx) idx = 255;
+          if (idx < D) {  // channel idx = val_channel(mt, row) of gid idx / (D / 8); token su of tig (su % 8) / 2
+            const int go = idx / (D / 8), rem = idx % (D / 8), mt = rem / 2, rs = rem % 2;
+            const int ln = go * 4 + (su % 8) / 2, k = 2 * (su / 8) + rs;
+            ((u16*)vst)[(ln * VPAD + 4 * mt + k) * 2 + (su % 2)] = f2h(in2f(vv1));
+          }
         }
+#endif
       }
+      __syncwarp();
 #endif
-    }
-#endif
-  };
-  // scores, online softmax and PV of one tile (staged in kst / vst, or straight from the codes without slots)
-  auto compute = [&](int t0, int jb, const u32* kst, const u32* vst, const u32 (&kw)[2][2][KWT],
-                     const u32 (&vw)[4][VW], const u32* SC, const u32* ZE) {
-    // ---------------- scores ----------------
-    float sc[2][4];
+      PMARK(1);
+      // ---------------- scores ----------------
+      float sc[2][4];
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-      sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
-      const int u = nt * 8 + gid;  // token of this thread within the tile
-      // cos / sin / -sin of this token (table in mode A, direct in mode B)
-      u32 C[KR], S[KR];
+      for (int nt = 0; nt < 2; ++nt) {
+        sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
+        const int u = nt * 8 + gid;  // token of this thread within the tile
+        // cos / sin / -sin of this token (table in mode A, direct in mode B)
+        u32 C[KR], S[KR];
 #if !RT2
-      u32 NSn[KR];
+        u32 NSn[KR];
 #endif
-      if (modeA) {
-        const u32* tr = rtab + ((jb + u) * 4 + tig) * RW;
+        if (modeA) {
+          const u32* tr = rtab + ((jb + u) * 4 + tig) * RW;
 #pragma unroll
-        for (int r = 0; r < KR; ++r) {
-          C[r] = tr[r]; S[r] = tr[KR + r];
+          for (int r = 0; r < KR; ++r) {
+            C[r] = tr[r]; S[r] = tr[KR + r];
 #if !RT2
-          NSn[r] = tr[2 * KR + r];
+            NSn[r] = tr[2 * KR + r];
 #endif
+          }
+        } else {
+          float pt = (float)posb[min(t0 + u, whi - 1)];
+#pragma unroll
+          for (int r = 0; r < KR; ++r) {
+            float c0, s0, c1, s1;
+            cos_sin(pt * inv_freq[key_channel(tig, r, 0)], &c0, &s0);
+            cos_sin(pt * inv_freq[key_channel(tig, r, 1)], &c1, &s1);
+            C[r] = f2h2(c0, c1); S[r] = f2h2(s0, s1);
+#if !RT2
+            NSn[r] = f2h2(-s0, -s1);
+#endif
+          }
         }
-      } else {
-        float pt = (float)posb[min(t0 + u, whi - 1)];
-#pragma unroll
-        for (int r = 0; r < KR; ++r) {
-          float c0, s0, c1, s1;
-          cos_sin(pt * inv_freq[key_channel(tig, r, 0)], &c0, &s0);
-          cos_sin(pt * inv_freq[key_channel(tig, r, 1)], &c1, &s1);
-          C[r] = f2h2(c0, c1); S[r] = f2h2(s0, s1);
-#if !RT2
-          NSn[r] = f2h2(-s0, -s1);
-#endif
-        }
-      }
-      u32 kreg[2 * KR];
+        u32 kreg[2 * KR];
 #if KS > 0 || VS > 0
-      {
-        const U4* src = (const U4*)(kst + (nt * 32 + lane) * KPAD);
+        {
+          const U4* src = (const U4*)(kst + (nt * 32 + lane) * KPAD);
 #pragma unroll
-        for (int g = 0; g < KR / 2; ++g) {
-          const U4 v = src[g];
-          kreg[4 * g] = v.x; kreg[4 * g + 1] = v.y; kreg[4 * g + 2] = v.z; kreg[4 * g + 3] = v.w;
+          for (int g = 0; g < KR / 2; ++g) {
+            const U4 v = src[g];
+            kreg[4 * g] = v.x; kreg[4 * g + 1] = v.y; kreg[4 * g + 2] = v.z; kreg[4 * g + 3] = v.w;
+          }
         }
-      }
 #else
-      key_regs(kw[nt], kreg);
+        key_regs(kw[nt], kreg);
 #endif
 #pragma unroll
-      for (int r = 0; r < KR; ++r) {  // RoPE by R(j): a' = a c - b s, b' = b c + a s
-        u32 a = kreg[r], bb = kreg[KR + r];
+        for (int r = 0; r < KR; ++r) {  // RoPE by R(j): a' = a c - b s, b' = b c + a s
+          u32 a = kreg[r], bb = kreg[KR + r];
 #if RT2
-        kreg[r] = hfma2n(bb, S[r], hmul2(a, C[r]));
+          kreg[r] = hfma2n(bb, S[r], hmul2(a, C[r]));
 #else
-        kreg[r] = hfma2(bb, NSn[r], hmul2(a, C[r]));
+          kreg[r] = hfma2(bb, NSn[r], hmul2(a, C[r]));
 #endif
-        kreg[KR + r] = hfma2(a, S[r], hmul2(bb, C[r]));
+          kreg[KR + r] = hfma2(a, S[r], hmul2(bb, C[r]));
+        }
+        // KCH independent accumulation chains of the KR k-slices (KCH = 1, 2 or 4), summed at the end
+        float scc[KCH][4];
+#pragma unroll
+        for (int c = 0; c < KCH; ++c) scc[c][0] = scc[c][1] = scc[c][2] = scc[c][3] = 0.f;
+#pragma unroll
+        for (int s = 0; s < KR; ++s)  // k-slices: registers (2s, 2s+1)
+          mma16816(scc[s % KCH], QA[2 * s], 0u, QA[2 * s + 1], 0u, kreg[2 * s], kreg[2 * s + 1]);
+#pragma unroll
+        for (int c = 0; c < KCH; ++c)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) sc[nt][i] += scc[c][i];
       }
-      // KCH independent accumulation chains of the KR k-slices (KCH = 1, 2 or 4), summed at the end
-      float scc[KCH][4];
+      PMARK(2);
+      // ---------------- key outlier slots: add the corrections computed before the MMAs ----------------
+      // ---------------- online softmax (row gid; log2 domain) ----------------
+      float sv[4] = {sc[0][0], sc[0][1], sc[1][0], sc[1][1]};
+      float tmax = NEG_BIG;
 #pragma unroll
-      for (int c = 0; c < KCH; ++c) scc[c][0] = scc[c][1] = scc[c][2] = scc[c][3] = 0.f;
+      for (int i = 0; i < 4; ++i) {
+        const int t = t0 + tokof(tig, i);
+        sv[i] = (t < whi && t >= vis && gid < MR) ? sv[i] * qk_scale : __int_as_float(0xff800000);
+        tmax = fmaxf(tmax, sv[i]);
+      }
+      tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
+      tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
+      const float m_new = fmaxf(m_run, tmax);
+      const float alpha = exp2f(m_run - m_new);
+      m_run = m_new;
+      float p[4], psum = 0.f;
 #pragma unroll
-      for (int s = 0; s < KR; ++s)  // k-slices: registers (2s, 2s+1)
-        mma16816(scc[s % KCH], QA[2 * s], 0u, QA[2 * s + 1], 0u, kreg[2 * s], kreg[2 * s + 1]);
+      for (int i = 0; i < 4; ++i) { p[i] = exp2f(sv[i] - m_new); psum += p[i]; }
+      l_run = l_run * alpha + psum;
+      if (__any_sync(0xffffffffu, alpha != 1.f)) {
+        // acc holds rows 2tig, 2tig+1 (C columns)
+        const float a0 = __shfl_sync(0xffffffffu, alpha, (2 * tig) * 4);
+        const float a1 = __shfl_sync(0xffffffffu, alpha, (2 * tig + 1) * 4);
 #pragma unroll
-      for (int c = 0; c < KCH; ++c)
+        for (int i = 0; i < NMT; ++i) { acc[i][0] *= a0; acc[i][1] *= a1; acc[i][2] *= a0; acc[i][3] *= a1; }
+      }
+      PMARK(3);
+      // ---------------- values ----------------
+      // P^T as B operand: (tokens 2tig, 2tig+1 ; row gid), (tokens 2tig+8, 2tig+9 ; row gid)
+      const u32 pb0 = f2h2(p[0], p[1]), pb1 = f2h2(p[2], p[3]);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) sc[nt][i] += scc[c][i];
-    }
-    PMARK(2);
-    // ---------------- key outlier slots: add the corrections computed before the MMAs ----------------
-    // ---------------- online softmax (row gid; log2 domain) ----------------
-    float sv[4] = {sc[0][0], sc[0][1], sc[1][0], sc[1][1]};
-    float tmax = NEG_BIG;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int t = t0 + tokof(tig, i);
-      sv[i] = (t < whi && t >= vis && gid < MR) ? sv[i] * qk_scale : __int_as_float(0xff800000);
-      tmax = fmaxf(tmax, sv[i]);
-    }
-    tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
-    tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
-    const float m_new = fmaxf(m_run, tmax);
-    const float alpha = exp2f(m_run - m_new);
-    m_run = m_new;
-    float p[4], psum = 0.f;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) { p[i] = exp2f(sv[i] - m_new); psum += p[i]; }
-    l_run = l_run * alpha + psum;
-    if (__any_sync(0xffffffffu, alpha != 1.f)) {
-      // acc holds rows 2tig, 2tig+1 (C columns)
-      const float a0 = __shfl_sync(0xffffffffu, alpha, (2 * tig) * 4);
-      const float a1 = __shfl_sync(0xffffffffu, alpha, (2 * tig + 1) * 4);
-#pragma unroll
-      for (int i = 0; i < NMT; ++i) { acc[i][0] *= a0; acc[i][1] *= a1; acc[i][2] *= a0; acc[i][3] *= a1; }
-    }
-    PMARK(3);
-    // ---------------- values ----------------
-    // P^T as B operand: (tokens 2tig, 2tig+1 ; row gid), (tokens 2tig+8, 2tig+9 ; row gid)
-    const u32 pb0 = f2h2(p[0], p[1]), pb1 = f2h2(p[2], p[3]);
-#pragma unroll
-    for (int mt = 0; mt < NMT; ++mt) {
-      u32 a[4];
+      for (int mt = 0; mt < NMT; ++mt) {
+        u32 a[4];
 #if KS > 0 || VS > 0
-      const U4 v = *(const U4*)(vst + lane * VPAD + 4 * mt);
-      a[0] = v.x; a[1] = v.y; a[2] = v.z; a[3] = v.w;
+        const U4 v = *(const U4*)(vst + lane * VPAD + 4 * mt);
+        a[0] = v.x; a[1] = v.y; a[2] = v.z; a[3] = v.w;
 #else
-      val_regs(mt, vw, SC, ZE, a);
+        val_regs(mt, vw, SC, ZE, a);
 #endif
-      mma16816(acc[mt], a[0], a[1], a[2], a[3], pb0, pb1);
+        mma16816(acc[mt], a[0], a[1], a[2], a[3], pb0, pb1);
+      }
+      PMARK(4);
+      // ---------------- value outlier slots: p * (val - deq) into corr ----------------
+      PMARK(5);
     }
-    PMARK(4);
-    // ---------------- value outlier slots: p * (val - deq) into corr ----------------
-  };
-  PMARK(7);
-
-#if PIPE
-  // software pipeline: tile t + 1 is dequantized and patched into the other staging buffer while tile t is
-  // computed from this one (the two instruction streams are independent until the trailing __syncwarp)
-  static_assert(KS > 0 || VS > 0, "PIPE needs outlier slots (staging)");
-  if (wlo < whi) {
-    const int t0 = wlo;
-    u32 kw[2][2][KWT], vw[4][VW];
-    u16 vsC[4], vzC[4];
-    int ki[KSX], vi[VSX];
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf)
-#pragma unroll
-        for (int j = 0; j < KWT; ++j) kw[nt][hf][j] = kwN[nt][hf][j];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-#pragma unroll
-      for (int j = 0; j < VW; ++j) vw[i][j] = vwN[i][j];
-      vsC[i] = vsN[i]; vzC[i] = vzN[i];
-    }
-#pragma unroll
-    for (int s2 = 0; s2 < KSX; ++s2) ki[s2] = kiN[s2];
-#pragma unroll
-    for (int s2 = 0; s2 < VSX; ++s2) vi[s2] = viN[s2];
-    const u16 kv1 = kvN, vv1 = vvN, vs1 = vs1N, vz1 = vz1N;
-    if (t0 + TILE < whi) load_tile(t0 + TILE);
-    u32 SC[2], ZE[2];
-    val_scales(t0, vsC, vzC, SC, ZE);
-    stage(t0, kst, vst, kw, vw, SC, ZE);
-    __syncwarp();
-    patch(t0, kst, vst, ki, vi, kv1, vv1);
-    __syncwarp();
   }
-  int cur = 0;
-  for (int t0c = wlo; t0c < whi; t0c += TILE) {
-    const int jb = (t0c - wlo) % TB;
-    if (jb == 0) block_start(t0c);
-    PMARK(6);
-#if PROF
-    ntiles += 1.f;
-#endif
-    const int t0 = t0c + TILE;  // the next tile: its data (loaded one tile ahead) into the other buffer
-    const bool more = t0 < whi;
-    u32 kw[2][2][KWT], vw[4][VW];
-    u16 vsC[4], vzC[4];
-    int ki[KSX], vi[VSX];
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf)
-#pragma unroll
-        for (int j = 0; j < KWT; ++j) kw[nt][hf][j] = kwN[nt][hf][j];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-#pragma unroll
-      for (int j = 0; j < VW; ++j) vw[i][j] = vwN[i][j];
-      vsC[i] = vsN[i]; vzC[i] = vzN[i];
-    }
-#pragma unroll
-    for (int s2 = 0; s2 < KSX; ++s2) ki[s2] = kiN[s2];
-#pragma unroll
-    for (int s2 = 0; s2 < VSX; ++s2) vi[s2] = viN[s2];
-    const u16 kv1 = kvN, vv1 = vvN, vs1 = vs1N, vz1 = vz1N;
-    if (t0 + TILE < whi) load_tile(t0 + TILE);
-    u32 SC[2], ZE[2];
-    val_scales(t0, vsC, vzC, SC, ZE);
-    u32* kc = kst + cur * PERW1;
-    u32* kn = kst + (cur ^ 1) * PERW1;
-    if (more) stage(t0, kn, kn + 2 * 32 * KPAD, kw, vw, SC, ZE);
-    PMARK(0);
-    compute(t0c, jb, kc, kc + 2 * 32 * KPAD, kw, vw, SC, ZE);
-    __syncwarp();
-    if (more) patch(t0, kn, kn + 2 * 32 * KPAD, ki, vi, kv1, vv1);
-    __syncwarp();
-    PMARK(1);
-    cur ^= 1;
-  }
-#else
-  for (int t0 = wlo; t0 < whi; t0 += TILE) {
-    const int jb = (t0 - wlo) % TB;
-    if (jb == 0) block_start(t0);
-    PMARK(6);
-#if PROF
-    ntiles += 1.f;
-#endif
-    // this tile's data (loaded one tile ahead), then the next tile's loads
-    u32 kw[2][2][KWT], vw[4][VW];
-    u16 vsC[4], vzC[4];
-    int ki[KSX], vi[VSX];
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf)
-#pragma unroll
-        for (int j = 0; j < KWT; ++j) kw[nt][hf][j] = kwN[nt][hf][j];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-#pragma unroll
-      for (int j = 0; j < VW; ++j) vw[i][j] = vwN[i][j];
-      vsC[i] = vsN[i]; vzC[i] = vzN[i];
-    }
-#pragma unroll
-    for (int s2 = 0; s2 < KSX; ++s2) ki[s2] = kiN[s2];
-#pragma unroll
-    for (int s2 = 0; s2 < VSX; ++s2) vi[s2] = viN[s2];
-    const u16 kv1 = kvN, vv1 = vvN, vs1 = vs1N, vz1 = vz1N;
-    if (t0 + TILE < whi) load_tile(t0 + TILE);
-    u32 SC[2], ZE[2];
-    val_scales(t0, vsC, vzC, SC, ZE);
-#if KS > 0 || VS > 0
-    stage(t0, kst, vst, kw, vw, SC, ZE);
-    __syncwarp();
-    PMARK(0);
-    patch(t0, kst, vst, ki, vi, kv1, vv1);
-    __syncwarp();
-#endif
-    PMARK(1);
-    compute(t0, jb, kst, vst, kw, vw, SC, ZE);
-    PMARK(5);
-  }
-#endif
   PMARK(6);
 
   // ---- warp result: corr[row][ch] += acc (unnormalized, relative to m_run of the row) ----
