@@ -99,3 +99,8 @@ if [ "${1:-a}" = g ]; then
   timeout 200 python benchmarks/cuda_decode_variants.py --name=cuda_decode_s9g "" "TB=64" "PIPE=1 TB=64" \
     > "$OUT/variants.log" 2>&1; grep "^{" "$OUT/variants.log"
 fi
+# h: the model-level GPU checks with the kept kernel (Llama-3-8B shape, 4 layers, random fp16 weights)
+if [ "${1:-a}" = h ]; then
+  timeout 220 python benchmarks/gpu_checks.py --layers 4 --dtype float16 --name gpu_checks_fp16_s9 \
+    > "$OUT/gpu_checks.log" 2>&1; grep "'check'" "$OUT/gpu_checks.log"; tail -n 2 "$OUT/gpu_checks.log"
+fi
