@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Session 9, device calls on the H200 (the one-pass CUDA decode kernel, triton_kernels/cuda/packed_decode.cu):
+# Calls a-c compare against the RT2=0 / LUTC / VSV variants, whose switches were taken out of the kernel once measured
+# (the kept code is what RT2=1, LUTC=1, no VSV built: identical SASS); rerun them at commit cb985cc.
 #   bash benchmarks/run_step9_gpu.sh a   the kernel with the R(j) table of cos/sin only in conflict-free padded rows
 #        (RT2=1) and 64-bit code / paired scale loads (VEC, VSV; the host picks them from the cache layout): the torch
 #        oracle check (every case, 128K included), one layer at 128K for the four combinations, and ncu's shared

@@ -71,7 +71,7 @@ def test_shared_memory_layout_size():
     d, ks, mr, kb, vb, nw = 128, 2, 4, 4, 2, cuda_decode.NUM_WARPS
     kr, tb = d // 16, cuda_decode.TB
     perw = 2 * 32 * (2 * kr + 4) + 32 * (4 * d // 16 + 4)  # staged key fragments [2][32][KPAD], values [32][VPAD]
-    rw = 2 * kr + 4  # R(j) table row: cos, sin, 4 words of padding (RT2=1)
+    rw = 2 * kr + 4  # R(j) table row: cos, sin, 4 words of padding
     qwords = (mr * (d + 1) + 3) // 4 * 4  # query rows D + 1 floats apart, padded to 16 bytes
     words = tb * 4 * rw + qwords + 2 * d + nw * perw + 2 * nw * mr + 32 + 2 ** (2 * kb) + 2 ** (2 * vb)
     assert cuda_decode.shared_bytes(d, ks, mr, kb, vb) == 4 * words

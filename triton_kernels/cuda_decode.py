@@ -72,11 +72,9 @@ def shared_bytes(d: int, ks: int, mr: int, kb: int = 4, vb: int = 4, num_warps: 
     tb = extra_defines().get("TB", TB)
     num_warps = extra_defines().get("NW", num_warps)
     perw = 2 * 32 * (2 * kr + 4) + 32 * (4 * (d // 16) + 4)  # per warp: staged key (KPAD) and value (VPAD) fragments
-    rw = 2 * kr + 4 if extra_defines().get("RT2", 1) else 3 * kr  # R(j) table row (RW)
+    rw = 2 * kr + 4  # R(j) table row: cos, sin, padding (RW)
     qwords = (mr * (d + 1) + 3) // 4 * 4  # query rows D + 1 floats apart (QWORDS)
-    lutc = extra_defines().get("LUTC", 1)  # copies of the code-pair tables
-    floats = (tb * 4 * rw + qwords + 2 * d + num_warps * perw + 2 * num_warps * mr + 32
-              + lutc * ((1 << 2 * kb) + (1 << 2 * vb)))
+    floats = tb * 4 * rw + qwords + 2 * d + num_warps * perw + 2 * num_warps * mr + 32 + (1 << 2 * kb) + (1 << 2 * vb)
     return 4 * floats
 
 

@@ -48,9 +48,10 @@
 // then every lane reloads its fragments. (Session 4's per-token corrections -- score deltas, p * delta added with
 // shared float atomics, which sm_90 runs as CAS loops -- took 240 us at 128K vs 172 us this way.)
 // KCH=2: the score MMAs of an 8-token half accumulate in two chains (167 vs 172 us at 128K, cuda_decode_round2.md;
-// KCH=4 no gain, cuda_decode_s9c.md). Also tried in session 9 and not kept: LUTC=4/8 copies of the code-pair tables
-// (no gain at 4 bits, slower at 2: cuda_decode_s9b.md); scores as S^T = K Q^T (tokens as the MMA's M rows: 8 score
-// MMAs per tile instead of 16, no zero-padded A quads, softmax per token rows, P^T by four shuffles): correct
+// KCH=4 no gain, cuda_decode_s9c.md). Also tried in session 9 and not kept: 4 or 8 copies of the code-pair tables,
+// lane l reading copy l % copies (no gain at 4 bits, slower at 2: cuda_decode_s9b.md, variant LUTC); scores as
+// S^T = K Q^T (tokens as the MMA's M rows: 8 score MMAs per tile instead of 16, no zero-padded A quads, softmax per
+// token rows, P^T by four shuffles): correct
 // (check_cuda_decode_s9f.md) but 130.7 vs 131.4 us uniform nuq4 and 171.6 vs 169.7 NF nuq4 (cuda_decode_s9f.md;
 // commit 6a4a546), so the MMAs and the quad moves are not what limits the tile; a software pipeline (the next tile
 // dequantized and patched into a second staging buffer while this one is computed, TB=64 for shared memory):
@@ -63,16 +64,10 @@
 #define KCH 2
 #endif
 static_assert(KCH == 1 || KCH == 2 || KCH == 4, "KCH: 1, 2 or 4 accumulation chains");
-// RT2=1: the R(j) table holds cos and sin only (the minus sign is an operand modifier of HFMA2), rows padded to
-// 2 KR + 4 words so the 128-bit loads of 8 consecutive rows hit distinct banks (3 KR = 24 words: 2-way conflicts).
-#ifndef RT2
-#define RT2 1
-#endif
-#if RT2
+// The R(j) table holds cos and sin only (the minus sign is an operand modifier of HFMA2), rows padded to RW =
+// 2 KR + 4 words so the 128-bit loads of 8 consecutive rows hit distinct banks (rows of cos, sin and -sin, 3 KR = 24
+// words, were 2-way conflicts: 149.6 -> 134.9 us at 128K, cuda_decode_s9a.md, variant RT2=0 there).
 #define RW (2 * KR + 4)
-#else
-#define RW (3 * KR)
-#endif
 // VEC=1 (the host sets it when code rows are 8-byte aligned): 64-bit loads of a lane's key and value code words
 // (131.3 vs 132.8 us at 128K; loading a token pair's value scale and zero in one 32-bit load instead was slower,
 // 153.9 us: cuda_decode_s9b.md).
@@ -83,10 +78,6 @@ static_assert(KCH == 1 || KCH == 2 || KCH == 4, "KCH: 1, 2 or 4 accumulation cha
 // (rows D apart were an 8-way bank conflict); QWORDS keeps what follows 16-byte aligned
 #define QROW (D + 1)
 #define QWORDS ((MR * QROW + 3) / 4 * 4)
-// LUTC copies of each code-pair table (K_LUT / V_LUT), lane l reading copy l % LUTC: fewer bank conflicts
-#ifndef LUTC
-#define LUTC 1
-#endif
 #define KPAD (2 * KR + 4)          // staged key words per lane and 8-token half (padding: conflict-free 128-bit)
 #define VPAD (4 * NMT + 4)         // staged value words per lane
 #define VSX (VS > 0 ? VS : 1)
@@ -203,8 +194,8 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
     long long spb,
     float qk_scale, float k_a, float k_b, float v_a, float v_b) {
   extern __shared__ float smem[];
-  // shared layout: R(j) table [TB][4 tig][RW] u32 (cos [KR], sin [KR], then -sin [KR] or padding) | q [MR][D] f32 | kz, ks (folded) [D] f32 each |
-  //                per warp (below) | wm, wl [NW][MR] | code tables
+  // shared layout: R(j) table [TB][4 tig][RW] u32 (cos [KR], sin [KR], padding) | q [MR][QROW] f32 (QWORDS) |
+  //                kz, ks (folded) [D] f32 each | per warp (below) | wm, wl [NW][MR] | code tables
   u32* rtab = (u32*)smem;
   float* qs = smem + TB * 4 * RW;
   float* kzs = qs + QWORDS;
@@ -218,7 +209,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
   float* ktf = wl + NW * MR;  // code -> signpost (affine grids: the code itself; scale/zero carry the grid)
   float* vtf = ktf + 16;
   u32* kpt = (u32*)(vtf + 16);  // half2 signposts of code pairs (K_LUT / V_LUT)
-  u32* vpt = kpt + (1 << (2 * KB)) * LUTC;
+  u32* vpt = kpt + (1 << (2 * KB));
 
 #if PROF
   float prof[9] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, ntiles = 0.f;
@@ -244,9 +235,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
     u32* row = rtab + (j * 4 + t) * RW;
     row[r] = f2h2(c0, c1);
     row[KR + r] = f2h2(s0, s1);
-#if !RT2
-    row[2 * KR + r] = f2h2(-s0, -s1);
-#endif
   }
   for (int e = tid; e < MR * D; e += NW * 32) {
     int m = e / D, ch = e % D;
@@ -263,10 +251,10 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
     vtf[c] = (V_LUT && c < (1 << VB)) ? vlut[c] : (float)c;
   }
 #if K_LUT
-  for (int e = tid; e < (1 << (2 * KB)) * LUTC; e += NW * 32) kpt[e] = kpair[e / LUTC];
+  for (int e = tid; e < (1 << (2 * KB)); e += NW * 32) kpt[e] = kpair[e];
 #endif
 #if V_LUT
-  for (int e = tid; e < (1 << (2 * VB)) * LUTC; e += NW * 32) vpt[e] = vpair[e / LUTC];
+  for (int e = tid; e < (1 << (2 * VB)); e += NW * 32) vpt[e] = vpair[e];
 #endif
   __syncthreads();
 
@@ -366,7 +354,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       const u32 mask = (((1u << KB) - 1u) << (KB * (qq % KNS))) * 0x10001u;
 #if K_LUT
       const u32 y = (kwn[hf][j] >> (KB * qq)) & (((1u << KB) - 1u) * 0x10001u);
-      const u32 x = kpt[((y & ((1u << KB) - 1u)) | (y >> (16 - KB))) * LUTC + lane % LUTC];  // codes qq, qq + KNI
+      const u32 x = kpt[(y & ((1u << KB) - 1u)) | (y >> (16 - KB))];  // signposts of codes qq, qq + KNI
 #else
       u32 x = ((kwn[hf][j] >> shift) & mask) | MAGIC;
       const float f = (float)(1 << (KB * (qq % KNS)));
@@ -402,7 +390,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
         const u32 pr = __byte_perm(vw[2 * half][byte / 4], vw[2 * half + 1][byte / 4], sel);
 #if V_LUT
         const u32 y = (pr >> (VB * pos_in)) & (((1u << VB) - 1u) * 0x10001u);
-        const u32 x = vpt[((y & ((1u << VB) - 1u)) | (y >> (16 - VB))) * LUTC + lane % LUTC];
+        const u32 x = vpt[(y & ((1u << VB) - 1u)) | (y >> (16 - VB))];
 #else
         const u32 mask = (((1u << VB) - 1u) << (VB * pos_in)) * 0x10001u;
         u32 x = (pr & mask) | MAGIC;
@@ -543,20 +531,12 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       for (int nt = 0; nt < 2; ++nt) {
         sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
         const int u = nt * 8 + gid;  // token of this thread within the tile
-        // cos / sin / -sin of this token (table in mode A, direct in mode B)
+        // cos / sin of this token (table in mode A, direct in mode B)
         u32 C[KR], S[KR];
-#if !RT2
-        u32 NSn[KR];
-#endif
         if (modeA) {
           const u32* tr = rtab + ((jb + u) * 4 + tig) * RW;
 #pragma unroll
-          for (int r = 0; r < KR; ++r) {
-            C[r] = tr[r]; S[r] = tr[KR + r];
-#if !RT2
-            NSn[r] = tr[2 * KR + r];
-#endif
-          }
+          for (int r = 0; r < KR; ++r) { C[r] = tr[r]; S[r] = tr[KR + r]; }
         } else {
           float pt = (float)posb[min(t0 + u, whi - 1)];
 #pragma unroll
@@ -565,9 +545,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
             cos_sin(pt * inv_freq[key_channel(tig, r, 0)], &c0, &s0);
             cos_sin(pt * inv_freq[key_channel(tig, r, 1)], &c1, &s1);
             C[r] = f2h2(c0, c1); S[r] = f2h2(s0, s1);
-#if !RT2
-            NSn[r] = f2h2(-s0, -s1);
-#endif
           }
         }
         u32 kreg[2 * KR];
@@ -586,11 +563,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
 #pragma unroll
         for (int r = 0; r < KR; ++r) {  // RoPE by R(j): a' = a c - b s, b' = b c + a s
           u32 a = kreg[r], bb = kreg[KR + r];
-#if RT2
           kreg[r] = hfma2n(bb, S[r], hmul2(a, C[r]));
-#else
-          kreg[r] = hfma2(bb, NSn[r], hmul2(a, C[r]));
-#endif
           kreg[KR + r] = hfma2(a, S[r], hmul2(bb, C[r]));
         }
         // KCH independent accumulation chains of the KR k-slices (KCH = 1, 2 or 4), summed at the end
