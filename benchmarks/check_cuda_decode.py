@@ -21,7 +21,7 @@ import check_kernels_gpu as ck
 from common import md_table, write_results
 
 from kvquant_hf import attention
-from triton_kernels.decode_attention import packed_attention_triton
+from kvquant_hf.kernels.decode_attention import packed_attention_triton
 
 REL_TOL = 1e-2
 

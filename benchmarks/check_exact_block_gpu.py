@@ -1,4 +1,4 @@
-"""GPU check and timing of the exact-block kernel (``triton_kernels.exact_block.decode_prep``) and the fused RMSNorm.
+"""GPU check and timing of the exact-block kernel (``kvquant_hf.kernels.exact_block.decode_prep``) and the fused RMSNorm.
 
 1. Bit identity against the torch ops it replaces (``apply_rope`` on q and on the new keys in the model dtype, ``cat``
    of sink and new keys/values), fp16 and bf16, at the decode shapes of Llama-3-8B (32/8 heads, head_dim 128) and
@@ -7,7 +7,7 @@
 2. Time of one layer's exact block, CUDA-graph replays (``triton.testing.do_bench_cudagraph`` medians): the session-5
    torch sequence (q RoPE, guard kernel, key RoPE, three ``cat`` and a ``ones`` for the mask, position
    ``index_copy``) vs the one kernel.
-3. The opt-in fused RMSNorm (``triton_kernels.rms_norm``, ``fused_norms=True``) against transformers'
+3. The opt-in fused RMSNorm (``kvquant_hf.kernels.rms_norm``, ``fused_norms=True``) against transformers'
    ``LlamaRMSNorm`` at hidden size 4096: elements that differ (the variance is summed in another order) and the
    time of one norm, CUDA-graph replay medians.
 
@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import md_table, write_results
 
 from kvquant_hf.layer_api import RopeContext, apply_rope
-from triton_kernels import decode_prep, zero_nonfinite_tokens_
+from kvquant_hf.kernels import decode_prep, zero_nonfinite_tokens_
 
 
 def case(b, hq, h, n, s, d, dtype, seed=0):
@@ -73,7 +73,7 @@ def time_case(dtype: torch.dtype, b: int) -> dict:
 def norm_case(dtype: torch.dtype, n_rows: int) -> dict:
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from triton_kernels.rms_norm import rms_norm
+    from kvquant_hf.kernels.rms_norm import rms_norm
 
     g = torch.Generator(device="cuda").manual_seed(0)
     norm = LlamaRMSNorm(4096, eps=1e-5).cuda()
@@ -129,7 +129,7 @@ def main():
     trows = [time_case(dtype, b) for dtype in (torch.float16, torch.bfloat16) for b in (1, 4)]
     nrows = [norm_case(dtype, rows_) for dtype in (torch.float16, torch.bfloat16) for rows_ in (1, 4)]
     md = "\n".join([
-        "# Exact-block kernel (`triton_kernels.exact_block.decode_prep`): bit identity and time (H200)", "",
+        "# Exact-block kernel (`kvquant_hf.kernels.exact_block.decode_prep`): bit identity and time (H200)", "",
         "Command: `PYTHONPATH=. python benchmarks/check_exact_block_gpu.py`.", "",
         "## Bit identity against the torch ops (RoPE in the model dtype, cat, guard)", "",
         md_table(rows, list(rows[0])), "", f"FAILURES: {fails}", "",

@@ -1,6 +1,6 @@
 """GPU check and timing of the opt-in ``fused_projections`` (``kvquant_hf.models.projections``).
 
-1. ``triton_kernels.silu_mul.silu_mul`` against transformers' ``act_fn(gate) * up`` (torch ``silu`` then multiply):
+1. ``kvquant_hf.kernels.silu_mul.silu_mul`` against transformers' ``act_fn(gate) * up`` (torch ``silu`` then multiply):
    elements that differ, and the time of one call vs the two torch kernels, at the Llama-3-8B MLP width (14336),
    1 and 4 rows, fp16 and bf16.
 2. One GEMV for q/k/v (and for gate/up) vs three (two) separate ``F.linear`` calls at the Llama-3-8B decode shape
@@ -27,7 +27,7 @@ import triton
 sys.path.insert(0, os.path.dirname(__file__))
 from common import md_table, random_model, write_results
 
-from triton_kernels.silu_mul import silu_mul
+from kvquant_hf.kernels.silu_mul import silu_mul
 
 
 def bench(fn) -> float:
@@ -51,7 +51,7 @@ def add_norm_case(dtype, rows: int, n: int = 4096) -> dict:
     """The decoder layer's residual add + post-attention RMSNorm (fused_norms) vs torch's add and LlamaRMSNorm."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from triton_kernels.rms_norm import add_rms_norm
+    from kvquant_hf.kernels.rms_norm import add_rms_norm
 
     g = torch.Generator(device="cuda").manual_seed(rows)
     norm = LlamaRMSNorm(n, eps=1e-5).cuda()

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _oracle
 
 quant, attention = _oracle.load()
-from triton_kernels import packed_attention_triton, quantize_keys_triton, quantize_values_triton
+from kvquant_hf.kernels import packed_attention_triton, quantize_keys_triton, quantize_values_triton
 
 REL_TOL = 1e-2
 DEV = "cuda"

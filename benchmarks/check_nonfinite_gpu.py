@@ -1,4 +1,4 @@
-"""GPU check of the one-kernel non-finite guard (``triton_kernels.zero_nonfinite_tokens_``) inside the cache.
+"""GPU check of the one-kernel non-finite guard (``kvquant_hf.kernels.zero_nonfinite_tokens_``) inside the cache.
 
 Policy ``nonfinite="zero"`` on the Triton backend: a prompt and a decode step with NaN/Inf planted in some tokens
 must give exactly what a clean run with those tokens zeroed (in every head) gives, and count them.

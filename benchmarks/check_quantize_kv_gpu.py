@@ -1,4 +1,4 @@
-"""GPU check and timing of the one-launch append (``triton_kernels.quantize.quantize_kv_triton``).
+"""GPU check and timing of the one-launch append (``kvquant_hf.kernels.quantize.quantize_kv_triton``).
 
 1. Bit identity: keys and values quantized in one launch vs the two separate kernels (``quantize_keys_triton`` /
    ``quantize_values_triton``) and vs the torch reference (``kvquant_hf.quant``), fp16 and bf16, 2/3/4 bits, 1 and
@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import md_table, write_results
 
 from kvquant_hf import quant
-from triton_kernels.quantize import quantize_keys_triton, quantize_kv_triton, quantize_values_triton
+from kvquant_hf.kernels.quantize import quantize_keys_triton, quantize_kv_triton, quantize_values_triton
 
 
 def dests(b, h, cap, d, bits, slots, dtype):

@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 import decode_attention as da
 from common import md_table, write_results
 
-from triton_kernels import cuda_decode
-from triton_kernels.decode_attention import packed_attention_triton
+from kvquant_hf.kernels import cuda_decode
+from kvquant_hf.kernels.decode_attention import packed_attention_triton
 
 PHASES = ["data+dequant+staging", "slot patch", "K frags+RoPE+MMA", "softmax", "V MMA", "end of tile", "per block",
           "setup", "combine"]

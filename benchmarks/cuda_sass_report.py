@@ -22,7 +22,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from triton_kernels import cuda_decode
+from kvquant_hf.kernels import cuda_decode
 
 DEFAULTS = dict(D=128, KB=4, VB=4, KS=2, VS=2, MR=4, NW=4, HAS_HIST=0, LEN_DEV=0, MINB=1, K_LUT=0, V_LUT=0, BF16IN=0)
 

@@ -34,8 +34,8 @@ import triton.testing
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kvquant_hf.quant import value_scale_dtype
-from triton_kernels import packed_attention_triton, quantize_keys_triton, quantize_values_triton
-from triton_kernels.decode_attention import default_num_splits
+from kvquant_hf.kernels import packed_attention_triton, quantize_keys_triton, quantize_values_triton
+from kvquant_hf.kernels.decode_attention import default_num_splits
 
 HQ, H, D = 32, 8, 128
 DEV = "cuda"
@@ -174,7 +174,7 @@ def run_packed(p, b, length, breakdown=False, **cfg):
 
 def dump_kernel(tag: str, out_dir: str) -> None:
     """Registers/spills of the last stage-1 kernel, its TTGIR and SASS (cuobjdump) under ``out_dir``."""
-    from triton_kernels import decode_attention as da
+    from kvquant_hf.kernels import decode_attention as da
 
     k = da._LAST_KERNELS.get("split")
     if k is None:

@@ -24,7 +24,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 import triton
 from triton.backends.compiler import GPUTarget
 
-from triton_kernels import decode_attention as da
+from kvquant_hf.kernels import decode_attention as da
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 HISTOGRAM = ["LDG", "LDS", "STS", "LDL", "STL", "HMMA", "MUFU", "IMAD", "LOP3", "FFMA", "FMUL", "FSEL", "ISETP",

@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import decode_attention as da
 
-from triton_kernels.decode_attention import packed_attention_triton
+from kvquant_hf.kernels.decode_attention import packed_attention_triton
 
 
 def main(argv=None):

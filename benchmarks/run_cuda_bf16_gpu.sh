@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Next GPU step for bf16 models (not yet run): check the CUDA kernel's bf16 inputs, and if every case passes,
 # time one layer and the end-to-end bf16 decode (the issue's e2e model is bf16) with KVQUANT_CUDA_BF16=1.
-# If it passes, set triton_kernels.cuda_decode.CUDA_BF16_DEFAULT's default to "1".
+# If it passes, set kvquant_hf.kernels.cuda_decode.CUDA_BF16_DEFAULT's default to "1".
 #   bash benchmarks/run_cuda_bf16_gpu.sh      (~5 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Session 6, two device calls on the H200 (~6 min each):
-#   bash benchmarks/run_step6_gpu.sh a   the exact-block kernel (triton_kernels.exact_block.decode_prep: q/key RoPE,
+#   bash benchmarks/run_step6_gpu.sh a   the exact-block kernel (kvquant_hf.kernels.exact_block.decode_prep: q/key RoPE,
 #        sink rows, guard and graph-mode position write in one launch) and the fused RMSNorm checked and timed; the
 #        cache-level checks (greedy triton = torch, graph = eager, non-finite guard); bf16 e2e decode with CUDA graphs,
 #        with and without fused_norms ("_fn" methods)

@@ -29,7 +29,7 @@ if [ "${1:-a}" = a ]; then
   python - <<'PY'
 import sys; sys.path.insert(0, "benchmarks")
 import decode_attention as da
-from triton_kernels import cuda_decode
+from kvquant_hf.kernels import cuda_decode
 for bits in (4, 2):
     print("benchmark cache layout, bits", bits, "vector loads (VEC, VSV):",
           cuda_decode.vector_loads(da.make_packed(1, 4096, bits, da.SLOTS)))

@@ -77,7 +77,7 @@ def load_model(args):
 # --------------------------------------------------------------------------------------------
 def edge_kernel_check(device: str) -> list[dict]:
     from kvquant_hf import quant
-    from triton_kernels import quantize_keys_triton, quantize_values_triton
+    from kvquant_hf.kernels import quantize_keys_triton, quantize_values_triton
 
     g = torch.Generator().manual_seed(0)
     shape = (1, 4, 7, 128)
@@ -185,7 +185,7 @@ def kernel_check(cache, last_k: dict, last_v: dict, model, seed: int) -> dict:
     """Triton kernels (interpreter on CPU, or the GPU) against the torch reference on the cache as it is now:
     the attention of a probe query over each layer's whole packed history + sink, and the re-quantization of the
     token stored last from its captured K/V (bit identity with what the cache holds)."""
-    import triton_kernels
+    import kvquant_hf.kernels
     from kvquant_hf.attention import packed_attention_torch
     from kvquant_hf.layer_api import RopeContext, apply_rope
 
@@ -203,13 +203,13 @@ def kernel_check(cache, last_k: dict, last_v: dict, model, seed: int) -> dict:
         ev = layer.sink_v[:, :, : layer.n_sink].float()
         kw = dict(scaling=d**-0.5, inv_freq=rotary.inv_freq, attention_scaling=rope.attention_scaling)
         ref = packed_attention_torch(q, view, ek, ev, None, **kw)
-        got = triton_kernels.packed_attention_triton(q, view, ek.contiguous(), ev.contiguous(), None, **kw)
+        got = kvquant_hf.kernels.packed_attention_triton(q, view, ek.contiguous(), ev.contiguous(), None, **kw)
         worst = max(worst, _rel(got.float(), ref.float()))
         idx = layer.length - 1
         k, v = last_k[i][:, :, -1:], last_v[i][:, :, -1:]
-        pk = triton_kernels.quantize_keys_triton(k, layer.k_lut, layer.k_lower, layer.k_upper, layer.n_slots,
+        pk = kvquant_hf.kernels.quantize_keys_triton(k, layer.k_lut, layer.k_lower, layer.k_upper, layer.n_slots,
                                                  layer.config.key_bits)
-        pv = triton_kernels.quantize_values_triton(v, layer.v_lut, layer.n_slots, layer.config.value_bits)
+        pv = kvquant_hf.kernels.quantize_values_triton(v, layer.v_lut, layer.n_slots, layer.config.value_bits)
         identical &= all(torch.equal(a, getattr(layer, n)[:, :, idx : idx + 1]) for a, n in (
             (pk.codes, "k_codes"), (pk.out_val, "k_out_val"), (pk.out_idx, "k_out_idx"), (pv.codes, "v_codes"),
             (pv.scale, "v_scale"), (pv.zero, "v_zero"), (pv.out_val, "v_out_val"), (pv.out_idx, "v_out_idx")))

@@ -13,7 +13,34 @@ Public API: :class:`KVQuantConfig`, :class:`KVQuantCache`, :func:`patch_model`, 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
+from pathlib import Path
 from typing import Any
+
+
+class _CheckoutKernelsFinder(importlib.abc.MetaPathFinder):
+    """Imports ``kvquant_hf.kernels`` from a source checkout.
+
+    The wheel installs the repository's ``triton_kernels/`` folder as the subpackage ``kvquant_hf.kernels`` (the
+    top-level name ``triton_kernels`` belongs to the Triton project). In a checkout run with ``PYTHONPATH=.`` that
+    folder sits beside this package; this finder, consulted after the regular ones, maps the name onto it.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != f"{__name__}.kernels":
+            return None
+        return importlib.util.spec_from_file_location(
+            fullname, self.folder / "__init__.py", submodule_search_locations=[str(self.folder)])
+
+
+_checkout_kernels = Path(__file__).resolve().parent.parent / "triton_kernels"
+if _checkout_kernels.is_dir() and not (Path(__file__).resolve().parent / "kernels").is_dir():
+    sys.meta_path.append(_CheckoutKernelsFinder(_checkout_kernels))
 
 from .cache import KVQuantCache, KVQuantLayer, UncalibratedCacheWarning
 from .config import KVQuantConfig

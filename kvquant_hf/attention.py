@@ -254,12 +254,12 @@ def fused_lse_available(device: torch.device, dtype: torch.dtype = torch.float16
 def _dequantize_blocks(packed: PackedKV | None, block_size: int, inv_freq: torch.Tensor, attention_scaling: float,
                        dtype: torch.dtype, use_kernel: bool):
     """Like :func:`history_blocks` but in ``dtype``; with ``use_kernel`` one Triton pass per block
-    (:mod:`triton_kernels.dequantize`) instead of the float32 torch ops."""
+    (:mod:`kvquant_hf.kernels.dequantize`) instead of the float32 torch ops."""
     if not use_kernel or packed is None:
         for start, end, k, v in history_blocks(packed, block_size, inv_freq, attention_scaling):
             yield start, end, k.to(dtype), v.to(dtype)
         return
-    from triton_kernels.dequantize import dequantize_history_triton
+    from kvquant_hf.kernels.dequantize import dequantize_history_triton
 
     for start in range(0, packed.length, block_size):
         end = min(start + block_size, packed.length)
@@ -292,7 +292,7 @@ def packed_attention_prefill(
     in full (no left padding, no sliding window): same result as :func:`packed_attention_torch`.
 
     The history is dequantized ``block_size`` tokens at a time into the query dtype, keys rotated (one Triton
-    pass per block, :mod:`triton_kernels.dequantize`, when a fused kernel is used: ``dequant_kernel``), and
+    pass per block, :mod:`kvquant_hf.kernels.dequantize`, when a fused kernel is used: ``dequant_kernel``), and
     attended with a fused attention kernel that also returns each row's log-sum-exp (``fused``: on CUDA
     cuDNN or FlashAttention-2 for fp16/bf16 (:data:`PREFILL_FUSED_ORDER`), memory-efficient attention for
     float32; float32 math elsewhere); the GQA
@@ -319,7 +319,7 @@ def packed_attention_prefill(
     acc_lse: torch.Tensor | None = None
 
     if use_kernel:  # one fused Triton pass per part (in place), parts in any layout and dtype
-        from triton_kernels.dequantize import merge_lse_
+        from kvquant_hf.kernels.dequantize import merge_lse_
 
         acc = torch.zeros(b, h, g * lq, d, dtype=torch.float32, device=query.device)
         acc_lse = torch.full((b, h, g * lq), float("-inf"), dtype=torch.float32, device=query.device)

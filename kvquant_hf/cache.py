@@ -90,11 +90,11 @@ def _triton_module():
     if importlib.util.find_spec("triton") is None:
         return None, "the `triton` package is not installed"
     try:
-        module = importlib.import_module("triton_kernels")
+        module = importlib.import_module("kvquant_hf.kernels")
     except ImportError as exc:
-        return None, f"`triton_kernels` cannot be imported ({exc})"
+        return None, f"`kvquant_hf.kernels` cannot be imported ({exc})"
     if not hasattr(module, "packed_attention_triton"):
-        return None, "`triton_kernels` has no `packed_attention_triton`"
+        return None, "`kvquant_hf.kernels` has no `packed_attention_triton`"
     return module, ""
 
 
@@ -245,7 +245,7 @@ class KVQuantLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = True
     #: the patched attention forwards hand over queries *before* RoPE (``AttendInputs.query_rotated=False``): on the
-    #: Triton backend one kernel rotates them together with the new keys (:mod:`triton_kernels.exact_block`)
+    #: Triton backend one kernel rotates them together with the new keys (:mod:`kvquant_hf.kernels.exact_block`)
     rotates_query = True
 
     def __init__(
@@ -469,7 +469,7 @@ class KVQuantLayer(CacheLayerMixin):
                 "do not change the model dtype mid-generation (call cache.reset() or use a new KVQuantCache)."
             )
         window = inputs.sliding_window
-        # Triton backend: one kernel makes the exact block (triton_kernels.exact_block.decode_prep); the guard goes
+        # Triton backend: one kernel makes the exact block (kvquant_hf.kernels.exact_block.decode_prep); the guard goes
         # into it unless nonfinite="error" must raise before anything is stored (a host check, eager mode only)
         fused = self.backend == "triton" and window is None
         guard_in_kernel = fused and (self.graph_mode or self.config.nonfinite != "error")
@@ -583,7 +583,7 @@ class KVQuantLayer(CacheLayerMixin):
         """Apply ``config.nonfinite`` to the new keys/values (see :class:`~kvquant_hf.config.KVQuantConfig`).
 
         A token is *bad* when any element of its key or value, in any head, is NaN or Inf (the Triton backend zeroes
-        and counts in one kernel, in place: :func:`triton_kernels.zero_nonfinite_tokens_`). ``"error"`` raises
+        and counts in one kernel, in place: :func:`kvquant_hf.kernels.zero_nonfinite_tokens_`). ``"error"`` raises
         :class:`KVQuantNumericalError` before anything is stored and rolls back the layers that already stored this
         forward call (one host sync per layer and call); ``"zero"`` (and CUDA-graph mode, which cannot sync) stores
         bad tokens as zeros in every head and counts them on the device.

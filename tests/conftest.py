@@ -23,20 +23,20 @@ from kvquant_hf.errors import KVQuantError
 
 
 def interpreted_module(name: str, kernel: str):
-    """``triton_kernels.<name>`` with its kernels decorated for the Triton interpreter: reloaded if ``kernel`` (one
+    """``kvquant_hf.kernels.<name>`` with its kernels decorated for the Triton interpreter: reloaded if ``kernel`` (one
     of its ``@triton.jit`` functions) was decorated without the flag, i.e. the module was imported earlier."""
     import importlib
 
     from triton.runtime.interpreter import InterpretedFunction  # (not imported by `import triton` on GPU machines)
 
-    module = importlib.import_module(f"triton_kernels.{name}")
+    module = importlib.import_module(f"kvquant_hf.kernels.{name}")
     if not isinstance(getattr(module, kernel), InterpretedFunction):
         module = importlib.reload(module)
     return module
 
 
 def interpreted_kernel_modules():
-    """``(triton_kernels.quantize, triton_kernels.decode_attention)`` decorated for the Triton interpreter.
+    """``(kvquant_hf.kernels.quantize, kvquant_hf.kernels.decode_attention)`` decorated for the Triton interpreter.
 
     Call at module level of a kernel test file: it skips that module unless ``TRITON_INTERPRET=1`` was set before
     triton was imported, and reloads the kernel modules if another module imported them without the flag.

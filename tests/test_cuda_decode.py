@@ -15,8 +15,8 @@ from test_triton_kernels import _inv_freq, _make_packed
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import cuda_sass_report  # the offline NVRTC compile shared with the SASS report
 
-from triton_kernels import cuda_decode
-from triton_kernels.decode_attention import packed_attention_triton
+from kvquant_hf.kernels import cuda_decode
+from kvquant_hf.kernels.decode_attention import packed_attention_triton
 
 
 def _q(dtype=torch.float16, d=128):
@@ -177,7 +177,7 @@ def test_bf16_default_follows_the_environment(monkeypatch, env, expected):
     (1, 1000, 4),      # bounded by the 256-token blocks
 ])
 def test_default_splits_fill_whole_waves(monkeypatch, batch, length, expected):
-    from triton_kernels import decode_attention as da
+    from kvquant_hf.kernels import decode_attention as da
 
     monkeypatch.setattr(da, "_sm_count", lambda device: 132)
     splits = da.default_num_splits(batch, 8, 1, length, torch.device("cpu"), block_n=256, max_splits=128)
@@ -186,7 +186,7 @@ def test_default_splits_fill_whole_waves(monkeypatch, batch, length, expected):
 
 
 def test_three_ctas_per_sm_variant_takes_more_splits(monkeypatch):
-    from triton_kernels import decode_attention as da
+    from kvquant_hf.kernels import decode_attention as da
 
     monkeypatch.setattr(da, "_sm_count", lambda device: 132)
     assert cuda_decode.ctas_per_sm() == 2

@@ -1,4 +1,4 @@
-"""The history-dequantize kernel (``triton_kernels.dequantize``, prefill path) against the torch reference,
+"""The history-dequantize kernel (``kvquant_hf.kernels.dequantize``, prefill path) against the torch reference,
 in the Triton interpreter (CPU)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from kvquant_hf.attention import PackedKV, history_blocks
 _qz, _da = interpreted_kernel_modules()
 import triton
 
-import triton_kernels.dequantize as _dq
+import kvquant_hf.kernels.dequantize as _dq
 
 if not isinstance(_dq._dequant_kernel, triton.runtime.interpreter.InterpretedFunction):
     _dq = importlib.reload(_dq)

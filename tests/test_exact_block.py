@@ -1,4 +1,4 @@
-"""The exact-block kernel (``triton_kernels.exact_block``) under the Triton interpreter against the torch ops it
+"""The exact-block kernel (``kvquant_hf.kernels.exact_block``) under the Triton interpreter against the torch ops it
 replaces: ``apply_rope`` in the model dtype (bit-identical), ``cat`` of sink and new rows, the non-finite guard and
 the graph-mode position write."""
 
@@ -117,11 +117,11 @@ def test_bad_arguments_are_named():
 def _triton_on_cpu(monkeypatch):
     import importlib
 
-    import triton_kernels
+    import kvquant_hf.kernels
     from kvquant_hf import cache as cache_mod
 
     _prep()  # exact_block reloaded for the interpreter if needed
-    importlib.reload(triton_kernels)
+    importlib.reload(kvquant_hf.kernels)
     monkeypatch.setattr(cache_mod, "resolve_backend",
                         lambda backend, device, head_dim=None: "torch" if backend == "torch" else "triton")
 

@@ -42,7 +42,7 @@ def test_fast_filled_cache_holds_tokens_and_decodes(tiny_llama):
 
 def test_fast_filled_cache_tables(tiny_llama):
     from kvquant_hf import quant
-    from triton_kernels.decode_attention import affine_grid
+    from kvquant_hf.kernels.decode_attention import affine_grid
 
     nf = fast_filled_cache(tiny_llama, batch=1, tokens=40, cache_config={"bits": 4})
     uni = fast_filled_cache(tiny_llama, batch=1, tokens=40, cache_config={"bits": 4}, tables="uniform")

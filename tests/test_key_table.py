@@ -109,7 +109,7 @@ def test_value_table_uniform_changes_only_the_value_tables(tiny_llama):
 
 def test_uniform_tables_take_the_affine_decode_path(tiny_llama):
     """Uniform tables are recognised as a grid (the CUDA/Triton decode folds it into scale and zero)."""
-    from triton_kernels.decode_attention import affine_grid
+    from kvquant_hf.kernels.decode_attention import affine_grid
 
     sp = calibrate(tiny_llama, None, token_stream(), bits=(4,), nsamples=2, seqlen=48, key_table="uniform",
                    value_table="uniform", **FAST)[4]

@@ -1,5 +1,5 @@
 """Opt-in ``fused_projections``: one GEMV for q/k/v and for gate/up (``kvquant_hf.models.projections``) and the
-SiLU·mul kernel (``triton_kernels.silu_mul``) under the Triton interpreter against torch."""
+SiLU·mul kernel (``kvquant_hf.kernels.silu_mul``) under the Triton interpreter against torch."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The fused RMSNorm (``triton_kernels.rms_norm``, opt-in ``fused_norms``) under the Triton interpreter against
+"""The fused RMSNorm (``kvquant_hf.kernels.rms_norm``, opt-in ``fused_norms``) under the Triton interpreter against
 transformers' ``LlamaRMSNorm``, and the model patch that routes the norms to it."""
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def test_weight_dtype_promotes_like_transformers_and_strided_rows():
 
 
 def test_fuse_rms_norms_patches_the_model_and_undoes_it(monkeypatch):
-    import triton_kernels.rms_norm as rn
+    import kvquant_hf.kernels.rms_norm as rn
     from kvquant_hf.models import norms
 
     rms_norm = _rms_norm()

@@ -610,7 +610,7 @@ def test_pair_table_holds_both_signposts_in_the_model_dtype(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_zero_nonfinite_tokens_matches_the_torch_rule(dtype):
-    from triton_kernels import zero_nonfinite_tokens_
+    from kvquant_hf.kernels import zero_nonfinite_tokens_
 
     g = torch.Generator().manual_seed(0)
     b, h, n, d = 2, 3, 5, 16

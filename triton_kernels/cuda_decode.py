@@ -3,7 +3,7 @@
 ``cuda/packed_decode.cu`` is compiled at first use with NVRTC (the runtime compiler that ships with PyTorch's
 CUDA wheels, through ``torch.cuda._compile_kernel``), once per configuration (head_dim, bits, slots, query
 rows per KV head) and device; no build step at install time. It writes the same per-split partial outputs and
-log-sum-exps as :func:`triton_kernels.decode_attention._packed_decode_kernel`, so the Triton merge kernel (splits
+log-sum-exps as :func:`kvquant_hf.kernels.decode_attention._packed_decode_kernel`, so the Triton merge kernel (splits
 + exact block) is shared.
 
 What it covers (:func:`cuda_decode_blocker` says why not otherwise): float16 and bfloat16 queries (bfloat16 inputs
@@ -163,7 +163,7 @@ def packed_decode_cuda(query, packed, kzero, kscale, freq, hist, length: int, le
                        num_splits: int, qk_scale: float, klut, vlut, kgrid, vgrid, required: bool = False) -> bool:
     """Stage 1 of the decode on tensor cores: fills ``o_part [B, H, num_splits, 16, D]`` and ``lse_part``.
 
-    Arguments as prepared by :func:`triton_kernels.decode_attention.packed_attention_triton` (``kzero``/``kscale``
+    Arguments as prepared by :func:`kvquant_hf.kernels.decode_attention.packed_attention_triton` (``kzero``/``kscale``
     float32 ``[H, D]``, ``freq`` float32 ``[D/2]``, ``hist`` int ``[B]`` or None, ``klut``/``vlut`` float32
     signposts, ``kgrid``/``vgrid`` their uniform grid ``(a, b)`` or None = gathered). Returns False (nothing written)
     if the kernel cannot be compiled or loaded on this machine -- with a warning, once; the caller then takes the

@@ -1106,8 +1106,8 @@ def packed_attention_triton(
         key_f32 (`bool`): decode fast path only: key scale/zero and RoPE in float32 (default: about the same
             instruction count, more registers, ~2x smaller score error than half2 math) or packed half2 (False).
         decode_backend (`str`, optional): first stage of the decode fast path: ``"cuda"`` (the tensor-core kernel of
-            :mod:`triton_kernels.cuda_decode`; ValueError if it does not apply), ``"triton"``, or None = CUDA where it
-            applies and :data:`triton_kernels.cuda_decode.CUDA_DECODE_DEFAULT` is set, else Triton.
+            :mod:`kvquant_hf.kernels.cuda_decode`; ValueError if it does not apply), ``"triton"``, or None = CUDA where it
+            applies and :data:`kvquant_hf.kernels.cuda_decode.CUDA_DECODE_DEFAULT` is set, else Triton.
 
     Returns:
         `torch.Tensor`: ``[batch_size, num_q_heads, q_len, head_dim]`` in the query dtype; rows with

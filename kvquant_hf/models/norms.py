@@ -2,10 +2,10 @@
 
 A decode step runs two RMSNorms per layer at about eight small kernels each; under a CUDA graph (``cuda_graph``)
 those launches, not the arithmetic, are what they cost. :func:`fuse_rms_norms` swaps the forward of every
-``LlamaRMSNorm`` / ``MistralRMSNorm`` for :func:`triton_kernels.rms_norm.rms_norm` (same roundings; the float32
+``LlamaRMSNorm`` / ``MistralRMSNorm`` for :func:`kvquant_hf.kernels.rms_norm.rms_norm` (same roundings; the float32
 variance is summed in another order, so an element can differ by one unit in the last place of the model dtype),
 and in every Llama/Mistral decoder layer computes the residual add after the attention together with the
-post-attention norm (:func:`triton_kernels.rms_norm.add_rms_norm`, the add rounded like torch's).
+post-attention norm (:func:`kvquant_hf.kernels.rms_norm.add_rms_norm`, the add rounded like torch's).
 Inputs that are not on CUDA, autograd (the kernels have no backward), mixed dtypes (autocast) and modules placed by
 accelerate (``device_map`` hooks) go to the original forward. Turn it on with
 ``cache_config={"fused_norms": True}`` in ``generate`` or ``fuse_rms_norms(model)``; :func:`unfuse_rms_norms`
@@ -21,11 +21,11 @@ from ._swap import KERNEL_DTYPES, grad_needed, restore_forward, swap_forward
 #: RMSNorm classes whose forward is ``weight * normalize(x.float()).to(x.dtype)`` with ``variance_epsilon``
 FUSABLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm")
 #: decoder layers whose forward is ``h = x + attn(norm1(x)); h + mlp(norm2(h))``: the first residual add and
-#: ``norm2`` become one kernel (:func:`triton_kernels.rms_norm.add_rms_norm`)
+#: ``norm2`` become one kernel (:func:`kvquant_hf.kernels.rms_norm.add_rms_norm`)
 FUSABLE_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer")
 #: device types the fused forward handles (the tests add "cpu" under the Triton interpreter)
 DEVICE_TYPES = ("cuda",)
-_kernels = None  # triton_kernels.rms_norm, imported by fuse_rms_norms (not per call: the forward is on the hot path)
+_kernels = None  # kvquant_hf.kernels.rms_norm, imported by fuse_rms_norms (not per call: the forward is on the hot path)
 
 
 def _fused_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -67,9 +67,9 @@ def fuse_rms_norms(model) -> int:
     many norms are fused. Modules placed by accelerate (``device_map`` hooks) keep their forward."""
     global _kernels
     try:
-        import triton_kernels.rms_norm as kernels
+        import kvquant_hf.kernels.rms_norm as kernels
     except ImportError as exc:
-        raise RuntimeError(f"fused_norms needs Triton and the triton_kernels package ({exc}); install triton or "
+        raise RuntimeError(f"fused_norms needs Triton and the kvquant_hf.kernels package ({exc}); install triton or "
                            "leave fused_norms off.") from exc
     _kernels = kernels
     n = 0

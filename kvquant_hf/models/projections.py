@@ -8,7 +8,7 @@ original ``nn.Linear`` weights views into it** (no extra memory; the stock forwa
 * the patched attention forward (:mod:`kvquant_hf.models.llama`) computes ``q, k, v`` with one ``F.linear`` when a
   kvquant cache is used;
 * the MLP forward computes ``gate | up`` with one ``F.linear`` and ``silu(gate) * up`` with
-  :func:`triton_kernels.silu_mul.silu_mul` on CUDA (torch ops elsewhere).
+  :func:`kvquant_hf.kernels.silu_mul.silu_mul` on CUDA (torch ops elsewhere).
 
 Each output element is the same dot product as before, but the GEMM library may pick another kernel (split-K
 order) for the larger matrix, so logits can differ in the last bits of the model dtype; that is why it is off by
@@ -35,7 +35,7 @@ FUSABLE_MLPS = ("LlamaMLP", "MistralMLP")
 SILU_ACTIVATIONS = ("SiLU", "SiLUActivation")
 #: device types on which the MLP uses the Triton SiLU·mul kernel (the tests add "cpu" under the interpreter)
 DEVICE_TYPES = ("cuda",)
-_kernels = None  # triton_kernels.silu_mul, imported once by fuse_projections when Triton is there
+_kernels = None  # kvquant_hf.kernels.silu_mul, imported once by fuse_projections when Triton is there
 
 
 @dataclass
@@ -139,7 +139,7 @@ def fuse_projections(model) -> int:
     were fused (two per layer at most)."""
     global _kernels
     try:
-        import triton_kernels.silu_mul as kernels
+        import kvquant_hf.kernels.silu_mul as kernels
     except ImportError:  # no Triton: the MLP falls back to torch's silu and multiply
         kernels = None
     _kernels = kernels
