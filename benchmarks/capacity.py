@@ -1,5 +1,5 @@
-"""Capacity benchmark: the longest context one GPU holds, predicted by the planner and measured, plus decode
-steps at that length and prefill throughput (Llama-3-8B shape, random bf16 weights).
+"""Capacity: the longest context one GPU (and several GPUs) holds, predicted by the planner and measured, with
+decode steps at that length (Llama-3-8B shape, random bf16 weights).
 
 Per method (``fp16`` = ``DynamicCache`` + SDPA, ``nuq4``/``nuq3``/``nuq2`` = ``KVQuantCache`` with 1% outliers):
 
@@ -10,43 +10,43 @@ Per method (``fp16`` = ``DynamicCache`` + SDPA, ``nuq4``/``nuq3``/``nuq2`` = ``K
    the prediction), each attempt allocating the cache at that size (``generate``'s reservation, zero data) and
    running one decode step, an out-of-memory error meaning "does not fit";
 3. at the measured maximum the cache is **filled** (fast fill: random packed codes, scales, outlier slots and
-   positions; fp16: random K/V) and ``--decode-steps`` steps are timed with CUDA events; each GPU's memory is
-   recorded.
+   positions; fp16: random K/V) and ``--decode-steps`` steps are timed; each GPU's memory is recorded.
 
-Prefill (``--prefill-lengths``): tokens/s of ``generate(max_new_tokens=1)`` with nuq4 chunked prefill
-(``prefill_chunk_size=4096``, Triton kernels) vs fp16 SDPA prefill into a ``DynamicCache``. A length whose
-estimated time (quadratic extrapolation from the previous one) exceeds the time left (``--time-budget``) is
-skipped and reported as such.
+**Several GPUs** (``--multi-methods``, when more than one GPU is visible or ``--devices`` names several): the model
+spread over the devices with accelerate (``device_map``), each layer's packed cache on its layer's GPU; the planner
+counts each device (its layers, its share of the weights) and the context is the minimum over the devices; the
+same three steps (decode steps timed as wall time between synchronizations of every GPU).
 
-Results: ``benchmarks/results/capacity.{md,json}`` (copied to ``$OUT`` when set), rewritten after every row.
-On CPU (smoke test, ``--shape tiny --device cpu --free-mib N``) the GPU-only parts (the out-of-memory search,
-CUDA events, per-GPU memory) are skipped and marked so.
+**Planner table**: predictions for Llama-3-8B (bf16) on 1 and 2 GPUs and Llama-2-7B (fp16) on 1, 2 and 8 GPUs of
+``--plan-gib`` free memory each (139.8 GiB: an H200 as PyTorch reports it), layers split evenly in order as
+accelerate's ``device_map="auto"`` does for equal GPUs. No GPU needed.
 
-Usage (one H200, < 8 min)::
+On CPU (``--smoke``: tiny model, a planner memory figure of ``--free-mib``) the GPU-only parts (the out-of-memory
+search, per-GPU memory) are skipped and marked so.
 
-    PYTHONPATH=. python benchmarks/capacity.py                  # everything (time budget 420 s)
-    PYTHONPATH=. python benchmarks/capacity.py --quick          # fewer search/decode steps, prefill 32K only
+Usage (about 3 minutes on one H100; stages past ``--time-budget`` are skipped and reported)::
+
+    PYTHONPATH=. python -m benchmarks.capacity
+    python -m benchmarks.capacity --smoke
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
-import os
 import statistics
-import sys
 import time
 
 import torch
-
-sys.path.insert(0, os.path.dirname(__file__))
-from common import md_table, random_model, write_results
+from transformers import LlamaConfig
 
 import kvquant_hf
-from kvquant_hf import attention as kv_attention
+from benchmarks.common import (md_table, random_model, random_model_device_map, release_memory, synchronize,
+                               write_result)
 from kvquant_hf.benchmarking import fast_filled_cache
-from kvquant_hf.planner import GiB, ModelShape, free_device_memory
+from kvquant_hf.generation import cache_kwarg_name
+from kvquant_hf.planner import GiB, free_device_memory
 
+NAME = "capacity"
 METHODS = ("fp16", "nuq4", "nuq3", "nuq2")
 
 
@@ -54,18 +54,6 @@ def cache_config(method: str, chunk: int = 4096) -> dict | str:
     if method == "fp16":
         return "fp16"
     return {"bits": int(method[3:]), "outlier_fraction": 0.01, "prefill_chunk_size": chunk}
-
-
-def _free(device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        for i in range(torch.cuda.device_count()):
-            torch.cuda.synchronize(i)
 
 
 def gpu_memory() -> dict[str, dict[str, float]]:
@@ -120,7 +108,7 @@ def allocate_cache(model, method: str, tokens: int, filled: int, fill: bool):
         x = torch.zeros(1, cfg.num_key_value_heads, 1, cfg.head_dim, dtype=model.dtype, device=dev)
         layer.lazy_initialization(x, x)
         ones = torch.ones(cfg.num_key_value_heads, cfg.head_dim, device=dev)
-        layer._set_key_thresholds(-ones, ones)
+        layer.set_key_thresholds(-ones, ones)
         layer.n_sink = min(layer.config.sink_tokens, filled)
         layer.sink_valid[:, : layer.n_sink] = True
         layer.length = filled - layer.n_sink
@@ -129,9 +117,7 @@ def allocate_cache(model, method: str, tokens: int, filled: int, fill: bool):
 
 def decode_steps(model, cache, start: int, steps: int, device: str) -> list[float]:
     """``steps`` single-token forwards appending to ``cache`` from position ``start``; ms each."""
-    from kvquant_hf.generation import _cache_kwarg_name
-
-    kw = _cache_kwarg_name(model)
+    kw = cache_kwarg_name(model)
     first = next(model.parameters()).device
     times = []
     for s in range(steps):
@@ -146,32 +132,33 @@ def decode_steps(model, cache, start: int, steps: int, device: str) -> list[floa
             torch.cuda.synchronize()
             times.append(a.elapsed_time(b))
         else:  # CPU, or layers on several GPUs: wall time between full synchronizations
-            _sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             with torch.inference_mode():
                 model(input_ids=ids, position_ids=pos, **{kw: cache}, logits_to_keep=1)
-            _sync(device)
+            synchronize(device)
             times.append((time.perf_counter() - t0) * 1e3)
     return times
 
 
 def fits(model, method: str, tokens: int, device: str) -> bool:
     """Allocate at ``tokens`` (one token of room left) and decode one step; False on out-of-memory."""
-    _free(device)
+    release_memory(device)
     cache = None
     try:
         cache = allocate_cache(model, method, tokens, tokens - 1, fill=False)
         decode_steps(model, cache, tokens - 1, 1, device)
-        _sync(device)
+        synchronize(device)
         return True
     except torch.OutOfMemoryError:
         return False
     finally:
         del cache
-        _free(device)
+        release_memory(device)
 
 
 def plan(model, method: str, free_memory, prompt_tokens: int, headroom: int):
+    """``plan_capacity`` of ``model`` with ``method``'s cache."""
     return kvquant_hf.plan_capacity(model, cache_config(method), free_memory=free_memory, prompt_tokens=prompt_tokens,
                                     headroom_bytes=headroom)
 
@@ -189,7 +176,8 @@ class Budget:
 
 
 def capacity_row(model, method: str, args, device: str, budget: Budget) -> dict:
-    _free(device)
+    """Predicted, measured (GPU) and filled-and-decoded capacity of ``model`` with ``method``'s cache."""
+    release_memory(device)
     if device.startswith("cuda"):
         for i in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(i)
@@ -200,7 +188,7 @@ def capacity_row(model, method: str, args, device: str, budget: Budget) -> dict:
     p_dec = plan(model, method, free, 1, headroom)
     p_gen = plan(model, method, free, 4096, headroom)
     predicted = int(p_dec.max_tokens * args.scale)
-    row = {"section": "capacity", "method": method, "free_gib": sum(free.values()) / GiB,
+    row = {"section": args.section, "method": method, "free_gib": sum(free.values()) / GiB,
            "predicted_tokens": p_dec.max_tokens, "predicted_generate_tokens": p_gen.max_tokens,
            "bytes_per_token": sum(d.bytes_per_token for d in p_dec.devices),
            "predicted_per_device": p_dec.per_device_tokens,
@@ -240,16 +228,16 @@ def capacity_row(model, method: str, args, device: str, budget: Budget) -> dict:
         row["measured_tokens"] = "skipped (CPU: no out-of-memory search)"
     # fill for real at the measured maximum and decode
     steps = args.decode_steps
-    _free(device)
+    release_memory(device)
     t0 = time.time()
     try:
         cache = allocate_cache(model, method, measured, measured - steps, fill=True)
     except torch.OutOfMemoryError:  # the fill's few MiB of temporaries did not fit: 0.5% lower
-        _free(device)
+        release_memory(device)
         measured = int(measured * 0.995)
         row["fill_note"] = "filled at 99.5% of the measured maximum (the fill's temporaries did not fit)"
         cache = allocate_cache(model, method, measured, measured - steps, fill=True)
-    _sync(device)
+    synchronize(device)
     row["fill_s"] = time.time() - t0
     row["context"] = measured
     row["cache_gib"] = (cache.get_memory_footprint(include_spare=True) / GiB if method != "fp16" else
@@ -264,63 +252,79 @@ def capacity_row(model, method: str, args, device: str, budget: Budget) -> dict:
     else:
         row["gpu_memory"] = "skipped (CPU)"
     del cache
-    _free(device)
+    release_memory(device)
     return row
 
 
-def prefill_row(model, method: str, length: int, device: str, chunk: int, prefill_attention: str = "kernel") -> dict:
-    """Time ``generate(max_new_tokens=1)`` on a random prompt of ``length`` tokens (prefill + one step)."""
-    first = next(model.parameters()).device
-    ids = torch.randint(0, model.config.vocab_size, (1, length), device=first)
-    kwargs = {"max_new_tokens": 1, "do_sample": False, "pad_token_id": 0, "attention_mask": torch.ones_like(ids)}
-    if method != "fp16":
-        kwargs.update(cache_implementation="kvquant",
-                      cache_config={**cache_config(method, chunk), "prefill_attention": prefill_attention})
-    _free(device)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    _sync(device)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        model.generate(ids, **kwargs)
-    _sync(device)
-    sec = time.perf_counter() - t0
-    row = {"section": "prefill",
-           "method": method if method == "fp16" else f"{method} chunked ({chunk})"
-           + f", prefill_attention={prefill_attention}",
-           "prompt": length, "prefill_s": sec, "tokens_per_s": length / sec}
-    if device.startswith("cuda"):
-        row["peak_gib"] = torch.cuda.max_memory_allocated() / GiB
-        if method != "fp16" and prefill_attention != "kernel":
-            row["fused_op"] = kv_attention.fused_lse_name(torch.device(device), next(model.parameters()).dtype,
-                                                          ModelShape.from_config(model.config).head_dim)
-    _free(device)
-    return row
+def plan_rows(gib_per_gpu: float) -> list[dict]:
+    """Planner predictions for the published shapes on 1/2/8 GPUs of ``gib_per_gpu`` free memory each."""
+    shapes = {
+        "Llama-3-8B (bf16)": (LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
+                              torch.bfloat16, (1, 2)),
+        "Llama-2-7B (fp16)": (LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
+                              torch.float16, (1, 2, 8)),
+    }
+    rows = []
+    for name, (cfg, dtype, counts) in shapes.items():
+        for n in counts:
+            devs = [f"cuda:{i}" for i in range(n)]
+            dm = [devs[i * n // cfg.num_hidden_layers] for i in range(cfg.num_hidden_layers)]
+            for method in METHODS:
+                p = kvquant_hf.plan_capacity(None, cache_config(method), model_config=cfg, dtype=dtype, device_map=dm,
+                                             free_memory={d: int(gib_per_gpu * GiB) for d in devs}, prompt_tokens=1)
+                rows.append({"section": "plan", "model": name, "gpus": n,
+                             "method": method if method == "fp16" else f"{method}-1%",
+                             "bytes_per_token": sum(d.bytes_per_token for d in p.devices),
+                             "predicted_tokens": p.max_tokens, "limiting_device": p.limiting_device})
+    return rows
 
 
-def render(rows: list[dict], args) -> str:
+def render(rows: list[dict], meta: dict) -> str:
     cap = [r for r in rows if r["section"] == "capacity"]
-    pre = [r for r in rows if r["section"] == "prefill"]
-    md = [(f"# Capacity on one GPU: {args.shape}"
-          f"{f' ({args.layers} layers)' if args.layers else ''}, random {args.dtype} weights\n"),
+    multi = [r for r in rows if r["section"] == "multi_gpu"]
+    plan_ = [r for r in rows if r["section"] == "plan"]
+    layers = f" ({meta['layers']} layers)" if meta.get("layers") else ""
+    md = [f"# Capacity: {meta['shape']}{layers}, random {meta['dtype']} weights\n",
           ("Predicted = `plan_capacity` in the decode scenario (cache filled, then one token per step); "
-          "predicted (generate) = with a 4096-token prefill chunk's activations. Measured = the largest context "
-          "that allocates and decodes one step (bisection with out-of-memory as the test); the cache is then "
-          "filled (fast fill) at that size and the decode steps timed (CUDA events, median after the first).\n"),
+           "predicted (generate) = with a 4096-token prefill chunk's activations. Measured = the largest context "
+           "that allocates and decodes one step (bisection with out-of-memory as the test); the cache is then "
+           "filled (fast fill) at that size and the decode steps timed (median after the first).\n"),
+          "## One GPU\n",
           md_table(cap, ["method", "free_gib", "bytes_per_token", "predicted_tokens", "predicted_generate_tokens",
                          "measured_tokens", "predicted_vs_measured", "context", "cache_gib", "decode_ms",
                          "peak_gib", "fill_s", "error"])]
-    if pre:
-        md += ["\n## Prefill throughput (`generate(max_new_tokens=1)`)\n",
-               md_table(pre, ["method", "prompt", "prefill_s", "tokens_per_s", "peak_gib", "fused_op", "error"])]
-    mem = [r for r in cap if isinstance(r.get("gpu_memory"), dict)]
+    if multi:
+        md += [f"\n## Several GPUs (`device_map` over {meta.get('devices')})\n",
+               md_table(multi, ["method", "free_gib", "predicted_per_device", "predicted_tokens", "measured_tokens",
+                                "predicted_vs_measured", "context", "cache_gib", "decode_ms", "fill_s", "error"])]
+    mem = [r for r in cap + multi if isinstance(r.get("gpu_memory"), dict)]
     if mem:
         md.append("\n## Memory per GPU after the decode steps (GiB)\n")
         for r in mem:
-            md.append(f"- {r['method']} at {r['context']:,} tokens: " + "; ".join(
+            md.append(f"- {r['section']} {r['method']} at {r['context']:,} tokens: " + "; ".join(
                 f"{d}: allocated {m['allocated_gib']:.2f}, peak {m['peak_allocated_gib']:.2f}, driver used "
                 f"{m['driver_used_gib']:.2f} of {m['total_gib']:.2f}" for d, m in r["gpu_memory"].items()))
+    if plan_:
+        md += [f"\n## Planner predictions ({meta['plan_gib']} GiB free per GPU before the weights)\n",
+               md_table(plan_, ["model", "gpus", "method", "bytes_per_token", "predicted_tokens", "limiting_device"])]
     return "\n".join(md)
+
+
+def run_methods(model, methods, args, device: str, budget: Budget, rows: list[dict], save) -> None:
+    for method in methods:
+        if budget.left < 30:
+            rows.append({"section": args.section, "method": method, "error": "skipped: time budget"})
+            continue
+        try:
+            row = capacity_row(model, method, args, device, budget)
+        except torch.OutOfMemoryError as exc:
+            row = {"section": args.section, "method": method, "error": f"OOM: {str(exc).splitlines()[0][:100]}"}
+            release_memory(device)
+        print(row, flush=True)
+        rows.append(row)
+        save()
 
 
 def main(argv=None) -> list[dict]:
@@ -329,87 +333,57 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--layers", type=int, default=None, help="fewer layers (faster; capacities scale up)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--methods", nargs="*", default=list(METHODS), help="capacity rows (none: prefill only)")
-    ap.add_argument("--decode-steps", type=int, default=5)
-    ap.add_argument("--search-steps", type=int, default=7, help="bisection steps for the measured maximum (0: off)")
+    ap.add_argument("--methods", nargs="*", default=list(METHODS), help="one-GPU rows")
+    ap.add_argument("--devices", nargs="*", default=None,
+                    help="devices of the several-GPU rows (default: every visible GPU when there are several)")
+    ap.add_argument("--multi-methods", nargs="*", default=["nuq2"], help="several-GPU rows")
+    ap.add_argument("--decode-steps", type=int, default=3)
+    ap.add_argument("--search-steps", type=int, default=4, help="bisection steps for the measured maximum (0: off)")
     ap.add_argument("--search-span", type=float, default=0.05, help="search within +-span of the prediction")
     ap.add_argument("--scale", type=float, default=1.0, help="try this fraction of the predicted capacity")
-    ap.add_argument("--prefill-lengths", type=int, nargs="*", default=[32768, 131072])
-    ap.add_argument("--prefill-methods", nargs="*", default=["nuq4", "fp16"])
-    ap.add_argument("--prefill-chunk", type=int, default=4096)
-    ap.add_argument("--prefill-attention", default="auto", choices=["kernel", "auto"],
-                    help="cache_config prefill_attention of the nuq prefill rows")
-    ap.add_argument("--prefill-fused", nargs="+", default=None, choices=["cudnn", "flash", "efficient"],
-                    help="fused attention ops of the prefill path, in the order tried "
-                         "(kvquant_hf.attention.PREFILL_FUSED_ORDER)")
-    ap.add_argument("--prefill-block", type=int, default=None,
-                    help="history tokens dequantized per block on the prefill_attention=auto path "
-                         "(kvquant_hf.attention.PREFILL_HISTORY_BLOCK)")
     ap.add_argument("--free-mib", type=float, default=64.0, help="CPU only: the memory figure given to the planner")
     ap.add_argument("--headroom-mib", type=float, default=512.0, help="planner headroom per device")
-    ap.add_argument("--time-budget", type=float, default=420.0, help="seconds; later stages are skipped past it")
-    ap.add_argument("--quick", action="store_true", help="3 search steps, 3 decode steps, prefill at 32K only")
-    ap.add_argument("--name", default="capacity", help="result file name (benchmarks/results/NAME.{md,json})")
+    ap.add_argument("--plan-gib", type=float, default=139.8, help="free memory per GPU of the planner table")
+    ap.add_argument("--time-budget", type=float, default=170.0, help="seconds; later stages are skipped past it")
+    ap.add_argument("--smoke", action="store_true", help="tiny model on CPU (checks the script, not the GPU)")
     args = ap.parse_args(argv)
-    if args.quick:
-        args.search_steps = min(args.search_steps, 3)
-        args.decode_steps = min(args.decode_steps, 3)
-        args.prefill_lengths = [n for n in args.prefill_lengths if n <= 32768] or [32768]
+    if args.smoke:
+        args.shape, args.device, args.dtype, args.layers = "tiny", "cpu", "float32", None
+        args.free_mib, args.headroom_mib, args.decode_steps = 8.0, 0.0, 2
+        args.methods = ["fp16", "nuq4", "nuq2"]
+        args.devices = args.devices or ["cpu"]
+        args.scale = 0.5 if args.scale == 1.0 else args.scale
+    devices = args.devices
+    if devices is None and args.device.startswith("cuda") and torch.cuda.device_count() > 1:
+        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     dtype = getattr(torch, args.dtype)
-    if args.prefill_block:
-        kv_attention.PREFILL_HISTORY_BLOCK = args.prefill_block
-    if args.prefill_fused:
-        kv_attention.PREFILL_FUSED_ORDER = tuple(args.prefill_fused)
     budget = Budget(args.time_budget)
-    model = random_model(args.shape, dtype=dtype, device=args.device, num_layers=args.layers)
-    kvquant_hf.patch_model(model)
     rows: list[dict] = []
-    meta = {"shape": args.shape, "layers": model.config.num_hidden_layers, "dtype": args.dtype,
-            "prefill_history_block": kv_attention.PREFILL_HISTORY_BLOCK,
-            "prefill_fused_order": list(kv_attention.PREFILL_FUSED_ORDER)}
+    meta = {"shape": args.shape, "layers": args.layers, "dtype": args.dtype, "devices": devices,
+            "plan_gib": args.plan_gib, "search_steps": args.search_steps, "decode_steps": args.decode_steps}
 
-    def save():
-        write_results(args.name, rows, render(rows, args), meta, repo_and_out=True)
+    def save(history: bool = False):
+        write_result(NAME, rows, render(rows, meta), meta, device=args.device, history=history)
 
-    for method in args.methods:
-        if budget.left < 30:
-            rows.append({"section": "capacity", "method": method, "error": "skipped: time budget"})
-            continue
-        try:
-            row = capacity_row(model, method, args, args.device, budget)
-        except torch.OutOfMemoryError as exc:
-            row = {"section": "capacity", "method": method, "error": f"OOM: {str(exc).splitlines()[0][:100]}"}
-            _free(args.device)
-        print(row, flush=True)
-        rows.append(row)
-        save()
-    for method in args.prefill_methods:
-        prev = None
-        if args.prefill_lengths and budget.left > 60:
-            try:  # compile the prefill kernels (first chunk and chunks with history) and warm cuBLAS
-                prefill_row(model, method, min(2 * args.prefill_chunk, min(args.prefill_lengths)), args.device,
-                            args.prefill_chunk, args.prefill_attention)
-            except torch.OutOfMemoryError:
-                _free(args.device)
-        for length in sorted(args.prefill_lengths):
-            if prev is not None:
-                estimate = prev[1] * (length / prev[0]) ** 2
-                if estimate > budget.left - 10:
-                    rows.append({"section": "prefill", "method": method, "prompt": length,
-                                 "error": f"skipped: estimated {estimate:.0f} s > {budget.left:.0f} s left"})
-                    save()
-                    continue
-            try:
-                row = prefill_row(model, method, length, args.device, args.prefill_chunk, args.prefill_attention)
-                prev = (length, row["prefill_s"])
-            except torch.OutOfMemoryError as exc:
-                row = {"section": "prefill", "method": method, "prompt": length,
-                       "error": f"OOM: {str(exc).splitlines()[0][:100]}"}
-                _free(args.device)
-            print(row, flush=True)
-            rows.append(row)
-            save()
-    save()
+    if args.methods:
+        model = random_model(args.shape, dtype=dtype, device=args.device, num_layers=args.layers)
+        kvquant_hf.patch_model(model)
+        args.section = "capacity"
+        one = argparse.Namespace(**{**vars(args), "scale": 1.0 if args.smoke else args.scale})
+        run_methods(model, args.methods, one, args.device, budget, rows, save)
+        del model
+        release_memory(args.device)
+    if devices and args.multi_methods:
+        model, dmap = random_model_device_map(args.shape, devices, dtype=dtype, num_layers=args.layers)
+        kvquant_hf.patch_model(model)
+        meta["layers_per_device"] = {d: sum(1 for k, v in dmap.items() if k.startswith("model.layers.") and v == d)
+                                     for d in devices}
+        args.section = "multi_gpu"
+        run_methods(model, args.multi_methods, args, devices[0], budget, rows, save)
+        del model
+        release_memory(devices[0])
+    rows += plan_rows(args.plan_gib)
+    save(history=True)
     return rows
 
 

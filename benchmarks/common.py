@@ -1,14 +1,31 @@
-"""Shared setup for the GPU benchmarks: model shapes with random weights, timing, result files."""
+"""What every benchmark shares: model shapes with random weights, timing, and the result files.
+
+Each benchmark calls :func:`write_result` once per run (or after every row, so an interrupted run still leaves
+its rows): it writes ``benchmarks/results/<name>.md`` and ``<name>.json`` (the latest run: command, device, git
+commit, date, library versions and the rows) and appends the rows to ``benchmarks/results/history.csv`` (one line
+per row: name, date, commit, device, the row as JSON). When ``$OUT`` is set (the GPU machine), the three files are
+copied there too so they come back with the run.
+"""
 
 from __future__ import annotations
 
+import csv
 import datetime
+import gc
 import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
 
 import torch
+
+#: where the result files live (tests point it at a temporary folder)
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+HISTORY_FILE = "history.csv"
+HISTORY_COLUMNS = ("name", "date", "commit", "device", "row")
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: Published shapes; weights are random (speed/memory only, never accuracy).
 SHAPES = {
@@ -29,14 +46,12 @@ SHAPES = {
         num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=1000000.0,
         max_position_embeddings=32768, sliding_window=None,
     ),
+    # a tiny shape for the CPU smoke runs of the GPU benchmarks (random weights, head_dim 32)
+    "tiny": dict(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, rope_theta=10000.0, max_position_embeddings=1 << 20,
+    ),
 }
-
-
-#: A tiny shape for CPU smoke tests of the GPU scripts (random weights, head_dim 32).
-SHAPES["tiny"] = dict(
-    vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=32, rope_theta=10000.0, max_position_embeddings=1 << 20,
-)
 
 
 def make_config(shape: str, num_layers: int | None = None):
@@ -105,11 +120,25 @@ def random_model_device_map(shape: str, devices: list[str], dtype=torch.bfloat16
     return model, dmap
 
 
-def cuda_time_ms(fn, warmup: int = 2, iters: int = 5) -> float:
-    """Median wall time of ``fn()`` in ms measured with CUDA events (one event pair per call)."""
-    from kvquant_hf.benchmarking import cuda_median_ms
+def time_ms(fn, warmup: int = 2, iters: int = 5, device: str | torch.device = "cuda") -> float:
+    """Median time of ``fn()`` in ms: CUDA events on a GPU, wall time on the CPU."""
+    from kvquant_hf.benchmarking import median_ms
 
-    return cuda_median_ms(fn, warmup, iters)
+    return median_ms(fn, warmup, iters, device)
+
+
+def release_memory(device: str | torch.device) -> None:
+    """Collect garbage and give cached CUDA blocks back, so the next allocation sees the real free memory."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for every GPU (a model spread with ``device_map`` runs on several); nothing to do on the CPU."""
+    if torch.device(device).type == "cuda":
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(i)
 
 
 def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
@@ -122,60 +151,124 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def environment() -> dict:
-    """Device and library versions for result files."""
-    import transformers
-    import triton
+# --------------------------------------------------------------------------------------------
+# result files
+# --------------------------------------------------------------------------------------------
+def git_commit() -> str:
+    """The checkout's commit (``-dirty`` when files differ from it); ``$BENCHMARK_COMMIT`` where the copy of the
+    tree has no git metadata (the GPU machine); else ``unknown``."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=_ROOT,
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.environ.get("BENCHMARK_COMMIT", "unknown")
 
-    return {
+
+def device_name(device: str | torch.device | None = None) -> str:
+    """The GPU's name for CUDA runs, else ``cpu (<processor>, N threads)``."""
+    dev = torch.device(device) if device is not None else None
+    if torch.cuda.is_available() and (dev is None or dev.type == "cuda"):
+        n = torch.cuda.device_count()
+        name = torch.cuda.get_device_name(dev if dev is not None and dev.index is not None else 0)
+        return name if n == 1 else f"{n} x {name}"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def command_line() -> str:
+    """How this run was started, as one could type it again from the repository root."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name.startswith("benchmarks."):
+        return " ".join(["python", "-m", spec.name] + sys.argv[1:])
+    return " ".join(["python"] + sys.argv)
+
+
+def environment(device: str | torch.device | None = None) -> dict:
+    """Command, device, commit, date and library versions of this run."""
+    import transformers
+
+    env = {
+        "command": command_line(),
+        "device": device_name(device),
+        "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
         "torch": torch.__version__,
-        "triton": triton.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
     }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:  # CPU-only installs
+        pass
+    return env
 
 
 def results_dir() -> str:
-    """$OUT on the device machine, else benchmarks/results/."""
-    out = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
-    os.makedirs(out, exist_ok=True)
-    return out
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    return RESULTS_DIR
 
 
-def write_results(name: str, rows: list[dict], markdown: str, meta: dict | None = None,
-                  repo_and_out: bool = False) -> str:
-    """Write ``name.json`` (rows + environment) and ``name.md``; returns the markdown path.
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and value != value:
+        return None  # NaN: JSON has none
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
 
-    ``repo_and_out``: write to ``benchmarks/results/`` and, when ``$OUT`` is set, copy both files there too.
-    """
-    if repo_and_out:
-        out_env = os.environ.pop("OUT", None)
-        try:
-            path = write_results(name, rows, markdown, meta)
-        finally:
-            if out_env is not None:
-                os.environ["OUT"] = out_env
-        if out_env:
-            import shutil
 
-            os.makedirs(out_env, exist_ok=True)
-            for ext in ("json", "md"):
-                shutil.copy(os.path.join(os.path.dirname(path), f"{name}.{ext}"), os.path.join(out_env, f"{name}.{ext}"))
-        return path
+def write_result(name: str, rows: list[dict], markdown: str, meta: dict | None = None,
+                 device: str | torch.device | None = None, history: bool = True) -> str:
+    """Write ``<name>.json`` and ``<name>.md`` (this run) and append ``rows`` to ``history.csv``; returns the
+    markdown path. ``meta``: settings of the run recorded next to the environment. ``history=False`` rewrites
+    the pair only (a benchmark that saves after every row appends its rows once, at the end)."""
     out = results_dir()
-    env = environment()
-    if meta:
-        env.update(meta)
+    env = environment(device)
+    rows = _jsonable(rows)
+    data = {"name": name, **env, "meta": _jsonable(meta or {}), "rows": rows}
     with open(os.path.join(out, f"{name}.json"), "w") as fh:
-        json.dump({"environment": env, "rows": rows}, fh, indent=2)
-    header = "\n".join(f"- {k}: `{v}`" if k == "command" else f"- {k}: {v}" for k, v in env.items())
-    path = os.path.join(out, f"{name}.md")
-    with open(path, "w") as fh:
-        fh.write(markdown.rstrip() + "\n\n## Environment\n" + header + "\n")
-    return path
+        json.dump(data, fh, indent=2)
+        fh.write("\n")
+    run = "\n".join(f"- {k}: `{v}`" if k == "command" else f"- {k}: {v}" for k, v in env.items())
+    md_path = os.path.join(out, f"{name}.md")
+    with open(md_path, "w") as fh:
+        fh.write(markdown.rstrip() + "\n\n## Run\n" + run + "\n")
+    files = [f"{name}.json", f"{name}.md"]
+    if history:
+        append_history(name, rows, env)
+        files.append(HISTORY_FILE)
+    dest = os.environ.get("OUT")
+    if dest and os.path.abspath(dest) != os.path.abspath(out):
+        os.makedirs(dest, exist_ok=True)
+        for f in files:
+            shutil.copy(os.path.join(out, f), os.path.join(dest, f))
+    return md_path
+
+
+def append_history(name: str, rows: list[dict], env: dict) -> None:
+    """One line per row in ``history.csv`` (header written when the file is new)."""
+    path = os.path.join(results_dir(), HISTORY_FILE)
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as fh:
+        w = csv.writer(fh)
+        if new:
+            w.writerow(HISTORY_COLUMNS)
+        for row in rows:
+            w.writerow([name, env["date"], env["commit"], env["device"], json.dumps(row, sort_keys=True)])
+
+
+def read_result(name: str) -> dict:
+    """The latest run of benchmark ``name`` (its ``.json``)."""
+    with open(os.path.join(results_dir(), f"{name}.json")) as fh:
+        return json.load(fh)
 
 
 def md_table(rows: list[dict], columns: list[str]) -> str:

@@ -1,21 +1,18 @@
-"""Plots of the committed results: reads ``benchmarks/results/*.json|csv``, writes ``benchmarks/results/plots/*.png``.
+"""Plots of the latest results: reads ``benchmarks/results/<name>.json``, writes ``benchmarks/results/plots/*.png``.
 
-    python benchmarks/plots.py            # all three plots
-    python benchmarks/plots.py --only accuracy
+    python -m benchmarks.plots            # all three plots
+    python -m benchmarks.plots --only accuracy
 
-* ``accuracy_smollm2.png``: WikiText-2 PPL change vs fp16 per method and bit width (``accuracy_smollm2.json``).
-* ``decode_kernel_128k.png``: one decode attention call at 128K tokens, fp16 SDPA vs the nuq4/nuq2 kernels before
-  (``decode_attention.csv``) and after (``decode_attention_new.csv``) the fp16 decode fast path.
-* ``capacity_h200.png``: tokens of Llama-3-8B context that fit on 1 and 2 H200s per method (measured:
-  ``capacity.json``, ``capacity_fp16.json``, ``multi_gpu_capacity.json``; the rest: planner predictions from
-  ``plan_table.md``, drawn hatched).
+* ``accuracy.png``: WikiText-2 PPL change vs fp16 per method and bit width (``accuracy.json``).
+* ``decode_attention.png``: one decode attention call at batch 1 per context, fp16 SDPA vs nuq4/nuq3/nuq2
+  (``decode_attention.json``).
+* ``capacity.png``: tokens of Llama-3-8B context that fit on 1 and 2 GPUs per method (measured rows of
+  ``capacity.json``; where a count was not measured, the planner's prediction, drawn hatched).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import re
 
@@ -23,34 +20,25 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.patches import Patch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results")
-PLOTS = os.path.join(RESULTS, "plots")
+from benchmarks.common import read_result, results_dir
 
-COLORS = {"nuq": "#1f77b4", "nuq-tuned": "#6baed6", "int": "#d62728", "kivi": "#ff7f0e", "fp16": "#7f7f7f"}
-
-
-def _load_json(name: str) -> dict:
-    with open(os.path.join(RESULTS, name)) as f:
-        return json.load(f)
+COLORS = {"nuq": "#1f77b4", "nuq-uniform": "#6baed6", "int": "#d62728", "kivi": "#ff7f0e", "fp16": "#7f7f7f"}
 
 
-def accuracy_rows(results_dir: str = RESULTS) -> list[dict]:
-    """``[{"family", "bits", "method", "ppl", "delta_pct"}]`` from ``accuracy_smollm2.json``."""
-    with open(os.path.join(results_dir, "accuracy_smollm2.json")) as f:
-        d = json.load(f)
-    base = d["fp16_ppl"]
+def accuracy_rows() -> list[dict]:
+    """``[{"family", "bits", "method", "ppl", "delta_pct"}]`` of the quantized methods in ``accuracy.json``."""
     rows = []
-    for name, r in d["results"].items():
-        m = re.match(r"(nuq|int|kivi)(\d)(.*)", name)
-        if not m:
+    for r in read_result("accuracy")["rows"]:
+        m = re.match(r"(nuq|int|kivi)(\d)(.*)", r["method"])
+        if not m or r["delta_pct"] is None:
             continue
-        family = m.group(1)
-        if family == "nuq" and "tuned" in m.group(3):
-            family = "nuq-tuned"
-        rows.append({"family": family, "bits": int(m.group(2)), "method": name, "ppl": r["ppl"],
-                     "delta_pct": 100.0 * (r["ppl"] / base - 1.0)})
+        family = m.group(1) + ("-uniform" if "uniform" in m.group(3) else "")
+        if m.group(3) not in ("", "-1%", "-1%-uniform"):
+            continue
+        rows.append({"family": family, "bits": int(m.group(2)), "method": r["method"], "ppl": r["ppl"],
+                     "delta_pct": r["delta_pct"]})
     return rows
 
 
@@ -65,8 +53,7 @@ def _save(fig, ax, path: str) -> str:
 
 def plot_accuracy(path: str) -> str:
     rows = accuracy_rows()
-    # one group per bit width; bars: nuqX-1%, best tuned nuq, intX, KIVI-X
-    order = [("nuq", "nuqX-1% (calibrate.py)"), ("nuq-tuned", "nuqX tuned, 2 slots"), ("kivi", "KIVI-X-style"),
+    order = [("nuq", "nuqX-1% (calibrate.py)"), ("nuq-uniform", "nuqX-1%, uniform tables"), ("kivi", "KIVI-X-style"),
              ("int", "intX per token")]
     fig, ax = plt.subplots(figsize=(8, 4.2))
     width = 0.2
@@ -74,12 +61,9 @@ def plot_accuracy(path: str) -> str:
         xs, ys = [], []
         for j, bits in enumerate((4, 3, 2)):
             sel = [r for r in rows if r["family"] == fam and r["bits"] == bits]
-            if fam == "nuq-tuned":
-                sel = [r for r in sel if "2slots" in r["method"]]
-            if not sel:
-                continue
-            xs.append(j + (i - 1.5) * width)
-            ys.append(sel[0]["delta_pct"])
+            if sel:
+                xs.append(j + (i - 1.5) * width)
+                ys.append(sel[0]["delta_pct"])
         ax.bar(xs, ys, width, label=label, color=COLORS[fam])
         for x, y in zip(xs, ys):
             ax.text(x, min(y, 190) * 1.04 + 1, f"{y:+.0f}%" if abs(y) >= 10 else f"{y:+.1f}%", ha="center",
@@ -87,68 +71,55 @@ def plot_accuracy(path: str) -> str:
     ax.set_xticks(range(3), ["4 bits", "3 bits", "2 bits"])
     ax.set_ylabel("PPL change vs fp16 (%)")
     ax.set_ylim(0, 200)
-    d = _load_json("accuracy_smollm2.json")
-    fp16 = d["results"]["fp16"]
-    off = ", ".join(f"{r['method']} {r['delta_pct']:+.0f}%" for r in rows if r["delta_pct"] > 200
-                    and any(r["family"] == fam for fam, _ in order))
-    ax.set_title(f"SmolLM2-135M, WikiText-2 test ({fp16['windows']} x {fp16['seqlen']}), fp16 PPL {d['fp16_ppl']:.2f}"
+    fp16 = next(r for r in read_result("accuracy")["rows"] if r["method"] == "fp16")
+    off = ", ".join(f"{r['method']} {r['delta_pct']:+.0f}%" for r in rows if r["delta_pct"] > 200)
+    ax.set_title(f"SmolLM2-135M, WikiText-2 test ({fp16['windows']} x {fp16['seqlen']}), fp16 PPL {fp16['ppl']:.2f}"
                  + (f"\n({off} off the scale)" if off else ""), fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
     return _save(fig, ax, path)
 
 
-def _csv_rows(name: str) -> list[dict]:
-    with open(os.path.join(RESULTS, name), newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def kernel_times_128k() -> dict[str, dict[str, float]]:
-    """``{"old"|"new"|"cuda": {method: us}}`` at batch 1, context 131072 (default-config rows, no sweeps)."""
-    out: dict[str, dict[str, float]] = {}
-    for key, name in (("old", "decode_attention.csv"), ("new", "decode_attention_new.csv"),
-                      ("cuda", "decode_attention_cuda_final5.csv")):
-        out[key] = {}
-        for r in _csv_rows(name):
-            if r["batch"] == "1" and r["context"] == "131072" and r["method"] in ("fp16 SDPA", "nuq4-1%", "nuq2-1%"):
-                out[key].setdefault(r["method"], float(r["us"]))
+def decode_attention_us(batch: int = 1) -> dict[str, dict[int, float]]:
+    """``{method: {context: us}}`` of the attention rows of ``decode_attention.json`` at ``batch``."""
+    out: dict[str, dict[int, float]] = {}
+    for r in read_result("decode_attention")["rows"]:
+        if r.get("section") == "attention" and r["batch"] == batch:
+            out.setdefault(r["method"], {})[r["context"]] = r["us"]
     return out
 
 
-def plot_kernel(path: str) -> str:
-    t = kernel_times_128k()
-    labels = ["fp16 SDPA", "nuq4-1%", "nuq2-1%"]
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    width = 0.27
-    series = (("old", "Triton general kernel (decode_attention.md, eager)", "#bbbbbb"),
-              ("new", "Triton fp16 fast path (decode_attention_new.md, graph)", "#1f77b4"),
-              ("cuda", "CUDA tensor-core kernel (decode_attention_cuda_final5.md, graph)", "#2ca02c"))
-    for i, (key, label, color) in enumerate(series):
-        xs = [j + (i - 1) * width for j in range(len(labels))]
-        ys = [t[key].get(m, float("nan")) for m in labels]
-        ax.bar(xs, ys, width, label=label, color=color)
-        for x, y in zip(xs, ys):
-            ax.text(x, y + 10, f"{y:.0f}", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(labels)), labels)
-    ax.set_ylabel("us per call (lower is better)")
-    ax.set_ylim(0, 1.3 * max(max(v.values()) for v in t.values()))
-    ax.set_title("Decode attention, one layer, Llama-3-8B shape, batch 1, 128K tokens (H200, fp16)", fontsize=9)
+def plot_decode_attention(path: str) -> str:
+    data = decode_attention_us()
+    result = read_result("decode_attention")
+    contexts = sorted({c for v in data.values() for c in v})
+    methods = [m for m in ("fp16 SDPA", "nuq4-1%", "nuq3-1%", "nuq2-1%") if m in data]
+    colors = {"fp16 SDPA": "#7f7f7f", "nuq4-1%": "#1f77b4", "nuq3-1%": "#9467bd", "nuq2-1%": "#2ca02c"}
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    width = 0.8 / max(1, len(methods))
+    for i, m in enumerate(methods):
+        xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(contexts))]
+        ys = [data[m].get(c, float("nan")) for c in contexts]
+        ax.bar(xs, ys, width, label=m, color=colors[m])
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(contexts)), [f"{c // 1024}K" for c in contexts])
+    ax.set_ylabel("us per call, CUDA-graph replay (log scale)")
+    ax.set_title(f"Decode attention, one layer, Llama-3-8B shape, batch 1 ({result['device']}, "
+                 f"{result['meta'].get('dtype', 'float16')})", fontsize=9)
     ax.legend(fontsize=8, loc="upper left")
     return _save(fig, ax, path)
 
 
 def capacity_tokens() -> dict[tuple[int, str], tuple[int, bool]]:
-    """``{(gpus, method): (tokens, measured)}`` for Llama-3-8B bf16 on H200s."""
+    """``{(gpus, method): (tokens, measured)}`` for Llama-3-8B (bf16): measured rows, else planner predictions."""
     out: dict[tuple[int, str], tuple[int, bool]] = {}
-    with open(os.path.join(RESULTS, "plan_table.md")) as f:
-        for line in f:
-            m = re.match(r"\| Llama-3-8B \(bf16\) \| (\d) \| (\S+) \| [\d,]+ \| ([\d,]+) \|", line)
-            if m:
-                method = m.group(2).replace("-1%", "")
-                out[(int(m.group(1)), method)] = (int(m.group(3).replace(",", "")), False)
-    for gpus, name in ((1, "capacity.json"), (1, "capacity_fp16.json"), (2, "multi_gpu_capacity.json")):
-        for r in _load_json(name)["rows"]:
-            if r.get("section") == "capacity" and r.get("measured_tokens"):
-                out[(gpus, r["method"])] = (int(r["measured_tokens"]), True)
+    rows = read_result("capacity")["rows"]
+    for r in rows:
+        if r["section"] == "plan" and r["model"].startswith("Llama-3-8B") and r["gpus"] in (1, 2):
+            out[(r["gpus"], r["method"].replace("-1%", ""))] = (int(r["predicted_tokens"]), False)
+    for r in rows:
+        if r["section"] in ("capacity", "multi_gpu") and isinstance(r.get("measured_tokens"), int):
+            gpus = 1 if r["section"] == "capacity" else len(r.get("predicted_per_device") or {0: 0, 1: 0})
+            out[(gpus, r["method"])] = (r["measured_tokens"], True)
     return out
 
 
@@ -164,35 +135,35 @@ def plot_capacity(path: str) -> str:
             tokens, measured = cap[(gpus, m)]
             x = j + (i - 0.5) * width
             ax.bar(x, tokens / 1e6, width, color=color if measured else "white", edgecolor=color,
-                   hatch=None if measured else "//", label=None)
+                   hatch=None if measured else "//")
             ax.text(x, tokens / 1e6 + 0.15, f"{tokens / 1e6:.2f}M", ha="center", va="bottom", fontsize=7)
-    from matplotlib.patches import Patch
-
-    ax.legend(handles=[Patch(color="#1f77b4", label="1 x H200, measured"),
-                       Patch(color="#2ca02c", label="2 x H200, measured"),
-                       Patch(facecolor="white", edgecolor="#2ca02c", hatch="//", label="2 x H200, planner (not run)")],
+    ax.legend(handles=[Patch(color="#1f77b4", label="1 GPU, measured"),
+                       Patch(color="#2ca02c", label="2 GPUs, measured"),
+                       Patch(facecolor="white", edgecolor="#2ca02c", hatch="//", label="planner prediction")],
               fontsize=8, loc="upper left")
     ax.set_xticks(range(len(methods)), ["fp16 DynamicCache", "nuq4-1%", "nuq3-1%", "nuq2-1%"])
     ax.set_ylabel("context tokens that fit (millions)")
-    ax.set_title("Llama-3-8B shape (bf16), batch 1: longest context that allocates and decodes", fontsize=9)
+    ax.set_title(f"Llama-3-8B shape (bf16), batch 1: longest context that allocates and decodes\n"
+                 f"({read_result('capacity')['device']})", fontsize=9)
     return _save(fig, ax, path)
 
 
-PLOTTERS = {"accuracy": ("accuracy_smollm2.png", plot_accuracy),
-            "kernel": ("decode_kernel_128k.png", plot_kernel),
-            "capacity": ("capacity_h200.png", plot_capacity)}
+PLOTTERS = {"accuracy": ("accuracy.png", plot_accuracy),
+            "decode_attention": ("decode_attention.png", plot_decode_attention),
+            "capacity": ("capacity.png", plot_capacity)}
 
 
 def main(argv=None) -> list[str]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", choices=sorted(PLOTTERS), nargs="*")
-    ap.add_argument("--out-dir", default=PLOTS)
+    ap.add_argument("--out-dir", default=None, help="default: benchmarks/results/plots")
     args = ap.parse_args(argv)
-    os.makedirs(args.out_dir, exist_ok=True)
+    out_dir = args.out_dir or os.path.join(results_dir(), "plots")
+    os.makedirs(out_dir, exist_ok=True)
     written = []
     for key in args.only or PLOTTERS:
         name, fn = PLOTTERS[key]
-        written.append(fn(os.path.join(args.out_dir, name)))
+        written.append(fn(os.path.join(out_dir, name)))
         print("wrote", written[-1])
     return written
 

@@ -5,18 +5,16 @@ when the documented rule is to contain it, and whether the model and caches were
 right after it must equal the reference generate made before anything was tried (and a user cache object that
 saw the failure must, after ``reset()``, give the same tokens again).
 
-Writes ``reliability.md`` / ``.json`` to ``$OUT`` or ``benchmarks/results/``; the CPU soak figures
-(``benchmarks/soak.py``: ``soak_cpu.json`` and ``soak_cpu_kernels.json`` in the same folder) are appended when
-present (``--soak`` runs the first).
+Usage (about a minute on CPU; ``--smoke``: the first few inputs only)::
 
-Usage: ``PYTHONPATH=. python benchmarks/reliability.py [--soak]``
+    python -m benchmarks.reliability
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
-import os
 import pickle
 import shutil
 import sys
@@ -26,8 +24,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from common import md_table, results_dir, write_results
+import kvquant_hf
+from benchmarks.common import md_table, write_result
+from kvquant_hf.cache import resolve_backend
+from kvquant_hf.errors import KVQuantError
+from kvquant_hf.generation import cache_kwarg_name
+from kvquant_hf.signposts import METADATA_FILE, layer_filename, save_signposts, sha256_file
+
+NAME = "reliability"
 
 PROMPT = torch.tensor([[5, 17, 99, 3, 42, 8, 77, 31, 64, 12]])
 NEW = 8
@@ -92,25 +96,14 @@ class Payload:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--soak", action="store_true", help="run the CPU soak (2000 steps) first")
+    ap.add_argument("--smoke", action="store_true", help="the first few inputs only (checks the script)")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     torch.set_grad_enabled(False)
 
-    import kvquant_hf
-    from kvquant_hf import cache as cache_mod
-    from kvquant_hf.errors import KVQuantError
-    from kvquant_hf.generation import _cache_kwarg_name
-    from kvquant_hf.signposts import METADATA_FILE, layer_filename, save_signposts, sha256_file
-
-    if args.soak:
-        import soak
-
-        soak.main(["--device", "cpu", "--steps", "2000", "--prompt", "256"])
-
     tmp = Path(tempfile.mkdtemp(prefix="kvq-reliability-"))
     model = tiny()
-    kw = _cache_kwarg_name(model)
+    kw = cache_kwarg_name(model)
     sp = random_signposts(model, bits=4)
     good_dir = tmp / "good"
     save_signposts(sp, good_dir)
@@ -272,12 +265,12 @@ def main(argv=None):
                 f"outlier_slots={st['outlier_slots']}, slot fill {st['key_outlier_slot_fill']:.2f}")
 
     def triton_missing():
-        real = cache_mod.importlib.util.find_spec
-        cache_mod.importlib.util.find_spec = lambda name, *a: None if name == "triton" else real(name, *a)
+        real = importlib.util.find_spec
+        importlib.util.find_spec = lambda name, *a: None if name == "triton" else real(name, *a)
         try:
-            cache_mod.resolve_backend("triton", torch.device("cuda"), 128)
+            resolve_backend("triton", torch.device("cuda"), 128)
         finally:
-            cache_mod.importlib.util.find_spec = real
+            importlib.util.find_spec = real
 
     g = lambda **cfg: (lambda: gen(cache_implementation="kvquant", cache_config=cfg))
     cases = [
@@ -326,6 +319,8 @@ def main(argv=None):
     ]
 
     rows = []
+    if args.smoke:
+        cases = cases[:4]
     for desc, fn in cases:
         row = {"input": desc}
         try:
@@ -361,32 +356,8 @@ def main(argv=None):
         md_table([{k: cell(v) for k, v in r.items()} for r in rows],
                  ["input", "exception", "kvquant_error", "message", "state_intact"]),
     ]
-    for name, title, note in (
-        ("soak_cpu", "CPU soak (benchmarks/soak.py)",
-         "Memory: `unaccounted` = process RSS growth - tensor bytes held by the cache; it must stay flat."),
-        ("soak_cpu_kernels", "CPU soak with Triton kernel checks (benchmarks/soak.py --kernel-check)",
-         "Written as soak_cpu.* and renamed. The RSS here also holds the Triton interpreter's own allocations "
-         "made at each checkpoint (compare the run above, without them)."),
-        ("soak_cpu_smollm2", "CPU soak on SmolLM2-135M-Instruct (benchmarks/soak.py --model smollm2)",
-         "The embedded trained model, uncalibrated nuq4 (key ranges from the 256-token prompt), torch path."),
-        ("soak_gpu", "GPU soak (H200, benchmarks/soak.py --device cuda)",
-         "Llama-3-8B shape with 4 layers and random bf16 weights (accuracy vs the fp model is not meaningful for "
-         "random weights); `rel_diff_vs_torch` = the same step through the torch reference path on the same storage; "
-         "`storage_bit_identical` = layer 0's newly stored token equal between the two paths."),
-    ):
-        soak_json = os.path.join(results_dir(), f"{name}.json")
-        if not os.path.exists(soak_json):
-            continue
-        import soak
-
-        with open(soak_json) as fh:
-            data = json.load(fh)
-        env = data["environment"]
-        result = {"rows": [r for r in data["rows"] if "step" in r], "summary": env["summary"]}
-        body = soak.markdown(result, "X").split("\n", 1)[1].replace("\n## ", "\n### ")
-        md += ["", f"## {title}", "", f"Command: `{env['command']}` ({env['date']}, {env['device']}). {note}", body]
     meta = {"all_as_documented": all_ok, "pickle_executed": pwned}
-    print(write_results("reliability", rows, "\n".join(md), meta=meta))
+    print(write_result(NAME, rows, "\n".join(md), meta=meta, device="cpu"))
     return 0 if all_ok else 1
 
 

@@ -23,13 +23,12 @@ GPU mode also starts with an edge-value check of the Triton quantize kernels (al
 +-65504, tiny, huge fp32; fp16/bf16/fp32) against ``quant.py``, bit for bit, since the CPU interpreter cannot check
 bf16 rounding.
 
-Usage::
+Usage (GPU default: about 2 minutes on one H100, at most ``--max-seconds`` of decode steps)::
 
-    PYTHONPATH=. python benchmarks/soak.py --device cuda --steps 20000 --layers 4      # 8B-shaped, random bf16
-    PYTHONPATH=. python benchmarks/soak.py --device cpu --steps 2000 --kernel-check     # tiny random Llama
-    PYTHONPATH=. python benchmarks/soak.py --device cpu --steps 2000 --model smollm2    # the embedded SmolLM2
-
-Results go to ``$OUT`` (or ``benchmarks/results/``) as ``soak_<device>.json`` and ``.md``.
+    PYTHONPATH=. python -m benchmarks.soak                                       # 8B-shaped, 4 layers, random bf16
+    python -m benchmarks.soak --device cpu --steps 2000 --kernel-check           # tiny random Llama
+    python -m benchmarks.soak --device cpu --steps 2000 --model smollm2          # the embedded SmolLM2
+    python -m benchmarks.soak --smoke                                            # a few steps on CPU
 """
 
 from __future__ import annotations
@@ -41,8 +40,10 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from common import md_table, write_results
+from benchmarks.common import md_table, random_model, write_result
+from kvquant_hf.generation import cache_kwarg_name
+
+NAME = "soak"
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,8 +68,6 @@ def load_model(args):
         return model.eval()
     if args.model == "tiny":
         return tiny_model(args.seed, args.layers or 2).to(args.device, getattr(torch, args.dtype))
-    from common import random_model
-
     return random_model(args.model, dtype=getattr(torch, args.dtype), device=args.device, num_layers=args.layers)
 
 
@@ -122,7 +121,7 @@ def edge_kernel_check(device: str) -> list[dict]:
 def _tensor_bytes(cache) -> int:
     total = 0
     for layer in cache.layers:
-        for name in layer._batch_tensors():
+        for name in layer.batch_tensors():
             t = getattr(layer, name)
             total += t.numel() * t.element_size()
     return total
@@ -226,10 +225,9 @@ def soak(model, device: str, steps: int, prompt_len: int, check_every: int, cach
     With ``kernels`` each checkpoint also runs :func:`kernel_check` (on CPU: the Triton interpreter).
     """
     import kvquant_hf
-    from kvquant_hf.generation import _cache_kwarg_name
 
     kvquant_hf.patch_model(model)
-    kw = _cache_kwarg_name(model)
+    kw = cache_kwarg_name(model)
     vocab = model.config.get_text_config().vocab_size
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (1, prompt_len + steps + 1), generator=g).to(device)
@@ -381,15 +379,23 @@ def main(argv=None):
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--outlier-fraction", type=float, default=0.01)
     ap.add_argument("--backend", default="auto")
-    ap.add_argument("--max-seconds", type=float, default=float("inf"), help="stop early (reported) after this long")
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="stop early (reported) after this long (default: 120 on GPU, no limit on CPU)")
     ap.add_argument("--kernel-check", action="store_true",
                     help="at checkpoints, Triton kernels vs torch on the live cache (on CPU: the Triton interpreter)")
-    ap.add_argument("--cuda-graph", action="store_true",
-                    help="replay decode steps from CUDA graphs between checkpoints")
+    ap.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                    help="replay decode steps from CUDA graphs between checkpoints (default: on GPU)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--name", default=None)
+    ap.add_argument("--smoke", action="store_true", help="a few steps of the tiny model on CPU (checks the script)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.device, args.model, args.steps, args.prompt = "cpu", "tiny", args.steps or 20, 32
+        args.check_every = args.check_every or 5
     gpu = args.device.startswith("cuda")
+    if args.cuda_graph is None:
+        args.cuda_graph = gpu
+    if args.max_seconds is None:
+        args.max_seconds = 120.0 if gpu else float("inf")
     args.model = args.model or ("llama3-8b" if gpu else "tiny")
     args.layers = args.layers or (4 if gpu and args.model != "smollm2" else None)
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
@@ -414,15 +420,14 @@ def main(argv=None):
     if edge_rows:
         result["summary"]["edge_kernels_bit_identical"] = all(r["bit_identical"] for r in edge_rows)
     print(result["summary"], flush=True)
-    name = args.name or f"soak_{'gpu' if gpu else 'cpu'}"
     title = (f"Soak: {result['summary']['steps_done']} decode steps, {args.model} "
              f"({args.layers or 'all'} layers, {args.dtype}, random weights unless smollm2), nuq{args.bits}, "
              f"{args.device}")
     meta = {"model": args.model, "layers": args.layers, "dtype": args.dtype, "cache_config": cfg,
             "cuda_graph": args.cuda_graph,
             "summary": result["summary"]}
-    print(write_results(name, result["rows"] + ([{"edge": r} for r in edge_rows] if edge_rows else []),
-                        markdown(result, title, edge_rows), meta=meta))
+    print(write_result(NAME, result["rows"] + ([{"edge": r} for r in edge_rows] if edge_rows else []),
+                       markdown(result, title, edge_rows), meta=meta, device=args.device))
     return result
 
 

@@ -9,6 +9,7 @@ measured this way.
 from __future__ import annotations
 
 import statistics
+import time
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ import torch
 from . import quant
 from .cache import KVQuantCache, KVQuantLayer
 from .config import KVQuantConfig
+from .generation import cache_kwarg_name
 
 
 def fast_fill_layer(layer: KVQuantLayer, batch: int, heads: int, head_dim: int, tokens: int, dtype: torch.dtype,
@@ -31,13 +33,13 @@ def fast_fill_layer(layer: KVQuantLayer, batch: int, heads: int, head_dim: int, 
     sample = torch.randn(batch, heads, 1, head_dim, dtype=dtype, device=device)
     layer.lazy_initialization(sample, sample)
     ones = torch.ones(heads, head_dim, device=device)
-    layer._set_key_thresholds(-ones, ones)
+    layer.set_key_thresholds(-ones, ones)
     n_sink = min(layer.config.sink_tokens, tokens)
     hist = tokens - n_sink
-    layer._ensure_capacity(hist + (layer.config.block_size if spare is None else spare))
+    layer.ensure_capacity(hist + (layer.config.block_size if spare is None else spare))
     if n_sink:
         layer.sink_k[:, :, :n_sink].normal_(generator=g)
-        layer._sink_rope = None  # sink_k written directly: rotate it again when read
+        layer.sink_rope = None  # sink_k written directly: rotate it again when read
         layer.sink_v[:, :, :n_sink].normal_(generator=g)
         layer.sink_positions[:, :n_sink] = torch.arange(n_sink, dtype=torch.int32, device=device)
         layer.sink_valid[:, :n_sink] = True
@@ -101,10 +103,18 @@ def fast_filled_cache(model, batch: int, tokens: int, cache_config: dict | KVQua
     return cache
 
 
-def cuda_median_ms(fn, warmup: int = 2, iters: int = 5) -> float:
-    """Median time of ``fn()`` in ms, CUDA events around each call (after ``warmup`` calls)."""
+def median_ms(fn, warmup: int = 2, iters: int = 5, device: torch.device | str = "cuda") -> float:
+    """Median time of ``fn()`` in ms after ``warmup`` calls: CUDA events around each call on a GPU, wall time on
+    the CPU."""
     for _ in range(warmup):
         fn()
+    if torch.device(device).type != "cuda":
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
@@ -185,17 +195,19 @@ def _decode_benchmark(model, cache, batch: int, context: int, cuda_graph: bool, 
             decoder.rewind(1)
 
         with torch.inference_mode():
-            result["ms_per_step"] = cuda_median_ms(step, warmup, iters)
+            result["ms_per_step"] = median_ms(step, warmup, iters)
         decoder.close()
     else:
         def step():
-            model(input_ids=ids, position_ids=pos, past_key_values=cache)
+            model(input_ids=ids, position_ids=pos, **{cache_kwarg_name(model): cache})
             cache.crop(-1)
 
         with torch.inference_mode():
-            result["ms_per_step"] = cuda_median_ms(step, warmup, iters)
-            cats = {"attention_ms": ("packed_attn", "kvq_packed_decode"), "append_ms": ("quantize",)}  # Triton, CUDA
-            bd = step_breakdown(step, cats)
-        result.update(attention_ms=bd["attention_ms"], append_ms=bd["append_ms"], other_kernels_ms=bd["other"])
-        result["other_ms"] = result["ms_per_step"] - bd["attention_ms"] - bd["append_ms"]
+            result["ms_per_step"] = median_ms(step, warmup, iters, model.device)
+            if model.device.type == "cuda":  # kernel times need the CUDA profiler
+                cats = {"attention_ms": ("packed_attn", "kvq_packed_decode"), "append_ms": ("quantize",)}
+                bd = step_breakdown(step, cats)
+                result.update(attention_ms=bd["attention_ms"], append_ms=bd["append_ms"],
+                              other_kernels_ms=bd["other"])
+                result["other_ms"] = result["ms_per_step"] - bd["attention_ms"] - bd["append_ms"]
     return result

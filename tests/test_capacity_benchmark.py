@@ -1,50 +1,37 @@
-"""CPU smoke test of the GPU capacity benchmarks (benchmarks/capacity.py, benchmarks/multi_gpu_capacity.py) on a
-tiny random model: the planner's prediction is what the benchmark then allocates, results are written in the
-benchmarks/common.py format (and copied to $OUT), GPU-only parts are marked skipped."""
+"""CPU smoke runs of the GPU capacity and prefill benchmarks (``benchmarks.capacity``, ``benchmarks.prefill``) on a tiny
+random model: the planner's prediction is what the benchmark then allocates, the result files are written (and
+copied to $OUT), GPU-only parts are marked skipped."""
 
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import pytest
+import torch
 
-from kvquant_hf import cache as cache_mod
-
-_BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-if _BENCH not in sys.path:
-    sys.path.insert(0, _BENCH)
-
-
-@pytest.fixture(autouse=True)
-def _quiet_uncalibrated(monkeypatch):
-    monkeypatch.setattr(cache_mod, "_UNCALIBRATED_WARNED", True)
+from benchmarks import capacity, common, prefill
+from benchmarks.common import random_model, random_model_device_map
 
 
 @pytest.fixture
 def results(monkeypatch, tmp_path):
-    import common
-
-    repo = tmp_path / "results"
-    out = tmp_path / "out"
-    monkeypatch.setattr(common, "results_dir", lambda: (os.makedirs(os.environ.get("OUT") or repo, exist_ok=True),
-                                                        str(os.environ.get("OUT") or repo))[1])
+    repo, out = tmp_path / "results", tmp_path / "out"
+    monkeypatch.setattr(common, "RESULTS_DIR", str(repo))
     monkeypatch.setenv("OUT", str(out))
     return repo, out
 
 
 def test_capacity_benchmark_smoke(results):
-    import capacity
-
     repo, out = results
-    rows = capacity.main(["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--free-mib", "8",
-                          "--headroom-mib", "0", "--decode-steps", "2", "--methods", "fp16", "nuq4", "nuq2",
-                          "--prefill-lengths", "160", "--prefill-chunk", "64", "--prefill-methods", "nuq4", "fp16"])
+    rows = capacity.main(["--smoke"])
     for d in (repo, out):
         data = json.loads((d / "capacity.json").read_text())
-        assert data["environment"]["shape"] == "tiny" and len(data["rows"]) == len(rows)
-        assert "## Prefill throughput" in (d / "capacity.md").read_text()
+        assert data["meta"]["shape"] == "tiny" and len(data["rows"]) == len(rows)
+        assert data["device"].startswith("cpu") and data["command"] and data["commit"] and data["date"]
+        md = (d / "capacity.md").read_text()
+        assert "## Several GPUs" in md and "## Planner predictions" in md and "## Run" in md
+    history = (repo / "history.csv").read_text().splitlines()
+    assert len(history) == 1 + len(rows) and all(line.startswith("capacity,") for line in history[1:])
     cap = {r["method"]: r for r in rows if r["section"] == "capacity"}
     assert set(cap) == {"fp16", "nuq4", "nuq2"}
     for m, r in cap.items():
@@ -58,16 +45,29 @@ def test_capacity_benchmark_smoke(results):
             assert r["cache_gib"] <= r["predicted_cache_gib"] < r["cache_gib"] + 8192 / 2**30 + clip_counters
     # the quantized caches hold many more tokens in the same memory
     assert cap["nuq2"]["predicted_tokens"] > cap["nuq4"]["predicted_tokens"] > 2 * cap["fp16"]["predicted_tokens"]
-    pre = [r for r in rows if r["section"] == "prefill"]
-    assert [r["method"] for r in pre] == ["nuq4 chunked (64), prefill_attention=auto", "fp16"]
-    assert all(r["tokens_per_s"] > 0 for r in pre)
+    # several devices (here one CPU "device"): meta-built model materialized per device, half the prediction filled
+    (multi,) = [r for r in rows if r["section"] == "multi_gpu"]
+    assert "error" not in multi, multi
+    assert multi["predicted_per_device"] == {"cpu": multi["predicted_tokens"]}
+    assert multi["context"] == multi["held_tokens"] == int(multi["predicted_tokens"] * 0.5)
+    # the planner table: Llama-3-8B on 1 and 2 GPUs, Llama-2-7B on 1, 2 and 8, four methods each
+    plan = [r for r in rows if r["section"] == "plan"]
+    assert len(plan) == (2 + 3) * 4
+    one = {r["method"]: r["predicted_tokens"] for r in plan if r["model"].startswith("Llama-3") and r["gpus"] == 1}
+    assert one["nuq2-1%"] > one["nuq4-1%"] > one["fp16"]
+
+
+def test_prefill_benchmark_smoke(results):
+    repo, _out = results
+    rows = prefill.main(["--smoke"])
+    assert [r["method"] for r in rows] == ["nuq4 chunked (64), prefill_attention=auto", "fp16"]
+    assert all(r["tokens_per_s"] > 0 and r["prompt"] == 160 for r in rows)
+    data = json.loads((repo / "prefill.json").read_text())
+    assert data["name"] == "prefill" and data["rows"] == json.loads(json.dumps(rows))
 
 
 def test_allocation_only_equals_filled_memory():
-    import capacity
-    from common import random_model
-
-    model = random_model("tiny", dtype=__import__("torch").float32, device="cpu")
+    model = random_model("tiny", dtype=torch.float32, device="cpu")
     a = capacity.allocate_cache(model, "nuq3", 3000, 2990, fill=False)
     b = capacity.allocate_cache(model, "nuq3", 3000, 2990, fill=True)
     assert a.get_seq_length() == b.get_seq_length() == 2990
@@ -76,26 +76,8 @@ def test_allocation_only_equals_filled_memory():
     assert a.get_seq_length() == 2991
 
 
-def test_multi_gpu_capacity_smoke(results):
-    """The multi-GPU script end to end on CPU (one device): meta-built model materialized per device, planner,
-    fast fill at the predicted size, decode steps."""
-    import multi_gpu_capacity
-
-    _repo, out = results
-    rows = multi_gpu_capacity.main(["--shape", "tiny", "--devices", "cpu", "--dtype", "float32", "--free-mib", "8",
-                                    "--headroom-mib", "0", "--decode-steps", "2", "--scale", "0.5"])
-    (row,) = rows
-    assert "error" not in row, row
-    assert row["predicted_per_device"] == {"cpu": row["predicted_tokens"]}
-    assert row["context"] == row["held_tokens"] == int(row["predicted_tokens"] * 0.5)
-    assert json.loads((out / "multi_gpu_capacity.json").read_text())["environment"]["devices"] == ["cpu"]
-
-
 def test_random_model_device_map_is_a_working_model():
     """Weights materialized per device and the rebuilt rotary embedding give a model that runs and generates."""
-    import torch
-    from common import random_model_device_map
-
     model, dmap = random_model_device_map("tiny", ["cpu"], dtype=torch.float32)
     assert dmap["model.layers.0"] == "cpu" and dmap["lm_head"] == "cpu"
     assert not any(p.is_meta for p in model.parameters())
