@@ -25,22 +25,27 @@ from kvquant_hf.calibration import (
     calibrate,
     load_calibration_text,
 )
+from kvquant_hf.cli_help import DefaultsHelpFormatter
 from kvquant_hf.errors import KVQuantError
 from kvquant_hf.signposts import FISHER_WEIGHTINGS, save_signposts
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="model id or folder, a .gguf file, or 'smollm2' (embedded)")
     p.add_argument("--gguf-file", default=None, help="GGUF file inside --model (for GGUF checkpoints)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text-file", help="UTF-8 calibration text (e.g. ../shared/data/wikitext-2/valid.tokens.txt)")
     src.add_argument("--dataset", choices=["wikitext2"], help="named dataset through `datasets` (needs network)")
-    p.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2], choices=[2, 3, 4])
-    p.add_argument("--outlier-fraction", type=float, default=0.01)
-    p.add_argument("--sink-tokens", type=int, default=1)
-    p.add_argument("--nsamples", type=int, default=16)
-    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2], choices=[2, 3, 4],
+                   help="bit widths to calibrate (one nuqX folder each)")
+    p.add_argument("--outlier-fraction", type=float, default=0.01,
+                   help="fraction of key/value entries kept exact as outliers (sets the per-channel key thresholds)")
+    p.add_argument("--sink-tokens", type=int, default=1,
+                   help="first tokens of each window kept exact (left out of the statistics, as in the cache)")
+    p.add_argument("--nsamples", type=int, default=16, help="calibration windows sampled from the text")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
     p.add_argument("--output-dir", required=True, help="writes OUTPUT_DIR/nuq{X}/ for each bit width")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... or 'auto' (accelerate device_map); "
                    "default: cuda when available, else cpu")
@@ -54,10 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--value-table", default="kmeans", choices=list(VALUE_TABLES),
                    help="value tables: kmeans (reference) or uniform; uniform key and value tables let the CUDA "
                    "decode kernel skip the table lookups (its fastest path)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the window sampling, reservoir and k-means")
     p.add_argument("--max-tokens-per-layer", type=int, default=DEFAULT_MAX_TOKENS_PER_LAYER,
                    help="token rows kept per layer (reservoir sample; bounds CPU memory)")
-    p.add_argument("--kmeans-max-points", type=int, default=DEFAULT_KMEANS_MAX_POINTS)
+    p.add_argument("--kmeans-max-points", type=int, default=DEFAULT_KMEANS_MAX_POINTS,
+                   help="points per k-means fit (subsampled beyond)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 

@@ -69,8 +69,8 @@ class KVQuantConfig:
             and attended with PyTorch's cuDNN or FlashAttention-2 kernel (fp16/bf16; memory-efficient attention
             for float32; ``kvquant_hf.attention.PREFILL_FUSED_ORDER``), merged by log-sum-exp with the chunk's own
             causal block; otherwise the split-K kernel (the torch path on CPU). ``"kernel"``: always the split-K
-            kernel (it re-reads the packed history for every block of query rows: 4.7x slower at 32K on the H200,
-            10.4 s vs 2.2 s in capacity.md / capacity_prefill.md). ``"dequant"``: the dequantize-and-attend path
+            kernel (it re-reads the packed history for every block of query rows: 4.7x slower at 32K on an H200,
+            10.4 s against 2.2 s; ``benchmarks/prefill.py``). ``"dequant"``: the dequantize-and-attend path
             wherever it applies (float32 math off CUDA).
         capacity_check (`bool`): in ``generate``, refuse (``CapacityError``) a request whose cache cannot fit in
             the free GPU memory according to :func:`kvquant_hf.plan_capacity`, before allocating anything.

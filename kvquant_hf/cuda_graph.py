@@ -79,9 +79,9 @@ class CUDAGraphDecoder:
             self.static_logits = self._forward()
         # graph mode contains NaN/Inf tokens on the device; with nonfinite="error" each step is checked afterwards
         self.check_nonfinite = cache.config.nonfinite == "error"
-        self._nonfinite_seen = self._nonfinite_counts()
+        self.nonfinite_seen = self.nonfinite_counts()
 
-    def _nonfinite_counts(self) -> list[int]:
+    def nonfinite_counts(self) -> list[int]:
         return torch.cat([layer.nonfinite_counter for layer in self.cache.layers]).tolist()
 
     def _forward(self) -> torch.Tensor:
@@ -119,11 +119,11 @@ class CUDAGraphDecoder:
             layer.length += 1
         self.steps += 1
         if self.check_nonfinite:
-            counts = self._nonfinite_counts()  # one host sync per step
-            if counts != self._nonfinite_seen:
-                bad = [i for i, (a, b) in enumerate(zip(counts, self._nonfinite_seen)) if a != b]
+            counts = self.nonfinite_counts()  # one host sync per step
+            if counts != self.nonfinite_seen:
+                bad = [i for i, (a, b) in enumerate(zip(counts, self.nonfinite_seen)) if a != b]
                 self.rewind(1)
-                for layer, n in zip(self.cache.layers, self._nonfinite_seen):
+                for layer, n in zip(self.cache.layers, self.nonfinite_seen):
                     layer.nonfinite_counter.fill_(n)
                 raise KVQuantNumericalError(
                     f"layer {bad[0]}: NaN or Inf in the new keys/values of the CUDA-graph decode step at position(s) "

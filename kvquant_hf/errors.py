@@ -1,4 +1,4 @@
-"""Exception types raised by kvquant_hf. Every message says what is wrong and how to fix it."""
+"""Exception and warning types of kvquant_hf. Every message says what is wrong and how to fix it."""
 
 
 class KVQuantError(Exception):
@@ -41,3 +41,8 @@ class KVQuantNumericalError(KVQuantError, FloatingPointError):
         self.rows = list(rows)
         self.positions = list(positions)
         self.tensors = list(tensors)
+
+
+class UncalibratedCacheWarning(UserWarning):
+    """Emitted once per `KVQuantCache` that runs without calibrated signposts (NormalFloat tables, key ranges
+    from the first prompt)."""

@@ -33,7 +33,7 @@ import torch
 from transformers.generation import configuration_utils as _gen_config_utils
 from transformers.generation.utils import GenerationMixin
 
-from .cache import KVQuantCache, _LazyLayers
+from .cache import KVQuantCache, LazyLayers
 from .config import KVQuantConfig
 from .errors import KVQuantConfigError, KVQuantNumericalError
 
@@ -42,7 +42,7 @@ _CACHE_KWARGS = ("cache", "past_key_values")
 _original_generate = None
 
 
-def _cache_kwarg_name(model) -> str:
+def cache_kwarg_name(model) -> str:
     """The name transformers' generate and forward use for the cache: ``cache`` (>= 5.24) or ``past_key_values``."""
     params = inspect.signature(type(model).forward).parameters
     return "cache" if "cache" in params else "past_key_values"
@@ -97,7 +97,7 @@ def prepare_model_for_cache(model, cache: KVQuantCache) -> None:
         validate_signposts(sp, model, cache.config.key_bits)
         if cache.value_signposts is not sp:
             validate_signposts(cache.value_signposts, model, cache.config.value_bits)
-    if not isinstance(cache.layers, _LazyLayers) and len(cache.layers) != n_layers:
+    if not isinstance(cache.layers, LazyLayers) and len(cache.layers) != n_layers:
         raise KVQuantConfigError(
             f"the KVQuantCache has {len(cache.layers)} layers but the model has {n_layers}; build it with "
             "KVQuantCache(config, model_config=model.config)."
@@ -170,7 +170,7 @@ def kvquant_generate(self, *args, **kwargs):
     if not requested and not kvquant_user:
         return _original_generate(self, *args, **kwargs)
 
-    name = _cache_kwarg_name(self)
+    name = cache_kwarg_name(self)
     if requested:
         if user_caches:
             raise KVQuantConfigError(
@@ -196,7 +196,7 @@ def kvquant_generate(self, *args, **kwargs):
         kwargs.pop(n, None)
     kwargs[name] = cache
 
-    router = _ForwardRouter(self, cache, name, inputs, kwargs)
+    router = ForwardRouter(self, cache, name, inputs, kwargs)
     if restore_model_config is not None:
         self.generation_config.cache_implementation = None
         self.generation_config.cache_config = None
@@ -209,7 +209,7 @@ def kvquant_generate(self, *args, **kwargs):
             self.generation_config.cache_implementation, self.generation_config.cache_config = restore_model_config
 
 
-class _ForwardRouter:
+class ForwardRouter:
     """During one ``generate`` call, route the model's forward for the KVQuant cache.
 
     * **Chunked prefill**: a call with more than ``config.prefill_chunk_size`` new tokens runs chunk by chunk;
@@ -270,12 +270,12 @@ class _ForwardRouter:
             args = args[1:]
         mask = kw.get("attention_mask")
         if self.chunk and ids.shape[1] > self.chunk and (mask is None or mask.dim() == 2) and not args:
-            return self._chunked_prefill(ids, kw)
+            return self.chunked_prefill(ids, kw)
         if self.graph and ids.shape[1] == 1 and self.cache.get_seq_length() > 0:
             return self._graph_step(ids, kw)
         return self.original(*args, **kw)
 
-    def _chunked_prefill(self, ids: torch.Tensor, kw: dict):
+    def chunked_prefill(self, ids: torch.Tensor, kw: dict):
         b, n = ids.shape
         past = self.cache.get_seq_length()
         pos, mask, cache_position = kw.get("position_ids"), kw.get("attention_mask"), kw.get("cache_position")
@@ -298,7 +298,7 @@ class _ForwardRouter:
             # the failing chunk was rolled back by the cache; the earlier chunks of this call go too
             for layer in self.cache.layers:
                 if layer.is_initialized and layer.get_seq_length() > past:
-                    layer._rollback(past)
+                    layer.rollback(past)
             raise
         return out
 
@@ -364,7 +364,9 @@ def uninstall_generate_hook() -> None:
 
 __all__ = [
     "CACHE_IMPLEMENTATION",
+    "ForwardRouter",
     "build_kvquant_cache",
+    "cache_kwarg_name",
     "install_generate_hook",
     "kvquant_generate",
     "prepare_model_for_cache",

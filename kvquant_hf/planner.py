@@ -4,7 +4,7 @@
 on CUDA, or given explicitly, which is how it is tested on CPU) and returns a :class:`CapacityPlan`: the largest
 context per sequence that fits, per device and overall. The arithmetic is the cache's own:
 
-* **cache bytes**: :func:`kvquant_hf.cache.layer_tensor_bytes`, i.e. every tensor a layer allocates (packed
+* **cache bytes**: :func:`kvquant_hf.layer_storage.layer_tensor_bytes`, i.e. every tensor a layer allocates (packed
   history at its capacity, sink, per-row state, lookup tables, key thresholds), the same sizes that
   ``get_memory_footprint(include_spare=True)`` / ``memory_stats()["bytes_allocated"]`` count (plus the few KiB of
   per-layer constants); on CUDA each tensor is rounded up like the caching allocator does (512 B, 2 MiB for
@@ -40,9 +40,11 @@ from typing import Any
 
 import torch
 
-from .cache import grown_capacities, history_token_bytes, layer_tensor_bytes, reserved_capacity
+from .attention import PREFILL_HISTORY_BLOCK
 from .config import KVQuantConfig
 from .errors import KVQuantConfigError, KVQuantError
+from .layer_storage import element_size, grown_capacities, history_token_bytes, layer_tensor_bytes, reserved_capacity
+from .routing import PREFILL_MIN_ROWS
 
 GiB = 2**30
 DEFAULT_HEADROOM = 512 * 2**20
@@ -50,8 +52,6 @@ _SMALL_ROUND = 512
 _LARGE_ROUND = 2 * 2**20
 _H200_SMS = 132
 TORCH_HISTORY_BLOCK = 4096  # kvquant_hf.attention.packed_attention_torch's default block
-from . import attention as _attention
-from .cache import PREFILL_MIN_ROWS
 
 
 class CapacityError(KVQuantError, MemoryError):
@@ -103,10 +103,6 @@ class ModelShape:
     def head_params(self) -> int:
         """Final norm plus the LM head (0 extra when tied to the embedding)."""
         return self.hidden_size + (0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size)
-
-
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _as_device(device: Any) -> torch.device:
@@ -302,7 +298,7 @@ def _config_placement(shape: ModelShape, dtype: torch.dtype, device_map: Any, de
         embed_dev, head_dev = lookup("model.embed_tokens"), lookup("lm_head")
     else:
         raise KVQuantConfigError("device_map must be a list of devices per layer or an accelerate device map dict.")
-    es = _element_size(dtype)
+    es = element_size(dtype)
     weights: dict[str, int] = {}
     for dev in layer_devices:
         weights[dev] = weights.get(dev, 0) + shape.layer_params() * es
@@ -326,7 +322,7 @@ def activation_bytes(shape: ModelShape, dtype: torch.dtype, batch: int, chunk: i
     up, activation and product (intermediate size) plus the down projection. The larger phase counts, on top
     of the residual stream and the normed input.
     """
-    es = _element_size(dtype)
+    es = element_size(dtype)
     t = batch * chunk
     hd, hq, h, d = shape.hidden_size, shape.num_heads, shape.num_kv_heads, shape.head_dim
     stream = 3 * t * hd * es  # residual, normed input, block output
@@ -345,7 +341,7 @@ def activation_bytes(shape: ModelShape, dtype: torch.dtype, batch: int, chunk: i
             if prefill_dequant and chunk >= PREFILL_MIN_ROWS:  # prefill_attention "auto"/"dequant": a history
                 # block dequantized into the model dtype (Triton, K and V), the chunk's K/V repeated to the query
                 # heads for its causal call, and the float32 running output, part output and log-sum-exp merges
-                partial = max(partial, 2 * batch * h * _attention.PREFILL_HISTORY_BLOCK * d * es + 2 * t * hq * d * es
+                partial = max(partial, 2 * batch * h * PREFILL_HISTORY_BLOCK * d * es + 2 * t * hq * d * es
                               + 4 * t * hq * d * 4)
         else:  # torch path: one dequantized history block (int64 codes, float32 K, V, rotated K), its scores
             blk = TORCH_HISTORY_BLOCK
@@ -364,7 +360,7 @@ def activation_bytes(shape: ModelShape, dtype: torch.dtype, batch: int, chunk: i
 # the planner
 # --------------------------------------------------------------------------------------------
 def _fp16_layer_tensor_bytes(batch: int, heads: int, head_dim: int, dtype: torch.dtype, tokens: int) -> list[int]:
-    n = batch * heads * tokens * head_dim * _element_size(dtype)
+    n = batch * heads * tokens * head_dim * element_size(dtype)
     return [n, n]
 
 
@@ -483,8 +479,8 @@ def plan_capacity(
         """Without a reservation: the previous capacity's arrays of one layer, alive while it grows.
         fp16 (``DynamicCache``): every update concatenates, so one layer's K and V exist twice for a moment; for
         GQA models transformers' SDPA path repeats the K/V heads when it passes a mask (``repeat_kv``), a
-        ``group``-times larger copy of one layer's K and V (measured on the H200: the fp16 row of
-        ``benchmarks/results/capacity.md`` ran out of memory without this term)."""
+        ``group``-times larger copy of one layer's K and V (on an H200 an fp16 plan without this term does not
+        fit: ``benchmarks/capacity.py``)."""
         if cfg is None:
             return layer_bytes(dev, tokens) * max(1, shape.num_heads // max(1, shape.num_kv_heads))
         if reserved:
@@ -505,7 +501,7 @@ def plan_capacity(
     if cfg is not None:
         per_token = history_token_bytes(cfg, shape.num_kv_heads, shape.head_dim, dtype) * batch_size
     else:
-        per_token = 2 * shape.num_kv_heads * shape.head_dim * _element_size(dtype) * batch_size
+        per_token = 2 * shape.num_kv_heads * shape.head_dim * element_size(dtype) * batch_size
 
     plans: list[DevicePlan] = []
     for dev in devices:

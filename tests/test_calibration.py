@@ -15,7 +15,8 @@ from conftest import make_tiny_llama
 import calibrate as calibrate_cli
 from kvquant_hf import quant
 from kvquant_hf.calibration import (
-    _Reservoir,
+    DEFAULT_KMEANS_MAX_POINTS,
+    DEFAULT_MAX_TOKENS_PER_LAYER,
     calibrate,
     capture_calibration_sample,
     key_thresholds,
@@ -27,6 +28,7 @@ from kvquant_hf.calibration import (
     sample_windows,
     weighted_kmeans_1d,
 )
+from kvquant_hf.calibration_capture import Reservoir
 from kvquant_hf.config import default_outlier_slots
 from kvquant_hf.errors import KVQuantConfigError
 from kvquant_hf.signposts import load_signposts, save_signposts, validate_signposts
@@ -176,7 +178,7 @@ def test_kmeans_with_few_distinct_points_still_returns_full_table():
 def test_reservoir_is_bounded_and_uniform():
     hits = np.zeros(400)
     for seed in range(300):
-        res = _Reservoir(capacity=100, seed=seed)
+        res = Reservoir(capacity=100, seed=seed)
         slots = np.full(100, -1)
         for start in range(0, 400, 50):
             src, dst = res.assign(50)
@@ -401,3 +403,18 @@ def test_calibrate_smollm2_small(smollm2, tmp_path):
         loaded = load_signposts(tmp_path, bits=b)
         assert torch.all(loaded.layers[0].key_signposts[1:] > loaded.layers[0].key_signposts[:-1])
     assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_cli_help_shows_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit) as exc:
+        calibrate_cli.build_parser().parse_args(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    entries = {"-" + e.split()[0]: " ".join(e.split()) for e in out.split("\n  -")[1:]}  # "--bits {2,3,4} ... (default: ...)"
+    for option, default in [("--bits", "[4, 3, 2]"), ("--nsamples", "16"), ("--seqlen", "2048"),
+                            ("--outlier-fraction", "0.01"), ("--sink-tokens", "1"), ("--seed", "0"),
+                            ("--fisher", "fisher"), ("--key-table", "kmeans"), ("--value-table", "kmeans"),
+                            ("--max-tokens-per-layer", str(DEFAULT_MAX_TOKENS_PER_LAYER)),
+                            ("--kmeans-max-points", str(DEFAULT_KMEANS_MAX_POINTS))]:
+        assert entries[option].endswith(f"(default: {default})"), entries[option]
+    assert "(default: None)" not in out

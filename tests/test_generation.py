@@ -6,24 +6,22 @@ import warnings
 
 import pytest
 import torch
+from cache_helpers import make_lossless, make_signposts
 from conftest import make_tiny_llama, make_tiny_mistral
-from test_cache import make_lossless, make_signposts
 from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer, TextStreamer
 
 import kvquant_hf
-from kvquant_hf import cache as cache_mod
 from kvquant_hf import quant
+from kvquant_hf.cache import KVQuantLayer
 from kvquant_hf.errors import KVQuantConfigError, SignpostError, UnsupportedModelError
-from kvquant_hf.generation import _cache_kwarg_name
+from kvquant_hf.generation import cache_kwarg_name
 from kvquant_hf.signposts import save_signposts
 
 PROMPT = torch.tensor([[5, 17, 99, 3, 42, 8, 77, 31, 64, 12]])
 
 
-@pytest.fixture(autouse=True)
-def _quiet_uncalibrated(monkeypatch):
-    monkeypatch.setattr(cache_mod, "_UNCALIBRATED_WARNED", True)
+pytestmark = pytest.mark.filterwarnings("ignore::kvquant_hf.UncalibratedCacheWarning")
 
 
 @pytest.fixture
@@ -93,7 +91,7 @@ def test_string_and_object_forms_agree_and_return_the_cache():
     a = model.generate(PROMPT, max_new_tokens=6, do_sample=False, cache_implementation="kvquant", cache_config=cfg,
                        return_dict_in_generate=True)
     user_cache = kvquant_hf.KVQuantCache(cfg, model_config=model.config)
-    b = model.generate(PROMPT, max_new_tokens=6, do_sample=False, **{_cache_kwarg_name(model): user_cache})
+    b = model.generate(PROMPT, max_new_tokens=6, do_sample=False, **{cache_kwarg_name(model): user_cache})
     assert torch.equal(a.sequences, b)
     assert user_cache.get_seq_length() == PROMPT.shape[1] + 6 - 1
     assert _returned_cache(a).config.bits == 3
@@ -258,11 +256,11 @@ def test_generate_errors_are_clear():
     with pytest.raises(kvquant_hf.BackendUnavailableError):
         model.generate(PROMPT, max_new_tokens=2, cache_implementation="kvquant", cache_config={"backend": "triton"})
     with pytest.raises(KVQuantConfigError, match="1 layers but the model has 2"):
-        model.generate(PROMPT, max_new_tokens=2, **{_cache_kwarg_name(model): kvquant_hf.KVQuantCache(num_layers=1)})
+        model.generate(PROMPT, max_new_tokens=2, **{cache_kwarg_name(model): kvquant_hf.KVQuantCache(num_layers=1)})
     cache = kvquant_hf.KVQuantCache(model_config=model.config)
     with pytest.raises(KVQuantConfigError, match="only one"):
         model.generate(PROMPT, max_new_tokens=2, cache_implementation="kvquant",
-                       **{_cache_kwarg_name(model): cache})
+                       **{cache_kwarg_name(model): cache})
 
 
 def test_unsupported_architecture_lists_supported_model_types():
@@ -274,7 +272,7 @@ def test_unsupported_architecture_lists_supported_model_types():
     with pytest.raises(UnsupportedModelError, match="llama.*mistral|mistral.*llama"):
         model.generate(PROMPT, max_new_tokens=2, cache_implementation="kvquant")
     with pytest.raises(UnsupportedModelError, match="llama"):
-        model.generate(PROMPT, max_new_tokens=2, **{_cache_kwarg_name(model): kvquant_hf.KVQuantCache()})
+        model.generate(PROMPT, max_new_tokens=2, **{cache_kwarg_name(model): kvquant_hf.KVQuantCache()})
 
 
 def test_import_registers_hook_without_importing_kernels():
@@ -301,7 +299,7 @@ def test_token_by_token_feeding_is_fast_and_never_reallocates_per_token():
     model = kvquant_hf.patch_model(make_tiny_llama())
     sp = make_signposts(model, quant.normal_float_signposts(4), -1.0, 1.0, bits=4)
     ids = torch.randint(0, 128, (1, 96), generator=torch.Generator().manual_seed(0))
-    kw = _cache_kwarg_name(model)
+    kw = cache_kwarg_name(model)
 
     def best_time(make_cache):
         best, cache = float("inf"), None
@@ -361,7 +359,7 @@ def test_chunked_prefill_equals_manual_chunks_and_differs_from_one_call():
         for s in range(0, n, 10):
             e = min(n, s + 10)
             logits = model(LONG_PROMPT[:, s:e], position_ids=torch.arange(s, e)[None],
-                           **{_cache_kwarg_name(model): cache}).logits
+                           **{cache_kwarg_name(model): cache}).logits
     torch.testing.assert_close(got.logits[0], logits[:, -1], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(got.logits[0], one.logits[0], atol=1e-4)
     assert _returned_cache(got).get_seq_length() == n
@@ -380,7 +378,7 @@ def _manual_chunks(model, prompt, mask, cfg, chunk):
         e = min(n, s + chunk)
         pos = (mask[:, :e].long().cumsum(-1) - 1).clamp(min=0)[:, s:e] if mask is not None else torch.arange(s, e)[None]
         logits = model(prompt[:, s:e], position_ids=pos, attention_mask=mask[:, :e] if mask is not None else None,
-                       **{_cache_kwarg_name(model): cache}).logits
+                       **{cache_kwarg_name(model): cache}).logits
     return logits[:, -1], cache
 
 
@@ -395,14 +393,14 @@ def test_chunked_prefill_masks_stay_chunk_sized(monkeypatch, make):
     prompt[1, :9] = 0
     cfg = {"bits": 3, "sink_tokens": 2, "prefill_chunk_size": 7}
     seen = []
-    original = cache_mod.KVQuantLayer.attend
+    original = KVQuantLayer.attend
 
     def spy(self, inputs):
         if self.layer_idx == 0 and inputs.attention_mask is not None:
             seen.append(tuple(inputs.attention_mask.shape))
         return original(self, inputs)
 
-    monkeypatch.setattr(cache_mod.KVQuantLayer, "attend", spy)
+    monkeypatch.setattr(KVQuantLayer, "attend", spy)
     with torch.no_grad():
         got = model.generate(prompt, attention_mask=mask, max_new_tokens=1, do_sample=False, output_logits=True,
                              return_dict_in_generate=True, cache_implementation="kvquant", cache_config=cfg)

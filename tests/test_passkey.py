@@ -9,7 +9,6 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 
-from kvquant_hf import cache as cache_mod
 from kvquant_hf import generation, simulated
 from kvquant_hf.errors import KVQuantConfigError
 from kvquant_hf.evaluation import passkey
@@ -29,9 +28,7 @@ class ByteTokenizer:
         return "".join(chr(int(i)) for i in ids)
 
 
-@pytest.fixture(autouse=True)
-def _quiet_uncalibrated(monkeypatch):
-    monkeypatch.setattr(cache_mod, "_UNCALIBRATED_WARNED", True)
+pytestmark = pytest.mark.filterwarnings("ignore::kvquant_hf.UncalibratedCacheWarning")
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
@@ -73,10 +70,10 @@ def test_scoring_counts_correct_answers(monkeypatch):
         key = text.split("The pass key is ")[1][:5]
         return tok.encode(" " + key + ".")
 
-    monkeypatch.setattr(passkey, "_generate", oracle)
+    monkeypatch.setattr(passkey, "generate", oracle)
     res = passkey.run_passkey(model, tok, [600], [0, 1], 3, ["fp16", "nuq4"])
     assert res["fp16"]["accuracy"] == res["nuq4"]["accuracy"] == 1.0 and res["fp16"]["total"] == 6
-    monkeypatch.setattr(passkey, "_generate", lambda *a: tok.encode(" 00000"))
+    monkeypatch.setattr(passkey, "generate", lambda *a: tok.encode(" 00000"))
     res = passkey.run_passkey(model, tok, [600], [0.5], 2, ["nuq2"])
     assert res["nuq2"]["accuracy"] == 0.0 and res["nuq2"]["cells"][0]["outputs"][0]["answer"] == " 00000"
 
@@ -87,8 +84,8 @@ def test_cli_json_contract_real_caches(monkeypatch, tmp_path):
     tok = ByteTokenizer()
     monkeypatch.setattr(passkey, "load_model_and_tokenizer", lambda *a, **k: (model, tok))
     chunks, kivi_calls, caches = [], [], []
-    orig_chunked = generation._ForwardRouter._chunked_prefill
-    monkeypatch.setattr(generation._ForwardRouter, "_chunked_prefill",
+    orig_chunked = generation.ForwardRouter.chunked_prefill
+    monkeypatch.setattr(generation.ForwardRouter, "chunked_prefill",
                         lambda self, ids, kw: (chunks.append(ids.shape[1]), caches.append(self.cache),
                                                orig_chunked(self, ids, kw))[2])
     orig_kivi = simulated.KiviLayer.simulate
@@ -136,8 +133,8 @@ def test_nuq_answers_follow_the_model_when_lossless(monkeypatch):
     model.generation_config.eos_token_id = None
     tok = ByteTokenizer()
     ids = torch.tensor([passkey.build_prompt(tok, 400, 0.5, "55555")])
-    ref = passkey._generate(model, ids, "fp16", 6, None, 64, 0)
-    got = passkey._generate(model, ids, "nuq4", 6, None, 64, 0)
+    ref = passkey.generate(model, ids, "fp16", 6, None, 64, 0)
+    got = passkey.generate(model, ids, "nuq4", 6, None, 64, 0)
     assert len(ref) == len(got) == 6
     assert sum(a == b for a, b in zip(ref, got)) >= 4
 
@@ -147,8 +144,8 @@ def test_cli_cache_config_reaches_the_cache(monkeypatch, tmp_path):
     model.generation_config.eos_token_id = None
     monkeypatch.setattr(passkey, "load_model_and_tokenizer", lambda *a, **k: (model, ByteTokenizer()))
     caches = []
-    orig_chunked = generation._ForwardRouter._chunked_prefill
-    monkeypatch.setattr(generation._ForwardRouter, "_chunked_prefill",
+    orig_chunked = generation.ForwardRouter.chunked_prefill
+    monkeypatch.setattr(generation.ForwardRouter, "chunked_prefill",
                         lambda self, ids, kw: (caches.append(self.cache), orig_chunked(self, ids, kw))[1])
     out = passkey.main(["--model", "tiny", "--lengths", "400", "--depths", "0.5", "--trials", "1", "--methods", "nuq4",
                         "--chunk", "128", "--cache-config", '{"sink_tokens": 3}', "--device", "cpu"])

@@ -90,8 +90,8 @@ def test_resume_skips_done_windows(tiny_llama, monkeypatch):
     ids = _ids(400, seed=2)
     first = evaluate_perplexity(tiny_llama, ids, ["fp16", "int3"], seqlen=64, windows=2)
     calls = []
-    real = ppl_mod._MethodRunner.score
-    monkeypatch.setattr(ppl_mod._MethodRunner, "score", lambda self, w: calls.append(1) or real(self, w))
+    real = ppl_mod.MethodRunner.score
+    monkeypatch.setattr(ppl_mod.MethodRunner, "score", lambda self, w: calls.append(1) or real(self, w))
     resumed = evaluate_perplexity(tiny_llama, ids, ["fp16", "int3"], seqlen=64, windows=4, state=first)
     assert len(calls) == 4  # 2 new windows x 2 methods
     fresh = evaluate_perplexity(tiny_llama, ids, ["fp16", "int3"], seqlen=64, windows=4)
@@ -179,11 +179,12 @@ def test_cli_writes_json(tmp_path, monkeypatch):
     text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
     out = tmp_path / "out.json"
     argv = ["--model", "tiny", "--text-file", str(text), "--seqlen", "128", "--windows", "3", "--methods", "fp16",
-            "nuq3", "int3", "kivi2", "--json", str(out), "--device", "cpu", "--quiet"]
+            "nuq3", "int3", "kivi2", "--uncalibrated", "--json", str(out), "--device", "cpu", "--quiet"]
     ppl_mod.main(argv)
     data = json.loads(out.read_text())
     assert set(data) == {"meta", "results"}
     assert data["meta"]["seqlen"] == 128 and "command" in data["meta"] and "date" in data["meta"]
+    assert data["meta"]["uncalibrated"] is True
     assert set(data["results"]) == {"fp16", "nuq3", "int3", "kivi2"}
     for r in data["results"].values():
         assert REQUIRED_KEYS <= set(r) and r["windows"] == 3
@@ -197,7 +198,7 @@ def test_cli_writes_json(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def smollm2_quick_signposts(smollm2):
-    """nuq4 signposts with 1% outliers calibrated in-session (4 windows x 512 tokens of the validation text)."""
+    """nuq4 signposts with 1% outliers calibrated by the test itself (4 windows x 512 tokens of the validation text)."""
     from kvquant_hf.calibration import calibrate
 
     if not os.path.isfile(VALID_TEXT):
@@ -236,3 +237,34 @@ def test_patch_is_transparent_for_other_caches(tiny_llama):
         ref = tiny_llama(ids).logits
         patch_model(tiny_llama)
         torch.testing.assert_close(tiny_llama(ids).logits, ref)
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------
+def test_cli_help_lists_the_methods_and_defaults(capsys):
+    with pytest.raises(SystemExit) as exc:
+        ppl_mod.parse_args(["--help"])
+    assert exc.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "fp16, nuq2/nuq3/nuq4, int2/int3/int4/int8, kivi2/kivi3/kivi4/kivi8" in out
+    assert "tokens per window (default: 2048)" in out and "--uncalibrated" in out
+
+
+@pytest.mark.parametrize("methods, match", [
+    (["fp16", "nuq4", "nuq2"], "nuq4, nuq2 need calibrated signposts: pass --signposts"),
+    (["nuq5"], "--methods: nuq needs bits"),
+    (["fp17"], "--methods: unknown method 'fp17'"),
+])
+def test_cli_refuses_unknown_methods_and_uncalibrated_nuq(capsys, methods, match):
+    with pytest.raises(SystemExit) as exc:
+        ppl_mod.parse_args(["--model", "m", "--text-file", "t", "--methods", *methods])
+    assert exc.value.code == 2
+    assert match in capsys.readouterr().err
+
+
+def test_cli_runs_nuq_with_signposts_or_when_asked_uncalibrated():
+    base = ["--model", "m", "--text-file", "t", "--methods", "fp16", "nuq4", "int4"]
+    assert ppl_mod.parse_args([*base, "--signposts", "S"]).signposts == "S"
+    assert ppl_mod.parse_args([*base, "--uncalibrated"]).uncalibrated
+    assert ppl_mod.parse_args(["--model", "m", "--text-file", "t", "--methods", "fp16", "kivi2"]).methods == ["fp16", "kivi2"]

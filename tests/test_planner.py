@@ -8,21 +8,26 @@ import torch
 from conftest import make_tiny_llama
 
 import kvquant_hf
-from kvquant_hf import cache as cache_mod
 from kvquant_hf import planner
 from kvquant_hf.benchmarking import fast_filled_cache
-from kvquant_hf.cache import KVQuantCache, KVQuantLayer, grown_capacities, layer_tensor_bytes, reserved_capacity
+from kvquant_hf.cache import KVQuantCache, KVQuantLayer
+from kvquant_hf.layer_storage import (
+    HISTORY_TENSORS,
+    ROW_TENSORS,
+    SINK_TENSORS,
+    grown_capacities,
+    layer_tensor_bytes,
+    reserved_capacity,
+)
 from kvquant_hf.config import KVQuantConfig
 from kvquant_hf.errors import KVQuantConfigError, KVQuantError
-from kvquant_hf.generation import _cache_kwarg_name
+from kvquant_hf.generation import cache_kwarg_name
 
 GiB = 2**30
 PROMPT = torch.tensor([[5, 17, 99, 3, 42, 8, 77, 31, 64, 12]])
 
 
-@pytest.fixture(autouse=True)
-def _quiet_uncalibrated(monkeypatch):
-    monkeypatch.setattr(cache_mod, "_UNCALIBRATED_WARNED", True)
+pytestmark = pytest.mark.filterwarnings("ignore::kvquant_hf.UncalibratedCacheWarning")
 
 
 def _llama3_8b_config():
@@ -42,7 +47,7 @@ def _free_for(model, extra: int, prompt: int, batch: int = 1, cfg: dict | None =
 
 
 def _layer_nbytes(layer: KVQuantLayer) -> int:
-    names = list(cache_mod._HISTORY_TENSORS + cache_mod._SINK_TENSORS + cache_mod._ROW_TENSORS)
+    names = list(HISTORY_TENSORS + SINK_TENSORS + ROW_TENSORS)
     names += ["k_lut", "v_lut", "k_lower", "k_upper", "k_zero", "k_scale", "clip_counter"]
     total = 0
     for name in names:
@@ -61,7 +66,7 @@ def test_layer_tensor_bytes_equal_the_allocation(bits, slots, sink, dtype):
     layer.reserve(total)
     k = torch.randn(b, h, 40, d).to(dtype)
     layer.lazy_initialization(k, k)
-    layer._store(k, k, torch.arange(40).expand(b, 40), None)  # thresholds from the prompt: all tensors exist
+    layer.store(k, k, torch.arange(40).expand(b, 40), None)  # thresholds from the prompt: all tensors exist
     cap = reserved_capacity(cfg, total)
     assert layer.capacity == cap == -(-(total - sink) // 32) * 32
     sizes = layer_tensor_bytes(cfg, b, h, d, dtype, cap)
@@ -80,12 +85,12 @@ def test_grown_capacities_follow_the_layer_growth():
     seen = []
     k = torch.randn(1, h, 1, d)
     layer.lazy_initialization(k, k)
-    layer._set_key_thresholds(-torch.ones(h, d), torch.ones(h, d))
+    layer.set_key_thresholds(-torch.ones(h, d), torch.ones(h, d))
     appends = [24] * 5 + [1] * 90
     pos = 0
     for n in appends:
         x = torch.randn(1, h, n, d)
-        layer._append_history(x, x, torch.arange(pos, pos + n).expand(1, n))
+        layer.append_history(x, x, torch.arange(pos, pos + n).expand(1, n))
         pos += n
         if not seen or seen[-1] != layer.capacity:
             seen.append(layer.capacity)
@@ -211,7 +216,7 @@ def test_cache_layers_allocate_on_their_keys_device():
     cache.layers[1].lazy_initialization(k1, k1)
     for layer, dev in zip(cache.layers, ("cpu", "meta")):
         assert layer.device.type == dev
-        for name in cache_mod._HISTORY_TENSORS + cache_mod._SINK_TENSORS:
+        for name in HISTORY_TENSORS + SINK_TENSORS:
             assert getattr(layer, name).device.type == dev, name
         assert layer.capacity == 48
 
@@ -269,7 +274,7 @@ def test_generate_refuses_a_request_that_cannot_fit(monkeypatch):
     # a user-built cache is checked too; capacity_check=False turns the check off
     with pytest.raises(planner.CapacityError):
         model.generate(PROMPT, max_new_tokens=new + 1, do_sample=False,
-                       **{_cache_kwarg_name(model): KVQuantCache(cfg, model_config=model.config)})
+                       **{cache_kwarg_name(model): KVQuantCache(cfg, model_config=model.config)})
     out = model.generate(PROMPT, max_new_tokens=new + 1, do_sample=False, cache_implementation="kvquant",
                          cache_config={**cfg, "capacity_check": False})
     assert out.shape[1] == small.max_tokens + 1

@@ -65,7 +65,7 @@ def test_fuse_projections_keeps_the_model_and_shares_memory(make, monkeypatch):
         want = model(ids).logits
         before = {n: p.clone() for n, p in model.named_parameters()}
         n = projections.fuse_projections(model)
-        projections._kernels = type("K", (), {"silu_mul": staticmethod(silu_mul)})
+        projections.kernels = type("K", (), {"silu_mul": staticmethod(silu_mul)})
         assert n == 2 * model.config.num_hidden_layers
         assert projections.fuse_projections(model) == n  # idempotent
         for layer in model.model.layers:
@@ -80,8 +80,8 @@ def test_fuse_projections_keeps_the_model_and_shares_memory(make, monkeypatch):
             assert torch.equal(p, before[name]), name
         # the stock forward (no kvquant cache) still runs on the views, the MLP through the fused path
         calls = []
-        orig = projections._kernels.silu_mul
-        projections._kernels = type("K", (), {"silu_mul": staticmethod(lambda x: calls.append(1) or orig(x))})
+        orig = projections.kernels.silu_mul
+        projections.kernels = type("K", (), {"silu_mul": staticmethod(lambda x: calls.append(1) or orig(x))})
         got = model(ids).logits
         assert len(calls) == model.config.num_hidden_layers
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -97,7 +97,7 @@ def extract_passkey(answer: str) -> str | None:
 _SIGNPOSTS: dict = {}
 
 
-def _loaded_signposts(folder: str, bits: int):
+def loaded_signposts(folder: str, bits: int):
     """Signposts of ``folder`` for ``bits``, loaded (and checksum-verified) once per process, not per prompt."""
     key = (os.path.abspath(folder), bits)
     if key not in _SIGNPOSTS:
@@ -107,25 +107,25 @@ def _loaded_signposts(folder: str, bits: int):
     return _SIGNPOSTS[key]
 
 
-def _generate(model, ids: torch.Tensor, method: str, new_tokens: int, signposts: str | None, chunk: int,
+def generate(model, ids: torch.Tensor, method: str, new_tokens: int, signposts: str | None, chunk: int,
               pad_id: int, cache_config: dict | None = None) -> list[int]:
     kwargs: dict[str, Any] = {"max_new_tokens": new_tokens, "do_sample": False, "pad_token_id": pad_id,
                               "attention_mask": torch.ones_like(ids)}
     if method.startswith("nuq"):
         cfg = {"bits": int(method[3:]), "prefill_chunk_size": chunk, **(cache_config or {})}
         if signposts:
-            cfg["signposts"] = _loaded_signposts(signposts, int(method[3:]))
+            cfg["signposts"] = loaded_signposts(signposts, int(method[3:]))
         out = model.generate(ids, cache_implementation="kvquant", cache_config=cfg, **kwargs)
     elif method == "fp16":
         out = model.generate(ids, **kwargs)
     else:  # simulated kivi / int cache: patched attention, the cache object handed to generate
-        from ..generation import _cache_kwarg_name
+        from ..generation import cache_kwarg_name
         from ..models import patch_model
         from ..simulated import build_simulated_cache
 
         patch_model(model)
         cache = build_simulated_cache(model, method)
-        out = model.generate(ids, **{_cache_kwarg_name(model): cache}, **kwargs)
+        out = model.generate(ids, **{cache_kwarg_name(model): cache}, **kwargs)
     return out[0, ids.shape[1]:].tolist()
 
 
@@ -155,7 +155,7 @@ def run_passkey(model, tokenizer, lengths: Sequence[int], depths: Sequence[float
                                    device=device)
                 for m in methods:
                     with torch.inference_mode():
-                        new = _generate(model, ids, m, new_tokens, signposts, chunk, pad_id, cache_config)
+                        new = generate(model, ids, m, new_tokens, signposts, chunk, pad_id, cache_config)
                     answer = tokenizer.decode(new, skip_special_tokens=True)
                     ok = extract_passkey(answer) == key
                     cell = cells[m]

@@ -28,7 +28,6 @@ Command line::
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -42,10 +41,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..cli_help import DefaultsHelpFormatter
 from ..config import default_outlier_slots
 from ..errors import KVQuantConfigError, KVQuantError
+from ..generation import cache_kwarg_name
 from ..models import patch_model
 from ..simulated import (
+    METHOD_NAMES,
     MethodSpec,
     NuqLayerParams,
     build_simulated_cache,
@@ -103,12 +105,6 @@ def make_windows(ids: torch.Tensor, seqlen: int, windows: int | None = None) -> 
 # --------------------------------------------------------------------------------------------
 # scoring
 # --------------------------------------------------------------------------------------------
-def _cache_kwarg(model: Any) -> str:
-    """``cache`` on transformers >= 5.24, ``past_key_values`` before."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
 def _model_device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
@@ -127,7 +123,7 @@ def score_window_simulated(model: Any, window: torch.Tensor, cache: Any, prefill
     by one).
     """
     ids = window.reshape(1, -1).to(_model_device(model))
-    kw = _cache_kwarg(model)
+    kw = cache_kwarg_name(model)
     n = ids.shape[1]
     if prefill <= 1 or prefill >= n:
         logits = model(input_ids=ids, use_cache=True, **{kw: cache}).logits[0]
@@ -154,7 +150,7 @@ def score_window_incremental(
     ids = window.reshape(1, -1).to(_model_device(model))
     n = ids.shape[1]
     first = max(1, min(prefill if prefill > 0 or chunk == 1 else chunk, n))
-    kw = _cache_kwarg(model)
+    kw = cache_kwarg_name(model)
     logits = [model(input_ids=ids[:, :first], use_cache=True, **{kw: cache}).logits[0]]
     for t in range(first, n - 1, chunk):
         e = min(t + chunk, n - 1)
@@ -194,7 +190,7 @@ def _calibration_seconds(sp: Any) -> float | None:
     return float(value) if value is not None else None
 
 
-class _MethodRunner:
+class MethodRunner:
     """Builds a fresh cache per window for one method (parameters loaded once)."""
 
     def __init__(
@@ -344,7 +340,7 @@ def evaluate_perplexity(
         raise KVQuantConfigError(f"method names must be distinct, got {names}; give MethodSpecs distinct names.")
     nuq_params = nuq_params or {}
     runners = {
-        s.name: _MethodRunner(model, s, cache, signposts, nuq_params.get(s.name), outlier_fraction, prefill, chunk)
+        s.name: MethodRunner(model, s, cache, signposts, nuq_params.get(s.name), outlier_fraction, prefill, chunk)
         for s in specs
     }
     results: dict[str, dict[str, Any]] = {}
@@ -381,7 +377,7 @@ def evaluate_perplexity(
     return _finalize(results, runners)
 
 
-def _finalize(results: dict[str, dict[str, Any]], runners: dict[str, _MethodRunner]) -> dict[str, dict[str, Any]]:
+def _finalize(results: dict[str, dict[str, Any]], runners: dict[str, MethodRunner]) -> dict[str, dict[str, Any]]:
     out = {}
     for name, r in results.items():
         r = dict(r)
@@ -421,19 +417,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m kvquant_hf.evaluation.perplexity",
         description="Perplexity with simulated or real KVQuant / intX / KIVI KV caches (non-overlapping windows).",
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--model", required=True, help="model name/folder, a .gguf file, or 'smollm2' (embedded)")
     p.add_argument("--gguf-file", default=None, help="GGUF file inside --model")
     p.add_argument("--text-file", required=True, help="evaluation text (e.g. WikiText-2 test.raw.txt)")
-    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window")
     p.add_argument("--windows", type=int, default=None, help="first N windows only (default: all)")
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
-    p.add_argument("--signposts", default=None, help="folder with nuqX subfolders written by calibrate.py")
-    p.add_argument("--outlier-fraction", type=float, default=0.01)
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
+                   help=f"any of: {METHOD_NAMES}")
+    p.add_argument("--signposts", default=None,
+                   help="folder with nuqX subfolders written by calibrate.py (needed by the nuqX methods)")
+    p.add_argument("--uncalibrated", action="store_true",
+                   help="run nuqX methods without --signposts: NormalFloat tables and key ranges from each window "
+                        "(for smoke tests; the numbers are not KVQuant's)")
+    p.add_argument("--outlier-fraction", type=float, default=0.01, help="fraction of entries kept exact (nuq)")
     p.add_argument("--outlier-slots", type=int, default=None, help="default ceil(fraction * head_dim)")
-    p.add_argument("--sink-tokens", type=int, default=1)
-    p.add_argument("--qnorm", action="store_true")
-    p.add_argument("--cache", choices=CACHE_KINDS, default="simulated")
+    p.add_argument("--sink-tokens", type=int, default=1, help="first tokens of each window kept exact (nuq)")
+    p.add_argument("--qnorm", action="store_true", help="Q-Norm corrected lookup tables (nuq; needs signposts)")
+    p.add_argument("--cache", choices=CACHE_KINDS, default="simulated",
+                   help="simulated: quantize-dequantize in float; real: the packed KVQuantCache (nuq only)")
     p.add_argument("--prefill", type=int, default=0,
                    help="tokens of each window given in one first call (exact among themselves), then decode")
     p.add_argument("--chunk", type=int, default=1,
@@ -444,8 +447,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="model dtype (default: float32 on CPU, float16 on GPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; unknown methods, and nuqX methods without ``--signposts`` (unless
+    ``--uncalibrated``), exit with status 2 and a message saying what to pass."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    nuq = []
+    for method in args.methods:
+        try:
+            spec = parse_method(method)
+        except KVQuantConfigError as exc:
+            parser.error(f"--methods: {exc}")
+        if spec.family == "nuq":
+            nuq.append(spec.name)
+    if nuq and not args.signposts and not args.uncalibrated:
+        parser.error(
+            f"{', '.join(nuq)} need calibrated signposts: pass --signposts S (a folder written by calibrate.py), "
+            "or --uncalibrated to run them with NormalFloat tables and key ranges from each window."
+        )
+    return args
 
 
 def tune_cpu_allocator() -> bool:
@@ -486,7 +510,7 @@ def run_info(args: argparse.Namespace | None = None) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     from ..models.loading import load_model_and_tokenizer
 
     if args.threads:
@@ -501,8 +525,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         with open(args.json) as f:
             state = json.load(f).get("results")
     meta = {**run_info(args), "model": args.model, "dtype": dtype, "device": device, "text_file": args.text_file,
-            "seqlen": args.seqlen, "signposts": args.signposts, "outlier_fraction": args.outlier_fraction,
-            "sink_tokens": args.sink_tokens, "qnorm": args.qnorm, "cache": args.cache, "prefill": args.prefill,
+            "seqlen": args.seqlen, "signposts": args.signposts, "uncalibrated": args.uncalibrated,
+            "outlier_fraction": args.outlier_fraction, "sink_tokens": args.sink_tokens, "qnorm": args.qnorm, "cache": args.cache, "prefill": args.prefill,
             "chunk": args.chunk}
 
     def checkpoint(res: dict[str, Any]) -> None:

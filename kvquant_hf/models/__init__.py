@@ -49,7 +49,8 @@ def check_transformers_version(version: str | None = None) -> None:
         )
 
 
-def _decoder_layers(model):
+def decoder_layers(model):
+    """``(base_model, decoder_layers)`` of a causal LM (``model.model.layers``), or UnsupportedModelError."""
     base = getattr(model, "model", model)
     layers = getattr(base, "layers", None)
     if layers is None:
@@ -82,7 +83,7 @@ def patch_model(model):
     model_type = check_supported(model)
     if getattr(model, "_kvquant_patched", False):
         return model
-    base, layers = _decoder_layers(model)
+    base, layers = decoder_layers(model)
     rotary = getattr(base, "rotary_emb", None)
     if rotary is None or not hasattr(rotary, "inv_freq"):
         raise UnsupportedModelError(
@@ -114,7 +115,7 @@ def unpatch_model(model):
         unfuse_projections(model)
     if not getattr(model, "_kvquant_patched", False):
         return model
-    _, layers = _decoder_layers(model)
+    _, layers = decoder_layers(model)
     for layer in layers:
         attn = layer.self_attn
         original = attn.__dict__.pop("_kvquant_original_forward", None)

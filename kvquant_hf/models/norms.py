@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._swap import KERNEL_DTYPES, grad_needed, restore_forward, swap_forward
+from .forward_swap import KERNEL_DTYPES, grad_needed, restore_forward, swap_forward
 
 #: RMSNorm classes whose forward is ``weight * normalize(x.float()).to(x.dtype)`` with ``variance_epsilon``
 FUSABLE_NORMS = ("LlamaRMSNorm", "MistralRMSNorm")

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._swap import KERNEL_DTYPES, grad_needed, hooked, restore_forward, swap_forward
+from .forward_swap import KERNEL_DTYPES, grad_needed, hooked, restore_forward, swap_forward
 
 #: decoder-layer MLP classes whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``
 FUSABLE_MLPS = ("LlamaMLP", "MistralMLP")
@@ -35,7 +35,7 @@ FUSABLE_MLPS = ("LlamaMLP", "MistralMLP")
 SILU_ACTIVATIONS = ("SiLU", "SiLUActivation")
 #: device types on which the MLP uses the Triton SiLU·mul kernel (the tests add "cpu" under the interpreter)
 DEVICE_TYPES = ("cuda",)
-_kernels = None  # kvquant_hf.kernels.silu_mul, imported once by fuse_projections when Triton is there
+kernels = None  # kvquant_hf.kernels.silu_mul, imported once by fuse_projections when Triton is there
 
 
 @dataclass
@@ -120,8 +120,8 @@ def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     if not gate_up.usable(x):
         return self.__dict__["_kvquant_mlp_forward"](x)
     gu = F.linear(x, gate_up.weight, gate_up.bias)
-    if _kernels is not None and gu.device.type in DEVICE_TYPES and gu.dtype in KERNEL_DTYPES:
-        h = _kernels.silu_mul(gu)
+    if kernels is not None and gu.device.type in DEVICE_TYPES and gu.dtype in KERNEL_DTYPES:
+        h = kernels.silu_mul(gu)
     else:
         gate, up = gu.split(gate_up.sizes, dim=-1)
         h = self.act_fn(gate) * up
@@ -129,7 +129,7 @@ def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def _decoder_layers(model):
-    from . import _decoder_layers as layers_of
+    from . import decoder_layers as layers_of
 
     return layers_of(model)[1]
 
@@ -137,12 +137,12 @@ def _decoder_layers(model):
 def fuse_projections(model) -> int:
     """Fuse q/k/v and gate/up of every fusable decoder layer of ``model`` (idempotent); returns how many groups
     were fused (two per layer at most)."""
-    global _kernels
+    global kernels
     try:
-        import kvquant_hf.kernels.silu_mul as kernels
+        import kvquant_hf.kernels.silu_mul as module
     except ImportError:  # no Triton: the MLP falls back to torch's silu and multiply
-        kernels = None
-    _kernels = kernels
+        module = None
+    kernels = module
     n = 0
     for layer in _decoder_layers(model):
         attn = getattr(layer, "self_attn", None)
