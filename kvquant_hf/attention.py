@@ -14,8 +14,7 @@ import torch
 
 from . import quant
 from .layer_api import rotate_half
-
-NEG_LARGE = -1.0e30
+from .quant import NEG_BIG
 
 
 @dataclass
@@ -51,12 +50,12 @@ class PackedKV:
         d = self.head_dim
         kc = quant.unpack_codes(self.k_codes[:, :, start:end], self.key_bits, d)
         k = self.k_lut[kc] * self.k_scale[None, :, None, :] + self.k_zero[None, :, None, :]
-        k = quant._apply_slots(k, self.k_out_val[:, :, start:end], self.k_out_idx[:, :, start:end])
+        k = quant.apply_slots(k, self.k_out_val[:, :, start:end], self.k_out_idx[:, :, start:end])
         vc = quant.unpack_codes(self.v_codes[:, :, start:end], self.value_bits, d)
         scale = self.v_scale[:, :, start:end].to(torch.float32).clamp_min(quant.MIN_SCALE).unsqueeze(-1)
         zero = self.v_zero[:, :, start:end].to(torch.float32).unsqueeze(-1)
         v = self.v_lut[vc] * scale + zero
-        v = quant._apply_slots(v, self.v_out_val[:, :, start:end], self.v_out_idx[:, :, start:end])
+        v = quant.apply_slots(v, self.v_out_val[:, :, start:end], self.v_out_idx[:, :, start:end])
         return k, v
 
 
@@ -117,7 +116,7 @@ def packed_attention_torch(
         raise ValueError(f"query heads ({hq}) must be a multiple of kv heads ({h}).")
     g = hq // h
     q = query.to(torch.float32).reshape(b, h, g * lq, d) * scaling  # rows ordered (group, q row)
-    m = torch.full((b, h, g * lq), NEG_LARGE, dtype=torch.float32, device=query.device)
+    m = torch.full((b, h, g * lq), NEG_BIG, dtype=torch.float32, device=query.device)
     den = torch.zeros_like(m)
     acc = torch.zeros(b, h, g * lq, d, dtype=torch.float32, device=query.device)
 
@@ -127,7 +126,7 @@ def packed_attention_torch(
         s = torch.einsum("bhrd,bhnd->bhrn", q, keys)
         if visible is not None:
             vis = visible.unsqueeze(1).unsqueeze(1).expand(b, 1, g, lq, -1).reshape(b, 1, g * lq, -1)
-            s = s.masked_fill(~vis, NEG_LARGE)
+            s = s.masked_fill(~vis, NEG_BIG)
         m_new = torch.maximum(m, s.amax(-1))
         alpha = torch.exp(m - m_new)
         p = torch.exp(s - m_new.unsqueeze(-1))
@@ -163,7 +162,7 @@ _EXACT_ROWS = 2048
 _LSE_OP_STATUS: dict = {}  # (device type, dtype, head_dim, order) -> the checked fused op, or None (unusable here)
 
 
-def _attention_lse_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+def attention_lse_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                         visible: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 ``(softmax(q k^T * scale) v, logsumexp)``; ``visible`` bool broadcastable to the scores."""
     s = torch.einsum("bhmd,bhnd->bhmn", q.to(torch.float32), k.to(torch.float32)) * scale
@@ -205,19 +204,19 @@ PREFILL_FUSED_OPS = {"cudnn": _attention_lse_cudnn, "flash": _attention_lse_flas
 PREFILL_FUSED_ORDER = ("cudnn", "flash", "efficient")
 
 
-def _check_lse_op(op, device: torch.device, dtype: torch.dtype, head_dim: int = 64) -> bool:
+def check_lse_op(op, device: torch.device, dtype: torch.dtype, head_dim: int = 64) -> bool:
     """Whether ``op`` runs here for ``head_dim`` and agrees with the float32 math, with and without the causal mask
     (its signature and log-sum-exp layout are private API; the kernels behind it support some head sizes only)."""
     try:
         g = torch.Generator(device=device).manual_seed(0)
         q, k, v = (torch.randn(1, 2, n, head_dim, device=device, generator=g, dtype=dtype) for n in (40, 72, 72))
         out, lse = op(q, k, v, 0.125)
-        ref_out, ref_lse = _attention_lse_math(q, k, v, 0.125)
+        ref_out, ref_lse = attention_lse_math(q, k, v, 0.125)
         ok = torch.allclose(out.float(), ref_out, atol=2e-2, rtol=2e-2) and torch.allclose(lse, ref_lse, atol=2e-2)
         k, v = k[:, :, :40], v[:, :, :40]
         out, lse = op(q, k, v, 0.125, causal=True)
         tril = torch.ones(40, 40, dtype=torch.bool, device=device).tril()
-        ref_out, ref_lse = _attention_lse_math(q, k, v, 0.125, tril)
+        ref_out, ref_lse = attention_lse_math(q, k, v, 0.125, tril)
         return bool(ok and torch.allclose(out.float(), ref_out, atol=2e-2, rtol=2e-2)
                     and torch.allclose(lse, ref_lse, atol=2e-2))
     except (RuntimeError, TypeError, AttributeError, NotImplementedError):
@@ -226,7 +225,7 @@ def _check_lse_op(op, device: torch.device, dtype: torch.dtype, head_dim: int = 
 
 def _lse_op(device: torch.device, dtype: torch.dtype, head_dim: int = 64):
     """The first fused attention-with-log-sum-exp op of :data:`PREFILL_FUSED_ORDER` that passes
-    :func:`_check_lse_op` for ``dtype`` and ``head_dim`` on ``device``, or None (checked once per device type,
+    :func:`check_lse_op` for ``dtype`` and ``head_dim`` on ``device``, or None (checked once per device type,
     dtype, head size and order)."""
     if device.type != "cuda":
         return None
@@ -234,7 +233,7 @@ def _lse_op(device: torch.device, dtype: torch.dtype, head_dim: int = 64):
     if key not in _LSE_OP_STATUS:
         names = [n for n in PREFILL_FUSED_ORDER if n == "efficient" or dtype in (torch.float16, torch.bfloat16)]
         ops = [PREFILL_FUSED_OPS[n] for n in names]
-        _LSE_OP_STATUS[key] = next((op for op in ops if _check_lse_op(op, device, dtype, head_dim)), None)
+        _LSE_OP_STATUS[key] = next((op for op in ops if check_lse_op(op, device, dtype, head_dim)), None)
     return _LSE_OP_STATUS[key]
 
 
@@ -342,7 +341,7 @@ def packed_attention_prefill(
         acc_lse = m + torch.log(den)
 
     for _, _, k, v in _dequantize_blocks(packed, block_size, inv_freq, attention_scaling, query.dtype, use_kernel):
-        merge(*(op or _attention_lse_math)(q, k, v, scaling))
+        merge(*(op or attention_lse_math)(q, k, v, scaling))
         del k, v
     if exact_k.shape[2] > 0:
         e = exact_k.shape[2]
@@ -355,7 +354,7 @@ def packed_attention_prefill(
             del kc, vc
             merge(o, lse)  # [B, Hq, Lq, ...]: query heads (h, g)
             if n_sink:  # the sink tokens, seen by every row
-                merge(*_attention_lse_math(q, exact_k[:, :, :n_sink], exact_v[:, :, :n_sink], scaling))
+                merge(*attention_lse_math(q, exact_k[:, :, :n_sink], exact_v[:, :, :n_sink], scaling))
         else:
             vis = None
             if exact_mask is not None:  # [B, Lq, E] -> rows (g, lq): [B, 1, G*Lq, E]
@@ -363,7 +362,7 @@ def packed_attention_prefill(
             o_parts, l_parts = [], []
             for r0 in range(0, g * lq, _EXACT_ROWS):
                 r1 = min(r0 + _EXACT_ROWS, g * lq)
-                o, lse = _attention_lse_math(q[:, :, r0:r1], exact_k, exact_v, scaling,
+                o, lse = attention_lse_math(q[:, :, r0:r1], exact_k, exact_v, scaling,
                                              None if vis is None else vis[:, :, r0:r1])
                 o_parts.append(o)
                 l_parts.append(lse)

@@ -16,14 +16,17 @@ Conventions (every kernel reproduces them bit for bit):
 * **nuqX encode/decode.** Signposts are a sorted table of ``2**bits`` points in (about) ``[-1, 1]``.
   ``code = #{m : x_n > mid_m}`` with ``mid_m = (s_m + s_{m+1}) / 2`` (nearest signpost, ties go to the
   lower one). Decode is ``lut[code] * scale + zero``.
-* **Dense-and-sparse.** Each token and head has ``n_slots`` outlier slots: ``(value, channel)`` pairs
-  stored exactly (value in the model dtype, channel as ``uint8``; unused slots hold channel 255).
-  Decoding *replaces* the dequantized value of that channel by the exact one.
-  Keys: elements outside the calibrated per-channel ``[l, u]`` are outliers; when a token has more
-  than ``n_slots`` of them the ones with the largest normalized excess keep a slot and the rest are
-  clipped to the threshold (and counted). Values: per token, exactly ``n_slots`` extremes are removed:
-  ``a`` from the bottom and ``n_slots - a`` from the top, with ``a`` chosen to minimize the range of
-  what remains (smallest ``a`` on ties); ``l``/``u`` are then the remaining minimum and maximum.
+* **Dense-and-sparse (the outlier rule).** Each token and head has ``n_slots`` outlier slots: ``(value, channel)``
+  pairs stored exactly (value in the model dtype, channel as ``uint8``; unused slots hold channel
+  ``UNUSED_SLOT`` = 255). Decoding *replaces* the dequantized value of that channel by the exact one
+  (:func:`apply_slots`; a later slot naming the same channel wins).
+  Keys: elements outside the calibrated per-channel ``[l, u]`` are outliers (:func:`key_outlier_excess`); when a
+  token has more than ``n_slots`` of them the ones with the largest normalized excess keep a slot (ties to the
+  smaller channel, :func:`top_slots`) and the rest are clipped to the threshold (and counted). Values: per token,
+  exactly ``n_slots`` extremes are removed: ``a`` from the bottom and ``n_slots - a`` from the top, with ``a``
+  chosen to minimize the range of what remains (smallest ``a`` on ties; :func:`value_outlier_split`); ``l``/``u``
+  are then the remaining minimum and maximum. Every kernel mirrors these functions (docs/changing_the_method.md
+  lists the tests that pin them).
 * **Range arithmetic.** ``zero = u/2 + l/2`` and ``scale = u/2 - l/2`` (halving is exact, so this equals
   ``(u + l) / 2`` and ``(u - l) / 2`` without overflowing for huge float32 inputs). Per-token value
   ``scale``/``zero`` saturate at the largest finite number of their storage dtype (65504 for fp16: only
@@ -45,8 +48,11 @@ import torch
 
 from .errors import KVQuantConfigError
 
-UNUSED_SLOT = 255
-MIN_SCALE = 6.103515625e-05  # smallest normal fp16: per-token scale floor (all-equal vectors)
+UNUSED_SLOT = 255  # channel of an unused outlier slot
+MIN_SCALE = 6.103515625e-05  # smallest normal fp16 (2**-14): floor of every scale (all-equal vectors)
+#: finite stand-in for -inf in the attention's online softmax (running-max init, masked scores, the log-sum-exp of
+#: nothing): no inf - inf. The torch reference (kvquant_hf.attention) and every kernel use it.
+NEG_BIG = -1.0e30
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,10 +180,31 @@ def key_zero_scale(lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tens
     return zero, scale
 
 
-def _top_slots(score: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Largest ``n_slots`` entries of ``score [..., D]``; ties to the smaller channel index."""
+def key_outlier_excess(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The key outlier rule: the normalized distance ``max(lower - x, x - upper, 0) / scale`` of each element outside
+    its channel's calibrated range (float32, broadcasting); an element is an outlier iff it is > 0."""
+    return torch.maximum(lower - x, x - upper).clamp_min(0.0) / scale
+
+
+def top_slots(score: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Largest ``n_slots`` entries of ``score [..., D]`` and their channels; ties to the smaller channel index."""
     order = torch.sort(score, dim=-1, descending=True, stable=True)
     return order.values[..., :n_slots], order.indices[..., :n_slots]
+
+
+def value_outlier_split(sorted_vals: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The value outlier rule on ascending ``sorted_vals [..., D]``: ``a`` of the ``n_slots`` extremes come from the
+    bottom and ``n_slots - a`` from the top, ``a`` minimizing the range of what remains (smallest ``a`` on ties).
+
+    Returns ``a [...]`` (int64) and the remaining minimum ``lo [...]`` and maximum ``hi [...]``.
+    """
+    d = sorted_vals.shape[-1]
+    k = n_slots
+    ranges = torch.stack([sorted_vals[..., d - 1 - (k - a)] - sorted_vals[..., a] for a in range(k + 1)], dim=-1)
+    a_best = torch.argmin(ranges, dim=-1)
+    lo = torch.gather(sorted_vals, -1, a_best.unsqueeze(-1)).squeeze(-1)
+    hi = torch.gather(sorted_vals, -1, (d - 1 - (k - a_best)).unsqueeze(-1)).squeeze(-1)
+    return a_best, lo, hi
 
 
 def quantize_keys(
@@ -200,12 +227,12 @@ def quantize_keys(
     scale = scale[None, :, None, :]
     lo = lower.to(x.device, torch.float32)[None, :, None, :]
     hi = upper.to(x.device, torch.float32)[None, :, None, :]
-    excess = torch.maximum(lo - x, x - hi).clamp_min(0.0) / scale  # normalized distance outside
+    excess = key_outlier_excess(x, lo, hi, scale)
     n_clipped = 0
     out_val = torch.zeros(b, h, s, n_slots, dtype=k.dtype, device=k.device)
     out_idx = torch.full((b, h, s, n_slots), UNUSED_SLOT, dtype=torch.uint8, device=k.device)
     if n_slots > 0:
-        top_score, top_idx = _top_slots(excess, n_slots)
+        top_score, top_idx = top_slots(excess, n_slots)
         used = top_score > 0
         out_idx = torch.where(used, top_idx, torch.full_like(top_idx, UNUSED_SLOT)).to(torch.uint8)
         out_val = torch.where(used, torch.gather(k, -1, top_idx), torch.zeros((), dtype=k.dtype, device=k.device))
@@ -218,8 +245,9 @@ def quantize_keys(
     return PackedKeys(pack_codes(codes, bits), out_val, out_idx, n_clipped)
 
 
-def _apply_slots(x: torch.Tensor, out_val: torch.Tensor, out_idx: torch.Tensor) -> torch.Tensor:
-    """Replace channels named in the outlier slots by their exact values (float32 result)."""
+def apply_slots(x: torch.Tensor, out_val: torch.Tensor, out_idx: torch.Tensor) -> torch.Tensor:
+    """Replace channels named in the outlier slots by their exact values (float32 result); a later slot naming the
+    same channel wins, ``UNUSED_SLOT`` names none."""
     if out_idx.shape[-1] == 0:
         return x
     d = x.shape[-1]
@@ -237,7 +265,7 @@ def dequantize_keys(
     zero, scale = key_zero_scale(lower.to(packed.codes.device), upper.to(packed.codes.device))
     codes = unpack_codes(packed.codes, bits, head_dim)
     x = lut.to(packed.codes.device, torch.float32)[codes] * scale[None, :, None, :] + zero[None, :, None, :]
-    return _apply_slots(x, packed.out_val, packed.out_idx)
+    return apply_slots(x, packed.out_val, packed.out_idx)
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,11 +286,7 @@ def quantize_values(v: torch.Tensor, lut: torch.Tensor, n_slots: int, bits: int)
     k = n_slots
     if k >= d:
         raise KVQuantConfigError(f"outlier slots ({k}) must be fewer than head_dim ({d}).")
-    # a from the bottom, k - a from the top; minimize the remaining range (first minimum wins)
-    ranges = torch.stack([vals[..., d - 1 - (k - a)] - vals[..., a] for a in range(k + 1)], dim=-1)
-    a_best = torch.argmin(ranges, dim=-1)  # [B, H, S]
-    lo = torch.gather(vals, -1, a_best.unsqueeze(-1)).squeeze(-1)
-    hi = torch.gather(vals, -1, (d - 1 - (k - a_best)).unsqueeze(-1)).squeeze(-1)
+    a_best, lo, hi = value_outlier_split(vals, k)  # [B, H, S]
     smax = torch.finfo(sd).max
     zero = (hi * 0.5 + lo * 0.5).clamp(-smax, smax).to(sd)
     scale = (hi * 0.5 - lo * 0.5).clamp(MIN_SCALE, smax).to(sd)
@@ -287,7 +311,7 @@ def dequantize_values(packed: PackedValues, lut: torch.Tensor, bits: int, head_d
     scale = packed.scale.to(torch.float32).clamp_min(MIN_SCALE).unsqueeze(-1)
     zero = packed.zero.to(torch.float32).unsqueeze(-1)
     x = lut.to(packed.codes.device, torch.float32)[codes] * scale + zero
-    return _apply_slots(x, packed.out_val, packed.out_idx)
+    return apply_slots(x, packed.out_val, packed.out_idx)
 
 
 # --------------------------------------------------------------------------------------------

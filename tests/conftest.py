@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: the real SmolLM2 (loaded once per session) and tiny random Llama models."""
+"""Shared pytest fixtures: the real SmolLM2 (loaded once per test run) and tiny random Llama models."""
 
 from __future__ import annotations
 
@@ -21,17 +21,24 @@ if _ROOT not in sys.path:
 
 from kvquant_hf.errors import KVQuantError
 
+#: the kernel modules in import order (each imports only modules before it), for reloading them together
+KERNEL_MODULES = ("common", "guard", "quantize_kernels", "quantize", "split_kernel", "decode_kernel", "merge_kernel",
+                  "cuda_decode", "decode_attention", "dequantize", "exact_block", "rms_norm", "silu_mul")
+
 
 def interpreted_module(name: str, kernel: str):
-    """``kvquant_hf.kernels.<name>`` with its kernels decorated for the Triton interpreter: reloaded if ``kernel`` (one
-    of its ``@triton.jit`` functions) was decorated without the flag, i.e. the module was imported earlier."""
+    """``kvquant_hf.kernels.<name>`` with its kernels decorated for the Triton interpreter: if ``kernel`` (one of its
+    ``@triton.jit`` functions) was decorated without the flag, i.e. the modules were imported earlier, every kernel
+    module is reloaded in import order (the launchers hold the kernels of the modules they import)."""
     import importlib
 
     from triton.runtime.interpreter import InterpretedFunction  # (not imported by `import triton` on GPU machines)
 
     module = importlib.import_module(f"kvquant_hf.kernels.{name}")
     if not isinstance(getattr(module, kernel), InterpretedFunction):
-        module = importlib.reload(module)
+        for dep in KERNEL_MODULES:
+            importlib.reload(importlib.import_module(f"kvquant_hf.kernels.{dep}"))
+        module = importlib.import_module(f"kvquant_hf.kernels.{name}")
     return module
 
 
@@ -48,8 +55,8 @@ def interpreted_kernel_modules():
         # triton reads the flag when it is first imported (this conftest sets it on machines without a GPU)
         pytest.skip("run with TRITON_INTERPRET=1 set before triton is imported (Triton interpreter on CPU)",
                     allow_module_level=True)
-    return (interpreted_module("quantize", "_quantize_keys_kernel"),
-            interpreted_module("decode_attention", "_packed_attn_merge_kernel"))
+    return (interpreted_module("quantize", "quantize_keys_kernel"),
+            interpreted_module("decode_attention", "packed_attn_merge_kernel"))
 
 
 def make_tiny_llama(num_key_value_heads: int = 2, num_hidden_layers: int = 2, seed: int = 0):
@@ -76,7 +83,7 @@ def make_tiny_llama(num_key_value_heads: int = 2, num_hidden_layers: int = 2, se
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """`(model, tokenizer)` of the embedded SmolLM2-135M-Instruct (float32, CPU), loaded once per session.
+    """`(model, tokenizer)` of the embedded SmolLM2-135M-Instruct (float32, CPU), loaded once per test run.
 
     Tests must not modify the model in place.
     """
@@ -100,7 +107,7 @@ def tiny_llama_mha():
     return make_tiny_llama(num_key_value_heads=4)
 
 
-# --- kvquant cache / generate tests (appended by the cache engineer) ------------------------------
+# --- kvquant cache / generate tests ------------------------------------------------------------------------
 def pytest_configure(config):
     config.addinivalue_line("markers", "compat: small subset also run against transformers 5.17 (.ci/compat_517.sh)")
 

@@ -1,20 +1,16 @@
 """The CUDA decode kernel's host side (CI has no GPU): dispatch rules, errors, source configuration, and that the
 kernel compiles for sm_90 without register spills in several configurations (NVRTC from the ``nvidia-cuda-nvrtc``
-wheel of the test extras, or ``KVQUANT_NVRTC_LIB``). The kernel's numerics are checked on a GPU by ``benchmarks/check_cuda_decode.py``."""
+wheel of the test extras, or ``KVQUANT_NVRTC_LIB``). The kernel's numerics are checked on a GPU by
+``tests/gpu/test_cuda_decode_gpu.py``."""
 
 from __future__ import annotations
 
-import os
 import re
-import sys
 
+import nvrtc_offline  # the offline NVRTC compile
 import pytest
 import torch
-from test_triton_kernels import _inv_freq, _make_packed
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-import cuda_sass_report  # the offline NVRTC compile shared with the SASS report
-
+from kernel_helpers import inv_freq, make_packed
 from kvquant_hf.kernels import cuda_decode
 from kvquant_hf.kernels.decode_attention import packed_attention_triton
 
@@ -44,15 +40,15 @@ def test_blocker_names_the_reason(kw, needle):
 
 
 def test_decode_backend_errors_on_cpu():
-    p = _make_packed(1, 2, 40, 128, 4, 4, 2, torch.float16, seed=0)
+    p = make_packed(1, 2, 40, 128, 4, 4, 2, torch.float16, seed=0)
     q = torch.randn(1, 8, 1, 128).half()
     ek = torch.randn(1, 2, 1, 128).half()
-    kw = dict(scaling=0.1, inv_freq=_inv_freq(128))
+    kw = dict(scaling=0.1, inv_freq=inv_freq(128))
     with pytest.raises(ValueError, match="CUDA decode kernel does not apply: not a CUDA tensor"):
         packed_attention_triton(q, p, ek, ek, None, decode_backend="cuda", **kw)
     with pytest.raises(ValueError, match="decode_backend='gpu' must be None, 'cuda' or 'triton'"):
         packed_attention_triton(q, p, ek, ek, None, decode_backend="gpu", **kw)
-    p32 = _make_packed(1, 2, 40, 128, 4, 4, 2, torch.float32, seed=0)
+    p32 = make_packed(1, 2, 40, 128, 4, 4, 2, torch.float32, seed=0)
     with pytest.raises(ValueError, match="decode fast path does not apply"):
         packed_attention_triton(q.float(), p32, ek.float(), ek.float(), None, decode_backend="cuda", **kw)
 
@@ -77,7 +73,7 @@ def test_shared_memory_layout_size():
     assert cuda_decode.shared_bytes(d, ks, mr, kb, vb) == 4 * words
     # the largest config: two CTAs (the launch bounds' target) fit an H100/H200 SM (228 KB, 1 KB reserved per CTA)
     assert 2 * (cuda_decode.shared_bytes(128, 2, 8, 4, 4) + 1024) <= 228 * 1024
-    with open(cuda_decode._SRC) as fh:
+    with open(cuda_decode.SOURCE_PATH) as fh:
         src = fh.read()
     assert "const int PERW = 2 * 32 * KPAD + 32 * VPAD;" in src
     assert "#define QWORDS ((MR * QROW + 3) / 4 * 4)" in src and "float* kzs = qs + QWORDS;" in src
@@ -89,7 +85,7 @@ def test_vector_loads_follow_the_layout():
     """64-bit code loads only where every key and value code row starts 8-byte aligned."""
     import dataclasses
 
-    p = _make_packed(1, 2, 40, 128, 4, 4, 2, torch.float16, seed=0)
+    p = make_packed(1, 2, 40, 128, 4, 4, 2, torch.float16, seed=0)
     assert p.k_codes.stride(2) == 64 and p.v_codes.stride(2) == 64
     assert cuda_decode.vector_loads(p) is True
     shifted = torch.zeros(1, 2, p.k_codes.shape[2], p.k_codes.shape[3] + 4, dtype=torch.uint8)[..., 4:]
@@ -98,7 +94,7 @@ def test_vector_loads_follow_the_layout():
     odd_rows = torch.zeros(1, 2, p.v_codes.shape[2], p.v_codes.shape[3] + 4, dtype=torch.uint8)[..., :-4]
     assert odd_rows.stride(2) == 68  # 4-byte aligned rows (the kernel's minimum), not 8
     assert cuda_decode.vector_loads(dataclasses.replace(p, v_codes=odd_rows)) is False
-    assert cuda_decode.vector_loads(_make_packed(1, 2, 40, 128, 2, 2, 2, torch.float16, seed=0)) is True
+    assert cuda_decode.vector_loads(make_packed(1, 2, 40, 128, 2, 2, 2, torch.float16, seed=0)) is True
 
 
 @pytest.mark.filterwarnings("ignore::kvquant_hf.cache.UncalibratedCacheWarning")
@@ -125,7 +121,7 @@ def test_the_cache_storage_takes_the_64_bit_loads(bits, head_dim):
         assert cuda_decode.vector_loads(view) is True, (view.k_codes.stride(), view.v_codes.stride())
 
 
-NVRTC = cuda_sass_report.nvrtc_lib()
+NVRTC = nvrtc_offline.nvrtc_lib()
 
 
 @pytest.mark.skipif(not NVRTC, reason="no libnvrtc: pip install nvidia-cuda-nvrtc (test extras) or set KVQUANT_NVRTC_LIB")
@@ -140,13 +136,13 @@ NVRTC = cuda_sass_report.nvrtc_lib()
     dict(d=64, kb=4, vb=4, ks=1, vs=1, mr=3, has_hist=True, len_dev=False, vec=True),
 ])
 def test_kernel_compiles_for_sm90(cfg, tmp_path):
-    res, cubin, log = cuda_sass_report.compile_cubin(cuda_decode.source(**cfg), NVRTC)
+    res, cubin, log = nvrtc_offline.compile_cubin(cuda_decode.source(**cfg), NVRTC)
     assert res == 0, log
     path = tmp_path / "k.cubin"
     path.write_bytes(cubin)
     import subprocess
 
-    usage = subprocess.run([cuda_sass_report.cuobjdump(), "--dump-resource-usage", str(path)], capture_output=True,
+    usage = subprocess.run([nvrtc_offline.cuobjdump(), "--dump-resource-usage", str(path)], capture_output=True,
                            text=True, check=True).stdout
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
     local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
@@ -179,23 +175,19 @@ def test_bf16_default_follows_the_environment(monkeypatch, env, expected):
 def test_default_splits_fill_whole_waves(monkeypatch, batch, length, expected):
     from kvquant_hf.kernels import decode_attention as da
 
-    monkeypatch.setattr(da, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(da, "sm_count", lambda device: 132)
     splits = da.default_num_splits(batch, 8, 1, length, torch.device("cpu"), block_n=256, max_splits=128)
     assert splits == expected
     assert batch * 8 * splits <= 2 * 132 or splits == 1
 
 
-def test_three_ctas_per_sm_variant_takes_more_splits(monkeypatch):
+@pytest.mark.parametrize("per_sm,expected", [
+    (cuda_decode.CTAS_PER_SM, 33),  # the CUDA kernel's residency: 8 (batch, head) programs x 33 = 264 CTAs
+    (3, 49),  # 392 CTAs = one wave of three per SM
+    (4, 66),  # 528 CTAs
+])
+def test_splits_follow_the_resident_ctas_per_sm(monkeypatch, per_sm, expected):
     from kvquant_hf.kernels import decode_attention as da
 
-    monkeypatch.setattr(da, "_sm_count", lambda device: 132)
-    assert cuda_decode.ctas_per_sm() == 2
-    monkeypatch.setenv("KVQUANT_CUDA_DEFINES", "MINB=3 TB=64")
-    assert cuda_decode.ctas_per_sm() == 3
-    # 8 (batch, head) programs: 49 splits = 392 CTAs = one wave of three per SM
-    assert da.default_num_splits(1, 8, 1, 131072, torch.device("cpu"), 256, 128, cuda_decode.ctas_per_sm()) == 49
-    monkeypatch.setenv("KVQUANT_CUDA_DEFINES", "MINB=4 TB=64")  # four per SM at <= 128 registers; no more than four
-    assert cuda_decode.ctas_per_sm() == 4
-    assert da.default_num_splits(1, 8, 1, 131072, torch.device("cpu"), 256, 128, cuda_decode.ctas_per_sm()) == 66  # 528 CTAs
-    monkeypatch.setenv("KVQUANT_CUDA_DEFINES", "MINB=6")
-    assert cuda_decode.ctas_per_sm() == 4
+    monkeypatch.setattr(da, "sm_count", lambda device: 132)
+    assert da.default_num_splits(1, 8, 1, 131072, torch.device("cpu"), 256, 128, per_sm) == expected

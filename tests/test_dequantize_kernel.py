@@ -3,22 +3,15 @@ in the Triton interpreter (CPU)."""
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
-from conftest import interpreted_kernel_modules
+from conftest import interpreted_kernel_modules, interpreted_module
 
 from kvquant_hf import quant
 from kvquant_hf.attention import PackedKV, history_blocks
 
 _qz, _da = interpreted_kernel_modules()
-import triton
-
-import kvquant_hf.kernels.dequantize as _dq
-
-if not isinstance(_dq._dequant_kernel, triton.runtime.interpreter.InterpretedFunction):
-    _dq = importlib.reload(_dq)
+_dq = interpreted_module("dequantize", "dequantize_kernel")
 
 
 def _packed(b, h, cap, length, d, bits, k_slots, v_slots, seed=0, scale_dtype=torch.float16):
@@ -70,10 +63,10 @@ def test_bad_range_is_refused():
 
 
 def _math_op(q, k, v, scale, causal=False):
-    from kvquant_hf.attention import _attention_lse_math
+    from kvquant_hf.attention import attention_lse_math
 
     vis = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril() if causal else None
-    return _attention_lse_math(q, k, v, scale, vis)
+    return attention_lse_math(q, k, v, scale, vis)
 
 
 @pytest.mark.parametrize("sink,mask_kind", [(1, "causal"), (0, "causal"), (2, "other")])

@@ -45,7 +45,7 @@ def test_rope_and_exact_block_bit_identical_to_the_torch_ops(dtype, b, hq, h, n,
         want = apply_rope(x, cos, sin)
         if dtype == torch.bfloat16:
             # the interpreter casts float32 to bfloat16 by truncation (the GPU rounds to nearest; there the kernel
-            # is bit-identical: benchmarks/check_exact_block_gpu.py): up to one bf16 ulp per rounded step
+            # is bit-identical: tests/gpu/test_gpu_exact_block.py): up to one bf16 ulp per rounded step
             bound = 3 * 2**-7 * (x.float().abs() + rotate_half(x.float()).abs())
             assert ((got.float() - want.float()).abs() <= bound).all()
             assert not torch.allclose(got.float(), x.float(), atol=0.1)  # rotated (position 100+: far from identity)
@@ -118,11 +118,11 @@ def _triton_on_cpu(monkeypatch):
     import importlib
 
     import kvquant_hf.kernels
-    from kvquant_hf import cache as cache_mod
+    from kvquant_hf import layer as layer_mod
 
     _prep()  # exact_block reloaded for the interpreter if needed
     importlib.reload(kvquant_hf.kernels)
-    monkeypatch.setattr(cache_mod, "resolve_backend",
+    monkeypatch.setattr(layer_mod, "resolve_backend",
                         lambda backend, device, head_dim=None: "torch" if backend == "torch" else "triton")
 
 
@@ -132,11 +132,11 @@ def test_layer_triton_path_matches_torch_path_with_padding_and_partial_sinks(mon
     from conftest import make_tiny_llama
 
     from kvquant_hf import KVQuantCache, patch_model
-    from kvquant_hf.generation import _cache_kwarg_name
+    from kvquant_hf.generation import cache_kwarg_name
 
     _triton_on_cpu(monkeypatch)
     model = patch_model(make_tiny_llama())
-    kw = _cache_kwarg_name(model)
+    kw = cache_kwarg_name(model)
     ids = torch.randint(0, 128, (2, 26), generator=torch.Generator().manual_seed(5))
     mask = torch.ones_like(ids)
     mask[1, :19] = 0  # row 1: only 1 real prompt token for 3 sink slots
@@ -153,8 +153,8 @@ def test_layer_triton_path_matches_torch_path_with_padding_and_partial_sinks(mon
         layer = cache.layers[0]
         assert layer.backend == backend
         if backend == "triton":
-            assert layer._sinks_all_valid is False  # row 1's sink holds padding: the exact block keeps its mask
-            assert layer._exact_mask(None, pos[:, 25:], None, 2, 1) is not None
+            assert layer.sinks_all_valid is False  # row 1's sink holds padding: the exact block keeps its mask
+            assert layer.exact_mask(None, pos[:, 25:], None, 2, 1) is not None
         logits[backend] = torch.cat(outs, 1)
     torch.testing.assert_close(logits["triton"], logits["torch"], atol=2e-4, rtol=2e-4)
 
@@ -172,7 +172,7 @@ def test_layer_triton_path_rotates_the_query_like_the_model(monkeypatch):
         layer = KVQuantLayer(KVQuantConfig(bits=4, sink_tokens=1, backend="triton"))
         query = apply_rope(q, cos, sin) if rotated else q
         out = layer.attend(AttendInputs(query, k.clone(), v.clone(), pos, rope, None, 0.25, query_rotated=rotated))
-        assert layer.backend == "triton" and layer._sinks_all_valid is None  # no mask needed the sink check
+        assert layer.backend == "triton" and layer.sinks_all_valid is None  # no mask needed the sink check
         outs.append(out)
     assert torch.equal(outs[0], outs[1])
 
@@ -188,15 +188,15 @@ def test_graph_mode_with_a_shared_device_length_matches_eager(monkeypatch, padde
     from kvquant_hf import KVQuantCache, patch_model
     from kvquant_hf.cache import KVQuantLayer
     from kvquant_hf.errors import KVQuantError
-    from kvquant_hf.generation import _cache_kwarg_name
+    from kvquant_hf.generation import cache_kwarg_name
 
     _triton_on_cpu(monkeypatch)
     masks_read = []
-    original = KVQuantLayer._new_block_mask
-    monkeypatch.setattr(KVQuantLayer, "_new_block_mask",
+    original = KVQuantLayer.new_block_mask
+    monkeypatch.setattr(KVQuantLayer, "new_block_mask",
                         lambda self, *a: masks_read.append(self.graph_mode) or original(self, *a))
     model = patch_model(make_tiny_llama())
-    kw = _cache_kwarg_name(model)
+    kw = cache_kwarg_name(model)
     b = 2 if padded else 1
     ids = torch.randint(0, 128, (b, 23), generator=torch.Generator().manual_seed(9))
     prompt_mask = torch.ones(b, 20, dtype=torch.long)

@@ -26,7 +26,7 @@ _qz, _da = interpreted_kernel_modules()
 def _interpreter_rounds_bf16_to_nearest() -> bool:
     """The Triton interpreter (3.9) truncates float32 -> bfloat16 casts (round toward zero; ``fp_downcast_rounding``
     is ignored) where compiled kernels and torch round to nearest even, so bf16 scale/zero can differ by one ulp
-    under the interpreter only. bf16 bit identity is checked on the GPU (benchmarks/check_kernels_gpu.py and the
+    under the interpreter only. bf16 bit identity is checked on the GPU (tests/gpu/test_gpu_kernels.py and the
     edge-case check at the start of benchmarks/soak.py)."""
 
     @triton.jit

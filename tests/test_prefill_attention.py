@@ -79,7 +79,7 @@ def test_cache_dequant_mode_equals_kernel_mode(monkeypatch):
     ids = torch.randint(0, 128, (1, 90), generator=torch.Generator().manual_seed(3))
     calls = []
     real = attn_mod.packed_attention_prefill
-    monkeypatch.setattr("kvquant_hf.cache.packed_attention_prefill",
+    monkeypatch.setattr("kvquant_hf.routing.packed_attention_prefill",
                         lambda *a, **k: (calls.append(a[0].shape[2]), real(*a, **k))[1])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -99,7 +99,7 @@ def test_left_padding_keeps_the_kernel(monkeypatch):
     model = make_tiny_llama()
     kvquant_hf.patch_model(model)
     calls = []
-    monkeypatch.setattr("kvquant_hf.cache.packed_attention_prefill", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr("kvquant_hf.routing.packed_attention_prefill", lambda *a, **k: calls.append(1))
     ids = torch.randint(1, 128, (2, 40), generator=torch.Generator().manual_seed(4))
     mask = torch.ones(2, 40, dtype=torch.long)
     mask[1, :5] = 0
@@ -119,14 +119,14 @@ def test_config_validation():
 def test_fused_op_self_check_accepts_a_correct_op_and_rejects_wrong_ones():
     """The check every fused attention op must pass before the prefill path uses it (run here with float32 math
     standing in for the CUDA kernels): output and log-sum-exp, with and without the causal mask."""
-    from kvquant_hf.attention import _attention_lse_math, _check_lse_op
+    from kvquant_hf.attention import attention_lse_math, check_lse_op
 
     def good(q, k, v, scale, causal=False):
         vis = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril() if causal else None
-        return _attention_lse_math(q, k, v, scale, vis)
+        return attention_lse_math(q, k, v, scale, vis)
 
     def ignores_causal(q, k, v, scale, causal=False):
-        return _attention_lse_math(q, k, v, scale)
+        return attention_lse_math(q, k, v, scale)
 
     def lse_off_by_one(q, k, v, scale, causal=False):
         out, lse = good(q, k, v, scale, causal)
@@ -136,7 +136,7 @@ def test_fused_op_self_check_accepts_a_correct_op_and_rejects_wrong_ones():
         raise RuntimeError("no kernel for this head size")
 
     cpu = torch.device("cpu")
-    assert _check_lse_op(good, cpu, torch.float32, head_dim=96)
-    assert not _check_lse_op(ignores_causal, cpu, torch.float32)
-    assert not _check_lse_op(lse_off_by_one, cpu, torch.float32)
-    assert not _check_lse_op(raises, cpu, torch.float32)
+    assert check_lse_op(good, cpu, torch.float32, head_dim=96)
+    assert not check_lse_op(ignores_causal, cpu, torch.float32)
+    assert not check_lse_op(lse_off_by_one, cpu, torch.float32)
+    assert not check_lse_op(raises, cpu, torch.float32)

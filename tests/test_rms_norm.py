@@ -167,8 +167,10 @@ def test_fused_layer_forward_in_generate_with_padding(monkeypatch, arch):
     plain = model.generate(ids, cache_config={"bits": 4}, **kw)
     calls = []
     norms.fuse_rms_norms(model)
-    add = norms._kernels.add_rms_norm
-    monkeypatch.setattr(norms._kernels, "add_rms_norm", lambda *a: calls.append(1) or add(*a))
+    import kvquant_hf.kernels.rms_norm as rms_norm_kernels  # the module fuse_rms_norms calls into
+
+    add = rms_norm_kernels.add_rms_norm
+    monkeypatch.setattr(rms_norm_kernels, "add_rms_norm", lambda *a: calls.append(1) or add(*a))
     fused = model.generate(ids, cache_config={"bits": 4, "fused_norms": True}, **kw)
     assert len(calls) == 2 * 5  # 2 layers x 5 forwards (the prefill and 4 steps; the 5th token is not fed back)
     assert torch.equal(plain.sequences, fused.sequences)

@@ -3,14 +3,16 @@
 ``cuda/packed_decode.cu`` is compiled at first use with NVRTC (the runtime compiler that ships with PyTorch's
 CUDA wheels, through ``torch.cuda._compile_kernel``), once per configuration (head_dim, bits, slots, query
 rows per KV head) and device; no build step at install time. It writes the same per-split partial outputs and
-log-sum-exps as :func:`kvquant_hf.kernels.decode_attention._packed_decode_kernel`, so the Triton merge kernel (splits
-+ exact block) is shared.
+log-sum-exps as :func:`kvquant_hf.kernels.decode_kernel.packed_decode_kernel`, so the Triton merge kernel
+(:mod:`.merge_kernel`: splits + exact block) is shared. docs/kernels.md describes the kernel's design.
 
 What it covers (:func:`cuda_decode_blocker` says why not otherwise): float16 and bfloat16 queries (bfloat16 inputs
 are dequantized and multiplied in float16 inside; :data:`CUDA_BF16_DEFAULT`), head_dim 128 (or 64 with
 4-bit codes), 2/4-bit keys and values (uniform grids folded into scale and zero, other signpost tables gathered
 per code pair from shared memory), up to 2 outlier slots per token, ``q_len * group <= 8``, no sliding window,
 4-byte aligned code rows. The rest takes the Triton kernels.
+
+Mirrors :func:`kvquant_hf.attention.packed_attention_torch` (dequantization and outlier slots: :mod:`kvquant_hf.quant`).
 """
 
 from __future__ import annotations
@@ -22,55 +24,45 @@ import warnings
 
 import torch
 
-_SRC = os.path.join(os.path.dirname(__file__), "cuda", "packed_decode.cu")
+from .common import MIN_SCALE, NEG_BIG, PER_TOKEN, pair_table
+
+SOURCE_PATH = os.path.join(os.path.dirname(__file__), "cuda", "packed_decode.cu")
 KERNEL = "kvq_packed_decode"
 NUM_WARPS = 4
-TB = 128  # tokens per rotation block (shared R(j) table rows; must match packed_decode.cu)
-TILE = 16
+TB = 128  # tokens per rotation block (rows of the shared R(j) table)
+#: CTAs of the kernel resident per SM (249 registers, 4 warps), which sizes the split grid
+CTAS_PER_SM = 2
 
 #: use the CUDA decode kernel where it applies (``KVQUANT_CUDA_DECODE=0`` in the environment turns it off).
 CUDA_DECODE_DEFAULT = os.environ.get("KVQUANT_CUDA_DECODE", "1") == "1"
-#: bfloat16 models through the CUDA kernel (bf16 inputs, float16 dequantization and MMA operands) by default; checked
-#: on the H200 (``benchmarks/check_cuda_decode.py --bf16``: 21/21 cases, results/check_cuda_decode_bf16.md).
+#: bfloat16 models through the CUDA kernel (bf16 inputs, float16 dequantization and MMA operands) by default.
 #: Queries, scales and zero points beyond the float16 range (|x| > 65504) would become inf inside the kernel (inf/NaN
 #: outputs, never finite wrong ones); ``KVQUANT_CUDA_BF16=0`` sends bf16 models to the Triton kernel instead.
 CUDA_BF16_DEFAULT = os.environ.get("KVQUANT_CUDA_BF16", "1") == "1"
 
 
-def extra_defines() -> dict[str, int]:
-    """Kernel variants for benchmarks: ``KVQUANT_CUDA_DEFINES="TB=64 NW=8"`` overrides the #defines."""
-    out = {}
-    for item in os.environ.get("KVQUANT_CUDA_DEFINES", "").split():
-        k, _, v = item.partition("=")
-        out[k] = int(v)
-    return out
-
-
-def ctas_per_sm() -> int:
-    """CTAs of the kernel resident per SM, which sizes the split grid: 2 (249 registers, 4 warps); 3 or 4 with a
-    ``KVQUANT_CUDA_DEFINES="MINB=3 TB=64"`` (or ``MINB=4``) build (measured slower: cuda_decode_round4.md,
-    cuda_decode_ksz.md)."""
-    return min(4, max(2, extra_defines().get("MINB", 1)))
+def _float_literal(x: float) -> str:
+    """A CUDA float literal that reads back as ``x`` rounded to float32."""
+    return f"({x!r}f)"
 
 
 def source(d: int, kb: int, vb: int, ks: int, vs: int, mr: int, has_hist: bool, len_dev: bool,
-           num_warps: int = NUM_WARPS, min_blocks: int = 1, k_lut: bool = False, v_lut: bool = False,
+           num_warps: int = NUM_WARPS, k_lut: bool = False, v_lut: bool = False,
            bf16: bool = False, vec: bool = False) -> str:
     """The kernel source with its configuration as ``#define`` lines (``vec``: 8-byte aligned code rows, loaded in
-    64-bit words)."""
-    with open(_SRC) as fh:
+    64-bit words), and the constants it shares with the Triton kernels (:mod:`.common`)."""
+    with open(SOURCE_PATH) as fh:
         body = fh.read()
     defs = dict(D=d, KB=kb, VB=vb, KS=ks, VS=vs, MR=mr, NW=num_warps, HAS_HIST=int(has_hist), LEN_DEV=int(len_dev),
-                MINB=min_blocks, K_LUT=int(k_lut), V_LUT=int(v_lut), BF16IN=int(bf16), VEC=int(vec))
-    defs.update(extra_defines())
+                K_LUT=int(k_lut), V_LUT=int(v_lut), BF16IN=int(bf16), VEC=int(vec), TB=TB,
+                NEG_BIG=_float_literal(NEG_BIG), MIN_SCALE=_float_literal(MIN_SCALE))
     return "".join(f"#define {k} {v}\n" for k, v in defs.items()) + body
 
 
 def shared_bytes(d: int, ks: int, mr: int, kb: int = 4, vb: int = 4, num_warps: int = NUM_WARPS) -> int:
     """Dynamic shared memory of one CTA (must match the layout in packed_decode.cu)."""
     kr = d // 16
-    tb = extra_defines().get("TB", TB)
-    num_warps = extra_defines().get("NW", num_warps)
+    tb = TB
     perw = 2 * 32 * (2 * kr + 4) + 32 * (4 * (d // 16) + 4)  # per warp: staged key (KPAD) and value (VPAD) fragments
     rw = 2 * kr + 4  # R(j) table row: cos, sin, padding (RW)
     qwords = (mr * (d + 1) + 3) // 4 * 4  # query rows D + 1 floats apart (QWORDS)
@@ -80,7 +72,7 @@ def shared_bytes(d: int, ks: int, mr: int, kb: int = 4, vb: int = 4, num_warps: 
 
 def vector_loads(packed) -> bool:
     """Whether the kernel may load code words 64 bits at a time: the key and value code rows of every (batch, head,
-    token) start at 8-byte aligned addresses. ``KVQUANT_CUDA_DEFINES="VEC=0"`` turns it off."""
+    token) start at 8-byte aligned addresses."""
     return all(t.data_ptr() % 8 == 0 and all(st % 8 == 0 for st in t.stride()[:3])
                for t in (packed.k_codes, packed.v_codes))
 
@@ -91,8 +83,8 @@ _BROKEN: list[str] = []  # the reason, once compiling or loading the kernel fail
 def cuda_decode_blocker(query: torch.Tensor, m_rows: int, window, kb: int, vb: int, d: int, k_slots: int = 0,
                         v_slots: int = 0, allow_bf16: bool = False) -> str:
     """Why the CUDA decode kernel does not apply ("" when it does), for a case the Triton decode fast path takes
-    (``_decode_path_blocker`` has checked the cache layout). The shape/format checks come first (they run
-    anywhere); the device checks last."""
+    (:func:`.decode_attention.decode_path_blocker` has checked the cache layout). The shape/format checks come first
+    (they run anywhere); the device checks last."""
     if query.dtype == torch.bfloat16 and not allow_bf16:
         return ("query dtype torch.bfloat16 (bf16 inputs are turned off: KVQUANT_CUDA_BF16=0 in the environment; "
                 "decode_backend='cuda' forces the kernel)")
@@ -121,7 +113,7 @@ def cuda_decode_blocker(query: torch.Tensor, m_rows: int, window, kb: int, vb: i
 
 @functools.cache
 def _kernel(device_index: int, d: int, kb: int, vb: int, ks: int, vs: int, mr: int, has_hist: bool, len_dev: bool,
-            k_lut: bool, v_lut: bool, bf16: bool = False, extra: tuple = (), vec: bool = False):
+            k_lut: bool, v_lut: bool, bf16: bool = False, vec: bool = False):
     src = source(d, kb, vb, ks, vs, mr, has_hist, len_dev, k_lut=k_lut, v_lut=v_lut, bf16=bf16, vec=vec)
     with torch.cuda.device(device_index):
         major, minor = torch.cuda.get_device_capability(device_index)
@@ -175,13 +167,11 @@ def packed_decode_cuda(query, packed, kzero, kscale, freq, hist, length: int, le
     mr = group * lq
     ks = packed.k_out_idx.shape[-1]
     vs = packed.v_out_idx.shape[-1]
-    extra = extra_defines()
     vec = vector_loads(packed)
     try:
         kern, smem = _kernel(query.device.index if query.device.index is not None else torch.cuda.current_device(),
                              d, packed.key_bits, packed.value_bits, ks, vs, mr, hist is not None, length_dev is not None,
-                             kgrid is None, vgrid is None, query.dtype == torch.bfloat16, tuple(sorted(extra.items())),
-                             vec)
+                             kgrid is None, vgrid is None, query.dtype == torch.bfloat16, vec)
     except Exception as exc:  # NVRTC / driver errors come in many types; all mean "use Triton"
         msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
         if required:
@@ -194,12 +184,10 @@ def packed_decode_cuda(query, packed, kzero, kscale, freq, hist, length: int, le
         return False
     if hist is not None and hist.dtype != torch.int32:
         hist = hist.to(torch.int32)
-    from .decode_attention import _PER_TOKEN, _pair_table
-
     pk = packed
     # float16 pair tables whatever the model dtype: the kernel dequantizes in float16
-    kpair = _pair_table(pk.k_lut.to(query.device), pk.key_bits) if kgrid is None else klut
-    vpair = _pair_table(pk.v_lut.to(query.device), pk.value_bits) if vgrid is None else vlut
+    kpair = pair_table(pk.k_lut.to(query.device), pk.key_bits) if kgrid is None else klut
+    vpair = pair_table(pk.v_lut.to(query.device), pk.value_bits) if vgrid is None else vlut
     args = [("p", query), ("p", pk.k_codes), ("p", pk.k_out_val), ("p", pk.k_out_idx), ("p", pk.v_codes),
             ("p", pk.v_scale), ("p", pk.v_zero), ("p", pk.v_out_val), ("p", pk.v_out_idx), ("p", kzero),
             ("p", kscale), ("p", pk.positions), ("p", freq), ("p", hist if hist is not None else pk.positions),
@@ -207,15 +195,15 @@ def packed_decode_cuda(query, packed, kzero, kscale, freq, hist, length: int, le
             ("p", klut), ("p", vlut), ("p", kpair), ("p", vpair), ("p", o_part), ("p", lse_part),
             ("i", length), ("i", h), ("i", num_splits), ("i", group)]
     args += [("q", s) for s in query.stride()[:3]]
-    for name in _PER_TOKEN:
+    for name in PER_TOKEN:
         st = getattr(pk, name).stride()
-        args += [("q", st[0]), ("q", st[1]), ("i", st[2])]  # per-token offsets in 32 bits (_decode_path_blocker)
+        args += [("q", st[0]), ("q", st[1]), ("i", st[2])]  # per-token offsets in 32 bits (decode_path_blocker)
     args.append(("q", pk.positions.stride(0)))
     ka, kb_ = kgrid if kgrid is not None else (0.0, 1.0)  # tables: the grid folded into scale/zero, or gathered
     va, vb_ = vgrid if vgrid is not None else (0.0, 1.0)
     args += [("f", qk_scale), ("f", ka), ("f", kb_), ("f", va), ("f", vb_)]
     with torch.cuda.device(query.device):  # the module was loaded in this device's context (multi-GPU device maps)
-        _launch(kern, (bsz * h, num_splits, 1), (extra.get("NW", NUM_WARPS) * 32, 1, 1), smem, args,
+        _launch(kern, (bsz * h, num_splits, 1), (NUM_WARPS * 32, 1, 1), smem, args,
                 torch.cuda.current_stream(query.device))
     return True
 

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode_attention import _K_MIN_SCALE, _cos_sin, _replace_slots
+from .common import K_MIN_SCALE, cos_sin, replace_slots
 
 
 @triton.jit
@@ -32,8 +32,9 @@ def _codes(row_ptr, ch, ch_mask, BITS: tl.constexpr, ROW_BYTES: tl.constexpr):
     return (w >> (bit % 8)) & ((1 << BITS) - 1)
 
 
+# reference: kvquant_hf.attention.PackedKV.dequantize_block + rope_rotate (outlier slots: kvquant_hf.quant.apply_slots)
 @triton.jit
-def _dequant_kernel(
+def dequantize_kernel(
     kc_ptr, kov_ptr, koi_ptr, vc_ptr, vsc_ptr, vz_ptr, vov_ptr, voi_ptr, pos_ptr,
     klut_ptr, vlut_ptr, kzero_ptr, kscale_ptr, invf_ptr,
     ko_ptr, vo_ptr,
@@ -70,10 +71,10 @@ def _dequant_kernel(
     sb = tl.load(kscale_ptr + h * D + half + c, mask=c_mask, other=0.0)
     xa = tl.load(klut_ptr + ca) * sa + za
     xb = tl.load(klut_ptr + cb) * sb + zb
-    xa = _replace_slots(xa, c1, kov_rows, koi_rows, t_mask, SK)
-    xb = _replace_slots(xb, c1 + half, kov_rows, koi_rows, t_mask, SK)
+    xa = replace_slots(xa, c1, kov_rows, koi_rows, t_mask, SK)
+    xb = replace_slots(xb, c1 + half, kov_rows, koi_rows, t_mask, SK)
     pos = tl.load(pos_ptr + b.to(tl.int64) * s_pos_b + tt * s_pos_t, mask=t_mask, other=0).to(tl.float32)
-    cos, sin = _cos_sin(pos * tl.load(invf_ptr + c, mask=c_mask, other=0.0), FAST)
+    cos, sin = cos_sin(pos * tl.load(invf_ptr + c, mask=c_mask, other=0.0), FAST)
     cos = cos * attn_scale
     sin = sin * attn_scale
     out_rows = ((b * H + h).to(tl.int64) * n + t) * D
@@ -88,10 +89,10 @@ def _dequant_kernel(
     code = _codes(v_rows, cv, mv, VBITS, D * VBITS // 8)
     sc = tl.load(vsc_ptr + b.to(tl.int64) * s_vs_b + h * s_vs_h + tt * s_vs_t, mask=t_mask, other=1.0)
     zr = tl.load(vz_ptr + b.to(tl.int64) * s_vz_b + h * s_vz_h + tt * s_vz_t, mask=t_mask, other=0.0)
-    x = tl.load(vlut_ptr + code) * tl.maximum(sc.to(tl.float32), _K_MIN_SCALE) + zr.to(tl.float32)
+    x = tl.load(vlut_ptr + code) * tl.maximum(sc.to(tl.float32), K_MIN_SCALE) + zr.to(tl.float32)
     vov_rows = vov_ptr + b.to(tl.int64) * s_vov_b + h * s_vov_h + tt * s_vov_t
     voi_rows = voi_ptr + b.to(tl.int64) * s_voi_b + h * s_voi_h + tt * s_voi_t
-    x = _replace_slots(x, cv1, vov_rows, voi_rows, t_mask, SV)
+    x = replace_slots(x, cv1, vov_rows, voi_rows, t_mask, SV)
     tl.store(vo_ptr + out_rows + cv, x.to(vo_ptr.dtype.element_ty), mask=mv)
 
 
@@ -125,7 +126,7 @@ def dequantize_history_triton(packed, start: int, end: int, inv_freq: torch.Tens
         if x.stride(-1) != 1:
             raise ValueError("packed code rows must be contiguous in their last dimension.")
     grid = (triton.cdiv(n, block_t), b * h)
-    _dequant_kernel[grid](
+    dequantize_kernel[grid](
         kc, kov, koi, vc, vs, vz, vov, voi, pos, klut, vlut, kzero, kscale, invf, ko, vo,
         start, n, h, float(attention_scaling),
         kc.stride(0), kc.stride(1), kc.stride(2), kov.stride(0), kov.stride(1), kov.stride(2),

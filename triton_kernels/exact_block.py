@@ -1,7 +1,7 @@
 """The exact block of one attention call in one kernel: RoPE on the queries and the new keys, sink rows copied in,
 the non-finite guard, and (CUDA-graph decode) the positions of the new tokens written into the cache.
 
-What :meth:`kvquant_hf.cache.KVQuantLayer.attend` did with about twenty small torch kernels per layer and step
+What the torch path of the layer's attention does with about twenty small torch kernels per layer and step
 (``apply_rope`` on q and on the new keys: five each; ``cat`` of sink and new keys, values and mask; the guard; the
 position ``index_copy``), in one launch. RoPE is rounded like transformers' ``x * cos + rotate_half(x) * sin`` in the
 model dtype (each product and the sum rounded to the dtype, no FMA contraction), so the result is bit-identical to the
@@ -30,6 +30,7 @@ def _rope_rows(x1, x2, c1, c2, s1, s2, OUT_DTYPE: tl.constexpr):
     return (a1 + b1).to(OUT_DTYPE), (a2 + b2).to(OUT_DTYPE)
 
 
+# reference: kvquant_hf.layer_api.apply_rope on q and the new keys, the sink copy and the guard rule of .guard
 @triton.jit
 def _decode_prep_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, ek_ptr, ev_ptr, sk_ptr, sv_ptr,
@@ -199,8 +200,8 @@ def decode_prep(
         HALF=d // 2, BLOCK_H=triton.next_power_of_2(h), BLOCK_HQ=triton.next_power_of_2(hq),
         ROTATE_Q=rotate_query, GUARD=counter is not None, WRITE_POS=write_pos,
         # no FMA contraction: Triton narrows the rounded products to f16/bf16 arithmetic and would otherwise fuse
-        # them into fma.rn.f16 (one rounding instead of torch's two: 1-ulp differences on the H200,
-        # check_exact_block_gpu.md); separate correctly rounded mul and add equal torch's float32-then-round
+        # them into fma.rn.f16 (one rounding instead of torch's two: 1-ulp differences); separate correctly rounded
+        # mul and add equal torch's float32-then-round
         enable_fp_fusion=False,
     )
     return q_out, exact_k, exact_v

@@ -2,7 +2,7 @@
 
 A token is *bad* when any element of its key or value, in any head, is NaN or Inf: the kernel zeroes that token's
 keys and values in every head, in place, and adds the number of bad tokens to a device counter. Same semantics as
-the torch code in :meth:`kvquant_hf.cache.KVQuantLayer._check_finite`, in one launch instead of about ten (one
+the torch code in :meth:`kvquant_hf.cache.KVQuantLayer.check_finite`, in one launch instead of about ten (one
 program per (batch row, token), all heads and channels of K and V at once).
 """
 
@@ -21,6 +21,7 @@ def n_nonfinite(x):
     return tl.sum(tl.sum(((xf - xf) != 0).to(tl.int32), axis=1), axis=0)
 
 
+# reference: the torch rule in the module docstring (tests/test_triton_kernels.py pins it)
 @triton.jit
 def _zero_nonfinite_kernel(k_ptr, v_ptr, counter_ptr, L, H, D,
                            skb, skh, skl, skd, svb, svh, svl, svd,

@@ -1,13 +1,9 @@
-"""Pack-on-append: nuqX encode + bit packing + outlier slots for new keys and values.
+"""Pack-on-append: nuqX encode + bit packing + outlier slots for new keys and values (host launchers).
 
-Both kernels are bit-identical to :func:`kvquant_hf.quant.quantize_keys` and
+Both kernels (:mod:`.quantize_kernels`) are bit-identical to :func:`kvquant_hf.quant.quantize_keys` and
 :func:`kvquant_hf.quant.quantize_values` (codes, slots, scales, tie rules) and write straight into the
 cache's preallocated storage at a token offset, so appending ``S`` new tokens costs one launch per
 tensor kind and no allocation. See the module docstring of ``kvquant_hf/quant.py`` for the format.
-
-This module imports only torch and triton (no transformers, no kvquant_hf) so that it stays usable
-as a standalone kernel library; the few constants it shares with ``quant.py`` are repeated below and
-checked by the tests.
 """
 
 from __future__ import annotations
@@ -16,11 +12,12 @@ from typing import NamedTuple
 
 import torch
 import triton
-import triton.language as tl
 
-UNUSED_SLOT = 255  # == kvquant_hf.quant.UNUSED_SLOT
-MIN_SCALE = 6.103515625e-05  # == kvquant_hf.quant.MIN_SCALE (smallest normal fp16, exactly 2**-14)
-SUPPORTED_BITS = (2, 3, 4)
+from kvquant_hf.quant import key_zero_scale, value_scale_dtype
+
+from .quantize_kernels import quantize_keys_kernel, quantize_kv_kernel, quantize_values_kernel
+
+SUPPORTED_BITS = (2, 3, 4)  # code widths the kernels pack
 
 
 class KeyCodes(NamedTuple):
@@ -43,251 +40,6 @@ class ValueCodes(NamedTuple):
     zero: torch.Tensor  # fp16/bf16 [B, H, S]
     out_val: torch.Tensor  # model dtype [B, H, S, n_slots]
     out_idx: torch.Tensor  # uint8 [B, H, S, n_slots]
-_K_UNUSED_SLOT = tl.constexpr(UNUSED_SLOT)  # the same constant inside kernels
-_K_MIN_SCALE = tl.constexpr(MIN_SCALE)  # the same constant inside kernels
-
-
-# ----------------------------------------------------------------------------------------------
-# device helpers
-# ----------------------------------------------------------------------------------------------
-@triton.jit
-def _encode_nearest(x_norm, lut_ptr, BITS: tl.constexpr):
-    """``#{m : x_norm > (lut[m] + lut[m+1]) / 2}``: the nearest signpost, ties to the lower one."""
-    code = tl.zeros(x_norm.shape, dtype=tl.int32)
-    for m in tl.static_range((1 << BITS) - 1):
-        lo = tl.load(lut_ptr + m)
-        hi = tl.load(lut_ptr + m + 1)
-        mid = (hi + lo) * 0.5  # same fp32 ops as quant.signpost_midpoints
-        code += (x_norm > mid).to(tl.int32)
-    return code
-
-
-@triton.jit
-def _store_packed(codes, dst_rows, row_mask, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Pack ``codes`` int32 [BLOCK_T, HEAD_DIM] as a little-endian bit stream at ``dst_rows`` [BLOCK_T, 1].
-
-    Every group of 8 codes is one ``8 * BITS``-bit word, i.e. ``BITS`` whole bytes, for 2, 3 and 4 bits.
-    """
-    c = tl.reshape(codes.to(tl.int64), (BLOCK_T, HEAD_DIM // 8, 8))
-    shifts = (tl.arange(0, 8) * BITS).to(tl.int64)
-    word = tl.sum(c << shifts[None, None, :], axis=2)  # [BLOCK_T, HEAD_DIM // 8]; bits are disjoint
-    grp = (tl.arange(0, HEAD_DIM // 8) * BITS)[None, :]
-    for r in tl.static_range(BITS):
-        byte = ((word >> (8 * r)) & 255).to(tl.uint8)
-        tl.store(dst_rows + grp + r, byte, mask=row_mask)
-
-
-@triton.jit
-def _pick_f32(vec, idx, KP: tl.constexpr):
-    """``vec[:, idx]`` for ``vec`` [T, KP] and per-row ``idx`` [T, 1] (exact: keeps the sign of zero)."""
-    kk = tl.arange(0, KP)[None, :]
-    return tl.max(tl.where(kk == idx, vec, float("-inf")), axis=1)
-
-
-@triton.jit
-def _pick_i32(vec, idx, KP: tl.constexpr):
-    kk = tl.arange(0, KP)[None, :]
-    return tl.sum(tl.where(kk == idx, vec, 0), axis=1)
-
-
-# ----------------------------------------------------------------------------------------------
-# kernels
-# ----------------------------------------------------------------------------------------------
-@triton.jit
-def _quantize_keys_kernel(
-    k_ptr,  # [B, H, S, D] model dtype, pre-RoPE keys
-    lut_ptr,  # f32 [2**BITS] signposts (sorted)
-    lower_ptr,  # f32 [H, D] per-channel thresholds (contiguous)
-    upper_ptr,  # f32 [H, D]
-    zero_ptr,  # f32 [H, D] upper / 2 + lower / 2
-    scale_ptr,  # f32 [H, D] max(upper / 2 - lower / 2, MIN_SCALE)
-    codes_ptr,  # uint8 [B, H, cap, D*BITS/8] destination (last dim contiguous)
-    oval_ptr,  # model dtype [B, H, cap, N_SLOTS] destination
-    oidx_ptr,  # uint8 [B, H, cap, N_SLOTS] destination
-    clip_ptr,  # int32 [1] clipped-outlier counter (only if COUNT_CLIPPED)
-    S,  # new tokens
-    start,  # token offset in the destination
-    start_ptr,  # int32 [1] token offset read on the device (START_ON_DEVICE: CUDA-graph decode)
-    H,  # kv heads
-    stride_kb, stride_kh, stride_ks, stride_kd,
-    stride_cb, stride_ch, stride_cs,
-    stride_vb, stride_vh, stride_vs,
-    stride_ib, stride_ih, stride_is,
-    HEAD_DIM: tl.constexpr,
-    BITS: tl.constexpr,
-    N_SLOTS: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    COUNT_CLIPPED: tl.constexpr,
-    START_ON_DEVICE: tl.constexpr,
-):
-    pid_bh = tl.program_id(0).to(tl.int64)
-    pid_t = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)  # [T] new-token index
-    t_mask = t < S
-    ch = tl.arange(0, HEAD_DIM)  # [D]
-
-    x_raw = tl.load(
-        k_ptr + b * stride_kb + h * stride_kh + t[:, None] * stride_ks + ch[None, :] * stride_kd,
-        mask=t_mask[:, None],
-        other=0.0,
-    )
-    x = x_raw.to(tl.float32)  # [T, D]
-    row = h * HEAD_DIM + ch
-    lo = tl.load(lower_ptr + row)[None, :]
-    hi = tl.load(upper_ptr + row)[None, :]
-    zero = tl.load(zero_ptr + row)[None, :]
-    scale = tl.load(scale_ptr + row)[None, :]
-
-    # normalized distance outside [lo, hi]; exact division so that ties order like torch
-    excess = tl.maximum(tl.maximum(lo - x, x - hi), 0.0)
-    excess = tl.math.div_rn(excess, tl.broadcast_to(scale, excess.shape))
-
-    if START_ON_DEVICE:
-        dst = t + tl.load(start_ptr).to(tl.int64)
-    else:
-        dst = t + start
-    if N_SLOTS > 0:
-        oval_rows = oval_ptr + b * stride_vb + h * stride_vh + dst * stride_vs
-        oidx_rows = oidx_ptr + b * stride_ib + h * stride_ih + dst * stride_is
-        score = excess
-        n_used = tl.zeros([BLOCK_T], dtype=tl.int32)
-        for s in tl.static_range(N_SLOTS):
-            # largest score; ties go to the smaller channel (stable descending sort)
-            best = tl.max(score, axis=1)
-            sel = tl.min(tl.where(score == best[:, None], ch[None, :], HEAD_DIM), axis=1)
-            used = best > 0.0
-            hit = ch[None, :] == sel[:, None]
-            val = tl.max(tl.where(hit, x, float("-inf")), axis=1)
-            tl.store(oidx_rows + s, tl.where(used, sel, _K_UNUSED_SLOT).to(tl.uint8), mask=t_mask)
-            tl.store(oval_rows + s, tl.where(used, val, 0.0).to(oval_ptr.dtype.element_ty), mask=t_mask)
-            n_used += used.to(tl.int32)
-            score = tl.where(hit, -1.0, score)
-        if COUNT_CLIPPED:
-            n_out = tl.sum((excess > 0.0).to(tl.int32), axis=1)
-            clipped = tl.where(t_mask, tl.maximum(n_out - n_used, 0), 0)
-            tl.atomic_add(clip_ptr, tl.sum(clipped, axis=0))
-    else:
-        if COUNT_CLIPPED:
-            n_out = tl.sum((excess > 0.0).to(tl.int32), axis=1)
-            tl.atomic_add(clip_ptr, tl.sum(tl.where(t_mask, n_out, 0), axis=0))
-
-    xc = tl.minimum(tl.maximum(x, lo), hi)
-    inv_scale = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
-    x_norm = (xc - zero) * inv_scale
-    codes = _encode_nearest(x_norm, lut_ptr, BITS)
-    code_rows = codes_ptr + b * stride_cb + h * stride_ch + dst[:, None] * stride_cs
-    _store_packed(codes, code_rows, t_mask[:, None], BITS, HEAD_DIM, BLOCK_T)
-
-
-@triton.jit
-def _quantize_values_kernel(
-    v_ptr,  # [B, H, S, D] model dtype
-    lut_ptr,  # f32 [2**BITS]
-    codes_ptr,  # uint8 [B, H, cap, D*BITS/8] destination (last dim contiguous)
-    scale_ptr,  # fp16/bf16 [B, H, cap] destination
-    zero_ptr,  # fp16/bf16 [B, H, cap] destination
-    oval_ptr,  # model dtype [B, H, cap, N_SLOTS]
-    oidx_ptr,  # uint8 [B, H, cap, N_SLOTS]
-    S,
-    start,
-    start_ptr,  # int32 [1] (START_ON_DEVICE)
-    H,
-    stride_vb, stride_vh, stride_vs, stride_vd,
-    stride_cb, stride_ch, stride_cs,
-    stride_sb, stride_sh, stride_ss,
-    stride_zb, stride_zh, stride_zs,
-    stride_ob, stride_oh, stride_os,
-    stride_ib, stride_ih, stride_is,
-    HEAD_DIM: tl.constexpr,
-    BITS: tl.constexpr,
-    N_SLOTS: tl.constexpr,
-    KP: tl.constexpr,  # next power of two >= N_SLOTS + 1
-    SCALE_MAX: tl.constexpr,  # largest finite value of the scale/zero storage dtype
-    BLOCK_T: tl.constexpr,
-    START_ON_DEVICE: tl.constexpr,
-):
-    pid_bh = tl.program_id(0).to(tl.int64)
-    pid_t = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
-    t_mask = t < S
-    ch = tl.arange(0, HEAD_DIM)
-    x_raw = tl.load(
-        v_ptr + b * stride_vb + h * stride_vh + t[:, None] * stride_vs + ch[None, :] * stride_vd,
-        mask=t_mask[:, None],
-        other=0.0,
-    )
-    x = x_raw.to(tl.float32)  # [T, D]
-    kk = tl.arange(0, KP)[None, :]
-
-    # The N_SLOTS + 1 smallest and largest entries in the order of a stable ascending sort:
-    # bottom ties go to the smaller channel, top ties to the larger one.
-    taken = tl.zeros([BLOCK_T, HEAD_DIM], dtype=tl.int32)
-    bot_v = tl.zeros([BLOCK_T, KP], dtype=tl.float32)
-    bot_i = tl.zeros([BLOCK_T, KP], dtype=tl.int32)
-    for a in tl.static_range(N_SLOTS + 1):
-        mn = tl.min(tl.where(taken != 0, float("inf"), x), axis=1)
-        cand = (taken == 0) & (x == mn[:, None])
-        sel = tl.min(tl.where(cand, ch[None, :], HEAD_DIM), axis=1)
-        hit = ch[None, :] == sel[:, None]
-        val = tl.max(tl.where(hit, x, float("-inf")), axis=1)
-        taken = tl.where(hit, 1, taken)
-        bot_v = tl.where(kk == a, val[:, None], bot_v)
-        bot_i = tl.where(kk == a, sel[:, None], bot_i)
-    taken = tl.zeros([BLOCK_T, HEAD_DIM], dtype=tl.int32)
-    top_v = tl.zeros([BLOCK_T, KP], dtype=tl.float32)
-    top_i = tl.zeros([BLOCK_T, KP], dtype=tl.int32)
-    for a in tl.static_range(N_SLOTS + 1):
-        mx = tl.max(tl.where(taken != 0, float("-inf"), x), axis=1)
-        cand = (taken == 0) & (x == mx[:, None])
-        sel = tl.max(tl.where(cand, ch[None, :], -1), axis=1)
-        hit = ch[None, :] == sel[:, None]
-        val = tl.max(tl.where(hit, x, float("-inf")), axis=1)
-        taken = tl.where(hit, 1, taken)
-        top_v = tl.where(kk == a, val[:, None], top_v)  # top_v[:, a] = sorted[D - 1 - a]
-        top_i = tl.where(kk == a, sel[:, None], top_i)
-
-    # a from the bottom, N_SLOTS - a from the top: minimize the remaining range (first minimum)
-    best_r = tl.full([BLOCK_T], float("inf"), tl.float32)
-    a_best = tl.zeros([BLOCK_T], dtype=tl.int32)
-    for a in tl.static_range(N_SLOTS + 1):
-        r = _pick_f32(top_v, N_SLOTS - a, KP) - _pick_f32(bot_v, a, KP)
-        better = r < best_r
-        a_best = tl.where(better, a, a_best)
-        best_r = tl.where(better, r, best_r)
-    lo = _pick_f32(bot_v, a_best[:, None], KP)
-    hi = _pick_f32(top_v, (N_SLOTS - a_best)[:, None], KP)
-
-    # halves first: no overflow for huge fp32 values; saturate at the storage dtype's largest finite value
-    zero = tl.minimum(tl.maximum(hi * 0.5 + lo * 0.5, -SCALE_MAX), SCALE_MAX).to(scale_ptr.dtype.element_ty)
-    scale = tl.minimum(tl.maximum(hi * 0.5 - lo * 0.5, _K_MIN_SCALE), SCALE_MAX).to(scale_ptr.dtype.element_ty)
-    if START_ON_DEVICE:
-        dst = t + tl.load(start_ptr).to(tl.int64)
-    else:
-        dst = t + start
-    tl.store(zero_ptr + b * stride_zb + h * stride_zh + dst * stride_zs, zero, mask=t_mask)
-    tl.store(scale_ptr + b * stride_sb + h * stride_sh + dst * stride_ss, scale, mask=t_mask)
-
-    zero32 = zero.to(tl.float32)
-    scale32 = tl.maximum(scale.to(tl.float32), _K_MIN_SCALE)
-    inv_scale = tl.math.div_rn(tl.full(scale32.shape, 1.0, tl.float32), scale32)
-    x_norm = (x - zero32[:, None]) * inv_scale[:, None]
-    codes = _encode_nearest(x_norm, lut_ptr, BITS)
-    code_rows = codes_ptr + b * stride_cb + h * stride_ch + dst[:, None] * stride_cs
-    _store_packed(codes, code_rows, t_mask[:, None], BITS, HEAD_DIM, BLOCK_T)
-
-    if N_SLOTS > 0:
-        oval_rows = oval_ptr + b * stride_ob + h * stride_oh + dst * stride_os
-        oidx_rows = oidx_ptr + b * stride_ib + h * stride_ih + dst * stride_is
-        for j in tl.static_range(N_SLOTS):
-            # sorted position j (bottom) if j < a_best, else D - N_SLOTS + j (top index N_SLOTS - 1 - j)
-            idx = tl.where(j < a_best, _pick_i32(bot_i, j, KP), _pick_i32(top_i, N_SLOTS - 1 - j, KP))
-            val = tl.max(tl.where(ch[None, :] == idx[:, None], x, float("-inf")), axis=1)
-            tl.store(oidx_rows + j, idx.to(tl.uint8), mask=t_mask)
-            tl.store(oval_rows + j, val.to(oval_ptr.dtype.element_ty), mask=t_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,8 +124,7 @@ def _prepare_keys(
     lower = k_lower.to(dev, torch.float32).contiguous()
     upper = k_upper.to(dev, torch.float32).contiguous()
     if k_zero is None or k_scale is None:
-        k_zero = upper * 0.5 + lower * 0.5  # == quant.key_zero_scale
-        k_scale = (upper * 0.5 - lower * 0.5).clamp_min(MIN_SCALE)
+        k_zero, k_scale = key_zero_scale(lower, upper)
     else:
         if k_zero.shape != (h, d) or k_scale.shape != (h, d):
             raise ValueError(f"k_zero/k_scale must have shape {(h, d)}.")
@@ -435,7 +186,7 @@ def _prepare_values(
     nbytes = d * bits // 8
     dev = v.device
     start, start_dev = _device_start(start, out, dev)
-    sd = torch.bfloat16 if v.dtype == torch.bfloat16 else torch.float16
+    sd = value_scale_dtype(v.dtype)
     lut = v_lut.to(torch.float32).contiguous()
     if out is None:
         codes = torch.empty(b, h, s, nbytes, dtype=torch.uint8, device=dev)
@@ -520,7 +271,7 @@ def quantize_keys_triton(
                                    k_scale=k_scale, clip_counter=clip_counter)
     if launch is not None:
         grid, args, consts = launch
-        _quantize_keys_kernel[grid](*args, **consts, num_warps=4)
+        quantize_keys_kernel[grid](*args, **consts, num_warps=4)
     return result
 
 
@@ -551,53 +302,8 @@ def quantize_values_triton(
     result, launch = _prepare_values(v, v_lut, n_slots, bits, out, start)
     if launch is not None:
         grid, args, consts = launch
-        _quantize_values_kernel[grid](*args, **consts, num_warps=4)
+        quantize_values_kernel[grid](*args, **consts, num_warps=4)
     return result
-
-
-@triton.jit
-def _quantize_kv_kernel(
-    k_ptr, k_lut_ptr, lower_ptr, upper_ptr, kzero_ptr, kscale_ptr, kcodes_ptr, kval_ptr, kidx_ptr, clip_ptr,
-    k_s, k_start, k_start_ptr, k_h,
-    stride_kb, stride_kh, stride_ks, stride_kd,
-    stride_kcb, stride_kch, stride_kcs,
-    stride_kvb, stride_kvh, stride_kvs,
-    stride_kib, stride_kih, stride_kis,
-    v_ptr, v_lut_ptr, vcodes_ptr, vscale_ptr, vzero_ptr, vval_ptr, vidx_ptr,
-    v_s, v_start, v_start_ptr, v_h,
-    stride_vb, stride_vh, stride_vs, stride_vd,
-    stride_vcb, stride_vch, stride_vcs,
-    stride_sb, stride_sh, stride_ss,
-    stride_zb, stride_zh, stride_zs,
-    stride_ob, stride_oh, stride_os,
-    stride_ib, stride_ih, stride_is,
-    HEAD_DIM: tl.constexpr, K_BITS: tl.constexpr, K_SLOTS: tl.constexpr, V_BITS: tl.constexpr,
-    V_SLOTS: tl.constexpr, KP: tl.constexpr, SCALE_MAX: tl.constexpr, BLOCK_T: tl.constexpr,
-    COUNT_CLIPPED: tl.constexpr, START_ON_DEVICE: tl.constexpr,
-):
-    # grid axis 2: 0 = keys, 1 = values; each program runs exactly the body of the separate kernel
-    if tl.program_id(2) == 0:
-        _quantize_keys_kernel(
-            k_ptr, k_lut_ptr, lower_ptr, upper_ptr, kzero_ptr, kscale_ptr, kcodes_ptr, kval_ptr, kidx_ptr, clip_ptr,
-            k_s, k_start, k_start_ptr, k_h,
-            stride_kb, stride_kh, stride_ks, stride_kd,
-            stride_kcb, stride_kch, stride_kcs,
-            stride_kvb, stride_kvh, stride_kvs,
-            stride_kib, stride_kih, stride_kis,
-            HEAD_DIM, K_BITS, K_SLOTS, BLOCK_T, COUNT_CLIPPED, START_ON_DEVICE,
-        )
-    else:
-        _quantize_values_kernel(
-            v_ptr, v_lut_ptr, vcodes_ptr, vscale_ptr, vzero_ptr, vval_ptr, vidx_ptr,
-            v_s, v_start, v_start_ptr, v_h,
-            stride_vb, stride_vh, stride_vs, stride_vd,
-            stride_vcb, stride_vch, stride_vcs,
-            stride_sb, stride_sh, stride_ss,
-            stride_zb, stride_zh, stride_zs,
-            stride_ob, stride_oh, stride_os,
-            stride_ib, stride_ih, stride_is,
-            HEAD_DIM, V_BITS, V_SLOTS, KP, SCALE_MAX, BLOCK_T, START_ON_DEVICE,
-        )
 
 
 def quantize_kv_triton(
@@ -629,7 +335,7 @@ def quantize_kv_triton(
     vres, vlaunch = _prepare_values(v, v_lut, n_slots, value_bits, v_out, start)
     if klaunch is not None:
         (grid, kargs, kc), (_, vargs, vc) = klaunch, vlaunch
-        _quantize_kv_kernel[grid + (2,)](
+        quantize_kv_kernel[grid + (2,)](
             *kargs, *vargs, HEAD_DIM=kc["HEAD_DIM"], K_BITS=kc["BITS"], K_SLOTS=kc["N_SLOTS"], V_BITS=vc["BITS"],
             V_SLOTS=vc["N_SLOTS"], KP=vc["KP"], SCALE_MAX=vc["SCALE_MAX"], BLOCK_T=kc["BLOCK_T"],
             COUNT_CLIPPED=kc["COUNT_CLIPPED"], START_ON_DEVICE=kc["START_ON_DEVICE"], num_warps=4,

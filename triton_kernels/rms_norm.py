@@ -26,6 +26,7 @@ def _normalize_store(x, rnd_ptr, w_ptr, y_ptr, row, stride_y, cols, mask, N, eps
     tl.store(y_ptr + row * stride_y + cols, (w * h).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+# reference: transformers' LlamaRMSNorm (tests/test_rms_norm.py)
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, N, stride_x, stride_y, eps, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)

@@ -4,8 +4,7 @@ transformers' Llama/Mistral MLP computes ``act_fn(gate_proj(x)) * up_proj(x)``: 
 rounded to the model dtype) and a multiply (rounded again). This kernel reads both halves of one ``[..., 2 * I]``
 GEMV output and writes the product with the same two roundings: the SiLU as ``x / (1 + exp(-x))`` in float32 with
 an IEEE division (``div_rn``), rounded to the dtype, then the product rounded. ``tl.exp`` is not the CUDA ``expf``
-torch uses, so a few float16 elements can differ by one unit in the last place (H200: 4 of 14336; bfloat16: none,
-``check_fused_gpu_s7f.md``).
+torch uses, so a few float16 elements can differ by one unit in the last place (bfloat16 results are identical).
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import triton
 import triton.language as tl
 
 
+# reference: transformers' act_fn(gate) * up (tests/test_projections.py)
 @triton.jit
 def _silu_mul_kernel(gu_ptr, y_ptr, inter, stride_g, stride_y, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)

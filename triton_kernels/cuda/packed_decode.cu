@@ -1,35 +1,29 @@
 // Decode attention over the packed KVQuant cache on tensor cores (sm_80+), one split per CTA.
 //
 // Compiled at first use with NVRTC (torch.cuda._compile_kernel's machinery, see cuda_decode.py); the
-// configuration comes in as #defines: D (head_dim, 128), KB/VB (key/value bits, 2 or 4), KS/VS (outlier slots per
-// token), MR (query rows per KV head = q_len * group, <= 8), NW (warps per CTA), HAS_HIST, LEN_DEV.
-// No CUDA headers: half2 math through inline PTX on 32-bit registers.
+// configuration comes in as #defines written by cuda_decode.source(): D (head_dim, 128), KB/VB (key/value bits, 2 or
+// 4), KS/VS (outlier slots per token), MR (query rows per KV head = q_len * group, <= 8), NW (warps per CTA),
+// HAS_HIST, LEN_DEV, K_LUT/V_LUT, BF16IN, VEC, TB, and the constants shared with the Triton kernels (NEG_BIG,
+// MIN_SCALE: kvquant_hf.quant). No CUDA headers: half2 math through inline PTX on 32-bit registers.
 //
-// Same inputs and partial outputs as triton_kernels.decode_attention._packed_decode_kernel (the Triton merge
-// kernel combines the splits and the exact block). Work split: CTA = one (batch, kv head, split); each warp takes
-// a contiguous quarter of the split; blocks of TB = 128 tokens share one rotation of the queries by R(P) (P = the
-// block's first position), the keys are rotated by R(j) (j = 0..TB-1) from a shared table: q.R(P+j)k = (R(P)^T q).R(j)k.
+// Same inputs and partial outputs as kvquant_hf.kernels.decode_kernel.packed_decode_kernel (the Triton merge
+// kernel combines the splits and the exact block). Mirrors the torch reference
+// kvquant_hf.attention.packed_attention_torch (dequantization and outlier slots: kvquant_hf/quant.py);
+// docs/kernels.md describes the design.
+// Work split: CTA = one (batch, kv head, split); each warp takes a contiguous quarter of the split; blocks of
+// TB = 128 tokens share one rotation of the queries by R(P) (P = the block's first position), the keys are rotated
+// by R(j) (j = 0..TB-1) from a shared table: q.R(P+j)k = (R(P)^T q).R(j)k.
 // Tiles of 16 tokens: scores S[m][t] = Qr (A, m16 x k16, rows >= MR zero) x K^T (B, k16 x n8 per 8 tokens);
 // the score fragment is directly the B operand of O^T = V^T (A, 16 channels x 16 tokens) x P^T.
 // Codes become fp16 by the magic-number trick ((w & mask) | 0x6400 = 1024 + f*code, one fma with powers of two
 // gives the code exactly), then one fma applies the (affine-folded) scale and zero.
-// Outlier slots: the dequantized fragments of a tile go through a per-warp shared copy where one lane per
-// (token, slot) writes the exact value over its element (below).
 
-#ifndef MINB
-#define MINB 1
-#endif
-#ifndef D
-#define D 128
+#if !defined(D) || !defined(TB) || !defined(NEG_BIG) || !defined(MIN_SCALE)
+#error "the configuration #defines come from kvquant_hf.kernels.cuda_decode.source()"
 #endif
 #define HALF (D / 2)
-#ifndef TB
-#define TB 128         // tokens per rotation block (H200: 243 us vs 254 us with 64)
-#endif
 #define TILE 16        // tokens per MMA tile
 #define PPL (TB / 32)  // block positions per lane
-#define NEG_BIG (-1.0e30f)
-#define MIN_SCALE 6.103515625e-05f
 #define MAGIC 0x64006400u
 #define KCPW (32 / KB)             // codes per 32-bit word
 #define KNI (16 / KB)              // half2 registers per word (codes i and i + KNI)
@@ -45,37 +39,18 @@
 #define KSX (KS > 0 ? KS : 1)
 // Outlier slots: each tile's dequantized pre-RoPE keys and scaled values go through a per-warp shared-memory copy
 // of the lanes' MMA fragments, where one lane per (token, slot) overwrites its outlier element with the exact value;
-// then every lane reloads its fragments. (Session 4's per-token corrections -- score deltas, p * delta added with
-// shared float atomics, which sm_90 runs as CAS loops -- took 240 us at 128K vs 172 us this way.)
-// KCH=2: the score MMAs of an 8-token half accumulate in two chains (167 vs 172 us at 128K, cuda_decode_round2.md;
-// KCH=4 no gain, cuda_decode_s9c.md). Also tried in session 9 and not kept: 4 or 8 copies of the code-pair tables,
-// lane l reading copy l % copies (no gain at 4 bits, slower at 2: cuda_decode_s9b.md, variant LUTC); scores as
-// S^T = K Q^T (tokens as the MMA's M rows: 8 score MMAs per tile instead of 16, no zero-padded A quads, softmax per
-// token rows, P^T by four shuffles): correct
-// (check_cuda_decode_s9f.md) but 130.7 vs 131.4 us uniform nuq4 and 171.6 vs 169.7 NF nuq4 (cuda_decode_s9f.md;
-// commit 6a4a546), so the MMAs and the quad moves are not what limits the tile; a software pipeline (the next tile
-// dequantized and patched into a second staging buffer while this one is computed, TB=64 for shared memory):
-// 137.4 us vs 132.7 (cuda_decode_s9g.md; commit 8541944).
-// Tried and removed (measured): per-lane copies of the code tables (LUTX / LUTR: no gain, cuda_decode_round3/4.md);
-// three CTAs per SM at <= 168 registers with TB = 64 (spills: 260 vs 157 us, cuda_decode_round4.md); the same with
-// the folded key scale/zero read from shared memory instead of 32 registers per thread (no spills, but 168.6 vs
-// 157.1 us; that change alone 162.1 us: cuda_decode_ksz.md).
-#ifndef KCH
+// then every lane reloads its fragments.
+// KCH: the score MMAs of an 8-token half accumulate in KCH independent chains (summed at the end).
 #define KCH 2
-#endif
-static_assert(KCH == 1 || KCH == 2 || KCH == 4, "KCH: 1, 2 or 4 accumulation chains");
 // The R(j) table holds cos and sin only (the minus sign is an operand modifier of HFMA2), rows padded to RW =
-// 2 KR + 4 words so the 128-bit loads of 8 consecutive rows hit distinct banks (rows of cos, sin and -sin, 3 KR = 24
-// words, were 2-way conflicts: 149.6 -> 134.9 us at 128K, cuda_decode_s9a.md, variant RT2=0 there).
+// 2 KR + 4 words so the 128-bit loads of 8 consecutive rows hit distinct banks.
 #define RW (2 * KR + 4)
-// VEC=1 (the host sets it when code rows are 8-byte aligned): 64-bit loads of a lane's key and value code words
-// (131.3 vs 132.8 us at 128K; loading a token pair's value scale and zero in one 32-bit load instead was slower,
-// 153.9 us: cuda_decode_s9b.md).
+// VEC=1 (the host sets it when code rows are 8-byte aligned): 64-bit loads of a lane's key and value code words.
 #ifndef VEC
 #define VEC 0
 #endif
 // query rows in shared memory are QROW = D + 1 floats apart: the per-block query rotation reads row gid of every lane
-// (rows D apart were an 8-way bank conflict); QWORDS keeps what follows 16-byte aligned
+// (rows D floats apart would be an 8-way bank conflict); QWORDS keeps what follows 16-byte aligned
 #define QROW (D + 1)
 #define QWORDS ((MR * QROW + 3) / 4 * 4)
 #define KPAD (2 * KR + 4)          // staged key words per lane and 8-token half (padding: conflict-free 128-bit)
@@ -85,21 +60,6 @@ static_assert(KS <= 2 && VS <= 2, "one lane per (token, slot): at most 2 slots p
 
 typedef unsigned int u32;
 typedef unsigned short u16;
-
-// PROF=1 (benchmarks only, benchmarks/cuda_decode_variants.py --prof): each warp sums SM clock cycles per phase of
-// its tile loop and writes them (with its tile count) into row 15 of its split's partial output, which the merge
-// never reads when MR <= 8 (rows >= MR are zero). Phases: 0 tile data, dequantization and fragment staging,
-// 1 outlier-slot patch, 2 key fragments + RoPE + score MMAs, 3 softmax, 4 PV MMAs, 5 (empty: end of tile),
-// 6 per-block work (positions, query rotation) and loop overhead, 7 setup, 8 warp/CTA combine.
-#ifndef PROF
-#define PROF 0
-#endif
-#if PROF
-__device__ __forceinline__ u32 clk() { u32 c; asm volatile("mov.u32 %0, %%clock;" : "=r"(c)::"memory"); return c; }
-#define PMARK(i) { const u32 _c = clk(); prof[i] += (float)(_c - plast); plast = _c; }
-#else
-#define PMARK(i)
-#endif
 
 __device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
   u32 d; asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
@@ -170,7 +130,8 @@ __device__ __forceinline__ int val_channel(int mt, int ar) {
   return (ar % 8) * (D / 8) + 2 * mt + ar / 8;
 }
 
-extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
+// reference: kvquant_hf.attention.packed_attention_torch (dequantization and outlier slots: kvquant_hf/quant.py)
+extern "C" __global__ void __launch_bounds__(NW * 32, 1) kvq_packed_decode(
     const u16* __restrict__ q,          // fp16 (BF16IN: bf16) [B, Hq, Lq, D], RoPE applied
     const unsigned char* __restrict__ kc, const u16* __restrict__ kov, const unsigned char* __restrict__ koi,
     const unsigned char* __restrict__ vc, const u16* __restrict__ vsc, const u16* __restrict__ vze,
@@ -211,10 +172,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
   u32* kpt = (u32*)(vtf + 16);  // half2 signposts of code pairs (K_LUT / V_LUT)
   u32* vpt = kpt + (1 << (2 * KB));
 
-#if PROF
-  float prof[9] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, ntiles = 0.f;
-  u32 plast = clk();
-#endif
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int gid = lane / 4, tig = lane % 4;
   const int bh = blockIdx.x, split = blockIdx.y;
@@ -298,7 +255,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
   u32 kwN[2][2][KWT], vwN[4][VW];
   u16 vsN[4], vzN[4];
   int kiN[KSX], viN[VSX];
-  u16 kvN = 0, vvN = 0, vs1N = 0, vz1N = 0;
+  u16 kvN = 0, vvN = 0;
   auto load_tile = [&](int t0) {
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
@@ -401,7 +358,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       }
     }
   };
-  PMARK(7);
 
   for (int blk = wlo; blk < whi; blk += TB) {
     // positions: consecutive from P in this block (mode A) or not (mode B: per-token angles, queries unrotated)
@@ -443,10 +399,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
     }
 
     for (int t0 = blk; t0 < min(blk + TB, whi); t0 += TILE) {
-      PMARK(6);
-#if PROF
-      ntiles += 1.f;
-#endif
       const int jb = t0 - blk;
       // this tile's data (loaded one tile ahead), then the next tile's loads
       u32 kw[2][2][KWT], vw[4][VW];
@@ -468,7 +420,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       for (int s2 = 0; s2 < KSX; ++s2) ki[s2] = kiN[s2];
 #pragma unroll
       for (int s2 = 0; s2 < VSX; ++s2) vi[s2] = viN[s2];
-      const u16 kv1 = kvN, vv1 = vvN, vs1 = vs1N, vz1 = vz1N;
+      const u16 kv1 = kvN, vv1 = vvN;
       if (t0 + TILE < whi) load_tile(t0 + TILE);
       u32 SC[2], ZE[2];
       val_scales(t0, vsC, vzC, SC, ZE);
@@ -489,14 +441,14 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
         *(U4*)(vst + lane * VPAD + 4 * mt) = U4{a[0], a[1], a[2], a[3]};
       }
       __syncwarp();
-      PMARK(0);
       // outlier slots: the lane of (token su, slot ss) writes the exact value over that element's fragment half
       {
         const int t = t0 + su;
         const bool valid = t < whi && t >= vis;
 #if KS > 0
         if (ss < KS) {
-          int idx = valid ? (ss == 0 ? ki[0] : ki[KSX - 1]) : 255;  // (a register select: ki[ss] went to local memory)
+          // a register select: indexing ki[ss] would put ki in local memory
+          int idx = valid ? (ss == 0 ? ki[0] : ki[KSX - 1]) : 255;
 #pragma unroll
           for (int s2 = 0; s2 < KSX; ++s2)
             if (s2 > ss && ki[s2] == idx) idx = 255;  // the same channel twice: the later slot holds it
@@ -524,7 +476,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
       }
       __syncwarp();
 #endif
-      PMARK(1);
       // ---------------- scores ----------------
       float sc[2][4];
 #pragma unroll
@@ -566,7 +517,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
           kreg[r] = hfma2n(bb, S[r], hmul2(a, C[r]));
           kreg[KR + r] = hfma2(a, S[r], hmul2(bb, C[r]));
         }
-        // KCH independent accumulation chains of the KR k-slices (KCH = 1, 2 or 4), summed at the end
+        // KCH independent accumulation chains of the KR k-slices, summed at the end
         float scc[KCH][4];
 #pragma unroll
         for (int c = 0; c < KCH; ++c) scc[c][0] = scc[c][1] = scc[c][2] = scc[c][3] = 0.f;
@@ -578,8 +529,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
 #pragma unroll
           for (int i = 0; i < 4; ++i) sc[nt][i] += scc[c][i];
       }
-      PMARK(2);
-      // ---------------- key outlier slots: add the corrections computed before the MMAs ----------------
       // ---------------- online softmax (row gid; log2 domain) ----------------
       float sv[4] = {sc[0][0], sc[0][1], sc[1][0], sc[1][1]};
       float tmax = NEG_BIG;
@@ -605,7 +554,6 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
 #pragma unroll
         for (int i = 0; i < NMT; ++i) { acc[i][0] *= a0; acc[i][1] *= a1; acc[i][2] *= a0; acc[i][3] *= a1; }
       }
-      PMARK(3);
       // ---------------- values ----------------
       // P^T as B operand: (tokens 2tig, 2tig+1 ; row gid), (tokens 2tig+8, 2tig+9 ; row gid)
       const u32 pb0 = f2h2(p[0], p[1]), pb1 = f2h2(p[2], p[3]);
@@ -620,12 +568,8 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
 #endif
         mma16816(acc[mt], a[0], a[1], a[2], a[3], pb0, pb1);
       }
-      PMARK(4);
-      // ---------------- value outlier slots: p * (val - deq) into corr ----------------
-      PMARK(5);
     }
   }
-  PMARK(6);
 
   // ---- warp result: corr[row][ch] += acc (unnormalized, relative to m_run of the row) ----
   l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
@@ -664,12 +608,4 @@ extern "C" __global__ void __launch_bounds__(NW * 32, MINB) kvq_packed_decode(
     }
     o_part[(part + m) * D + ch] = o;
   }
-#if PROF
-  __syncthreads();
-  PMARK(8);
-  if (lane == 0) {
-    for (int i = 0; i < 9; ++i) o_part[(part + 15) * D + warp * 10 + i] = prof[i];
-    o_part[(part + 15) * D + warp * 10 + 9] = ntiles;
-  }
-#endif
 }
