@@ -98,8 +98,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="the first few inputs only (checks the script)")
     args = ap.parse_args(argv)
-    warnings.simplefilter("ignore")
-    torch.set_grad_enabled(False)
+    with warnings.catch_warnings(), torch.no_grad():  # scoped: the caller's warning filters and grad mode stay
+        warnings.simplefilter("ignore")
+        return run(args)
+
+
+def run(args) -> int:
+    """Every case in turn; writes the result pair and returns the exit status."""
 
     tmp = Path(tempfile.mkdtemp(prefix="kvq-reliability-"))
     model = tiny()

@@ -59,6 +59,10 @@ class PackedKV:
         return k, v
 
 
+#: tokens of packed history that the torch path dequantizes at once
+TORCH_HISTORY_BLOCK = 4096
+
+
 def rope_rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float) -> torch.Tensor:
     """Rotate float32 ``x [B, H, S, D]`` with integer ``positions [B, S]`` (HF rotate_half convention)."""
     freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq.to(x.device, torch.float32)
@@ -91,7 +95,7 @@ def packed_attention_torch(
     hist_start: torch.Tensor | None = None,
     q_positions: torch.Tensor | None = None,
     window: int | None = None,
-    block_size: int = 4096,
+    block_size: int = TORCH_HISTORY_BLOCK,
 ) -> torch.Tensor:
     """Reference attention over ``[packed history | exact block]`` (float32 math).
 

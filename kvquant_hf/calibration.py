@@ -147,10 +147,8 @@ def normalize_values(
     sd = quant.value_scale_dtype(model_dtype)
     srt = torch.sort(x, dim=-1, stable=True)
     vals, order = srt.values, srt.indices
-    ranges = torch.stack([vals[..., d - 1 - (k - a)] - vals[..., a] for a in range(k + 1)], dim=-1)
-    a_best = torch.argmin(ranges, dim=-1, keepdim=True)
-    lo = torch.gather(vals, -1, a_best)
-    hi = torch.gather(vals, -1, d - 1 - (k - a_best))
+    a_best, lo, hi = quant.value_outlier_split(vals, k)  # the value outlier rule
+    a_best, lo, hi = a_best.unsqueeze(-1), lo.unsqueeze(-1), hi.unsqueeze(-1)
     smax = torch.finfo(sd).max  # same range arithmetic as quant.quantize_values
     zero = (hi * 0.5 + lo * 0.5).clamp(-smax, smax).to(sd).to(torch.float32)
     scale = (hi * 0.5 - lo * 0.5).clamp(quant.MIN_SCALE, smax).to(sd).to(torch.float32).clamp_min(quant.MIN_SCALE)

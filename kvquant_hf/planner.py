@@ -40,10 +40,11 @@ from typing import Any
 
 import torch
 
-from .attention import PREFILL_HISTORY_BLOCK
+from .attention import PREFILL_HISTORY_BLOCK, TORCH_HISTORY_BLOCK
 from .config import KVQuantConfig
 from .errors import KVQuantConfigError, KVQuantError
 from .layer_storage import element_size, grown_capacities, history_token_bytes, layer_tensor_bytes, reserved_capacity
+from .models.layers import decoder_layers
 from .routing import PREFILL_MIN_ROWS
 
 GiB = 2**30
@@ -51,7 +52,6 @@ DEFAULT_HEADROOM = 512 * 2**20
 _SMALL_ROUND = 512
 _LARGE_ROUND = 2 * 2**20
 _H200_SMS = 132
-TORCH_HISTORY_BLOCK = 4096  # kvquant_hf.attention.packed_attention_torch's default block
 
 
 class CapacityError(KVQuantError, MemoryError):
@@ -242,14 +242,6 @@ class CapacityPlan:
 # --------------------------------------------------------------------------------------------
 # placement
 # --------------------------------------------------------------------------------------------
-def _decoder_layers(model: Any):
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise KVQuantConfigError("the planner needs a causal LM with `model.model.layers` (Llama/Mistral-like).")
-    return layers
-
-
 def _module_device(module: Any) -> str | None:
     for t in list(module.parameters()) + list(module.buffers()):
         return _device_key(t.device)
@@ -258,7 +250,7 @@ def _module_device(module: Any) -> str | None:
 
 def _model_placement(model: Any) -> tuple[list[str], dict[str, int]]:
     """Device of each decoder layer (where its keys, hence its cache, live) and resident bytes per device."""
-    layer_devices = [_module_device(layer) for layer in _decoder_layers(model)]
+    layer_devices = [_module_device(layer) for layer in decoder_layers(model)[1]]
     if any(d is None for d in layer_devices):
         raise KVQuantConfigError("a decoder layer holds no parameters; cannot tell its device.")
     resident: dict[str, int] = {}

@@ -236,7 +236,7 @@ def fake_quant_keys(
     zero, scale = zero[None, :, None, :], scale[None, :, None, :]
     lo = lower.to(x.device, torch.float32)[None, :, None, :]
     hi = upper.to(x.device, torch.float32)[None, :, None, :]
-    excess = torch.maximum(lo - x, x - hi).clamp_min(0.0) / scale
+    excess = quant.key_outlier_excess(x, lo, hi, scale)
     n_out = int((excess > 0).sum())
     xc = torch.minimum(torch.maximum(x, lo), hi)
     codes = _encode((xc - zero) * (1.0 / scale), lut)

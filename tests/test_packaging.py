@@ -113,3 +113,36 @@ def test_the_kernels_import_without_circles():
     # the circle this test exists for is found when present
     assert circles({**graph, "kvquant_hf.kernels.common": graph["kvquant_hf.kernels.common"] | {
         "kvquant_hf.kernels.decode_attention"}}, kernels)
+
+
+def test_the_whole_package_imports_without_circles():
+    graph = import_graph()
+    assert circles(graph, set(graph)) == []
+
+
+def source_files() -> list[Path]:
+    """The project's Python sources: package, kernels, benchmarks, tests and the calibration script."""
+    files = [ROOT / "calibrate.py"]
+    for folder in ("kvquant_hf", "triton_kernels", "benchmarks", "tests"):
+        files += sorted((ROOT / folder).rglob("*.py"))
+    return files
+
+
+def test_modules_stay_small_enough_to_read_in_one_sitting():
+    too_long = {str(p.relative_to(ROOT)): n for p in source_files() if (n := len(p.read_text().splitlines())) > 600}
+    assert too_long == {}
+
+
+def test_no_module_imports_a_private_name_of_another():
+    """``from x import _name`` across modules: a name another module needs is public (dunder names are fine)."""
+    import ast
+
+    ours = {"kvquant_hf", "benchmarks", "triton_kernels"} | {p.stem for p in (ROOT / "tests").rglob("*.py")}
+    found = []
+    for path in source_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or node.module.split(".")[0] in ours):
+                for alias in node.names:
+                    if alias.name.startswith("_") and not alias.name.startswith("__"):
+                        found.append(f"{path.relative_to(ROOT)}: from {node.module} import {alias.name}")
+    assert found == []

@@ -11,6 +11,7 @@ import inspect
 import types
 
 from ..errors import UnsupportedModelError
+from .layers import decoder_layers
 from .llama import llama_attention_forward
 from .mistral import mistral_attention_forward
 
@@ -47,18 +48,6 @@ def check_transformers_version(version: str | None = None) -> None:
             f"transformers {version} is not supported; kvquant_hf supports transformers>={low},<{high} (tested on "
             f"5.17 and 5.24). Install one: pip install 'transformers>={low},<{high}'."
         )
-
-
-def decoder_layers(model):
-    """``(base_model, decoder_layers)`` of a causal LM (``model.model.layers``), or UnsupportedModelError."""
-    base = getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
-    if layers is None:
-        raise UnsupportedModelError(
-            f"cannot find decoder layers on {type(model).__name__}; kvquant_hf supports "
-            f"{SUPPORTED_MODEL_TYPES} models loaded with AutoModelForCausalLM."
-        )
-    return base, layers
 
 
 def check_supported(model) -> str:

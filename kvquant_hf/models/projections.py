@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .forward_swap import KERNEL_DTYPES, grad_needed, hooked, restore_forward, swap_forward
+from .layers import decoder_layers
 
 #: decoder-layer MLP classes whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``
 FUSABLE_MLPS = ("LlamaMLP", "MistralMLP")
@@ -128,12 +129,6 @@ def _fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(h)
 
 
-def _decoder_layers(model):
-    from . import decoder_layers as layers_of
-
-    return layers_of(model)[1]
-
-
 def fuse_projections(model) -> int:
     """Fuse q/k/v and gate/up of every fusable decoder layer of ``model`` (idempotent); returns how many groups
     were fused (two per layer at most)."""
@@ -144,7 +139,7 @@ def fuse_projections(model) -> int:
         module = None
     kernels = module
     n = 0
-    for layer in _decoder_layers(model):
+    for layer in decoder_layers(model)[1]:
         attn = getattr(layer, "self_attn", None)
         if attn is not None and "_kvquant_qkv" not in attn.__dict__:
             lins = [getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj")]
@@ -174,7 +169,7 @@ def _unfuse(linears) -> None:
 def unfuse_projections(model) -> None:
     """Undo :func:`fuse_projections`: the stock forwards, and every weight in its own storage again (one layer's
     group is copied at a time)."""
-    for layer in _decoder_layers(model):
+    for layer in decoder_layers(model)[1]:
         attn = getattr(layer, "self_attn", None)
         if attn is not None and attn.__dict__.pop("_kvquant_qkv", None) is not None:
             _unfuse([attn.q_proj, attn.k_proj, attn.v_proj])
