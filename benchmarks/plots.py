@@ -1,4 +1,4 @@
-"""Plots of the latest results: reads ``benchmarks/results/<name>.json``, writes ``benchmarks/results/plots/*.png``.
+"""Plots of the latest results: reads ``benchmarks/results/<name>.json``, writes ``benchmarks/figures/*.png``.
 
     python -m benchmarks.plots            # all three plots
     python -m benchmarks.plots --only accuracy
@@ -156,9 +156,9 @@ PLOTTERS = {"accuracy": ("accuracy.png", plot_accuracy),
 def main(argv=None) -> list[str]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", choices=sorted(PLOTTERS), nargs="*")
-    ap.add_argument("--out-dir", default=None, help="default: benchmarks/results/plots")
+    ap.add_argument("--out-dir", default=None, help="default: benchmarks/figures")
     args = ap.parse_args(argv)
-    out_dir = args.out_dir or os.path.join(results_dir(), "plots")
+    out_dir = args.out_dir or os.path.join(os.path.dirname(results_dir()), "figures")
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for key in args.only or PLOTTERS:

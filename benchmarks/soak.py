@@ -367,6 +367,7 @@ def markdown(result: dict, title: str, edge_rows: list[dict] | None = None) -> s
     return "\n".join(lines)
 
 
+@torch.no_grad()
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -401,7 +402,6 @@ def main(argv=None):
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
     args.steps = args.steps or (20000 if gpu else 2000)
     args.check_every = args.check_every or max(1, args.steps // 20)
-    torch.set_grad_enabled(False)
     if args.kernel_check and not gpu:
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
             raise SystemExit("--kernel-check on CPU needs TRITON_INTERPRET=1 before triton is imported")

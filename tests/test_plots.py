@@ -1,4 +1,4 @@
-"""benchmarks.plots redraws the README's plots from the latest result files."""
+"""benchmarks.plots redraws the result figures (benchmarks/figures/) from the latest result files."""
 
 from __future__ import annotations
 
@@ -40,4 +40,4 @@ def test_plots_from_latest_results(tmp_path):
 
 def test_committed_plots_exist():
     for name in ("accuracy.png", "decode_attention.png", "capacity.png"):
-        assert os.path.getsize(os.path.join(ROOT, "benchmarks", "results", "plots", name)) > 10_000
+        assert os.path.getsize(os.path.join(ROOT, "benchmarks", "figures", name)) > 10_000
