@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded SmolLM2-135M-Instruct: set up .venv, calibrate nuq4/nuq3/nuq2 signposts with 1%
 # outliers on WikiText-2 validation text, then show perplexity, generated text and memory with the quantized cache.
-# About 8 minutes on a 2-core CPU. To stay within that it calibrates on 4 windows of 1024 tokens; the reference
+# About 5 minutes on a 2-core CPU. To stay that short it calibrates on 4 windows of 1024 tokens; the reference
 # recipe (16 x 2048, what benchmarks/results use) takes about 12 minutes there: NSAMPLES=16 SEQLEN=2048.
 # DATA overrides the WikiText-2 folder (default ../shared/data/wikitext-2 beside the checkout).
 set -euo pipefail
