@@ -25,8 +25,10 @@ from kvquant_hf.calibration import (
     calibrate,
     load_calibration_text,
 )
+from kvquant_hf.calibration_checks import check_calibration_args, check_device
 from kvquant_hf.cli_help import DefaultsHelpFormatter
 from kvquant_hf.errors import KVQuantError
+from kvquant_hf.signpost_checks import check_output_dir
 from kvquant_hf.signposts import FISHER_WEIGHTINGS, save_signposts
 
 
@@ -68,11 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Everything that can be checked before the model loads: numbers, the device, the output folder."""
+    check_calibration_args(
+        args.bits, args.outlier_fraction, args.sink_tokens, args.nsamples, args.seqlen, args.seed, args.fisher,
+        args.max_tokens_per_layer, args.kmeans_max_points, args.key_table, args.value_table,
+    )
+    check_device(args.device)
+    check_output_dir(args.output_dir, args.bits)
+
+
 def run(args: argparse.Namespace) -> dict[int, str]:
     """Load the model, calibrate, save; returns `{bits: folder}`."""
     from kvquant_hf.models.loading import load_model_and_tokenizer
 
     t0 = time.perf_counter()
+    check_arguments(args)
     text, source = load_calibration_text(args.text_file, args.dataset)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("float32" if device == "cpu" else "float16")
@@ -126,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except KVQuantError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)  # one line
         return 2
     return 0
 

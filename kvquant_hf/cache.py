@@ -25,6 +25,7 @@ from . import quant
 from .config import KVQuantConfig
 from .errors import KVQuantConfigError, KVQuantError, UncalibratedCacheWarning
 from .layer import KVQuantLayer
+from .planner_checks import MAX_POSITIONS, is_count
 from .routing import resolve_backend
 
 class LazyLayers(list):
@@ -67,6 +68,11 @@ class KVQuantCache(Cache):
     >>> out = model.generate(ids, cache=cache, max_new_tokens=32)   # past_key_values=cache before transformers 5.24
     >>> cache.memory_stats()["avg_bits_per_element"]
     ```
+
+    A filled cache pickles (``torch.save(cache, path)``; ``torch.load(path, weights_only=False)``, as for
+    ``DynamicCache``), for example to keep a long prompt's cache on disk: generation continues from the loaded cache
+    given the whole sequence so far, ``model.generate(ids_so_far, cache=loaded, max_new_tokens=...)``, with the
+    tokens it would have produced without the stop.
     """
 
     def __init__(
@@ -123,6 +129,13 @@ class KVQuantCache(Cache):
         layer.owner = weakref.ref(self)
         return layer
 
+    def __setstate__(self, state: dict) -> None:
+        """Restore a pickled cache (``pickle``, ``torch.save``/``torch.load(weights_only=False)``): every layer gets
+        its weakref to this cache back (the layers drop it when pickled)."""
+        self.__dict__.update(state)
+        for layer in self.layers:
+            layer.owner = weakref.ref(self)
+
     @property
     def config(self) -> KVQuantConfig:
         return self.kvquant_config
@@ -142,7 +155,13 @@ class KVQuantCache(Cache):
         return -1
 
     def reserve(self, total_tokens: int) -> None:
-        """Preallocate every layer for ``total_tokens`` per sequence (for example prompt + max_new_tokens)."""
+        """Preallocate every layer for ``total_tokens`` per sequence (for example prompt + max_new_tokens), at most
+        2**31 - 1 (positions are stored as int32)."""
+        if not is_count(total_tokens) or not 0 <= total_tokens <= MAX_POSITIONS:
+            raise KVQuantConfigError(
+                f"reserve({total_tokens!r}): give the tokens per sequence to reserve as an int in "
+                f"[0, {MAX_POSITIONS:,}] (a KVQuantCache stores positions as int32)."
+            )
         for layer in list(self.layers):
             layer.reserve(total_tokens)
         self._reserve_tokens = int(total_tokens)

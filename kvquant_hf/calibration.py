@@ -78,10 +78,11 @@ from .calibration_capture import (
     sample_windows,
     tokenize_calibration_text,
 )
-from .config import SUPPORTED_BITS, default_outlier_slots
+from .calibration_checks import KEY_TABLES, VALUE_TABLES, check_calibration_args, check_device
+from .config import default_outlier_slots
 from .errors import KVQuantConfigError
 from .models.loading import model_identity
-from .signposts import FISHER_WEIGHTINGS, FORMAT_VERSION, KIND, LayerSignposts, Signposts
+from .signposts import FORMAT_VERSION, KIND, LayerSignposts, Signposts
 
 logger = logging.getLogger(__name__)
 
@@ -214,12 +215,6 @@ def weighted_kmeans_1d(
         warnings.simplefilter("ignore")  # ConvergenceWarning on heavily duplicated data
         km.fit(pts.reshape(-1, 1), sample_weight=sample_weight)
     return torch.tensor(np.sort(km.cluster_centers_.reshape(-1)), dtype=torch.float32)
-
-
-#: key table kinds of :func:`signposts_from_sample` (``key_table=``)
-KEY_TABLES = ("kmeans", "kmeans-pinned", "uniform")
-#: value table kinds (``value_table=``)
-VALUE_TABLES = ("kmeans", "uniform")
 
 
 def weighted_kmeans_1d_pinned(
@@ -413,22 +408,15 @@ def calibrate(
         :func:`kvquant_hf.signposts.save_signposts`).
     """
     t0 = time.perf_counter()
-    bits_list = [bits] if isinstance(bits, int) else list(dict.fromkeys(int(b) for b in bits))
-    bad = [b for b in bits_list if b not in SUPPORTED_BITS]
-    if bad or not bits_list:
-        raise KVQuantConfigError(f"bits={bits!r} is not supported; choose from {SUPPORTED_BITS}.")
-    if not isinstance(outlier_fraction, (int, float)) or not 0.0 <= outlier_fraction <= 0.1:
-        raise KVQuantConfigError(f"outlier_fraction={outlier_fraction!r} must be in [0, 0.1] (0.01 = 1%).")
-    if fisher_weighting not in FISHER_WEIGHTINGS:
-        raise KVQuantConfigError(
-            f"fisher_weighting={fisher_weighting!r} is not supported; choose one of {FISHER_WEIGHTINGS}."
-        )
-    if key_table not in KEY_TABLES:
-        raise KVQuantConfigError(f"key_table={key_table!r} is not supported; choose one of {KEY_TABLES}.")
-    if value_table not in VALUE_TABLES:
-        raise KVQuantConfigError(f"value_table={value_table!r} is not supported; choose one of {VALUE_TABLES}.")
-    if not isinstance(sink_tokens, int) or sink_tokens < 0:
-        raise KVQuantConfigError(f"sink_tokens={sink_tokens!r} must be a non-negative integer.")
+    windows_given = (isinstance(data, torch.Tensor) and data.dim() == 2) or (  # pre-cut windows fix nsamples, seqlen
+        isinstance(data, Sequence) and len(data) > 0 and isinstance(data[0], (Sequence, torch.Tensor))
+        and not isinstance(data[0], str)
+    )
+    bits_list = check_calibration_args(
+        bits, outlier_fraction, sink_tokens, None if windows_given else nsamples, None if windows_given else seqlen,
+        seed, fisher_weighting, max_tokens_per_layer, kmeans_max_points, key_table, value_table,
+    )
+    check_device(device)
     if device is not None:
         if getattr(model, "hf_device_map", None):
             raise KVQuantConfigError("device=... cannot move a model loaded with a device_map; pass device=None.")

@@ -9,6 +9,7 @@ every layer) on CPU in float32, so memory does not grow with the number of windo
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,12 +49,7 @@ def load_calibration_text(
     if (text_file is None) == (dataset is None):
         raise KVQuantConfigError("give exactly one of text_file (--text-file) or dataset (--dataset).")
     if text_file is not None:
-        try:
-            with open(text_file, encoding="utf-8", newline="") as f:
-                text = f.read()
-        except OSError as exc:
-            raise KVQuantConfigError(f"cannot read the calibration text {text_file!r}: {exc}.") from exc
-        return text, {"text_file": text_file}
+        return read_text_file(text_file), {"text_file": text_file}
     if dataset not in CALIBRATION_DATASETS:
         raise KVQuantConfigError(
             f"dataset={dataset!r} is not supported; choose one of {CALIBRATION_DATASETS} or use --text-file."
@@ -68,6 +64,49 @@ def load_calibration_text(
             f"access pass a local text instead, e.g. {OFFLINE_TEXT_HINT}"
         ) from exc
     return "\n\n".join(rows), {"dataset": "wikitext-2-raw-v1/train"}
+
+
+_BINARY_MAGIC = {b"\x1f\x8b": "gzip", b"PK\x03\x04": "zip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
+                 b"(\xb5/\xfd": "zstd", b"\x89PNG": "PNG", b"%PDF": "PDF"}
+
+
+def read_text_file(text_file: Any) -> str:
+    """The UTF-8 text of a calibration file, newlines kept as they are; a clear error for anything else.
+
+    Refused: a path that is not a string, a missing or unreadable file, a folder, a compressed or other binary
+    file (NUL bytes or a known magic number), text that is not UTF-8, and a file with no text at all.
+    """
+    if not isinstance(text_file, (str, os.PathLike)) or not os.fspath(text_file):
+        raise KVQuantConfigError(f"text_file={text_file!r} is not a file path; pass --text-file PATH.")
+    if os.path.isdir(text_file):
+        raise KVQuantConfigError(
+            f"the calibration text {os.fspath(text_file)!r} is a folder, not a file; pass a UTF-8 text file, e.g. "
+            f"{OFFLINE_TEXT_HINT}"
+        )
+    try:
+        with open(text_file, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise KVQuantConfigError(f"cannot read the calibration text {os.fspath(text_file)!r}: {exc}.") from exc
+    name = os.fspath(text_file)
+    kind = next((k for magic, k in _BINARY_MAGIC.items() if data.startswith(magic)), None)
+    if kind is None and b"\x00" in data[:1 << 20]:
+        kind = "binary (it contains NUL bytes)"
+    if kind:
+        raise KVQuantConfigError(
+            f"the calibration text {name!r} is a {kind} file, not UTF-8 text; decompress or convert it first "
+            f"(e.g. gunzip), or pass a plain text file such as {OFFLINE_TEXT_HINT}"
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise KVQuantConfigError(
+            f"the calibration text {name!r} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start} "
+            "cannot be decoded); convert it to UTF-8 (e.g. iconv -t UTF-8) or pass another --text-file."
+        ) from exc
+    if not text.strip():
+        raise KVQuantConfigError(f"the calibration text {name!r} is empty; pass a file with text to calibrate on.")
+    return text
 
 
 def tokenize_calibration_text(tokenizer: Any, text: str | Sequence[str]) -> torch.Tensor:

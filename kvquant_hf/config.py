@@ -73,7 +73,8 @@ class KVQuantConfig:
             10.4 s against 2.2 s; ``benchmarks/prefill.py``). ``"dequant"``: the dequantize-and-attend path
             wherever it applies (float32 math off CUDA).
         capacity_check (`bool`): in ``generate``, refuse (``CapacityError``) a request whose cache cannot fit in
-            the free GPU memory according to :func:`kvquant_hf.plan_capacity`, before allocating anything.
+            the free GPU memory (on CPU: the host's available memory) according to :func:`kvquant_hf.plan_capacity`,
+            before allocating anything.
         signposts (`str`, optional): folder written by `calibrate.py` (its `nuqX` subfolder or the
             parent holding `nuq{bits}`); None means uncalibrated (NormalFloat table, key ranges
             taken from the prompt).

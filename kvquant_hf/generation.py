@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import threading
 
 import torch
 from transformers.generation import configuration_utils as _gen_config_utils
@@ -36,10 +37,13 @@ from transformers.generation.utils import GenerationMixin
 from .cache import KVQuantCache, LazyLayers
 from .config import KVQuantConfig
 from .errors import KVQuantConfigError, KVQuantNumericalError
+from .planner_checks import check_generate_tokens
 
 CACHE_IMPLEMENTATION = "kvquant"
 _CACHE_KWARGS = ("cache", "past_key_values")
 _original_generate = None
+#: patching is check-then-set per module: two threads' first generate calls on one model must not both patch
+_PATCH_LOCK = threading.Lock()
 
 
 def cache_kwarg_name(model) -> str:
@@ -64,8 +68,9 @@ def build_kvquant_cache(model, cache_config: dict | KVQuantConfig | None = None)
     from .models import patch_model
 
     config = KVQuantConfig.from_dict(dict(cache_config) if isinstance(cache_config, dict) else (cache_config or {}))
-    patch_model(model)
-    _apply_fusions(model, config)
+    with _PATCH_LOCK:
+        patch_model(model)
+        _apply_fusions(model, config)
     return KVQuantCache(config, model_config=model.config)
 
 
@@ -86,8 +91,9 @@ def prepare_model_for_cache(model, cache: KVQuantCache) -> None:
     """Patch ``model`` for a user-built ``KVQuantCache`` and check that the cache fits it."""
     from .models import patch_model
 
-    patch_model(model)
-    _apply_fusions(model, cache.config)
+    with _PATCH_LOCK:
+        patch_model(model)
+        _apply_fusions(model, cache.config)
     text_config = model.config.get_text_config(decoder=True)
     n_layers = text_config.num_hidden_layers
     sp = cache.key_signposts
@@ -104,17 +110,42 @@ def prepare_model_for_cache(model, cache: KVQuantCache) -> None:
         )
 
 
+@functools.lru_cache(maxsize=None)
+def _call_config_class(base: type) -> type:
+    def update(self, defaults_only=False, allow_custom_entries=False, **kwargs):
+        if defaults_only:  # the model's defaults: its cache request is served by this call's cache object
+            kwargs.pop("cache_implementation", None)
+            kwargs.pop("cache_config", None)
+        return base.update(self, defaults_only=defaults_only, allow_custom_entries=allow_custom_entries, **kwargs)
+
+    return type(base.__name__, (base,), {"update": update, "__module__": base.__module__})
+
+
+def call_generation_config(generation_config):
+    """A copy of a caller's ``GenerationConfig`` for one call with a KVQuant cache object: ``cache_implementation``
+    and ``cache_config`` stay unset, also where ``model.generation_config`` (whose unset fields transformers copies
+    into the call's config) asks for ``"kvquant"``. Neither the caller's config nor the model's is changed."""
+    config = copy.deepcopy(generation_config)
+    config.__class__ = _call_config_class(type(generation_config))
+    config.cache_implementation = None
+    config.cache_config = None
+    return config
+
+
 def _requested_in(generation_config) -> bool:
     return generation_config is not None and getattr(generation_config, "cache_implementation", None) == CACHE_IMPLEMENTATION
 
 
 def _max_total_tokens(inputs, kwargs: dict) -> int | None:
-    """prompt + max_new_tokens when both are known (a capacity hint; growth handles the rest)."""
+    """prompt + max_new_tokens when both are known (a capacity hint; growth handles the rest). An empty prompt,
+    a max_new_tokens that is not a positive int, or a total beyond int32 positions is a KVQuantConfigError."""
     ids = inputs if inputs is not None else kwargs.get("input_ids")
-    max_new = kwargs.get("max_new_tokens")
-    if ids is None or max_new is None or not hasattr(ids, "shape"):
+    if ids is None or not hasattr(ids, "shape") or len(ids.shape) == 0:
         return None
-    return int(ids.shape[-1]) + int(max_new)
+    max_new = kwargs.get("max_new_tokens")
+    if max_new is None:  # a passed GenerationConfig(max_new_tokens=...) is a request as well
+        max_new = getattr(kwargs.get("generation_config"), "max_new_tokens", None)
+    return check_generate_tokens(int(ids.shape[-1]), max_new)
 
 
 def _expansion(model, kwargs: dict) -> int:
@@ -140,30 +171,37 @@ def _check_capacity(model, cache: KVQuantCache, total: int, inputs, kwargs: dict
 
 
 def kvquant_generate(self, *args, **kwargs):
-    """``GenerationMixin.generate`` with ``cache_implementation="kvquant"`` support (see the module docstring)."""
+    """``GenerationMixin.generate`` with ``cache_implementation="kvquant"`` support (see the module docstring).
+
+    Shared model state is never changed for the length of a call (other threads may be generating with the same
+    model): the request is taken out of the call's own arguments; when ``model.generation_config`` asks for
+    ``"kvquant"``, the call's keywords (or a copy of its passed config, :func:`call_generation_config`) keep
+    transformers from copying that request into the call; the forward is routed per cache (:class:`RouterTable`).
+    """
     inputs = args[0] if args else kwargs.get("inputs")
     if len(args) > 1:  # generation_config passed positionally
         kwargs["generation_config"] = args[1]
         args = args[:1]
     passed_config = kwargs.get("generation_config")
     requested = kwargs.get("cache_implementation") == CACHE_IMPLEMENTATION
-    restore_model_config = None
     cache_config = kwargs.pop("cache_config", None) if requested else None
     if requested:
         kwargs.pop("cache_implementation")
+    model_requests = _requested_in(self.generation_config)
     if _requested_in(passed_config):
         requested = True
         if cache_config is None:
             cache_config = passed_config.cache_config
-        passed_config = copy.deepcopy(passed_config)
-        passed_config.cache_implementation = None
-        passed_config.cache_config = None
-        kwargs["generation_config"] = passed_config
-    elif passed_config is None and "cache_implementation" not in kwargs and _requested_in(self.generation_config):
+        kwargs["generation_config"] = call_generation_config(passed_config)
+    elif ("cache_implementation" not in kwargs and model_requests and not any(kwargs.get(n) is not None for n in
+                                                                             _CACHE_KWARGS)
+          and getattr(passed_config, "cache_implementation", None) is None):
+        # the model's default (a passed config's unset fields are filled from it); a cache object passed to this
+        # call wins over it
         requested = True
         if cache_config is None:
-            cache_config = kwargs.pop("cache_config", None) or self.generation_config.cache_config
-        restore_model_config = (self.generation_config.cache_implementation, self.generation_config.cache_config)
+            cache_config = (kwargs.pop("cache_config", None) or getattr(passed_config, "cache_config", None)
+                            or self.generation_config.cache_config)
 
     user_caches = {name: kwargs[name] for name in _CACHE_KWARGS if kwargs.get(name) is not None}
     kvquant_user = {n: c for n, c in user_caches.items() if isinstance(c, KVQuantCache)}
@@ -195,18 +233,77 @@ def kvquant_generate(self, *args, **kwargs):
     for n in _CACHE_KWARGS:
         kwargs.pop(n, None)
     kwargs[name] = cache
+    if model_requests:
+        # transformers fills the call's unset fields from model.generation_config: "kvquant" would come back
+        # next to the cache object. This call's keywords (or its own config) win over the model's config.
+        if kwargs.get("generation_config") is None:
+            kwargs["cache_implementation"] = None
+            kwargs["cache_config"] = None
+        elif kwargs["generation_config"] is passed_config:
+            kwargs["generation_config"] = call_generation_config(passed_config)
 
     router = ForwardRouter(self, cache, name, inputs, kwargs)
-    if restore_model_config is not None:
-        self.generation_config.cache_implementation = None
-        self.generation_config.cache_config = None
+    router.install()
     try:
-        router.install()
         return _original_generate(self, *args, **kwargs)
     finally:
         router.uninstall()
-        if restore_model_config is not None:
-            self.generation_config.cache_implementation, self.generation_config.cache_config = restore_model_config
+
+
+class RouterTable:
+    """The model's ``forward`` while one or more ``generate`` calls with a KVQuant cache run on it.
+
+    Each call registers its :class:`ForwardRouter` under its cache; a forward call goes to the router of the cache
+    it carries, any other call to the model's own forward. Calls in several threads on one model each keep their
+    router, whichever ends first. The last call to end puts the model's own forward back.
+    """
+
+    _lock = threading.Lock()
+
+    def __init__(self, model, cache_kw: str):
+        self.saved = model.__dict__.get("forward")  # an instance-level forward (an accelerate hook) is kept
+        self.original = model.forward
+        self.cache_kw = cache_kw
+        self.routers: dict[int, ForwardRouter] = {}
+        self.__signature__ = inspect.signature(self.original)  # generate inspects forward's parameters
+
+    @classmethod
+    def register(cls, router: ForwardRouter):
+        """Route ``router.cache``'s forward calls to ``router``; returns the model's own forward."""
+        model = router.model
+        with cls._lock:
+            table = model.__dict__.get("forward")
+            if not isinstance(table, RouterTable):
+                table = RouterTable(model, router.cache_kw)
+                model.forward = table
+            if id(router.cache) in table.routers:
+                raise KVQuantConfigError(
+                    "this KVQuantCache is already in use by another generate call on this model; a cache holds one "
+                    "conversation: give each concurrent call its own cache (or cache_implementation='kvquant')."
+                )
+            table.routers[id(router.cache)] = router
+            return table.original
+
+    @classmethod
+    def unregister(cls, router: ForwardRouter) -> None:
+        model = router.model
+        with cls._lock:
+            table = model.__dict__.get("forward")
+            if not isinstance(table, RouterTable) or table.routers.get(id(router.cache)) is not router:
+                return
+            del table.routers[id(router.cache)]
+            if not table.routers:
+                if table.saved is None:
+                    model.__dict__.pop("forward", None)
+                else:
+                    model.forward = table.saved
+
+    def __call__(self, *args, **kw):
+        cache = kw.get(self.cache_kw)
+        router = self.routers.get(id(cache)) if cache is not None else None
+        if router is None or router.cache is not cache:
+            return self.original(*args, **kw)
+        return router(*args, **kw)
 
 
 class ForwardRouter:
@@ -228,6 +325,7 @@ class ForwardRouter:
         self.chunk = cache.config.prefill_chunk_size
         self.graph = cache.config.cuda_graph
         self.decoder = None
+        check_left_padded(kwargs.get("attention_mask"))
         if self.graph:
             from .errors import BackendUnavailableError
 
@@ -252,12 +350,11 @@ class ForwardRouter:
             self.max_steps = int(kwargs["max_new_tokens"])
 
     def install(self) -> None:
-        self.original = self.model.forward
-        self.__signature__ = inspect.signature(self.original)  # generate inspects forward's parameters
-        self.model.forward = self
+        """Route this call's forwards (those that carry ``self.cache``) here, see :class:`RouterTable`."""
+        self.original = RouterTable.register(self)
 
     def uninstall(self) -> None:
-        self.model.__dict__.pop("forward", None)
+        RouterTable.unregister(self)
         if self.decoder is not None:
             self.decoder.close()
 
@@ -332,6 +429,22 @@ class ForwardRouter:
         return CausalLMOutputWithPast(logits=logits, past_key_values=self.cache)
 
 
+def check_left_padded(mask) -> None:
+    """Refuse a 2D attention mask with padding after a row's first real token (the cache masks left padding
+    only), before any work starts."""
+    if mask is None or not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[-1] < 2:
+        return
+    real = mask != 0
+    inner = (real[:, :-1] & ~real[:, 1:]).any(-1)
+    if bool(inner.any()):
+        rows = [int(r) for r in inner.nonzero()[:, 0]]
+        raise KVQuantConfigError(
+            f"the attention mask has padding after real tokens in batch row(s) {rows}; the KVQuant cache supports "
+            "left padding only (zeros before a row's first real token). Left-pad the batch "
+            "(tokenizer.padding_side = 'left'), or run those prompts separately."
+        )
+
+
 def _register_cache_name() -> None:
     """Let ``GenerationConfig.validate`` accept ``cache_implementation="kvquant"``."""
     names = getattr(_gen_config_utils, "ALL_CACHE_IMPLEMENTATIONS", None)
@@ -365,8 +478,10 @@ def uninstall_generate_hook() -> None:
 __all__ = [
     "CACHE_IMPLEMENTATION",
     "ForwardRouter",
+    "RouterTable",
     "build_kvquant_cache",
     "cache_kwarg_name",
+    "call_generation_config",
     "install_generate_hook",
     "kvquant_generate",
     "prepare_model_for_cache",

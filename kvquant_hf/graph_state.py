@@ -81,3 +81,13 @@ class GraphDecodeState:
             self.positions.index_copy_(1, idx, positions.to(torch.int32))
         if self._advance_length:  # (a shared length is advanced once per step by its owner)
             self.length_dev.add_(n)
+
+    # ---------------------------------------------------------------- pickling
+    def __getstate__(self) -> dict:
+        """Pickled state without graph mode: a captured graph and its device-side length belong to one run (the
+        host length is the truth between steps), so a loaded layer starts in host-driven mode."""
+        parent = getattr(super(), "__getstate__", None)  # (object.__getstate__ from Python 3.11)
+        state = dict(parent() if parent is not None else self.__dict__)
+        for name in ("graph_mode", "length_dev", "_advance_length"):
+            state.pop(name, None)
+        return state

@@ -83,6 +83,7 @@ class KVQuantLayer(PackedHistory, SinkTokens, AttentionRouting, GraphDecodeState
         self.has_hist_pad = False
         self.sinks_all_valid = None  # host cache of sink_valid[:, :n_sink].all() (None: not known)
         self._key_thresholds_from_prompt = key_signposts is None
+        self.key_ranges_provisional = False  # uncalibrated ranges taken while no row had a real token yet
         self.k_lower = self.k_upper = self.k_zero = self.k_scale = None
         for name in HISTORY_TENSORS + SINK_TENSORS + ROW_TENSORS:
             setattr(self, name, None)
@@ -140,19 +141,29 @@ class KVQuantLayer(PackedHistory, SinkTokens, AttentionRouting, GraphDecodeState
         if rest is None:
             return
         k, v, positions = rest
-        if self.k_lower is None:
+        if self.k_lower is None or self.key_ranges_provisional:
             self._thresholds_from_prompt(k)
         self.append_history(k, v, positions, positions_written)
 
     def _thresholds_from_prompt(self, k: torch.Tensor) -> None:
-        """Uncalibrated mode: per-channel key thresholds from this call's real, non-sink tokens ``[B, H, n, D]``."""
+        """Uncalibrated mode: per-channel key thresholds from this call's real, non-sink tokens ``[B, H, n, D]``
+        (and the real sink tokens when they are few).
+
+        While no row has a real token (an all-zero attention mask, or left padding longer than the first prefill
+        chunk in every row), the ranges come from the padding's keys and are *provisional*: they are taken again
+        from the first real tokens that reach the history. Only padding (never attended to) is stored under them.
+        """
         n = k.shape[2]
         keep = torch.arange(self.length, self.length + n, device=self.device)[None, :] >= self.hist_start[:, None]
         sample = k.permute(0, 2, 1, 3)[keep]  # [N, H, D]
         if sample.shape[0] < UNCALIBRATED_MIN_SAMPLE and self.n_sink:
             sink = self.sink_k[:, :, : self.n_sink].permute(0, 2, 1, 3)[self.sink_valid[:, : self.n_sink]]
             sample = torch.cat([sample, sink], dim=0)
-        self._warn_uncalibrated(sample.shape[0])
+        self.key_ranges_provisional = sample.shape[0] == 0
+        if self.key_ranges_provisional:
+            sample = k.permute(0, 2, 1, 3).reshape(-1, k.shape[1], k.shape[3])
+        else:
+            self._warn_uncalibrated(sample.shape[0])
         lower, upper = quant.key_thresholds_from_sample(sample.permute(1, 0, 2).unsqueeze(0), self.config.outlier_fraction)
         self.set_key_thresholds(lower, upper)
 
@@ -281,6 +292,7 @@ class KVQuantLayer(PackedHistory, SinkTokens, AttentionRouting, GraphDecodeState
             self.sink_valid.zero_()
         if self._key_thresholds_from_prompt:
             self.k_lower = self.k_upper = self.k_zero = self.k_scale = None
+            self.key_ranges_provisional = False
 
     def crop(self, max_length: int) -> None:
         """Drop tokens from the end: ``crop(-n)`` removes ``n`` tokens, ``crop(n >= 0)`` keeps the first ``n``.

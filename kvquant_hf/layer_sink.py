@@ -6,13 +6,16 @@ real tokens), plus the sink keys rotated once when they arrive (``sink_k_rot``, 
 rotate the sink again). Every query attends to the sink exactly, next to the new tokens of its call.
 
 Left padding: the sink of a row holds that row's first *real* tokens; the row's padding goes to the front of its
-history and is masked through ``hist_start`` (recorded by :meth:`SinkTokens.store_sink` on the first call).
+history and is masked through ``hist_start`` (kept by :meth:`SinkTokens.place_padded` over every call, so padding
+longer than a prefill chunk stays masked). Padding after a row's first real token is refused
+(:meth:`SinkTokens.check_left_padding`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .errors import KVQuantConfigError
 from .layer_api import apply_rope
 
 
@@ -38,6 +41,14 @@ class SinkTokens:
         self.sinks_all_valid = None
         self.hist_start = torch.zeros(b, dtype=torch.int64, device=self.device)
         self.has_hist_pad = False
+
+    def __getstate__(self) -> dict:
+        """Pickled state: ``sink_rope`` names the model's ``inv_freq`` object, which a loaded layer cannot share,
+        so the sink keys are rotated again (to the same values) the first time they are read."""
+        parent = getattr(super(), "__getstate__", None)  # (object.__getstate__ from Python 3.11)
+        state = dict(parent() if parent is not None else self.__dict__)
+        state["sink_rope"] = None
+        return state
 
     def sinks_valid(self) -> bool:
         """Whether every row's sink tokens are real (no left padding in them): then a step with no mask needs no
@@ -68,46 +79,103 @@ class SinkTokens:
 
     def store_sink(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, real: torch.Tensor | None,
                    rope=None):
-        """Fill the sink with the first new tokens ``[B, H, L, D]`` (rotating their keys once with ``rope``).
+        """Fill the sink with the first real new tokens ``[B, H, L, D]`` (rotating their keys once with ``rope``).
 
-        Returns the tokens left for the history, ``(k, v, positions)``, or None when the sink took them all. On the
-        first call, left padding (``real [B, L]`` False) is recorded in ``hist_start``.
+        Returns the tokens left for the history, ``(k, v, positions)``, or None when the sink took them all. Left
+        padding (``real [B, L]`` False) is placed by :meth:`place_padded` whenever a call has a mask and several
+        tokens, or a row's sink still waits for real tokens; otherwise the first tokens go to the sink.
         """
         n_new = k.shape[2]
-        room = self.config.sink_tokens - self.n_sink
-        take = min(room, n_new)
+        take = min(self.config.sink_tokens - self.n_sink, n_new)
         first_call = self.n_sink == 0 and self.length == 0
-        if take > 0:
-            if first_call and real is not None and take < n_new:
-                # left padding: row b's sink is its first real tokens; its padding goes first in the history
-                n_pad = (~real).to(torch.int64).cumprod(-1).sum(-1)  # leading padding per row
-                start = n_pad.clamp(max=n_new - take)
-                ar = torch.arange(n_new - take, device=self.device)
-                sink_idx = start[:, None] + torch.arange(take, device=self.device)
-                hist_idx = ar[None, :] + take * (ar[None, :] >= start[:, None])
-                self.hist_start = start
-                self.has_hist_pad = bool((start > 0).any())
-            else:
-                sink_idx = torch.arange(take, device=self.device).expand(self.batch_size, take)
-                hist_idx = torch.arange(take, n_new, device=self.device).expand(self.batch_size, n_new - take)
-            sink_valid = torch.ones_like(sink_idx, dtype=torch.bool) if real is None else real.gather(1, sink_idx)
-            sl = slice(self.n_sink, self.n_sink + take)
-            self.sink_k[:, :, sl] = gather_seq(k, sink_idx)
-            self.sink_v[:, :, sl] = gather_seq(v, sink_idx)
-            self.sink_positions[:, sl] = positions.gather(1, sink_idx).to(torch.int32)
-            self.sink_valid[:, sl] = sink_valid
-            if real is not None:  # padding may have reached the sink: ask again when needed (new real tokens
-                self.sinks_all_valid = None  # leave a known answer as it was)
-            self.n_sink += take
+        if real is not None and (n_new > 1 or first_call) and bool(real.all()):
+            real = None  # no padding in this call (one host sync; a prefill chunk, not a decode step)
+        if (real is not None and (n_new > 1 or first_call)) or (
+                self.n_sink and not self.graph_mode and not self.sinks_valid()):
+            return self.place_padded(k, v, positions, real, rope, take)
+        if take <= 0:
+            return k, v, positions
+        sl = slice(self.n_sink, self.n_sink + take)
+        self.sink_k[:, :, sl] = k[:, :, :take]
+        self.sink_v[:, :, sl] = v[:, :, :take]
+        self.sink_positions[:, sl] = positions[:, :take].to(torch.int32)
+        sink_valid = True if real is None else real[:, :take]
+        self.sink_valid[:, sl] = sink_valid
+        if real is not None:  # padding may have reached the sink: ask again when needed (new real tokens
+            self.sinks_all_valid = None  # leave a known answer as it was)
+        self.n_sink += take
+        self._rotate_new_sink(rope, sl)
+        if take == n_new:
+            return None
+        return k[:, :, take:], v[:, :, take:], positions[:, take:]
+
+    def _rotate_new_sink(self, rope, sl: slice) -> None:
+        if rope is None:
+            self.sink_rope = None  # rotated when read
+        else:  # the new sink tokens, or all of them if the earlier ones were rotated with another RoPE
+            self.rotate_sink(rope, sl if self.sink_rope_is(rope) else slice(0, self.n_sink))
+
+    def place_padded(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, real: torch.Tensor | None,
+                     rope, take: int):
+        """Store new tokens of left-padded rows: each row's real tokens fill its sink slots that do not yet hold a
+        real token (in arrival order), then go to the history; its padding (and the padding displaced from the
+        sink) goes to the front of its history, where ``hist_start`` masks it. Works across calls, so a row whose
+        padding spans several prefill chunks keeps its first real tokens as sink.
+
+        Invariants per row ``b``: ``sink_valid[b]`` is a prefix of the sink; history tokens ``< hist_start[b]`` are
+        padding; a row whose sink is not full of real tokens has only padding in its history. Padding after a
+        row's first real token is refused earlier (:meth:`check_left_padding`).
+        """
+        b, dev, n_new = self.batch_size, self.device, k.shape[2]
+        if real is None:
+            real = torch.ones(b, n_new, dtype=torch.bool, device=dev)
+        real = real.to(dev, torch.bool).expand(b, n_new)
+        n_hist = n_new - take
+        n_slots = self.n_sink + take
+        pad = (~real).to(torch.int64).sum(-1)  # leading padding per row (padding after real tokens is refused)
+        held = self.sink_valid[:, : self.n_sink].to(torch.int64).sum(-1)  # real tokens in the sink per row
+        to_sink = torch.minimum(n_new - pad, n_slots - held)  # real tokens of this call that go to the sink
+        hist_pad = n_hist - (n_new - pad - to_sink)  # padding slots at the front of this call's history part
+        if n_slots:
+            slot = torch.arange(n_slots, device=dev)[None, :]
+            fill = (slot >= held[:, None]) & (slot < (held + to_sink)[:, None])  # [B, slots] written now
+            src = (pad[:, None] + slot - held[:, None]).clamp(0, n_new - 1)
+            new_k, new_v = gather_seq(k, src), gather_seq(v, src)
+            sl = slice(0, n_slots)
+            self.sink_k[:, :, sl] = torch.where(fill[:, None, :, None], new_k, self.sink_k[:, :, sl])
+            self.sink_v[:, :, sl] = torch.where(fill[:, None, :, None], new_v, self.sink_v[:, :, sl])
+            new_pos = positions.gather(1, src).to(torch.int32)
+            self.sink_positions[:, sl] = torch.where(fill, new_pos, self.sink_positions[:, sl])
+            self.sink_valid[:, sl] = slot < (held + to_sink)[:, None]
+            self.n_sink = n_slots
+            self.sinks_all_valid = None
             if rope is None:
-                self.sink_rope = None  # rotated when read
-            else:  # the new sink tokens, or all of them if the earlier ones were rotated with another RoPE
-                self.rotate_sink(rope, sl if self.sink_rope_is(rope) else slice(0, self.n_sink))
-            if take == n_new:
-                return None
-            return gather_seq(k, hist_idx), gather_seq(v, hist_idx), positions.gather(1, hist_idx)
-        if first_call and real is not None:
-            # no sink: leading padding is masked through hist_start
-            self.hist_start = (~real).to(torch.int64).cumprod(-1).sum(-1)
-            self.has_hist_pad = bool((self.hist_start > 0).any())
-        return k, v, positions
+                self.sink_rope = None
+            else:
+                self.rotate_sink(rope, sl)
+        self.hist_start += hist_pad
+        self.has_hist_pad = bool((self.hist_start > 0).any())
+        if n_hist == 0:
+            return None
+        j = torch.arange(n_hist, device=dev)[None, :]
+        hist_idx = torch.where(j < hist_pad[:, None], j, pad[:, None] + to_sink[:, None] + j - hist_pad[:, None])
+        hist_idx = hist_idx.clamp(0, n_new - 1)
+        return gather_seq(k, hist_idx), gather_seq(v, hist_idx), positions.gather(1, hist_idx)
+
+    def check_left_padding(self, real: torch.Tensor) -> None:
+        """Refuse padding after a row's first real token (in this call or after real tokens stored earlier): the
+        cache masks only left padding, so such a token would be attended to. One host sync: ``attend`` calls it for
+        calls of several tokens and while a row's sink waits for real tokens, never on a plain decode step."""
+        n_new = real.shape[-1]
+        real = real.to(self.device, torch.bool).expand(self.batch_size, n_new)
+        inner = (real[:, :-1] & ~real[:, 1:]).any(-1)
+        if self.is_initialized and self.n_sink + self.length > 0:
+            stored_real = self.sink_valid[:, : self.n_sink].any(-1) | (self.hist_start < self.length)
+            inner = inner | (stored_real & ~real[:, 0])
+        if bool(inner.any()):
+            rows = [int(r) for r in inner.nonzero()[:, 0]]
+            raise KVQuantConfigError(
+                f"layer {self.layer_idx}: the attention mask has padding after real tokens in batch row(s) {rows}; "
+                "the KVQuant cache supports left padding only (zeros before a row's first real token). Left-pad "
+                "the batch (tokenizer.padding_side = 'left'), or run those prompts separately."
+            )

@@ -19,7 +19,7 @@ from . import quant
 from .attention import PackedKV
 from .config import KVQuantConfig
 from .errors import KVQuantError
-from .routing import device_guard
+from .routing import device_guard, resolve_backend
 
 # storage attributes of a layer: name -> batch-first tensor (reorder/select/offload walk these lists)
 HISTORY_TENSORS = (
@@ -330,3 +330,29 @@ class PackedHistory:
         n_hist = self.capacity if include_spare else self.length
         n_sink = self.config.sink_tokens if include_spare else self.n_sink
         return self.batch_size * (n_hist * self.bytes_per_history_token() + n_sink * self.bytes_per_sink_token())
+
+    # ---------------------------------------------------------------- pickling (pickle, torch.save)
+    def __getstate__(self) -> dict:
+        """Pickled state: every stored tensor, the config and signposts. The weakref to the owning cache is
+        dropped (:class:`~kvquant_hf.cache.KVQuantCache` sets it again when it is loaded)."""
+        parent = getattr(super(), "__getstate__", None)  # (object.__getstate__ from Python 3.11)
+        state = dict(parent() if parent is not None else self.__dict__)
+        state["owner"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        """Restore a pickled layer. Loaded onto another device (``torch.load(..., map_location=...)``), the layer
+        follows its tensors (the lookup tables tell where: offloading never moves them): device, backend and the
+        device-side clip counter are set for where they now are."""
+        self.__dict__.update(state)
+        if not self.is_initialized or self.k_lut.device == self.device:
+            return
+        self.device = self.k_lut.device
+        self.backend = resolve_backend(self.config.backend, self.device, self.head_dim)
+        triton = self.backend == "triton" and 2 * (self.n_slots + 1) <= self.head_dim
+        if self.clip_counter is not None and not triton:
+            self.n_clipped_host += int(self.clip_counter.item())
+            self.clip_counter = None
+        elif triton and self.clip_counter is None:
+            self.clip_counter = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self.triton_quantize = triton

@@ -45,6 +45,7 @@ from .config import KVQuantConfig
 from .errors import KVQuantConfigError, KVQuantError
 from .layer_storage import element_size, grown_capacities, history_token_bytes, layer_tensor_bytes, reserved_capacity
 from .models.layers import decoder_layers
+from .planner_checks import MAX_POSITIONS, check_plan_args, free_host_memory
 from .routing import PREFILL_MIN_ROWS
 
 GiB = 2**30
@@ -393,10 +394,17 @@ def plan_capacity(
         headroom_bytes: reserve per device for workspaces and fragmentation.
 
     Returns:
-        :class:`CapacityPlan`.
+        :class:`CapacityPlan`: ``max_tokens`` is at most 2**31 - 1 for a KVQuant cache (int32 positions).
+
+    Raises:
+        KVQuantConfigError: an argument of the wrong type or range (named in the message).
     """
-    if model is None and model_config is None:
-        raise KVQuantConfigError("plan_capacity needs a model or a model_config.")
+    args = check_plan_args(model, cache_config, model_config, free_memory, dtype, batch_size, device_map,
+                           weights_resident, prompt_tokens, prefill_chunk_size, reserved, headroom_bytes,
+                           max_tokens_limit)
+    free_memory, dtype, batch_size = args["free_memory"], args["dtype"], args["batch_size"]
+    prompt_tokens, prefill_chunk_size = args["prompt_tokens"], args["prefill_chunk_size"]
+    headroom_bytes, max_tokens_limit = args["headroom_bytes"], args["max_tokens_limit"]
     shape = ModelShape.from_config(model_config if model_config is not None else model.config)
     method = "fp16" if isinstance(cache_config, str) and cache_config == "fp16" else "kvquant"
     if method == "kvquant":
@@ -407,8 +415,7 @@ def plan_capacity(
         cfg = None
     if dtype is None:
         dtype = getattr(model, "dtype", None) or torch.bfloat16
-    if batch_size < 1:
-        raise KVQuantConfigError(f"batch_size={batch_size} must be >= 1.")
+    token_cap = MAX_POSITIONS if cfg is not None else max_tokens_limit  # KVQuant positions are int32
 
     # placement and weights
     if model is not None:
@@ -424,7 +431,7 @@ def plan_capacity(
     devices = list(dict.fromkeys(layer_devices))
 
     # free memory
-    if isinstance(free_memory, (int, float)):
+    if isinstance(free_memory, int):
         if len(devices) != 1:
             raise KVQuantConfigError(f"the layers sit on {devices}; give free_memory per device as a dict.")
         free_memory = {devices[0]: int(free_memory)}
@@ -516,7 +523,7 @@ def plan_capacity(
                 lo = mid
             else:
                 hi = mid
-        dp.max_tokens = max(0, lo)
+        dp.max_tokens = min(max(0, lo), token_cap)
         dp.cache_bytes = device_cache_bytes(dp, dp.max_tokens)
         plans.append(dp)
     max_tokens = min(p.max_tokens for p in plans)
@@ -529,8 +536,9 @@ def check_request(model: Any, cache_config: dict | KVQuantConfig, total_tokens: 
                   prompt_tokens: int | None = None) -> CapacityPlan | None:
     """Raise :class:`CapacityError` when ``total_tokens`` per sequence cannot fit (``generate`` calls this).
 
-    Devices whose free memory cannot be queried (CPU) are not checked; returns the plan, or None when no device
-    could be checked.
+    CUDA devices are checked against their free memory, CPU against the host's available memory
+    (:func:`kvquant_hf.planner_checks.free_host_memory`); devices whose memory cannot be queried (meta, MPS) are
+    not checked. Returns the plan, or None when no device could be checked.
     """
     try:
         layer_devices, _ = _model_placement(model)
@@ -538,17 +546,24 @@ def check_request(model: Any, cache_config: dict | KVQuantConfig, total_tokens: 
         return None
     devices = list(dict.fromkeys(layer_devices))
     free = {d: free_device_memory(d) for d in devices}
+    free = {d: free_host_memory() if v is None and d == "cpu" else v for d, v in free.items()}
     if any(v is None for v in free.values()):
         return None
     plan = plan_capacity(model, cache_config, free_memory=free, batch_size=batch_size, prompt_tokens=prompt_tokens)
     if total_tokens > plan.max_tokens:
         dev = next(d for d in plan.devices if d.device == plan.limiting_device)
         need = plan.cache_bytes(total_tokens)[dev.device]
+        cfg = cache_config if isinstance(cache_config, KVQuantConfig) else KVQuantConfig.from_dict(dict(cache_config))
+        reserved = reserved_capacity(cfg, total_tokens)
+        block = ""
+        if reserved > 2 * max(total_tokens, 1):
+            block = (f"block_size={cfg.block_size:,} rounds the reservation up to {reserved:,} tokens per layer: lower "
+                     f"block_size (default 256). ")
         raise CapacityError(
             f"this request needs a KV cache of {total_tokens:,} tokens per sequence x batch {batch_size} "
             f"(prompt + max_new_tokens), but only {plan.max_tokens:,} tokens fit: on {dev.device} the cache would "
             f"take {need / GiB:.2f} GiB of {dev.budget_bytes / GiB:.2f} GiB left after weights, activations and "
-            f"headroom ({dev.memory_bytes / GiB:.2f} GiB free). Fix: lower max_new_tokens or the prompt length "
+            f"headroom ({dev.memory_bytes / GiB:.2f} GiB free). Fix: {block}lower max_new_tokens or the prompt length "
             f"or the batch, use fewer bits (cache_config bits=2), a smaller prefill_chunk_size, or spread the model "
             f"over more GPUs (device_map='auto'); kvquant_hf.plan_capacity(model, cache_config) shows the plan."
         )

@@ -120,6 +120,8 @@ class AttentionRouting:
             new_visible, real = None, None
         else:
             new_visible, real = self.new_block_mask(inputs.attention_mask, past, n_new, positions, window)
+            if real is not None and (n_new > 1 or not self.sinks_valid()):  # a prefill chunk, or sinks to fill
+                self.check_left_padding(real)
         # CUDA-graph decode (the sink is full, every new token goes to the history): the kernel also writes the
         # positions of the new tokens at the device-side length
         write_pos = fused and self.graph_mode

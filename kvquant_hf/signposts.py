@@ -53,8 +53,11 @@ inside the thresholds (``mu``, ``sd``) and of the same values rounded to the nea
       "files": {"layer_000.safetensors": "<sha256>", ...}
     }
 
-Loading verifies the format version, that every listed file exists and matches its checksum, that it
-parses, and the tensor shapes; :func:`validate_signposts` then compares the model facts with a model.
+Loading verifies the format version, the type and range of every metadata field, that every listed file
+exists and matches its checksum and header, that it parses, and the tensor shapes and magnitudes
+(:mod:`kvquant_hf.signpost_checks`); :func:`validate_signposts` then compares the model facts with a model.
+Signposts on the Hugging Face Hub are named ``hf://owner/name`` or ``hf://owner/name@revision``
+(:mod:`kvquant_hf.signpost_hub`); no other path is ever downloaded.
 """
 
 from __future__ import annotations
@@ -69,28 +72,28 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import quant
 from .errors import SignpostError
-
-FORMAT_VERSION = 1
-KIND = "kvquant-signposts"
-METADATA_FILE = "metadata.json"
-TENSOR_NAMES = ("key_signposts", "value_signposts", "key_lower", "key_upper", "key_qnorm", "value_qnorm")
-FISHER_WEIGHTINGS = ("fisher", "fisher_x2", "none")
-_HUB_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def layer_filename(layer_idx: int) -> str:
-    """File name of one layer's tensors: ``layer_{i:03d}.safetensors``."""
-    return f"layer_{layer_idx:03d}.safetensors"
-
-
-def bits_dirname(bits: int) -> str:
-    """Folder name of one bit width: ``nuq{bits}``."""
-    return f"nuq{bits}"
+from .signpost_checks import (
+    FISHER_WEIGHTINGS,
+    FIX,
+    FORMAT_VERSION,
+    KIND,
+    METADATA_FILE,
+    SIGNPOST_BITS,
+    TENSOR_NAMES,
+    bits_dirname,
+    check_layer,
+    check_metadata,
+    check_model_fields,
+    check_output_dir,
+    layer_filename,
+    metadata_dtype,
+)
+from .signpost_hub import HUB_PREFIX, HUB_REPO_RE, download_signposts
 
 
 def sha256_file(path: str, chunk_size: int = 1 << 20) -> str:
@@ -228,66 +231,6 @@ class Signposts:
 
 
 # --------------------------------------------------------------------------------------------
-# consistency checks
-# --------------------------------------------------------------------------------------------
-def _check_layer(layer: LayerSignposts, idx: int, bits: int, num_kv_heads: int, head_dim: int, where: str) -> None:
-    """Shapes, finiteness and ordering of one layer; raises SignpostError naming the tensor."""
-    expected = {
-        "key_signposts": (2**bits,),
-        "value_signposts": (2**bits,),
-        "key_lower": (num_kv_heads, head_dim),
-        "key_upper": (num_kv_heads, head_dim),
-        "key_qnorm": (4,),
-        "value_qnorm": (4,),
-    }
-    for name, shape in expected.items():
-        t = getattr(layer, name)
-        if not isinstance(t, torch.Tensor):
-            raise SignpostError(f"{where}: layer {idx} '{name}' is a {type(t).__name__}, expected a tensor.")
-        if tuple(t.shape) != shape:
-            raise SignpostError(
-                f"{where}: layer {idx} '{name}' has shape {tuple(t.shape)}, expected {shape} "
-                f"(bits={bits}, num_kv_heads={num_kv_heads}, head_dim={head_dim}); the file is inconsistent "
-                "with its metadata: re-run calibrate.py."
-            )
-        if not torch.isfinite(t).all():
-            raise SignpostError(f"{where}: layer {idx} '{name}' contains NaN or inf; re-run calibrate.py.")
-    for name in ("key_signposts", "value_signposts"):
-        t = getattr(layer, name)
-        if (t[1:] < t[:-1]).any():
-            raise SignpostError(f"{where}: layer {idx} '{name}' is not sorted ascending; re-run calibrate.py.")
-    if (layer.key_upper < layer.key_lower).any():
-        raise SignpostError(f"{where}: layer {idx} has key_upper < key_lower; re-run calibrate.py.")
-
-
-def _check_metadata(meta: Any, where: str) -> None:
-    if not isinstance(meta, dict):
-        raise SignpostError(f"{where}/{METADATA_FILE} is not a JSON object; re-run calibrate.py.")
-    if meta.get("kind") != KIND:
-        raise SignpostError(
-            f"{where}/{METADATA_FILE} has kind={meta.get('kind')!r}, expected {KIND!r}: this folder does not hold "
-            "kvquant signposts (write one with calibrate.py)."
-        )
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise SignpostError(
-            f"{where} uses signpost format_version={version!r}, but this kvquant_hf reads version "
-            f"{FORMAT_VERSION} only; upgrade kvquant_hf or re-run calibrate.py with this version."
-        )
-    for key in ("bits", "model", "files"):
-        if key not in meta:
-            raise SignpostError(
-                f"{where}/{METADATA_FILE} lacks '{key}'; the folder is incomplete: re-run calibrate.py."
-            )
-    if meta["bits"] not in (2, 3, 4):
-        raise SignpostError(f"{where}/{METADATA_FILE} has bits={meta['bits']!r}; expected 2, 3 or 4.")
-    model = meta["model"]
-    for key in ("model_type", "num_hidden_layers", "num_key_value_heads", "head_dim"):
-        if key not in model:
-            raise SignpostError(f"{where}/{METADATA_FILE} lacks model.{key}; re-run calibrate.py.")
-
-
-# --------------------------------------------------------------------------------------------
 # save / load
 # --------------------------------------------------------------------------------------------
 def save_signposts(sp: Signposts, output_dir: str | os.PathLike) -> str:
@@ -309,24 +252,26 @@ def save_signposts(sp: Signposts, output_dir: str | os.PathLike) -> str:
     meta["format_version"] = FORMAT_VERSION
     meta["kind"] = KIND
     meta.setdefault("files", {})
-    _check_metadata(meta, "signposts to save")
-    bits = int(meta["bits"])
-    if sp.num_layers != int(meta["model"]["num_hidden_layers"]):
+    where = "signposts to save"
+    check_metadata(meta, where, files=False)
+    bits = meta["bits"]
+    model = meta["model"]
+    if sp.num_layers != model["num_hidden_layers"]:
         raise SignpostError(
             f"signposts to save have {sp.num_layers} layers but metadata.model.num_hidden_layers="
-            f"{meta['model']['num_hidden_layers']}."
+            f"{model['num_hidden_layers']}."
         )
     for i, layer in enumerate(sp.layers):
-        _check_layer(layer, i, bits, int(meta["model"]["num_key_value_heads"]), int(meta["model"]["head_dim"]),
-                     "signposts to save")
+        check_layer(layer, i, bits, model["num_key_value_heads"], model["head_dim"], where, metadata_dtype(meta))
+    try:
+        json.dumps(meta)
+    except (TypeError, ValueError) as exc:
+        raise SignpostError(f"{where}: the metadata cannot be written as JSON ({exc}); keep it to plain "
+                            "str, int, float, bool, list and dict values.") from exc
 
-    output_dir = os.fspath(output_dir)
+    output_dir = check_output_dir(output_dir, [bits])
     os.makedirs(output_dir, exist_ok=True)
     target = os.path.join(output_dir, bits_dirname(bits))
-    if os.path.exists(target) and not os.path.isfile(os.path.join(target, METADATA_FILE)) and os.listdir(target):
-        raise SignpostError(
-            f"{target} exists and is not a signpost folder; refusing to overwrite it. Choose another --output-dir."
-        )
     tmp = tempfile.mkdtemp(prefix=f".{bits_dirname(bits)}.tmp-", dir=output_dir)
     try:
         files = {}
@@ -362,16 +307,25 @@ def _apply_umask(folder: str) -> None:
 
 
 def _available_bits(folder: str) -> list[int]:
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as exc:
+        raise SignpostError(f"signpost folder {folder!r} cannot be read ({exc}); check its permissions.") from exc
     out = []
-    for name in sorted(os.listdir(folder)):
+    for name in names:
         m = re.fullmatch(r"nuq(\d+)", name)
         if m and os.path.isfile(os.path.join(folder, name, METADATA_FILE)):
             out.append(int(m.group(1)))
     return out
 
 
-def _resolve_folder(path: str, bits: int | None) -> str:
-    """Map `DIR/nuqX`, or `DIR` plus `bits`, (or a Hub repo id) to the folder holding metadata.json."""
+def _resolve_folder(path: str, bits: int | None, revision: str | None = None) -> str:
+    """Map `DIR/nuqX`, or `DIR` plus `bits`, or an `hf://owner/name[@revision]` repo to the folder with metadata.json.
+
+    Only the `hf://` form reaches the Hugging Face Hub: a local path that does not exist is an error.
+    """
+    if path.startswith(HUB_PREFIX):
+        return _resolve_folder(download_signposts(path, bits, revision), bits)
     if os.path.isfile(os.path.join(path, METADATA_FILE)):
         return path
     if os.path.isdir(path):
@@ -394,100 +348,120 @@ def _resolve_folder(path: str, bits: int | None) -> str:
             f"{path} holds no signposts ({METADATA_FILE} and nuqX/ folders are missing); "
             "write them with calibrate.py --output-dir."
         )
-    if not os.path.exists(path) and _HUB_REPO_RE.match(path) and not path.startswith((".", "/")):
-        return _resolve_folder(_download_from_hub(path, bits), bits)
-    raise SignpostError(f"signpost folder {path!r} does not exist; run calibrate.py --output-dir {path}.")
-
-
-def _download_from_hub(repo_id: str, bits: int | None) -> str:
-    """Snapshot a Hub repository holding signpost folders (only the requested nuqX when bits is given)."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as exc:  # pragma: no cover - huggingface_hub ships with transformers
-        raise SignpostError(f"{repo_id!r} is not a local folder and huggingface_hub is not installed.") from exc
-    patterns = [f"{bits_dirname(bits)}/*", METADATA_FILE, "*.safetensors"] if bits is not None else None
-    try:
-        return snapshot_download(repo_id, allow_patterns=patterns)
-    except Exception as exc:  # the Hub client raises many types (offline, 404, auth)
+    if os.path.exists(path):
+        parent = os.path.dirname(os.path.abspath(path))
         raise SignpostError(
-            f"{repo_id!r} is not a local folder and could not be fetched from the Hugging Face Hub ({exc}); "
-            "pass the path of a folder written by calibrate.py."
-        ) from exc
+            f"signposts={path!r} is a file, not a folder; pass the folder written by calibrate.py (the parent of "
+            f"nuqX/ folders, or one nuqX/ folder holding {METADATA_FILE}), e.g. {parent!r}."
+        )
+    hint = ""
+    if HUB_REPO_RE.match(path) and not path.startswith((".", "/")):
+        hint = f" For signposts on the Hugging Face Hub write signposts='{HUB_PREFIX}{path}' (optionally '@revision')."
+    looked = "" if os.path.isabs(path) else f"looked for {os.path.abspath(path)!r}; "
+    raise SignpostError(
+        f"signpost folder {path!r} does not exist; run calibrate.py --output-dir {path} or fix the path "
+        f"({looked}nothing was downloaded).{hint}"
+    )
 
 
 def load_signposts(
-    path: str | os.PathLike, bits: int | None = None, device: torch.device | str | None = None
+    path: str | os.PathLike, bits: int | None = None, device: torch.device | str | None = None,
+    revision: str | None = None,
 ) -> Signposts:
     """Load signposts written by :func:`save_signposts` / `calibrate.py`, verifying files and checksums.
 
     Args:
         path (`str`): a `nuqX` folder, or its parent together with `bits` (then `path/nuq{bits}` is read;
-            without `bits` a parent holding exactly one `nuqX` folder is accepted), or a Hub repo id.
+            without `bits` a parent holding exactly one `nuqX` folder is accepted), or a Hugging Face Hub
+            repository holding such folders as `"hf://owner/name"` or `"hf://owner/name@revision"`. Only this
+            form downloads (honouring `HF_HUB_OFFLINE`: then only the local Hub cache is read); a local path
+            that does not exist is an error.
         bits (`int`, *optional*): the bit width to load; must match the folder's metadata.
         device (`str` or `torch.device`, *optional*): where to put the tensors (default CPU).
+        revision (`str`, *optional*): branch, tag or commit of an `hf://` repository (same as `@revision`).
 
     Returns:
         `Signposts`
 
     Raises:
-        `SignpostError`: missing folder or files, unknown format version, checksum mismatch, corrupted or
-            truncated files, tensor shapes inconsistent with the metadata, or `bits` not matching.
+        `SignpostError`: missing folder or files, a file instead of a folder, a Hub repository that cannot be
+            fetched, unknown format version, checksum mismatch, corrupted or truncated files, metadata fields of
+            the wrong type or range, tensors inconsistent with the metadata or of impossible magnitude, or `bits`
+            not matching.
     """
-    folder = _resolve_folder(os.fspath(path), bits)
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise SignpostError(f"signposts={path!r} is not a folder path; pass the folder written by calibrate.py.")
+    if bits is not None and (isinstance(bits, bool) or bits not in SIGNPOST_BITS):
+        raise SignpostError(f"bits={bits!r} is not supported; choose one of {SIGNPOST_BITS}.")
+    path = os.fspath(path)
+    if revision is not None and not path.startswith(HUB_PREFIX):
+        raise SignpostError(f"revision={revision!r} applies to {HUB_PREFIX}owner/name paths only, not {path!r}.")
+    folder = _resolve_folder(path, bits, revision)
     meta_path = os.path.join(folder, METADATA_FILE)
     try:
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise SignpostError(
-            f"{meta_path} is not valid JSON ({exc}); the folder is corrupted: re-run calibrate.py."
-        ) from exc
+        raise SignpostError(f"{meta_path} is not valid JSON ({exc}); the folder is corrupted: {FIX}.") from exc
     except OSError as exc:
         raise SignpostError(f"{meta_path} cannot be read ({exc}); check the folder's permissions.") from exc
-    _check_metadata(meta, folder)
-    if bits is not None and int(meta["bits"]) != int(bits):
+    check_metadata(meta, folder)
+    if bits is not None and meta["bits"] != bits:
         raise SignpostError(
             f"{folder} holds {meta['bits']}-bit signposts but bits={bits} was requested; point at the "
             f"nuq{bits} folder or run calibrate.py --bits {bits}."
         )
     model = meta["model"]
-    n_layers = int(model["num_hidden_layers"])
-    files = meta["files"]
-    expected_names = [layer_filename(i) for i in range(n_layers)]
-    missing_in_meta = [n for n in expected_names if n not in files]
-    if missing_in_meta:
-        raise SignpostError(
-            f"{meta_path} lists no checksum for {missing_in_meta[:3]} (model has {n_layers} layers); "
-            "the folder is incomplete: re-run calibrate.py."
-        )
-    layers = []
-    for i, name in enumerate(expected_names):
-        fpath = os.path.join(folder, name)
-        if not os.path.isfile(fpath):
-            raise SignpostError(
-                f"signpost file {fpath} is missing ({n_layers} layer files expected); copy the whole folder or "
-                "re-run calibrate.py."
-            )
-        try:
-            tensors = load_file(fpath, device="cpu")
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise SignpostError(
-                f"signpost file {fpath} is truncated or corrupted ({exc}); re-copy it or re-run calibrate.py."
-            ) from exc
-        digest = sha256_file(fpath)
-        if digest != files[name]:
-            raise SignpostError(
-                f"checksum mismatch for {fpath}: sha256 {digest[:16]}..., metadata.json says "
-                f"{str(files[name])[:16]}...; the file was modified or belongs to another calibration run: "
-                "re-copy the folder or re-run calibrate.py."
-            )
-        absent = [n for n in TENSOR_NAMES if n not in tensors]
-        if absent:
-            raise SignpostError(f"signpost file {fpath} lacks tensors {absent}; re-run calibrate.py.")
-        layer = LayerSignposts(**{n: tensors[n].to(torch.float32) for n in TENSOR_NAMES})
-        _check_layer(layer, i, int(meta["bits"]), int(model["num_key_value_heads"]), int(model["head_dim"]), folder)
-        layers.append(layer.to(device) if device is not None else layer)
+    n_layers = model["num_hidden_layers"]
+    layers = [_load_layer(folder, i, meta) for i in range(n_layers)]
+    if device is not None:
+        layers = [layer.to(device) for layer in layers]
     return Signposts(layers=layers, metadata=meta, path=folder)
+
+
+def _load_layer(folder: str, i: int, meta: dict) -> LayerSignposts:
+    """One layer file: present, parses, matches its checksum and header, float tensors that pass the checks."""
+    name = layer_filename(i)
+    fpath = os.path.join(folder, name)
+    n_layers = meta["model"]["num_hidden_layers"]
+    if not os.path.isfile(fpath):
+        raise SignpostError(
+            f"signpost file {fpath} is missing ({n_layers} layer files expected); copy the whole folder or "
+            "re-run calibrate.py."
+        )
+    try:
+        tensors = load_file(fpath, device="cpu")
+        with safe_open(fpath, framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise SignpostError(
+            f"signpost file {fpath} is truncated or corrupted ({exc}); re-copy it or re-run calibrate.py."
+        ) from exc
+    digest = sha256_file(fpath)
+    if digest != meta["files"][name]:
+        raise SignpostError(
+            f"checksum mismatch for {fpath}: sha256 {digest[:16]}..., metadata.json says "
+            f"{meta['files'][name][:16]}...; the file was modified or belongs to another calibration run: "
+            "re-copy the folder or re-run calibrate.py."
+        )
+    for key, want in (("layer", str(i)), ("bits", str(meta["bits"]))):
+        if key in header and header[key] != want:
+            raise SignpostError(
+                f"signpost file {fpath} holds {key}={header[key]!r} in its header but metadata.json expects "
+                f"{key}={want}; the files were renamed or mixed from different folders: {FIX}."
+            )
+    absent = [n for n in TENSOR_NAMES if n not in tensors]
+    if absent:
+        raise SignpostError(f"signpost file {fpath} lacks tensors {absent}; re-run calibrate.py.")
+    for n in TENSOR_NAMES:
+        if not tensors[n].dtype.is_floating_point:
+            raise SignpostError(
+                f"signpost file {fpath}: layer {i} '{n}' has dtype {tensors[n].dtype}, expected float32; {FIX}."
+            )
+    layer = LayerSignposts(**{n: tensors[n].to(torch.float32) for n in TENSOR_NAMES})
+    model = meta["model"]
+    check_layer(layer, i, meta["bits"], model["num_key_value_heads"], model["head_dim"], folder, metadata_dtype(meta))
+    return layer
 
 
 # --------------------------------------------------------------------------------------------
@@ -524,22 +498,37 @@ def validate_signposts(sp: Signposts, model_or_config: Any, bits: int | None = N
         `SignpostError`: model_type, layer count, kv heads or head_dim differ from the model, `bits` differs,
             or the tensors are inconsistent with the metadata.
     """
+    where = getattr(sp, "path", None) or "signposts"
+    meta = getattr(sp, "metadata", None)
+    layers = getattr(sp, "layers", None)
+    if not isinstance(meta, dict) or not isinstance(layers, (list, tuple)) or not layers:
+        raise SignpostError(
+            f"{where}: expected Signposts with per-layer tensors and a metadata dict, got {type(sp).__name__} "
+            f"with {type(layers).__name__} layers; load them with load_signposts(folder) or run calibrate.py."
+        )
+    if "model" not in meta or "bits" not in meta:
+        raise SignpostError(f"{where}: the metadata lacks 'model' or 'bits'; {FIX}.")
+    if isinstance(meta["bits"], bool) or meta["bits"] not in SIGNPOST_BITS:
+        raise SignpostError(f"{where}: metadata bits={meta['bits']!r}, expected 2, 3 or 4; {FIX}.")
+    check_model_fields(meta["model"], where)
     facts = _model_facts(model_or_config)
-    where = sp.path or "signposts"
-    cal = sp.metadata.get("model", {})
+    cal = meta["model"]
     fix = "run calibrate.py on this model"
     if cal.get("model_type") != facts["model_type"]:
         raise SignpostError(
             f"{where}: signposts were calibrated for model_type={cal.get('model_type')!r}, the model is "
             f"{facts['model_type']!r}; {fix}."
         )
+    shape = getattr(layers[0], "key_lower", None)
+    if not isinstance(shape, torch.Tensor) or shape.dim() != 2:
+        raise SignpostError(f"{where}: layer 0 'key_lower' is not a [num_kv_heads, head_dim] tensor; {FIX}.")
     checks = (
-        ("num_hidden_layers", "layers", sp.num_layers),
-        ("num_key_value_heads", "key/value heads", sp.num_kv_heads),
-        ("head_dim", "head_dim", sp.head_dim),
+        ("num_hidden_layers", "layers", len(layers)),
+        ("num_key_value_heads", "key/value heads", int(shape.shape[0])),
+        ("head_dim", "head_dim", int(shape.shape[1])),
     )
     for key, what, have in checks:
-        if int(cal.get(key, have)) != have:
+        if cal[key] != have:
             raise SignpostError(
                 f"{where}: metadata says {key}={cal.get(key)} but the tensors have {have}; the folder is "
                 "inconsistent: re-run calibrate.py."
@@ -548,10 +537,25 @@ def validate_signposts(sp: Signposts, model_or_config: Any, bits: int | None = N
             raise SignpostError(
                 f"{where}: signposts were calibrated for {have} {what}, the model has {facts[key]}; {fix}."
             )
-    if bits is not None and sp.bits != int(bits):
+    sp_bits = meta["bits"]
+    if bits is not None and sp_bits != int(bits):
         raise SignpostError(
-            f"{where}: signposts are for {sp.bits}-bit (nuq{sp.bits}) quantization but bits={bits} was requested; "
+            f"{where}: signposts are for {sp_bits}-bit (nuq{sp_bits}) quantization but bits={bits} was requested; "
             f"load the nuq{bits} folder (load_signposts(dir, bits={bits})) or run calibrate.py --bits {bits}."
         )
-    for i, layer in enumerate(sp.layers):
-        _check_layer(layer, i, sp.bits, sp.num_kv_heads, sp.head_dim, where)
+    dtype = _model_dtype(model_or_config) or metadata_dtype(meta)
+    for i, layer in enumerate(layers):
+        check_layer(layer, i, sp_bits, cal["num_key_value_heads"], cal["head_dim"], where, dtype)
+
+
+def _model_dtype(model_or_config: Any) -> torch.dtype | None:
+    """The dtype of a model's weights (None for a config or an identity dict)."""
+    dtype = getattr(model_or_config, "dtype", None) if isinstance(model_or_config, torch.nn.Module) else None
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+__all__ = [
+    "FISHER_WEIGHTINGS", "FORMAT_VERSION", "HUB_PREFIX", "KIND", "METADATA_FILE", "TENSOR_NAMES", "LayerSignposts",
+    "Signposts", "bits_dirname", "layer_filename", "load_signposts", "save_signposts", "sha256_file",
+    "validate_signposts",
+]

@@ -314,20 +314,23 @@ def test_validate_inconsistent_metadata(saved, tiny_llama):
 def test_hub_repo_id_uses_snapshot(monkeypatch, tmp_path, tiny_llama):
     import huggingface_hub
 
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     save_signposts(make_signposts(tiny_llama, bits=2), tmp_path)
     calls = []
 
-    def fake_snapshot_download(repo_id, allow_patterns=None):
-        calls.append((repo_id, allow_patterns))
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, local_files_only=False):
+        calls.append((repo_id, revision, allow_patterns, local_files_only))
         return str(tmp_path)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    sp = load_signposts("someone/kvquant-signposts", bits=2)
-    assert sp.bits == 2 and calls and calls[0][0] == "someone/kvquant-signposts" and "nuq2/*" in calls[0][1]
+    sp = load_signposts("hf://someone/kvquant-signposts@v1", bits=2)
+    assert sp.bits == 2 and calls == [("someone/kvquant-signposts", "v1", ["nuq2/*", "metadata.json", "*.safetensors"],
+                                       False)]
 
-    def offline(repo_id, allow_patterns=None):
+    def offline(repo_id, revision=None, allow_patterns=None, local_files_only=False):
         raise OSError("no network")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(SignpostError, match="could not be fetched from the Hugging Face Hub"):
-        load_signposts("someone/other", bits=2)
+    with pytest.raises(SignpostError, match="could not download repo 'someone/other' at revision 'main' from the"):
+        load_signposts("hf://someone/other", bits=2)

@@ -81,6 +81,8 @@ def patch_model(model):
     forward = PATCHES[model_type]
     for layer in layers:
         attn = layer.self_attn
+        if "_kvquant_original_forward" in attn.__dict__:  # patched already (a concurrent first call)
+            continue
         attn.__dict__["_kvquant_rotary"] = rotary  # plain attribute: not a registered submodule
         attn.__dict__["_kvquant_original_forward"] = attn.forward
         # transformers >= 5.24 names the cache argument `cache`, earlier 5.x `past_key_values`
