@@ -118,11 +118,18 @@ def test_soak_smoke(results):
 
 
 def test_reliability_smoke(results):
-    assert __import__("benchmarks.reliability").reliability.main(["--smoke"]) == 0
+    """The first cases of every group run, each handled, and the report has one section per group."""
+    from benchmarks import reliability
+
+    assert reliability.main(["--smoke"]) == 0
     data = json.loads((results / "reliability.json").read_text())
-    assert len(data["rows"]) == 4 and all(r["kvquant_error"] == "yes" and r["state_intact"] == "yes"
-                                          for r in data["rows"])
-    assert data["meta"] == {"all_as_documented": True, "pickle_executed": False}
+    rows = data["rows"]
+    groups = [reliability.FIRST_GROUP] + [title for title, _ in reliability.GROUPS]
+    assert [r["group"] for r in rows] == [groups[0]] * 4 + [g for g in groups[1:] for _ in range(2)]
+    assert all(r["handled"] == "yes" and r["state_intact"] == "yes" and r["observed"] for r in rows)
+    assert data["meta"] == {"all_handled": True, "pickle_executed": False, "cases": 16, "handled": 16}
+    md = (results / "reliability.md").read_text()
+    assert all(f"## {g} (" in md for g in groups)
 
 
 def test_run_gpu_script_rejects_unknown_names():
