@@ -19,3 +19,5 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # the package is imported from the checkout (tests/conftest.py puts the repo root on sys.path)
 python -m pytest -q -ra -m compat tests/test_cache.py tests/test_generation.py "$@"
 python -m pytest -q -ra tests/test_rms_norm.py tests/test_projections.py tests/test_exact_block.py "$@"
+# generate with left padding across prefill chunks, concurrent threads, all-padding masks, saved caches
+python -m pytest -q -ra tests/test_padding.py tests/test_threads.py tests/test_uncalibrated_masks.py tests/test_cache_pickle.py "$@"
