@@ -151,9 +151,15 @@ def _max_total_tokens(inputs, kwargs: dict) -> int | None:
 def _expansion(model, kwargs: dict) -> int:
     """Rows per prompt that generate will run: beams or returned sequences."""
     gc = kwargs.get("generation_config") or model.generation_config
-    beams = kwargs.get("num_beams", getattr(gc, "num_beams", 1)) or 1
-    returned = kwargs.get("num_return_sequences", getattr(gc, "num_return_sequences", 1)) or 1
-    return max(int(beams), int(returned))
+    rows = []
+    for name in ("num_beams", "num_return_sequences"):
+        value = kwargs.get(name, getattr(gc, name, 1))
+        if value is None:
+            value = 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise KVQuantConfigError(f"{name}={value!r} must be a positive integer (1 or more).")
+        rows.append(value)
+    return max(rows)
 
 
 def _check_capacity(model, cache: KVQuantCache, total: int, inputs, kwargs: dict) -> None:

@@ -135,6 +135,9 @@ GENERATE_CASES = [
     ("empty batch-2 prompt", {"ids": torch.zeros(2, 0, dtype=torch.long), "max_new_tokens": 4}, KVQuantConfigError,
      ["prompt is empty"]),
     ("empty prompt, no max_new_tokens", {"ids": PROMPT[:, :0]}, KVQuantConfigError, ["prompt is empty"]),
+    ("num_beams str", {"max_new_tokens": 4, "num_beams": "2"}, KVQuantConfigError, ["num_beams='2'", "positive"]),
+    ("num_return_sequences zero", {"max_new_tokens": 4, "num_return_sequences": 0}, KVQuantConfigError,
+     ["num_return_sequences=0"]),
 ]
 
 
