@@ -112,3 +112,16 @@ def filled_cache(model, batch=3, n=14, **overrides):
     with torch.no_grad():
         forward(model, ids, cache)
     return cache, ids
+
+
+def for_greedy_generate(model):
+    """``model`` set up for greedy ``generate`` tests: pad token 0, no EOS (every call runs its full length)."""
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def returned_cache(out):
+    """The cache a ``generate(return_dict_in_generate=True)`` result carries (``cache`` or ``past_key_values``)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out["past_key_values"]

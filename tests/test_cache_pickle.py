@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 import torch
-from cache_helpers import make_signposts
+from cache_helpers import for_greedy_generate, make_signposts
 from conftest import make_tiny_llama
 
 from kvquant_hf import quant
@@ -26,10 +26,7 @@ LAYER_TENSORS = HISTORY_TENSORS + SINK_TENSORS + ROW_TENSORS + ("k_lut", "v_lut"
 
 @pytest.fixture(scope="module")
 def model():
-    m = make_tiny_llama()
-    m.generation_config.pad_token_id = 0
-    m.generation_config.eos_token_id = None
-    return m
+    return for_greedy_generate(make_tiny_llama())
 
 
 def _signposts(model):

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from cache_helpers import make_lossless, make_signposts
+from cache_helpers import for_greedy_generate, make_lossless, make_signposts, returned_cache
 from conftest import make_tiny_llama, make_tiny_mistral
 from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer, TextStreamer
@@ -28,17 +28,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::kvquant_hf.UncalibratedCacheWar
 def fp32_value_scales(monkeypatch):
     original = quant.value_scale_dtype
     monkeypatch.setattr(quant, "value_scale_dtype", lambda dt: torch.float32 if dt == torch.float32 else original(dt))
-
-
-def _setup(model):
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None
-    return model
-
-
-def _returned_cache(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out["past_key_values"]
 
 
 class Collect(BaseStreamer):
@@ -67,9 +56,9 @@ class DigitsTokenizer:
 @pytest.mark.compat
 @pytest.mark.parametrize("make", [make_tiny_llama, lambda: make_tiny_mistral(sliding_window=6)], ids=["llama", "mistral"])
 def test_lossless_greedy_generate_matches_dynamic_cache(make, fp32_value_scales):
-    model = _setup(make())
+    model = for_greedy_generate(make())
     factory, reference = make_lossless(model)
-    _setup(reference)
+    for_greedy_generate(reference)
     sp = factory().key_signposts
     want = reference.generate(PROMPT, max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True)
     got = model.generate(
@@ -79,14 +68,14 @@ def test_lossless_greedy_generate_matches_dynamic_cache(make, fp32_value_scales)
     )
     assert torch.equal(got.sequences, want.sequences)
     torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=2e-5, rtol=1e-4)
-    cache = _returned_cache(got)
+    cache = returned_cache(got)
     assert isinstance(cache, kvquant_hf.KVQuantCache)
     assert cache.get_seq_length() == PROMPT.shape[1] + 12 - 1
 
 
 @pytest.mark.compat
 def test_string_and_object_forms_agree_and_return_the_cache():
-    model = _setup(make_tiny_llama())
+    model = for_greedy_generate(make_tiny_llama())
     cfg = {"bits": 3, "sink_tokens": 1, "outlier_fraction": 0.05}
     a = model.generate(PROMPT, max_new_tokens=6, do_sample=False, cache_implementation="kvquant", cache_config=cfg,
                        return_dict_in_generate=True)
@@ -94,7 +83,7 @@ def test_string_and_object_forms_agree_and_return_the_cache():
     b = model.generate(PROMPT, max_new_tokens=6, do_sample=False, **{cache_kwarg_name(model): user_cache})
     assert torch.equal(a.sequences, b)
     assert user_cache.get_seq_length() == PROMPT.shape[1] + 6 - 1
-    assert _returned_cache(a).config.bits == 3
+    assert returned_cache(a).config.bits == 3
     # past_key_values= works on every supported transformers version
     c_cache = kvquant_hf.KVQuantCache(cfg, model_config=model.config)
     with warnings.catch_warnings():
@@ -104,7 +93,7 @@ def test_string_and_object_forms_agree_and_return_the_cache():
 
 
 def test_sampling_and_num_return_sequences():
-    model = _setup(make_tiny_llama())
+    model = for_greedy_generate(make_tiny_llama())
     kw = {"max_new_tokens": 6, "do_sample": True, "top_k": 20, "num_return_sequences": 3, "cache_implementation": "kvquant"}
     torch.manual_seed(0)
     a = model.generate(PROMPT, **kw)
@@ -116,9 +105,9 @@ def test_sampling_and_num_return_sequences():
 
 @pytest.mark.compat
 def test_lossless_beam_search_matches_dynamic_cache(fp32_value_scales):
-    model = _setup(make_tiny_llama())
+    model = for_greedy_generate(make_tiny_llama())
     factory, reference = make_lossless(model)
-    _setup(reference)
+    for_greedy_generate(reference)
     sp = factory().key_signposts
     kw = {"max_new_tokens": 6, "num_beams": 3, "num_return_sequences": 2, "do_sample": False}
     want = reference.generate(PROMPT.repeat(2, 1), **kw)
@@ -129,7 +118,7 @@ def test_lossless_beam_search_matches_dynamic_cache(fp32_value_scales):
 
 
 def test_beam_search_lossy_runs_and_reorders(monkeypatch):
-    model = _setup(make_tiny_llama())
+    model = for_greedy_generate(make_tiny_llama())
     calls = []
     original = kvquant_hf.KVQuantCache.reorder_cache
 
@@ -146,7 +135,7 @@ def test_beam_search_lossy_runs_and_reorders(monkeypatch):
 
 @pytest.mark.compat
 def test_left_padded_batch_generate_equals_prompts_alone_lossless(fp32_value_scales):
-    model = _setup(make_tiny_llama())
+    model = for_greedy_generate(make_tiny_llama())
     factory, _ = make_lossless(model)
     cfg = {"signposts": factory().key_signposts, "outlier_slots": 15, "sink_tokens": 2}
     short = PROMPT[:, 4:]
@@ -162,10 +151,10 @@ def test_left_padded_batch_generate_equals_prompts_alone_lossless(fp32_value_sca
 
 
 def test_assisted_decoding_crops_the_cache_and_matches_dynamic_cache(monkeypatch, fp32_value_scales):
-    model = _setup(make_tiny_llama())
+    model = for_greedy_generate(make_tiny_llama())
     factory, reference = make_lossless(model)
-    _setup(reference)
-    assistant = _setup(make_tiny_llama(seed=5))
+    for_greedy_generate(reference)
+    assistant = for_greedy_generate(make_tiny_llama(seed=5))
     crops = []
     original = kvquant_hf.KVQuantCache.crop
 
@@ -185,7 +174,7 @@ def test_assisted_decoding_crops_the_cache_and_matches_dynamic_cache(monkeypatch
 
 
 def test_streamers():
-    model = _setup(make_tiny_llama())
+    model = for_greedy_generate(make_tiny_llama())
     collect = Collect()
     out = model.generate(PROMPT, max_new_tokens=5, do_sample=False, streamer=collect, cache_implementation="kvquant")
     assert collect.ended
@@ -198,7 +187,7 @@ def test_streamers():
 
 
 def test_several_generate_calls_and_stock_caches_afterwards():
-    model = _setup(make_tiny_llama())
+    model = for_greedy_generate(make_tiny_llama())
     stock_before = model.generate(PROMPT, max_new_tokens=5, do_sample=False)
     first = model.generate(PROMPT, max_new_tokens=5, do_sample=False, cache_implementation="kvquant",
                            cache_config={"bits": 4})
@@ -214,7 +203,7 @@ def test_several_generate_calls_and_stock_caches_afterwards():
 
 
 def test_generation_config_forms():
-    model = _setup(make_tiny_llama())
+    model = for_greedy_generate(make_tiny_llama())
     expected = model.generate(PROMPT, max_new_tokens=4, do_sample=False, cache_implementation="kvquant",
                               cache_config={"bits": 3})
     gc = GenerationConfig(max_new_tokens=4, do_sample=False, cache_implementation="kvquant", cache_config={"bits": 3},
@@ -225,12 +214,12 @@ def test_generation_config_forms():
     model.generation_config.cache_config = {"bits": 3}
     out = model.generate(PROMPT, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
     assert torch.equal(out.sequences, expected)
-    assert isinstance(_returned_cache(out), kvquant_hf.KVQuantCache)
+    assert isinstance(returned_cache(out), kvquant_hf.KVQuantCache)
     assert model.generation_config.cache_implementation == "kvquant"
 
 
 def test_signposts_folder_and_validation(tmp_path):
-    model = _setup(make_tiny_llama())
+    model = for_greedy_generate(make_tiny_llama())
     sp = make_signposts(model, quant.normal_float_signposts(4), -1.0, 1.0, bits=4)
     save_signposts(sp, tmp_path)
     from_folder = model.generate(PROMPT, max_new_tokens=4, do_sample=False, cache_implementation="kvquant",
@@ -241,14 +230,14 @@ def test_signposts_folder_and_validation(tmp_path):
     with pytest.raises(SignpostError, match="bits"):
         model.generate(PROMPT, max_new_tokens=2, cache_implementation="kvquant",
                        cache_config={"signposts": str(tmp_path), "bits": 3})
-    mistral = _setup(make_tiny_mistral())
+    mistral = for_greedy_generate(make_tiny_mistral())
     with pytest.raises(SignpostError, match="model_type"):
         mistral.generate(PROMPT, max_new_tokens=2, cache_implementation="kvquant",
                          cache_config={"signposts": str(tmp_path), "bits": 4})
 
 
 def test_generate_errors_are_clear():
-    model = _setup(make_tiny_llama())
+    model = for_greedy_generate(make_tiny_llama())
     with pytest.raises(KVQuantConfigError, match="allowed keys"):
         model.generate(PROMPT, max_new_tokens=2, cache_implementation="kvquant", cache_config={"nbits": 4})
     with pytest.raises(KVQuantConfigError, match="backend"):
@@ -268,7 +257,7 @@ def test_unsupported_architecture_lists_supported_model_types():
 
     config = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2)
-    model = _setup(Qwen2ForCausalLM(config).eval())
+    model = for_greedy_generate(Qwen2ForCausalLM(config).eval())
     with pytest.raises(UnsupportedModelError, match="llama.*mistral|mistral.*llama"):
         model.generate(PROMPT, max_new_tokens=2, cache_implementation="kvquant")
     with pytest.raises(UnsupportedModelError, match="llama"):
@@ -329,9 +318,9 @@ LONG_PROMPT = torch.tensor([[(7 * i + 3) % 128 for i in range(37)]])
 
 @pytest.mark.compat
 def test_chunked_prefill_lossless_matches_dynamic_cache(fp32_value_scales):
-    model = _setup(make_tiny_llama())
+    model = for_greedy_generate(make_tiny_llama())
     factory, reference = make_lossless(model)
-    _setup(reference)
+    for_greedy_generate(reference)
     sp = factory().key_signposts
     want = reference.generate(LONG_PROMPT, max_new_tokens=6, do_sample=False, output_logits=True,
                               return_dict_in_generate=True)
@@ -346,7 +335,7 @@ def test_chunked_prefill_lossless_matches_dynamic_cache(fp32_value_scales):
 def test_chunked_prefill_equals_manual_chunks_and_differs_from_one_call():
     """Each chunk attends to the *packed* earlier chunks: generate's chunking equals feeding the same chunks by
     hand, and (lossy setting) differs from prefilling the whole prompt in one call."""
-    model = _setup(make_tiny_llama())
+    model = for_greedy_generate(make_tiny_llama())
     cfg = {"bits": 2, "prefill_chunk_size": 10}
     with torch.no_grad():
         got = model.generate(LONG_PROMPT, max_new_tokens=1, do_sample=False, output_logits=True,
@@ -362,7 +351,7 @@ def test_chunked_prefill_equals_manual_chunks_and_differs_from_one_call():
                            **{cache_kwarg_name(model): cache}).logits
     torch.testing.assert_close(got.logits[0], logits[:, -1], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(got.logits[0], one.logits[0], atol=1e-4)
-    assert _returned_cache(got).get_seq_length() == n
+    assert returned_cache(got).get_seq_length() == n
 
 
 def test_prefill_chunk_size_is_validated():
@@ -386,7 +375,7 @@ def _manual_chunks(model, prompt, mask, cfg, chunk):
 def test_chunked_prefill_masks_stay_chunk_sized(monkeypatch, make):
     """Later chunks get a [B, 1, c, c] mask (not c x context), with the same result as transformers' full masks,
     left padding (a pad longer than one chunk) and Mistral's sliding window included."""
-    model = _setup(make())
+    model = for_greedy_generate(make())
     prompt = torch.tensor([[(5 * i + 1) % 128 for i in range(31)], [(3 * i + 2) % 128 for i in range(31)]])
     mask = torch.ones_like(prompt)
     mask[1, :9] = 0  # left padding longer than the 7-token chunk
@@ -412,7 +401,7 @@ def test_chunked_prefill_masks_stay_chunk_sized(monkeypatch, make):
     assert seen[n_gen] == (2, 1, 7, 7) or seen[n_gen][-1] == 7  # the reference's first chunk
     assert seen[n_gen + 1][-1] == 14  # transformers' own mask spans the context
     torch.testing.assert_close(got.logits[0], want, atol=1e-5, rtol=1e-5)
-    got_cache = _returned_cache(got)
+    got_cache = returned_cache(got)
     for a, b in zip(got_cache.layers, ref_cache.layers):
         assert torch.equal(a.k_codes[:, :, : b.length], b.k_codes[:, :, : b.length])
         assert torch.equal(a.hist_start, b.hist_start)

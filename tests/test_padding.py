@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cache_helpers import forward, make_lossless, make_signposts
+from cache_helpers import for_greedy_generate, forward, make_lossless, make_signposts
 from conftest import make_tiny_llama, make_tiny_mistral
 
 from kvquant_hf import quant
@@ -23,10 +23,7 @@ NEW = 6
 
 @pytest.fixture(scope="module")
 def model():
-    m = make_tiny_llama()
-    m.generation_config.pad_token_id = 0
-    m.generation_config.eos_token_id = None
-    return m
+    return for_greedy_generate(make_tiny_llama())
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cache_helpers import for_greedy_generate
 from conftest import make_tiny_llama
 
 import kvquant_hf
@@ -22,10 +23,7 @@ PROMPT = torch.tensor([[5, 17, 99, 3, 42, 8, 77, 31, 64, 12]])
 
 @pytest.fixture(scope="module")
 def model():
-    m = make_tiny_llama()
-    m.generation_config.pad_token_id = 0
-    m.generation_config.eos_token_id = None
-    return m
+    return for_greedy_generate(make_tiny_llama())
 
 
 # (case, plan_capacity keyword arguments (model, config) -> dict, words the message must contain)

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from cache_helpers import for_greedy_generate, returned_cache
 from conftest import make_tiny_llama
 from transformers.generation.streamers import BaseStreamer
 
@@ -21,15 +22,7 @@ WAIT_S = 60
 
 
 def _model():
-    model = make_tiny_llama()
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None
-    return model
-
-
-def _returned_cache(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out["past_key_values"]
+    return for_greedy_generate(make_tiny_llama())
 
 
 class Gate(BaseStreamer):
@@ -98,7 +91,7 @@ def test_second_thread_inside_first_call_gets_a_kvquant_cache(second_via):
     out_a = results["a"]
     assert gate.seen == ("kvquant", {"bits": 3})
     assert seen_by_b == ("kvquant", {"bits": 3})
-    cache_a, cache_b = _returned_cache(out_a), _returned_cache(out_b)
+    cache_a, cache_b = returned_cache(out_a), returned_cache(out_b)
     assert isinstance(cache_a, kvquant_hf.KVQuantCache), type(cache_a)
     assert isinstance(cache_b, kvquant_hf.KVQuantCache), type(cache_b)
     assert cache_a is not cache_b
@@ -135,7 +128,7 @@ def test_staggered_threads_all_get_kvquant_caches():
         for t in threads:
             t.join(WAIT_S)
         _check(results)
-        kinds = [type(_returned_cache(results[i])).__name__ for i in range(n_threads)]
+        kinds = [type(returned_cache(results[i])).__name__ for i in range(n_threads)]
         assert kinds == ["KVQuantCache"] * n_threads
         assert model.generation_config.cache_implementation == "kvquant"
         assert model.generation_config.cache_config == {"bits": 4}
@@ -230,12 +223,12 @@ def test_model_default_applies_to_a_passed_config_and_yields_to_a_passed_cache()
     before = model.generation_config.to_dict()
     gc = GenerationConfig(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
     out = model.generate(PROMPT, generation_config=gc)
-    assert isinstance(_returned_cache(out), kvquant_hf.KVQuantCache)
-    assert _returned_cache(out).config.key_bits == 3
+    assert isinstance(returned_cache(out), kvquant_hf.KVQuantCache)
+    assert returned_cache(out).config.key_bits == 3
     cache = kvquant_hf.KVQuantCache({"bits": 2}, model_config=model.config)
     name = kvquant_hf.generation.cache_kwarg_name(model)
     out = model.generate(PROMPT, max_new_tokens=4, do_sample=False, return_dict_in_generate=True, **{name: cache})
-    assert _returned_cache(out) is cache
+    assert returned_cache(out) is cache
     assert cache.get_seq_length() == PROMPT.shape[1] + 3
     assert model.generation_config.to_dict() == before
     assert gc.cache_implementation is None
