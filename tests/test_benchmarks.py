@@ -91,6 +91,33 @@ def test_e2e_decode_smoke(results):
     assert rows[0]["cache_gib"] > rows[1]["cache_gib"] > 0
 
 
+def test_throughput_smoke(results):
+    rows, data = _smoke("throughput", results)
+    assert [(r["method"], r["context"], r["batch"]) for r in rows] == [("kvquant_nuq4", 64, 2), ("dynamic", 64, 2)]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["prefill_s"] > 0 and r["decode_tok_s"] > 0
+        assert r["decode_tok_s"] == pytest.approx(2 * (data["meta"]["new_tokens"] - 1) / r["decode_s"])
+    assert rows[1]["decode_ratio"] == 1.0 and rows[0]["decode_ratio"] == pytest.approx(
+        rows[0]["decode_tok_s"] / rows[1]["decode_tok_s"])
+    # the largest batch: the planner's plan holds context + new tokens at it and not at one more sequence
+    import torch
+
+    import kvquant_hf
+    from benchmarks import throughput
+
+    model = common.random_model("tiny", dtype=torch.float32, device="cpu", num_layers=2)
+    free = 2 << 30
+    batch = {m: throughput.planned_batch(model, m, 1024, 8, free_memory=free)
+             for m in ("kvquant_nuq4", "kvquant_nuq2", "dynamic")}
+    assert batch["kvquant_nuq2"] >= batch["kvquant_nuq4"] > 0 and batch["dynamic"] > 0, batch
+    for method, b in batch.items():
+        cfg = throughput.cache_config(method) if method.startswith("kvquant") else "fp16"
+        tokens = [kvquant_hf.plan_capacity(model, cfg, batch_size=n, prompt_tokens=1024, free_memory=free).max_tokens
+                  for n in (b, b + 1)]
+        assert tokens[0] >= 1024 + 8 > tokens[1] or b == throughput.MAX_BATCH, (method, b, tokens)
+
+
 def test_accuracy_smoke(results):
     rows, data = _smoke("accuracy", results)
     by = {r["method"]: r for r in rows}
