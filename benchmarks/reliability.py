@@ -339,8 +339,8 @@ def run(args) -> int:
         ("model dtype changed to bf16 mid-sequence", dtype_change),
         ("keys on another device than the cache (meta)", device_change),
         ("batch size changed mid-sequence (user cache)", lengths_after(batch_change)),
-        ("NaN in layer-1 keys at decode step 3 (nonfinite='error')", lengths_after(nan_error)),
-        ("Inf in layer-0 values at decode step 2 (nonfinite='zero')", nan_zero),
+        ("NaN in layer-1 keys in the 3rd decode forward (nonfinite='error')", lengths_after(nan_error)),
+        ("Inf in layer-0 values in the 2nd decode forward (nonfinite='zero')", nan_zero),
         ("key outliers beyond the slots (thresholds +-0.01)", slots_exhausted),
     ]
 
@@ -408,7 +408,7 @@ def recorded(desc, fn):
 FIRST_GROUP = "Bad settings, signpost folders and mid-sequence changes"
 EXPECTED = {
     "malicious pickles added next to valid files": "ignored (only JSON and safetensors are read), nothing executed",
-    "Inf in layer-0 values at decode step 2 (nonfinite='zero')": "contained: stored as zeros, later scores finite",
+    "Inf in layer-0 values in the 2nd decode forward (nonfinite='zero')": "contained: stored as zeros, later scores finite",
     "key outliers beyond the slots (thresholds +-0.01)": "clipped to the threshold and counted",
 }
 

@@ -37,6 +37,7 @@ from transformers.generation.utils import GenerationMixin
 from .cache import KVQuantCache, LazyLayers
 from .config import KVQuantConfig
 from .errors import KVQuantConfigError, KVQuantNumericalError
+from .layer_sink import left_padding_only_error, padded_inside
 from .planner_checks import check_generate_tokens
 
 CACHE_IMPLEMENTATION = "kvquant"
@@ -440,15 +441,9 @@ def check_left_padded(mask) -> None:
     only), before any work starts."""
     if mask is None or not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[-1] < 2:
         return
-    real = mask != 0
-    inner = (real[:, :-1] & ~real[:, 1:]).any(-1)
+    inner = padded_inside(mask != 0)
     if bool(inner.any()):
-        rows = [int(r) for r in inner.nonzero()[:, 0]]
-        raise KVQuantConfigError(
-            f"the attention mask has padding after real tokens in batch row(s) {rows}; the KVQuant cache supports "
-            "left padding only (zeros before a row's first real token). Left-pad the batch "
-            "(tokenizer.padding_side = 'left'), or run those prompts separately."
-        )
+        raise left_padding_only_error([int(r) for r in inner.nonzero()[:, 0]])
 
 
 def _register_cache_name() -> None:

@@ -25,6 +25,20 @@ def gather_seq(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(2, idx[:, None, :, None].expand(b, h, idx.shape[1], d))
 
 
+def padded_inside(real: torch.Tensor) -> torch.Tensor:
+    """Per row of ``real [B, L]`` (bool): whether padding follows a real token within the row."""
+    return (real[:, :-1] & ~real[:, 1:]).any(-1)
+
+
+def left_padding_only_error(rows: list[int], where: str = "") -> KVQuantConfigError:
+    """The error for rows with padding after their first real token: the cache masks left padding only."""
+    return KVQuantConfigError(
+        f"{where}the attention mask has padding after real tokens in batch row(s) {rows}; the KVQuant cache supports "
+        "left padding only (zeros before a row's first real token). Left-pad the batch "
+        "(tokenizer.padding_side = 'left'), or run those prompts separately."
+    )
+
+
 class SinkTokens:
     """Sink part of ``KVQuantLayer``: allocation, storing the first tokens, the rotated sink keys and the cached
     answer to "is every sink token real" (``sinks_all_valid``: None when not known)."""
@@ -168,14 +182,9 @@ class SinkTokens:
         calls of several tokens and while a row's sink waits for real tokens, never on a plain decode step."""
         n_new = real.shape[-1]
         real = real.to(self.device, torch.bool).expand(self.batch_size, n_new)
-        inner = (real[:, :-1] & ~real[:, 1:]).any(-1)
+        inner = padded_inside(real)
         if self.is_initialized and self.n_sink + self.length > 0:
             stored_real = self.sink_valid[:, : self.n_sink].any(-1) | (self.hist_start < self.length)
             inner = inner | (stored_real & ~real[:, 0])
         if bool(inner.any()):
-            rows = [int(r) for r in inner.nonzero()[:, 0]]
-            raise KVQuantConfigError(
-                f"layer {self.layer_idx}: the attention mask has padding after real tokens in batch row(s) {rows}; "
-                "the KVQuant cache supports left padding only (zeros before a row's first real token). Left-pad "
-                "the batch (tokenizer.padding_side = 'left'), or run those prompts separately."
-            )
+            raise left_padding_only_error([int(r) for r in inner.nonzero()[:, 0]], f"layer {self.layer_idx}: ")
