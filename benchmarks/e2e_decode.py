@@ -5,7 +5,7 @@ transformers' ``QuantizedCache`` (optimum-quanto int4) and ``KVQuantCache`` (nuq
 CUDA-graph decode, with NormalFloat tables (an uncalibrated cache; calibrated k-means tables take the same gathered
 decode path) and uniform tables (``calibrate.py --key-table uniform --value-table uniform``). Method names:
 ``kvquant_nuq4`` (eager), ``kvquant_nuq4_graph`` (CUDA graph), suffix ``_fn`` = ``fused_norms``, ``_fp`` =
-``fused_projections``, ``_ff`` = both. Caches are filled with random tensors of the right shape ("fast fill":
+``fused_projections``, ``_ff`` = both, then ``_wR`` = ``recent_window=R`` (e.g. ``kvquant_nuq4_graph_w128``). Caches are filled with random tensors of the right shape ("fast fill":
 decode time depends on the bytes held, not on their values), then decode steps are timed with CUDA events
 (median). An eager KVQuant step is broken down with the profiler into attention, append and the rest.
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import re
 
 import torch
 
@@ -28,7 +29,8 @@ from kvquant_hf.generation import cache_kwarg_name
 from kvquant_hf.models import unpatch_model
 
 NAME = "e2e_decode"
-DEFAULT_METHODS = ["kvquant_nuq4_graph", "kvquant_nuq4_graph_ff", "kvquant_nuq2_graph", "kvquant_nuq2_graph_ff",
+DEFAULT_METHODS = ["kvquant_nuq4_graph", "kvquant_nuq4_graph_w128", "kvquant_nuq4_graph_ff", "kvquant_nuq2_graph",
+                   "kvquant_nuq2_graph_w128", "kvquant_nuq2_graph_ff",
                    "kvquant_nuq4", "dynamic", "static_compile", "quanto_int4"]
 #: cases left out of the default run (the compile takes a minute; quanto's step at 128K is slow and known)
 DEFAULT_SKIP = ["static_compile@32768x1"]
@@ -105,10 +107,12 @@ def bench_quanto(model, batch, context):
     return ms
 
 
-def bench_kvquant(model, batch, context, bits, cuda_graph, fused_norms=False, fused_projections=False, tables="nf"):
+def bench_kvquant(model, batch, context, bits, cuda_graph, fused_norms=False, fused_projections=False, tables="nf",
+                  recent_window=0):
     """KVQuantCache decode step (eager or CUDA graph) and its breakdown."""
     return kvquant_decode_benchmark(model, batch=batch, context=context, bits=bits, cuda_graph=cuda_graph,
-                                    fused_norms=fused_norms, fused_projections=fused_projections, tables=tables)
+                                    fused_norms=fused_norms, fused_projections=fused_projections, tables=tables,
+                                    recent_window=recent_window)
 
 
 #: method suffix -> (fused_norms, fused_projections)
@@ -139,7 +143,8 @@ def main(argv=None) -> list[dict]:
     device = "cuda"
     if args.smoke:
         device, args.shape, args.dtype = "cpu", "tiny", "float32"
-        args.contexts, args.extra, args.methods = [64], [], ["kvquant_nuq4", "kvquant_nuq2", "dynamic"]
+        args.contexts, args.extra = [64], []
+        args.methods = ["kvquant_nuq4", "kvquant_nuq4_w16", "kvquant_nuq2", "dynamic"]
 
     model = random_model(args.shape, num_layers=args.layers, dtype=getattr(torch, args.dtype), device=device)
     cases = [(c, args.batch) for c in args.contexts] + [tuple(int(x) for x in e.split("x")) for e in args.extra]
@@ -165,11 +170,14 @@ def run_case(model, method: str, tables: str, context: int, batch: int, device: 
     try:
         if method.startswith("kvquant"):
             bits = int(method.split("_")[1][3:])
-            suffix = method[-3:] if method[-3:] in FUSION_SUFFIXES else ""
+            win = re.search(r"_w(\d+)$", method)
+            base = method[: win.start()] if win else method
+            suffix = base[-3:] if base[-3:] in FUSION_SUFFIXES else ""
             norms, projections = FUSION_SUFFIXES.get(suffix, (False, False))
-            base = method[: len(method) - len(suffix)]
+            base = base[: len(base) - len(suffix)]
             row.update(bench_kvquant(model, batch, context, bits, cuda_graph=base.endswith("_graph"),
-                                     fused_norms=norms, fused_projections=projections, tables=tables))
+                                     fused_norms=norms, fused_projections=projections, tables=tables,
+                                     recent_window=int(win.group(1)) if win else 0))
         else:
             row["ms_per_step"] = METHODS[method](model, batch, context)
     except torch.OutOfMemoryError as exc:

@@ -62,6 +62,17 @@ def fast_fill_layer(layer: KVQuantLayer, batch: int, heads: int, head_dim: int, 
                 idx.copy_(torch.where(unused, torch.full_like(ch, quant.UNUSED_SLOT), ch).to(torch.uint8))
         layer.positions[:, s0:s1] = torch.arange(n_sink + s0, n_sink + s1, dtype=torch.int32, device=device)
     layer.length = hist
+    w = layer.n_window  # the recent window's ring: the last w history tokens, exact
+    if w:
+        ring = slice(n_sink, n_sink + w)
+        layer.sink_k[:, :, ring].normal_(generator=g)
+        layer.sink_v[:, :, ring].normal_(generator=g)
+        layer.sink_rope = None
+        j = torch.arange(hist - w, hist, device=device)
+        slots = j % layer.config.recent_window + n_sink
+        layer.sink_positions.index_copy_(1, slots, layer.positions[:, hist - w: hist])
+        layer.sink_valid[:, ring] = True
+        layer.window_all_valid = True
     if hasattr(layer, "sync_device_length"):
         layer.sync_device_length()
 
@@ -153,10 +164,11 @@ def step_breakdown(step, categories: dict[str, tuple[str, ...]]) -> dict[str, fl
 def kvquant_decode_benchmark(model, batch: int, context: int, bits: int, cuda_graph: bool = False,
                              outlier_fraction: float = 0.01, warmup: int = 2, iters: int = 10,
                              fused_norms: bool = False, fused_projections: bool = False,
-                             tables: str = "nf") -> dict[str, Any]:
+                             tables: str = "nf", recent_window: int = 0) -> dict[str, Any]:
     """Time one decode step of ``model`` with a fast-filled nuq``bits`` `KVQuantCache` at ``context`` tokens
     (``fused_norms``: the model's RMSNorms on one Triton kernel each; ``fused_projections``: one GEMV for q/k/v and
-    one for gate/up; both undone afterwards; ``tables``: see :func:`fast_filled_cache`).
+    one for gate/up; both undone afterwards; ``tables``: see :func:`fast_filled_cache`; ``recent_window``: the
+    cache's exact window). Each timed step appends a token (the capacity has room for them).
 
     Returns ms per step (CUDA events, median), the cache size, and for eager steps a profiler breakdown
     into attention / append / other kernel time.
@@ -164,8 +176,8 @@ def kvquant_decode_benchmark(model, batch: int, context: int, bits: int, cuda_gr
     from .models.norms import fuse_rms_norms, unfuse_rms_norms
     from .models.projections import fuse_projections, unfuse_projections
 
-    cache = fast_filled_cache(model, batch, context, {"bits": bits, "outlier_fraction": outlier_fraction},
-                              tables=tables)
+    cache = fast_filled_cache(model, batch, context, {"bits": bits, "outlier_fraction": outlier_fraction,
+                                                      "recent_window": recent_window}, tables=tables)
     if fused_norms:
         fuse_rms_norms(model)
     if fused_projections:
@@ -192,7 +204,6 @@ def _decode_benchmark(model, cache, batch: int, context: int, cuda_graph: bool, 
 
         def step():
             decoder.step(ids, pos)
-            decoder.rewind(1)
 
         with torch.inference_mode():
             result["ms_per_step"] = median_ms(step, warmup, iters)
@@ -200,7 +211,6 @@ def _decode_benchmark(model, cache, batch: int, context: int, cuda_graph: bool, 
     else:
         def step():
             model(input_ids=ids, position_ids=pos, **{cache_kwarg_name(model): cache})
-            cache.crop(-1)
 
         with torch.inference_mode():
             result["ms_per_step"] = median_ms(step, warmup, iters, model.device)

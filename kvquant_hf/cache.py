@@ -174,10 +174,11 @@ class KVQuantCache(Cache):
     def get_memory_footprint(self, include_spare: bool = False) -> int:
         """Bytes of stored token data across all layers.
 
-        Per layer: ``B * (n_history * bytes_per_history_token + n_sink * bytes_per_sink_token)`` with
+        Per layer: ``B * (n_history * bytes_per_history_token + n_exact * bytes_per_sink_token)`` (``n_exact``: the
+        sink tokens plus the recent window's, which are packed in the history too) with
         ``bytes_per_history_token = H * (D*key_bits/8 + D*value_bits/8 + 2*scale_bytes + 2*S*(dtype_bytes + 1)) + 4``
         (codes, value scale/zero, K and V outlier slots value+channel, int32 position) and
-        ``bytes_per_sink_token = 2*H*D*dtype_bytes + 4``. Per-layer constants (lookup tables, key thresholds) are
+        ``bytes_per_sink_token = 3*H*D*dtype_bytes + 4`` (pre-RoPE and rotated keys, values, position). Per-layer constants (lookup tables, key thresholds) are
         not included.
 
         Args:
@@ -190,6 +191,7 @@ class KVQuantCache(Cache):
 
         Returns:
             `dict` with ``layers``, ``batch_size``, ``seq_length`` (tokens per sequence), ``sink_tokens``,
+            ``window_tokens`` (history tokens also held exact in the recent window),
             ``quantized_tokens``, ``bytes`` (see :meth:`get_memory_footprint`), ``bytes_allocated`` (with spare),
             ``fp16_bytes`` (the same tokens as an fp16 K/V cache), ``compression_ratio``,
             ``key_bits_per_element`` / ``value_bits_per_element`` / ``avg_bits_per_element`` (quantized tokens:
@@ -202,7 +204,7 @@ class KVQuantCache(Cache):
         """
         layers = [layer for layer in self.layers if layer.is_initialized]
         stats: dict[str, Any] = {
-            "layers": len(layers), "batch_size": 0, "seq_length": 0, "sink_tokens": 0, "quantized_tokens": 0,
+            "layers": len(layers), "batch_size": 0, "seq_length": 0, "sink_tokens": 0, "window_tokens": 0, "quantized_tokens": 0,
             "bytes": 0, "bytes_allocated": 0, "fp16_bytes": 0, "compression_ratio": float("nan"),
             "key_bits_per_element": float("nan"), "value_bits_per_element": float("nan"),
             "avg_bits_per_element": float("nan"), "avg_bits_per_element_all": float("nan"),
@@ -231,7 +233,7 @@ class KVQuantCache(Cache):
                 slots_used += int((layer.k_out_idx[:, :, : layer.length] != quant.UNUSED_SLOT).sum())
                 slots_total += vecs * layer.n_slots
         stats.update(
-            batch_size=first.batch_size, seq_length=first.get_seq_length(), sink_tokens=first.n_sink,
+            batch_size=first.batch_size, seq_length=first.get_seq_length(), sink_tokens=first.n_sink, window_tokens=first.n_window,
             quantized_tokens=first.length, bytes=self.get_memory_footprint(),
             bytes_allocated=self.get_memory_footprint(include_spare=True), outlier_slots=first.n_slots,
             backend=first.backend,

@@ -13,6 +13,7 @@ SUPPORTED_BACKENDS = ("auto", "torch", "triton")
 NONFINITE_POLICIES = ("error", "zero")
 PREFILL_ATTENTION_MODES = ("auto", "kernel", "dequant")
 MAX_SINK_TOKENS = 64
+MAX_RECENT_WINDOW = 4096
 MAX_OUTLIER_SLOTS = 16
 
 
@@ -43,6 +44,10 @@ class KVQuantConfig:
         outlier_slots (`int`, optional): exact slots per token and head (default
             `ceil(outlier_fraction * head_dim)`); more outliers than slots are clipped and counted.
         sink_tokens (`int`): first tokens of each sequence kept exact (attention sink), 0..64.
+        recent_window (`int`): the last ``recent_window`` tokens of each sequence are also kept exact, in the model
+            dtype (a ring next to the sink); every token is packed when it arrives, and a query attends to the
+            packed form only of tokens older than the window. 0 keeps no window. After ``crop``, tokens that had
+            already left the window come back to it dequantized.
         qnorm (`bool`): apply Q-Norm (calibrated mean/std correction folded into the lookup table).
         backend (`str`): "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
         block_size (`int`): capacity grows in blocks of this many tokens.
@@ -94,6 +99,7 @@ class KVQuantConfig:
     outlier_fraction: float = 0.01
     outlier_slots: int | None = None
     sink_tokens: int = 1
+    recent_window: int = 0
     qnorm: bool = False
     backend: str = "auto"
     block_size: int = 256
@@ -134,6 +140,11 @@ class KVQuantConfig:
         if not _is_int(self.sink_tokens) or not 0 <= self.sink_tokens <= MAX_SINK_TOKENS:
             raise KVQuantConfigError(
                 f"sink_tokens={self.sink_tokens!r} is out of range; use an integer in [0, {MAX_SINK_TOKENS}]."
+            )
+        if not _is_int(self.recent_window) or not 0 <= self.recent_window <= MAX_RECENT_WINDOW:
+            raise KVQuantConfigError(
+                f"recent_window={self.recent_window!r} is out of range; use an integer in [0, {MAX_RECENT_WINDOW}] "
+                "(tokens kept exact at the end of each sequence; 0 for none)."
             )
         if not isinstance(self.backend, str) or self.backend not in SUPPORTED_BACKENDS:
             raise KVQuantConfigError(

@@ -134,9 +134,11 @@ class CUDAGraphDecoder:
         return self.static_logits
 
     def rewind(self, n: int) -> None:
-        """Forget the last ``n`` decoded tokens (host and device lengths)."""
+        """Forget the last ``n`` decoded tokens (host and device lengths; the recent window gets back, dequantized,
+        the tokens those steps pushed out of it)."""
         for layer in self.cache.layers:
             layer.length -= n
+            layer.refill_window(layer.length + n)
         self._rewind_device(n)
         self.steps -= n
 

@@ -60,11 +60,14 @@ class GraphDecodeState:
         self._advance_length = length_dev is None
         self.sinks_valid()  # known on the host before capture (it cannot sync)
         self.graph_mode = True
+        self.window_all_valid = None
+        self.window_valid()  # (the whole ring in graph mode: unfilled slots are masked)
 
     def exit_graph_mode(self) -> None:
         """Back to host-driven appends (the host length is the truth again)."""
         self.graph_mode = False
         self.length_dev = None
+        self.window_all_valid = None
 
     def sync_device_length(self) -> None:
         """Copy the host length to the device mirror (after crop/rewind on the host)."""

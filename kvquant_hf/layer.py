@@ -5,6 +5,7 @@ Each model layer of a :class:`~kvquant_hf.cache.KVQuantCache` owns one. Its part
 * :class:`~kvquant_hf.layer_storage.PackedHistory`: the packed history (quantizer parameters, growth, appends,
   batch-row operations, byte accounting);
 * :class:`~kvquant_hf.layer_sink.SinkTokens`: the exact attention sink and left-padding bookkeeping;
+* :class:`~kvquant_hf.layer_window.RecentWindow`: the last tokens kept exact next to the sink;
 * :class:`~kvquant_hf.routing.AttentionRouting`: ``attend`` and the choice of backend (Triton, prefill, torch);
 * :class:`~kvquant_hf.graph_state.GraphDecodeState`: the device-side length of CUDA-graph decode.
 
@@ -32,12 +33,13 @@ from .errors import (
 from .graph_state import GraphDecodeState
 from .layer_sink import SinkTokens
 from .layer_storage import HISTORY_TENSORS, ROW_TENSORS, SINK_TENSORS, PackedHistory
+from .layer_window import RecentWindow
 from .routing import AttentionRouting, device_guard, resolve_backend
 
 UNCALIBRATED_MIN_SAMPLE = 16  # prompt tokens below which uncalibrated key ranges also use the sink tokens
 
 
-class KVQuantLayer(PackedHistory, SinkTokens, AttentionRouting, GraphDecodeState, CacheLayerMixin):
+class KVQuantLayer(PackedHistory, SinkTokens, RecentWindow, AttentionRouting, GraphDecodeState, CacheLayerMixin):
     """Packed KVQuant storage of one attention layer, plus the attention over it (:meth:`attend`).
 
     Args:
@@ -48,8 +50,9 @@ class KVQuantLayer(PackedHistory, SinkTokens, AttentionRouting, GraphDecodeState
             tables and key thresholds from the first prompt this layer sees.
 
     Storage (``B`` batch, ``H`` kv heads, ``D`` head_dim, ``S`` outlier slots, ``cap`` capacity): see
-    :class:`kvquant_hf.attention.PackedKV`; sink ``sink_k/sink_v [B, H, sink_tokens, D]`` (model dtype, pre-RoPE),
-    ``sink_positions [B, sink_tokens]`` int32, ``sink_valid [B, sink_tokens]`` bool, ``hist_start [B]`` int64.
+    :class:`kvquant_hf.attention.PackedKV`; sink and recent-window ring ``sink_k/sink_v [B, H, sink_tokens + R, D]``
+    (model dtype, pre-RoPE; ``R = recent_window``), ``sink_positions [B, sink_tokens + R]`` int32,
+    ``sink_valid [B, sink_tokens + R]`` bool, ``hist_start [B]`` int64.
     """
 
     is_compileable = False
@@ -82,6 +85,7 @@ class KVQuantLayer(PackedHistory, SinkTokens, AttentionRouting, GraphDecodeState
         self.uncalibrated_warned = False  # a layer without an owner warns once itself
         self.has_hist_pad = False
         self.sinks_all_valid = None  # host cache of sink_valid[:, :n_sink].all() (None: not known)
+        self.window_all_valid = None  # the same for the recent window's slots
         self._key_thresholds_from_prompt = key_signposts is None
         self.key_ranges_provisional = False  # uncalibrated ranges taken while no row had a real token yet
         self.k_lower = self.k_upper = self.k_zero = self.k_scale = None
@@ -133,16 +137,21 @@ class KVQuantLayer(PackedHistory, SinkTokens, AttentionRouting, GraphDecodeState
 
     # ---------------------------------------------------------------- storing
     def store(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, real: torch.Tensor | None,
-              rope=None, positions_written: bool = False) -> None:
+              rope=None, positions_written: bool = False, k_rot: torch.Tensor | None = None) -> None:
         """Append new tokens ``[B, H, L, D]``: fill the sink first (rotating its keys once with ``rope``), quantize
-        the rest into the history (``positions_written``: CUDA-graph decode, the exact-block kernel has already
-        written their positions)."""
+        the rest into the history and keep the last of them in the recent window (``positions_written``: CUDA-graph
+        decode, the exact-block kernel has already written their positions; ``k_rot``: the new keys rotated in the
+        model dtype, when at hand)."""
+        self.placed_padded = False
         rest = self.store_sink(k, v, positions, real, rope)
         if rest is None:
             return
         k, v, positions = rest
         if self.k_lower is None or self.key_ranges_provisional:
             self._thresholds_from_prompt(k)
+        if self.placed_padded or k_rot is None or k_rot.dtype != self.dtype:
+            k_rot = None  # (left padding reorders the tokens: rotate the window's copy from its positions)
+        self.store_window(k, v, positions, self.length, rope, k_rot)
         self.append_history(k, v, positions, positions_written)
 
     def _thresholds_from_prompt(self, k: torch.Tensor) -> None:
@@ -293,6 +302,7 @@ class KVQuantLayer(PackedHistory, SinkTokens, AttentionRouting, GraphDecodeState
         if self._key_thresholds_from_prompt:
             self.k_lower = self.k_upper = self.k_zero = self.k_scale = None
             self.key_ranges_provisional = False
+        self.window_all_valid = None
 
     def crop(self, max_length: int) -> None:
         """Drop tokens from the end: ``crop(-n)`` removes ``n`` tokens, ``crop(n >= 0)`` keeps the first ``n``.
@@ -306,7 +316,9 @@ class KVQuantLayer(PackedHistory, SinkTokens, AttentionRouting, GraphDecodeState
             return
         keep = max(total + max_length, 0) if max_length < 0 else min(max_length, total)
         if keep >= self.n_sink:
-            self.length = keep - self.n_sink
+            old_length, self.length = self.length, keep - self.n_sink
+            if self.length < old_length:
+                self.refill_window(old_length)
             self.sync_device_length()
             return
         if self.has_hist_pad and self.length > 0:
@@ -316,4 +328,4 @@ class KVQuantLayer(PackedHistory, SinkTokens, AttentionRouting, GraphDecodeState
         self.length = 0
         self.n_sink = keep
         self.sink_valid[:, keep:] = False
-        self.sinks_all_valid = None
+        self.sinks_all_valid = self.window_all_valid = None

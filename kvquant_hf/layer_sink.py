@@ -45,7 +45,8 @@ class SinkTokens:
 
     def allocate_sink(self) -> None:
         """Empty sink tensors and per-row state for the layer's batch, heads and dtype."""
-        b, h, d, ns = self.batch_size, self.num_heads, self.head_dim, self.config.sink_tokens
+        b, h, d = self.batch_size, self.num_heads, self.head_dim
+        ns = self.config.sink_tokens + self.config.recent_window  # the recent window's ring follows the sink
         self.sink_k = torch.zeros(b, h, ns, d, dtype=self.dtype, device=self.device)
         self.sink_v = torch.zeros(b, h, ns, d, dtype=self.dtype, device=self.device)
         self.sink_positions = torch.zeros(b, ns, dtype=torch.int32, device=self.device)
@@ -53,6 +54,7 @@ class SinkTokens:
         self.sink_k_rot = torch.zeros(b, h, ns, d, dtype=self.dtype, device=self.device)
         self.sink_rope = None  # (inv_freq object, attention_scaling) sink_k_rot was rotated with; None: stale
         self.sinks_all_valid = None
+        self.window_all_valid = None
         self.hist_start = torch.zeros(b, dtype=torch.int64, device=self.device)
         self.has_hist_pad = False
 
@@ -72,13 +74,15 @@ class SinkTokens:
         return self.sinks_all_valid
 
     def rotated_sink(self, rope) -> torch.Tensor:
-        """``sink_k_rot[:, :, :n_sink]``: the sink keys rotated to their positions in the model dtype (what the exact
-        block needs every step). Rotated when they arrive (:meth:`store_sink`); rotated again here only if ``rope``
-        is not the one they were rotated with (a new ``inv_freq`` object, e.g. dynamic RoPE scaling, or a sink
-        written without it)."""
+        """``sink_k_rot[:, :, :n_exact]``: the sink and recent-window keys rotated to their positions in the model
+        dtype (what the exact block needs every step). Rotated when they arrive (:meth:`store_sink`,
+        :meth:`~kvquant_hf.layer_window.RecentWindow.store_window`); rotated again here only if ``rope`` is not the
+        one they were rotated with (a new ``inv_freq`` object, e.g. dynamic RoPE scaling, or tokens written without
+        it)."""
+        n = self.n_exact
         if not self.sink_rope_is(rope):
-            self.rotate_sink(rope, slice(0, self.n_sink))
-        return self.sink_k_rot[:, :, : self.n_sink]
+            self.rotate_sink(rope, slice(0, n))
+        return self.sink_k_rot[:, :, :n]
 
     def sink_rope_is(self, rope) -> bool:
         """Whether ``sink_k_rot`` was rotated with ``rope``."""
@@ -106,6 +110,7 @@ class SinkTokens:
             real = None  # no padding in this call (one host sync; a prefill chunk, not a decode step)
         if (real is not None and (n_new > 1 or first_call)) or (
                 self.n_sink and not self.graph_mode and not self.sinks_valid()):
+            self.placed_padded = True
             return self.place_padded(k, v, positions, real, rope, take)
         if take <= 0:
             return k, v, positions
@@ -127,7 +132,7 @@ class SinkTokens:
         if rope is None:
             self.sink_rope = None  # rotated when read
         else:  # the new sink tokens, or all of them if the earlier ones were rotated with another RoPE
-            self.rotate_sink(rope, sl if self.sink_rope_is(rope) else slice(0, self.n_sink))
+            self.rotate_sink(rope, sl if self.sink_rope_is(rope) else slice(0, self.n_exact))
 
     def place_padded(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, real: torch.Tensor | None,
                      rope, take: int):
@@ -166,7 +171,7 @@ class SinkTokens:
             if rope is None:
                 self.sink_rope = None
             else:
-                self.rotate_sink(rope, sl)
+                self.rotate_sink(rope, sl if self.sink_rope_is(rope) else slice(0, self.n_exact))
         self.hist_start += hist_pad
         self.has_hist_pad = bool((self.hist_start > 0).any())
         if n_hist == 0:

@@ -60,6 +60,13 @@ def sink_token_bytes(num_heads: int, head_dim: int, dtype: torch.dtype) -> int:
     return 3 * num_heads * head_dim * element_size(dtype) + 4
 
 
+def window_token_bytes(num_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes one token of the exact recent window costs per sequence and layer: a ring slot of the sink tensors
+    (:func:`sink_token_bytes`). A window token is packed on arrival too, so it also costs
+    :func:`history_token_bytes`."""
+    return sink_token_bytes(num_heads, head_dim, dtype)
+
+
 def layer_tensor_bytes(config: KVQuantConfig, batch: int, num_heads: int, head_dim: int, dtype: torch.dtype,
                        capacity: int) -> list[int]:
     """``nbytes`` of every tensor one initialized :class:`~kvquant_hf.cache.KVQuantLayer` allocates at history
@@ -74,7 +81,7 @@ def layer_tensor_bytes(config: KVQuantConfig, batch: int, num_heads: int, head_d
     ss = element_size(quant.value_scale_dtype(dtype))
     h, d, b, cap = num_heads, head_dim, batch, capacity
     s = config.slots_for(d)
-    ns = config.sink_tokens
+    ns = config.sink_tokens + config.recent_window  # the recent window's ring lives in the sink tensors
     sizes = [
         b * h * cap * quant.packed_dim(d, config.key_bits),  # k_codes
         b * h * cap * s * es, b * h * cap * s,  # k_out_val, k_out_idx
@@ -207,16 +214,18 @@ class PackedHistory:
             self.ensure_capacity(max(0, self.reserve_tokens - self.config.sink_tokens))
 
     # ---------------------------------------------------------------- views
-    def packed_view(self) -> PackedKV | None:
-        """The packed history as :class:`~kvquant_hf.attention.PackedKV` (None while it is empty)."""
-        if not self.is_initialized or self.length == 0:
+    def packed_view(self, length: int | None = None) -> PackedKV | None:
+        """The packed history as :class:`~kvquant_hf.attention.PackedKV` (None while it is empty): its first
+        ``length`` tokens (default: all)."""
+        length = self.length if length is None else length
+        if not self.is_initialized or length == 0:
             return None
         return PackedKV(
             k_codes=self.k_codes, k_out_val=self.k_out_val, k_out_idx=self.k_out_idx,
             v_codes=self.v_codes, v_scale=self.v_scale, v_zero=self.v_zero,
             v_out_val=self.v_out_val, v_out_idx=self.v_out_idx,
             k_lut=self.k_lut, v_lut=self.v_lut, k_zero=self.k_zero, k_scale=self.k_scale,
-            positions=self.positions, length=self.length,
+            positions=self.positions, length=length,
             key_bits=self.config.key_bits, value_bits=self.config.value_bits, head_dim=self.head_dim,
         )
 
@@ -286,7 +295,7 @@ class PackedHistory:
     def _map_batch(self, fn) -> None:
         for name in self.batch_tensors():
             setattr(self, name, fn(getattr(self, name)))
-        self.sinks_all_valid = None
+        self.sinks_all_valid = self.window_all_valid = None
         if self.is_initialized:
             self.batch_size = self.sink_k.shape[0]
 
@@ -328,7 +337,7 @@ class PackedHistory:
         if not self.is_initialized:
             return 0
         n_hist = self.capacity if include_spare else self.length
-        n_sink = self.config.sink_tokens if include_spare else self.n_sink
+        n_sink = self.config.sink_tokens + self.config.recent_window if include_spare else self.n_exact
         return self.batch_size * (n_hist * self.bytes_per_history_token() + n_sink * self.bytes_per_sink_token())
 
     # ---------------------------------------------------------------- pickling (pickle, torch.save)

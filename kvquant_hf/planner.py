@@ -310,7 +310,8 @@ def activation_bytes(shape: ModelShape, dtype: torch.dtype, batch: int, chunk: i
     plus the model-level tensors alive meanwhile (position embeddings, logits of ``logits_tokens`` positions in
     the model dtype and their float32 copy in ``generate``).
 
-    Attention phase: q/k/v projections, rotated q and k, the exact block (sink + new tokens) and its bool mask,
+    Attention phase: q/k/v projections, rotated q and k, the exact block (``sink_tokens`` exact slots, the sink and
+    the recent window, + new tokens) and its bool mask,
     the split-K partial outputs of the attention kernel (float32) and the attention output; MLP phase: gate,
     up, activation and product (intermediate size) plus the down projection. The larger phase counts, on top
     of the residual stream and the normed input.
@@ -458,7 +459,7 @@ def plan_capacity(
     else:
         chunk = min(chunk_cfg, int(prompt_tokens)) if chunk_cfg > 0 else int(prompt_tokens)
     chunk = max(1, chunk)
-    sink = cfg.sink_tokens if cfg is not None else 0
+    sink = cfg.sink_tokens + cfg.recent_window if cfg is not None else 0  # exact slots next to each chunk
 
     def layer_bytes(dev: str, tokens: int) -> int:
         """Peak allocation of one layer holding ``tokens`` per sequence (allocator rounding included)."""

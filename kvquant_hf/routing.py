@@ -133,8 +133,8 @@ class AttentionRouting:
             with device_guard(self.device):
                 q, exact_k, exact_v = decode_prep(
                     q, k, v, cos, sin,
-                    self.rotated_sink(inputs.rope) if self.n_sink else None,
-                    self.sink_v[:, :, : self.n_sink] if self.n_sink else None,
+                    self.rotated_sink(inputs.rope) if self.n_exact else None,
+                    self.sink_v[:, :, : self.n_exact] if self.n_exact else None,
                     rotate_query=not inputs.query_rotated,
                     counter=self.nonfinite_counter if guard_in_kernel else None,
                     positions=positions if write_pos else None,
@@ -156,7 +156,7 @@ class AttentionRouting:
             q_positions=positions if window is not None else None,
             window=window,
         )
-        self.store(k, v, positions, real, inputs.rope, positions_written=write_pos)
+        self.store(k, v, positions, real, inputs.rope, positions_written=write_pos, k_rot=exact_k[:, :, -n_new:])
         return out.transpose(1, 2)
 
     def _check_inputs(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -192,13 +192,15 @@ class AttentionRouting:
             )
 
     def exact_mask(self, new_visible, positions, window, b: int, n_new: int) -> torch.Tensor | None:
-        """Visibility of ``[sink | new tokens]`` for the new rows ``[B, L, S + L]`` (None: everything visible)."""
-        if not self.n_sink:
+        """Visibility of ``[sink | window | new tokens]`` for the new rows ``[B, L, S + L]`` (None: everything
+        visible)."""
+        n = self.n_exact
+        if not n:
             return new_visible
-        if new_visible is None and window is None and self.sinks_valid():
+        if new_visible is None and window is None and self.sinks_valid() and self.window_valid():
             return None
-        sink_pos = self.sink_positions[:, : self.n_sink]
-        sink_visible = self.sink_valid[:, None, : self.n_sink].expand(b, n_new, self.n_sink)
+        sink_pos = self.sink_positions[:, :n]
+        sink_visible = self.sink_valid[:, None, :n].expand(b, n_new, n)
         if window is not None:
             sink_visible = sink_visible & (positions[:, :, None] - sink_pos[:, None, :].long() < window)
         if new_visible is None:
@@ -213,22 +215,23 @@ class AttentionRouting:
         # in RoPE (the Triton path rotates the exact block in the model dtype, as transformers does)
         rot_dtype = k.dtype if self.backend == "triton" else torch.float32
         k_new_rot = apply_rope(k.to(rot_dtype), rope.cos.to(rot_dtype), rope.sin.to(rot_dtype))
-        if not self.n_sink:
+        n = self.n_exact
+        if not n:
             return k_new_rot, v, new_visible
-        sink_pos = self.sink_positions[:, : self.n_sink]
+        sink_pos = self.sink_positions[:, :n]
         if rot_dtype == self.dtype:  # the sink keys rotated when they arrived (again if the RoPE changed)
             sink_k = self.rotated_sink(rope)
         else:
             cos, sin = rope.cos_sin(sink_pos, dtype=rot_dtype)
-            sink_k = apply_rope(self.sink_k[:, :, : self.n_sink].to(rot_dtype), cos, sin)
+            sink_k = apply_rope(self.sink_k[:, :, :n].to(rot_dtype), cos, sin)
         exact_k = torch.cat([sink_k, k_new_rot], dim=2)
-        exact_v = torch.cat([self.sink_v[:, :, : self.n_sink], v], dim=2)
+        exact_v = torch.cat([self.sink_v[:, :, :n], v], dim=2)
         return exact_k, exact_v, self.exact_mask(new_visible, positions, window, b, n_new)
 
     def _prefill_path(self, q: torch.Tensor, kwargs: dict) -> bool:
         """Whether this call takes the dequantize-and-attend prefill path (see ``prefill_attention``)."""
         mode = self.config.prefill_attention
-        if (mode == "kernel" or self.graph_mode or self.length == 0 or q.shape[2] < PREFILL_MIN_ROWS
+        if (mode == "kernel" or self.graph_mode or self.attended_length() == 0 or q.shape[2] < PREFILL_MIN_ROWS
                 or kwargs.get("hist_start") is not None or kwargs.get("window") is not None):
             return False
         return mode == "dequant" or (self.backend == "triton" and fused_lse_available(q.device, q.dtype, q.shape[-1]))
@@ -237,7 +240,7 @@ class AttentionRouting:
         if self._prefill_path(q, kwargs):
             with device_guard(self.device):
                 return packed_attention_prefill(
-                    q, self.packed_view(), exact_k, exact_v, exact_mask, scaling=kwargs["scaling"],
+                    q, self.packed_view(self.attended_length()), exact_k, exact_v, exact_mask, scaling=kwargs["scaling"],
                     inv_freq=kwargs["inv_freq"], attention_scaling=kwargs["attention_scaling"],
                     fused=None if self.device.type == "cuda" else False,
                 )
@@ -245,14 +248,18 @@ class AttentionRouting:
             from .kernels import packed_attention_triton
 
             mask = exact_mask.contiguous() if exact_mask is not None else None
+            view = self.packed_view(self.attended_length())
             if self.graph_mode:
-                # fixed grid and a device-side length: one captured graph serves every step
-                kwargs.update(length_dev=self.length_dev, num_splits=self.graph_splits)
+                # fixed grid and a device-side length (the packed tokens older than the window): one captured graph
+                # serves every step
+                kwargs.update(length_dev=self.attended_length_dev(), num_splits=self.graph_splits)
+                view = self.packed_view()
             with device_guard(self.device):
                 return packed_attention_triton(
-                    q.contiguous(), self.packed_view(), exact_k.contiguous(), exact_v.contiguous(), mask, **kwargs
+                    q.contiguous(), view, exact_k.contiguous(), exact_v.contiguous(), mask, **kwargs
                 )
-        return packed_attention_torch(q, self.packed_view(), exact_k, exact_v, exact_mask, **kwargs)
+        return packed_attention_torch(q, self.packed_view(self.attended_length()), exact_k, exact_v, exact_mask,
+                                      **kwargs)
 
     def new_block_mask(
         self, mask: torch.Tensor | None, past: int, n_new: int, positions: torch.Tensor, window: int | None

@@ -70,8 +70,10 @@ LENGTHS = {16: [40, 5, 24], 8: [40, 5, 16, 32], 5: [40, 5, 25], 0: [40, 5, 17]}
 
 @pytest.mark.parametrize("chunk", [16, 8, 5, 0], ids=["chunk16", "chunk8", "chunk5", "unchunked"])
 @pytest.mark.parametrize("sink", [1, 4])
-def test_padding_longer_than_the_prefill_chunk_matches_the_prompt_alone(model, signposts, chunk, sink):
-    cfg = {"signposts": signposts, "bits": 4, "prefill_chunk_size": chunk, "sink_tokens": sink, "backend": "torch"}
+@pytest.mark.parametrize("window", [0, 6], ids=["no-window", "window6"])
+def test_padding_longer_than_the_prefill_chunk_matches_the_prompt_alone(model, signposts, chunk, sink, window):
+    cfg = {"signposts": signposts, "bits": 4, "prefill_chunk_size": chunk, "sink_tokens": sink, "backend": "torch",
+           "recent_window": window}
     assert_rows_match_alone(model, cfg, LENGTHS[chunk])
 
 
