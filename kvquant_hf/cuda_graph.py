@@ -140,6 +140,8 @@ class CUDAGraphDecoder:
             layer.length -= n
             layer.refill_window(layer.length + n)
         self._rewind_device(n)
+        for layer in self.cache.layers:
+            layer.sync_attended_length()
         self.steps -= n
 
     def close(self) -> None:

@@ -18,6 +18,7 @@ class GraphDecodeState:
 
     graph_mode = False
     length_dev = None  # int32 [1] on the layer's device while in graph mode
+    attend_len_dev = None  # int32 [1]: packed tokens the attention reads (with a recent window)
     # False: length_dev is shared and advanced once per step by its owner (CUDAGraphDecoder), not by the layer
     _advance_length = True
 
@@ -58,6 +59,7 @@ class GraphDecodeState:
             self.length_dev = length_dev
             self.length_dev.fill_(self.length)
         self._advance_length = length_dev is None
+        self.sync_attended_length()
         self.sinks_valid()  # known on the host before capture (it cannot sync)
         self.graph_mode = True
         self.window_all_valid = None
@@ -66,13 +68,14 @@ class GraphDecodeState:
     def exit_graph_mode(self) -> None:
         """Back to host-driven appends (the host length is the truth again)."""
         self.graph_mode = False
-        self.length_dev = None
+        self.length_dev = self.attend_len_dev = None
         self.window_all_valid = None
 
     def sync_device_length(self) -> None:
         """Copy the host length to the device mirror (after crop/rewind on the host)."""
         if self.length_dev is not None:
             self.length_dev.fill_(self.length)
+            self.sync_attended_length()
 
     def append_history_graph(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                              positions_written: bool = False) -> None:
@@ -91,6 +94,6 @@ class GraphDecodeState:
         host length is the truth between steps), so a loaded layer starts in host-driven mode."""
         parent = getattr(super(), "__getstate__", None)  # (object.__getstate__ from Python 3.11)
         state = dict(parent() if parent is not None else self.__dict__)
-        for name in ("graph_mode", "length_dev", "_advance_length"):
+        for name in ("graph_mode", "length_dev", "attend_len_dev", "_advance_length"):
             state.pop(name, None)
         return state

@@ -13,8 +13,9 @@ reaches the ring is masked like padding in the sink. ``crop`` refills the ring: 
 come back dequantized from the packed history (:meth:`RecentWindow.refill_window`).
 
 CUDA-graph decode reads the whole ring (``R`` slots, unfilled ones invalid) and the packed history up to the
-device-side ``max(length - R, 0)`` (:meth:`RecentWindow.attended_length_dev`); the new token goes to slot
-``sink_tokens + length % R`` computed on the device.
+device-side ``attend_len_dev = max(length - R, 0)``; the new token goes to slot ``sink_tokens + length % R`` computed
+on the device. On the Triton backend one kernel writes a decode token into the ring (and, in graph mode, the next
+step's ``attend_len_dev``): :func:`kvquant_hf.kernels.window_append_`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from .layer_api import apply_rope
+from .routing import device_guard
 
 
 class RecentWindow:
@@ -46,11 +48,16 @@ class RecentWindow:
         return self.length - min(self.config.recent_window, self.length)
 
     def attended_length_dev(self) -> torch.Tensor:
-        """``max(length_dev - R, 0)`` on the device (CUDA-graph decode); ``length_dev`` itself without a window."""
-        r = self.config.recent_window
-        if r == 0:
-            return self.length_dev
-        return torch.clamp_min(self.length_dev - r, 0)
+        """The packed tokens the attention reads, on the device (CUDA-graph decode): ``length_dev`` without a window,
+        else ``attend_len_dev`` (``max(length - R, 0)``, advanced by the ring write of each step)."""
+        return self.length_dev if self.config.recent_window == 0 else self.attend_len_dev
+
+    def sync_attended_length(self) -> None:
+        """Set ``attend_len_dev`` from the host length (entering graph mode, after a crop or rewind)."""
+        if self.config.recent_window and self.length_dev is not None:
+            if getattr(self, "attend_len_dev", None) is None:
+                self.attend_len_dev = torch.zeros(1, dtype=torch.int32, device=self.device)
+            self.attend_len_dev.fill_(self.attended_length())
 
     def window_valid(self) -> bool:
         """Whether every ring slot the attention reads holds a real token (cached on the host; one sync when it
@@ -76,6 +83,18 @@ class RecentWindow:
         if r == 0:
             return
         ns, n = self.config.sink_tokens, k.shape[2]
+        if n == 1 and k_rot is not None and self.backend == "triton":
+            from .kernels import window_append_
+
+            graph = self.graph_mode
+            with device_guard(self.device):
+                window_append_(k, v, k_rot, positions, self.sink_k, self.sink_v, self.sink_k_rot, self.sink_positions,
+                               self.sink_valid, ns, r, index=None if graph else start,
+                               length_dev=self.length_dev if graph else None,
+                               attend_len=self.attend_len_dev if graph else None)
+            if not graph:
+                self.window_all_valid = None if self.has_hist_pad else True
+            return
         m = min(r, n)
         k, v, positions = k[:, :, n - m:], v[:, :, n - m:], positions[:, n - m:]
         if k_rot is not None:

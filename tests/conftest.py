@@ -23,7 +23,7 @@ from kvquant_hf.errors import KVQuantError
 
 #: the kernel modules in import order (each imports only modules before it), for reloading them together
 KERNEL_MODULES = ("common", "guard", "quantize_kernels", "quantize", "split_kernel", "decode_kernel", "merge_kernel",
-                  "cuda_decode", "decode_attention", "dequantize", "exact_block", "rms_norm", "silu_mul")
+                  "cuda_decode", "decode_attention", "dequantize", "exact_block", "rms_norm", "silu_mul", "window_write")
 
 
 def interpreted_module(name: str, kernel: str):

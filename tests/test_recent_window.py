@@ -209,3 +209,43 @@ def test_triton_path_with_a_window_matches_the_reference(monkeypatch):
     layer = make_layer(3, backend="triton")
     run_steps(layer, [12, 1, 1, 1, 1, 2, 1], 3)
     assert layer.backend == "triton"
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["index", "length_dev"])
+def test_window_append_kernel_equals_the_torch_ring_write(graph):
+    """``kvquant_hf.kernels.window_append_`` (interpreter on CPU) writes what the torch path writes, at the slot of
+    the history index (given, or read from the device length), and the next step's attended length."""
+    pytest.importorskip("triton")
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton interpreter on CPU (TRITON_INTERPRET=1)")
+    from conftest import interpreted_module
+
+    window_append_ = interpreted_module("window_write", "_window_append_kernel").window_append_
+    b, h, ns, r, d = 3, 2, 2, 5, HEAD_DIM
+    g = torch.Generator().manual_seed(0)
+    key, value, key_rot = (torch.randn(b, h, 1, d, generator=g, dtype=torch.float32).to(torch.float16)
+                           for _ in range(3))
+    positions = torch.tensor([[40], [41], [42]])
+    tensors = [torch.randn(b, h, ns + r, d, generator=g).to(torch.float16) for _ in range(3)]
+    spos = torch.zeros(b, ns + r, dtype=torch.int32)
+    svalid = torch.zeros(b, ns + r, dtype=torch.bool)
+    want = [t.clone() for t in tensors]
+    j = 13
+    slot = ns + j % r
+    for w, x in zip(want, (key, value, key_rot)):
+        w[:, :, slot] = x[:, :, 0]
+    length_dev = torch.tensor([j], dtype=torch.int32)
+    attend = torch.zeros(1, dtype=torch.int32)
+    window_append_(key, value, key_rot, positions, *tensors, spos, svalid, ns, r,
+                   index=None if graph else j, length_dev=length_dev if graph else None,
+                   attend_len=attend if graph else None)
+    for got, w in zip(tensors, want):
+        assert torch.equal(got, w)
+    assert spos[:, slot].tolist() == [40, 41, 42] and int((spos != 0).sum()) == 3
+    assert svalid[:, slot].all() and int(svalid.sum()) == 3
+    if graph:
+        assert int(attend) == j + 1 - r
+    with pytest.raises(ValueError, match="exactly one"):
+        window_append_(key, value, key_rot, positions, *tensors, spos, svalid, ns, r)

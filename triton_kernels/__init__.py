@@ -12,6 +12,7 @@ from .dequantize import dequantize_history_triton, merge_lse_
 from .exact_block import decode_prep
 from .guard import zero_nonfinite_tokens_
 from .quantize import KeyCodes, ValueCodes, quantize_keys_triton, quantize_kv_triton, quantize_values_triton
+from .window_write import window_append_
 
 __all__ = [
     "KeyCodes",
@@ -24,5 +25,6 @@ __all__ = [
     "quantize_keys_triton",
     "quantize_kv_triton",
     "quantize_values_triton",
+    "window_append_",
     "zero_nonfinite_tokens_",
 ]
