@@ -55,9 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model dtype; default float32 on CPU, float16 on GPU")
     p.add_argument("--fisher", default="fisher", choices=list(FISHER_WEIGHTINGS),
                    help="k-means weights: fisher (F), fisher_x2 (F * scale^2) or none")
-    p.add_argument("--key-table", default="kmeans", choices=list(KEY_TABLES),
-                   help="key tables only: kmeans (reference), kmeans-pinned (outer entries at the thresholds, "
-                   "interior weighted k-means) or uniform")
+    p.add_argument("--key-table", default="auto", choices=list(KEY_TABLES),
+                   help="key tables only: auto (uniform at 3 and 4 bits, kmeans at 2: what measured best), kmeans "
+                   "(the paper's Fisher-weighted k-means), kmeans-pinned (outer entries at the thresholds, interior "
+                   "weighted k-means) or uniform")
     p.add_argument("--value-table", default="kmeans", choices=list(VALUE_TABLES),
                    help="value tables: kmeans (reference) or uniform; uniform key and value tables let the CUDA "
                    "decode kernel skip the table lookups (its fastest path)")

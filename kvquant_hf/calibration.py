@@ -78,7 +78,7 @@ from .calibration_capture import (
     sample_windows,
     tokenize_calibration_text,
 )
-from .calibration_checks import KEY_TABLES, VALUE_TABLES, check_calibration_args, check_device
+from .calibration_checks import KEY_TABLES, VALUE_TABLES, check_calibration_args, check_device, resolve_key_table
 from .config import default_outlier_slots
 from .errors import KVQuantConfigError
 from .models.loading import model_identity
@@ -292,12 +292,13 @@ def signposts_from_sample(
     kmeans_max_points: int = DEFAULT_KMEANS_MAX_POINTS,
     kmeans_n_init: int = 3,
     progress: bool = True,
-    key_table: str = "kmeans",
+    key_table: str = "auto",
     value_table: str = "kmeans",
 ) -> dict[int, list[LayerSignposts]]:
     """Per-layer thresholds, weighted k-means signposts and Q-Norm statistics for each bit width.
 
-    ``key_table`` chooses the key tables: ``"kmeans"`` (the reference recipe), ``"kmeans-pinned"`` (weighted
+    ``key_table`` chooses the key tables: ``"auto"`` (uniform at 3 and 4 bits, k-means at 2:
+    :func:`~kvquant_hf.calibration_checks.resolve_key_table`), ``"kmeans"`` (the reference recipe), ``"kmeans-pinned"`` (weighted
     k-means with the outer entries pinned at -1 and +1, :func:`weighted_kmeans_1d_pinned`) or ``"uniform"`` (the
     intX grid on [-1, 1]). ``value_table``: ``"kmeans"`` (reference) or ``"uniform"``. Uniform tables let the
     CUDA decode kernel fold the grid into scale and zero instead of looking codes up (its fastest path).
@@ -326,9 +327,10 @@ def signposts_from_sample(
         kstats = _prepare(kx, kin, kw, kmeans_max_points, seed + 2 * layer)
         vstats = _prepare(vx, vin, vw, kmeans_max_points, seed + 2 * layer + 1)
         for b in bits:
-            if key_table == "kmeans":
+            table = resolve_key_table(key_table, b)
+            if table == "kmeans":
                 ksp = weighted_kmeans_1d(kstats.points, kstats.weights, 2**b, seed, kmeans_n_init)
-            elif key_table == "kmeans-pinned":
+            elif table == "kmeans-pinned":
                 ksp = weighted_kmeans_1d_pinned(kstats.points, kstats.weights, 2**b)
             else:
                 ksp = quant.uniform_signposts(b).to(torch.float32)
@@ -369,7 +371,7 @@ def calibrate(
     kmeans_max_points: int = DEFAULT_KMEANS_MAX_POINTS,
     kmeans_n_init: int = 3,
     source_info: dict[str, Any] | None = None,
-    key_table: str = "kmeans",
+    key_table: str = "auto",
     value_table: str = "kmeans",
 ) -> dict[int, Signposts]:
     """Calibrate KVQuant signposts, key thresholds and Q-Norm statistics for a model.
@@ -396,9 +398,9 @@ def calibrate(
         kmeans_max_points (`int`): k-means points per layer and tensor (weighted subsample above).
         kmeans_n_init (`int`): k-means restarts.
         source_info (`dict`, *optional*): recorded in `metadata.calibration` (e.g. `{"text_file": path}`).
-        key_table (`str`): key tables: "kmeans" (default, the reference recipe), "kmeans-pinned" (outer
-            entries pinned at the thresholds, interior weighted k-means) or "uniform"; recorded in
-            `metadata.calibration.key_table` when not the default.
+        key_table (`str`): key tables: "auto" (default: uniform at 3 and 4 bits, k-means at 2 bits), "kmeans" (the
+            paper's recipe), "kmeans-pinned" (outer entries pinned at the thresholds, interior weighted k-means) or
+            "uniform"; each bit width's table is recorded in `metadata.calibration.key_table`.
         value_table (`str`): value tables: "kmeans" (default) or "uniform"; recorded in
             `metadata.calibration.value_table` when not the default. With uniform key and value tables the CUDA
             decode kernel takes its fastest path (no table lookups).
@@ -468,8 +470,6 @@ def calibrate(
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "kvquant_hf_version": _package_version(),
     }
-    if key_table != "kmeans":
-        calibration["key_table"] = key_table
     if value_table != "kmeans":
         calibration["value_table"] = value_table
     result = {}
@@ -483,7 +483,7 @@ def calibrate(
             "outlier_slots_default": default_outlier_slots(outlier_fraction, ident["head_dim"]),
             "sink_tokens": int(sink_tokens),
             "fisher_weighting": fisher_weighting,
-            "calibration": dict(calibration),
+            "calibration": {**calibration, "key_table": resolve_key_table(key_table, b)},
             "files": {},
         }
         result[b] = Signposts(layers=per_bits[b], metadata=meta)

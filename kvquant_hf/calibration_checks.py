@@ -19,8 +19,20 @@ from .config import SUPPORTED_BITS
 from .errors import KVQuantConfigError
 from .signpost_checks import FISHER_WEIGHTINGS
 
-KEY_TABLES = ("kmeans", "kmeans-pinned", "uniform")
+KEY_TABLES = ("auto", "kmeans", "kmeans-pinned", "uniform")
 VALUE_TABLES = ("kmeans", "uniform")
+#: bit widths whose key tables are uniform under ``key_table="auto"`` (the default): on SmolLM2 with a 128-token
+#: recent window, uniform key levels beat the Fisher-weighted k-means ones at 4 and 3 bits and lose at 2 bits
+#: (``docs/design_alternatives.md``)
+AUTO_UNIFORM_KEY_BITS = (3, 4)
+
+
+def resolve_key_table(key_table: str, bits: int) -> str:
+    """The key table one bit width gets: ``"auto"`` is ``"uniform"`` at :data:`AUTO_UNIFORM_KEY_BITS`, else
+    ``"kmeans"``; the other choices are themselves."""
+    if key_table != "auto":
+        return key_table
+    return "uniform" if bits in AUTO_UNIFORM_KEY_BITS else "kmeans"
 DEVICE_HINT = "use --device cpu, cuda, cuda:N (an existing GPU), mps or auto"
 
 
@@ -52,7 +64,7 @@ def check_calibration_args(
     fisher_weighting: Any = "fisher",
     max_tokens_per_layer: Any = 1,
     kmeans_max_points: Any = None,
-    key_table: Any = "kmeans",
+    key_table: Any = "auto",
     value_table: Any = "kmeans",
 ) -> list[int]:
     """Check the arguments of a calibration run; returns the bit widths as a list.
@@ -123,4 +135,5 @@ def check_device(device: Any) -> str | None:
     return str(dev)
 
 
-__all__ = ["KEY_TABLES", "VALUE_TABLES", "check_bits", "check_calibration_args", "check_device"]
+__all__ = ["AUTO_UNIFORM_KEY_BITS", "KEY_TABLES", "VALUE_TABLES", "check_bits", "check_calibration_args",
+           "check_device", "resolve_key_table"]

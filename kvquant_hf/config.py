@@ -99,7 +99,7 @@ class KVQuantConfig:
     outlier_fraction: float = 0.01
     outlier_slots: int | None = None
     sink_tokens: int = 1
-    recent_window: int = 0
+    recent_window: int = 128
     qnorm: bool = False
     backend: str = "auto"
     block_size: int = 256

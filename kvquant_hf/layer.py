@@ -86,6 +86,7 @@ class KVQuantLayer(PackedHistory, SinkTokens, RecentWindow, AttentionRouting, Gr
         self.has_hist_pad = False
         self.sinks_all_valid = None  # host cache of sink_valid[:, :n_sink].all() (None: not known)
         self.window_all_valid = None  # the same for the recent window's slots
+        self.placed_padded = False  # the last store went through SinkTokens.place_padded (tokens reordered)
         self._key_thresholds_from_prompt = key_signposts is None
         self.key_ranges_provisional = False  # uncalibrated ranges taken while no row had a real token yet
         self.k_lower = self.k_upper = self.k_zero = self.k_scale = None
@@ -151,6 +152,8 @@ class KVQuantLayer(PackedHistory, SinkTokens, RecentWindow, AttentionRouting, Gr
             self._thresholds_from_prompt(k)
         if self.placed_padded or k_rot is None or k_rot.dtype != self.dtype:
             k_rot = None  # (left padding reorders the tokens: rotate the window's copy from its positions)
+        else:
+            k_rot = k_rot[:, :, k_rot.shape[2] - k.shape[2]:]  # the tokens that go to the history (after the sink)
         self.store_window(k, v, positions, self.length, rope, k_rot)
         self.append_history(k, v, positions, positions_written)
 

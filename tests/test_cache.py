@@ -73,7 +73,7 @@ def test_lossless_setting_is_not_vacuous(fp32_value_scales):
     ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = reference(ids).logits
-    lossy = KVQuantCache({"bits": 2, "outlier_slots": 0, "sink_tokens": 1}, model_config=model.config)
+    lossy = KVQuantCache({"bits": 2, "outlier_slots": 0, "sink_tokens": 1, "recent_window": 0}, model_config=model.config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", kvquant_hf.UncalibratedCacheWarning)
         got = chunked_logits(model, ids, lossy, (10,))
@@ -139,7 +139,7 @@ def _check_padded_batch_equals_alone(model, factory):
 # --------------------------------------------------------------------------------------------
 def test_storage_matches_quant_oracle_and_grows_in_blocks():
     h, n = 2, 40
-    cfg = KVQuantConfig(bits=3, outlier_slots=2, sink_tokens=1, block_size=16)
+    cfg = KVQuantConfig(bits=3, recent_window=0, outlier_slots=2, sink_tokens=1, block_size=16)
     layer = KVQuantLayer(cfg, 0, calibrated_layer_signposts(h, 3), calibrated_layer_signposts(h, 3))
     full = synthetic_inputs(2, 4, h, n, 0)
     capacities = []
@@ -171,7 +171,7 @@ def test_storage_matches_quant_oracle_and_grows_in_blocks():
 def test_attend_matches_reference_attention_over_dequantized_history():
     """attend() == softmax attention over [sink exact | dequantized history | new exact], RoPE from positions."""
     h, hq = 2, 4
-    cfg = KVQuantConfig(bits=4, outlier_slots=1, sink_tokens=2, block_size=16)
+    cfg = KVQuantConfig(bits=4, recent_window=0, outlier_slots=1, sink_tokens=2, block_size=16)
     layer = KVQuantLayer(cfg, 0, calibrated_layer_signposts(h), calibrated_layer_signposts(h))
     layer.attend(synthetic_inputs(1, hq, h, 12, 0, seed=1))
     step = synthetic_inputs(1, hq, h, 3, 12, seed=2)
@@ -193,7 +193,7 @@ def test_attend_matches_reference_attention_over_dequantized_history():
 
 def test_sliding_window_masks_sink_and_history():
     h = 2
-    cfg = KVQuantConfig(bits=4, outlier_slots=1, sink_tokens=1, block_size=16)
+    cfg = KVQuantConfig(bits=4, recent_window=0, outlier_slots=1, sink_tokens=1, block_size=16)
     layer = KVQuantLayer(cfg, 0, calibrated_layer_signposts(h), calibrated_layer_signposts(h))
     layer.attend(synthetic_inputs(1, 4, h, 10, 0, window=4))
     step = synthetic_inputs(1, 4, h, 1, 10, window=4)

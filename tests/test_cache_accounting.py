@@ -35,7 +35,7 @@ from kvquant_hf.models import patch_model
 def test_memory_footprint_exact_bytes_and_avg_bits():
     # B=2, H=2, D=16, 4-bit keys/values, 1 slot, fp16 model, sink 1, block 16
     b, h, n = 2, 2, 11
-    cfg = KVQuantConfig(bits=4, outlier_slots=1, sink_tokens=1, block_size=16)
+    cfg = KVQuantConfig(bits=4, recent_window=0, outlier_slots=1, sink_tokens=1, block_size=16)
     layer = KVQuantLayer(cfg, 0, calibrated_layer_signposts(h), calibrated_layer_signposts(h))
     layer.attend(synthetic_inputs(b, 4, h, n, 0, dtype=torch.float16))
     cache = KVQuantCache(cfg, num_layers=1)
@@ -68,7 +68,7 @@ def test_memory_footprint_counts_real_tensor_bytes():
             if name in HISTORY_TENSORS:
                 t = t[:, : layer.length] if name == "positions" else t[:, :, : layer.length]
             else:
-                t = t[:, : layer.n_sink] if t.dim() == 2 else t[:, :, : layer.n_sink]
+                t = t[:, : layer.n_exact] if t.dim() == 2 else t[:, :, : layer.n_exact]  # sink and window
             total += t.numel() * t.element_size()
     assert cache.get_memory_footprint() == total
 
@@ -182,7 +182,7 @@ def _decode_inputs(prefill, step_seed, inv_freq):
 
 
 def test_sink_keys_are_rotated_once_and_again_when_the_rope_changes(monkeypatch):
-    cfg = KVQuantConfig(bits=4, sink_tokens=2, block_size=16)
+    cfg = KVQuantConfig(bits=4, recent_window=0, sink_tokens=2, block_size=16)
     layer = KVQuantLayer(cfg, 0, calibrated_layer_signposts(2), calibrated_layer_signposts(2))
     pre = synthetic_inputs(2, 4, 2, 7, 0)
     layer.attend(pre)

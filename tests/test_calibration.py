@@ -283,7 +283,7 @@ def test_calibrate_mha_and_determinism(tiny_llama_mha):
 
 
 def test_fisher_weighting_moves_tiny_model_centroids(tiny_llama):
-    kwargs = dict(bits=3, nsamples=4, seqlen=64, **FAST)
+    kwargs = dict(bits=3, nsamples=4, seqlen=64, key_table="kmeans", **FAST)  # (the k-means key tables)
     fisher = calibrate(tiny_llama, None, token_stream(), fisher_weighting="fisher", **kwargs)[3]
     plain = calibrate(tiny_llama, None, token_stream(), fisher_weighting="none", **kwargs)[3]
     fx2 = calibrate(tiny_llama, None, token_stream(), fisher_weighting="fisher_x2", **kwargs)[3]
@@ -413,7 +413,7 @@ def test_cli_help_shows_every_option_with_its_default(capsys):
     entries = {"-" + e.split()[0]: " ".join(e.split()) for e in out.split("\n  -")[1:]}  # "--bits {2,3,4} ... (default: ...)"
     for option, default in [("--bits", "[4, 3, 2]"), ("--nsamples", "16"), ("--seqlen", "2048"),
                             ("--outlier-fraction", "0.01"), ("--sink-tokens", "1"), ("--seed", "0"),
-                            ("--fisher", "fisher"), ("--key-table", "kmeans"), ("--value-table", "kmeans"),
+                            ("--fisher", "fisher"), ("--key-table", "auto"), ("--value-table", "kmeans"),
                             ("--max-tokens-per-layer", str(DEFAULT_MAX_TOKENS_PER_LAYER)),
                             ("--kmeans-max-points", str(DEFAULT_KMEANS_MAX_POINTS))]:
         assert entries[option].endswith(f"(default: {default})"), entries[option]

@@ -156,7 +156,7 @@ def test_layer_triton_path_matches_torch_path_with_padding_and_partial_sinks(mon
         if backend == "triton":
             # row 1's sink held padding for two steps (the exact block kept its mask), then took the first two
             # generated tokens, as for its prompt alone
-            assert layer.sinks_valid() and layer.sink_positions[1].tolist() == [0, 1, 2]
+            assert layer.sinks_valid() and layer.sink_positions[1, :3].tolist() == [0, 1, 2]
         logits[backend] = torch.cat(outs, 1)
     torch.testing.assert_close(logits["triton"], logits["torch"], atol=2e-4, rtol=2e-4)
 

@@ -334,16 +334,16 @@ def test_chunked_prefill_lossless_matches_dynamic_cache(fp32_value_scales):
 
 def test_chunked_prefill_equals_manual_chunks_and_differs_from_one_call():
     """Each chunk attends to the *packed* earlier chunks: generate's chunking equals feeding the same chunks by
-    hand, and (lossy setting) differs from prefilling the whole prompt in one call."""
+    hand, and (lossy setting, no recent window) differs from prefilling the whole prompt in one call."""
     model = for_greedy_generate(make_tiny_llama())
-    cfg = {"bits": 2, "prefill_chunk_size": 10}
+    cfg = {"bits": 2, "prefill_chunk_size": 10, "recent_window": 0}
     with torch.no_grad():
         got = model.generate(LONG_PROMPT, max_new_tokens=1, do_sample=False, output_logits=True,
                              return_dict_in_generate=True, cache_implementation="kvquant", cache_config=cfg)
         one = model.generate(LONG_PROMPT, max_new_tokens=1, do_sample=False, output_logits=True,
                              return_dict_in_generate=True, cache_implementation="kvquant",
                              cache_config={**cfg, "prefill_chunk_size": 0})
-        cache = kvquant_hf.KVQuantCache({"bits": 2}, model_config=model.config)
+        cache = kvquant_hf.KVQuantCache({"bits": 2, "recent_window": 0}, model_config=model.config)
         n = LONG_PROMPT.shape[1]
         for s in range(0, n, 10):
             e = min(n, s + 10)

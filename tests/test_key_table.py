@@ -1,4 +1,5 @@
-"""Calibration option ``key_table``: pinned-endpoint / uniform key tables (default "kmeans" unchanged)."""
+"""Calibration option ``key_table``: "auto" (the default: uniform at 3 and 4 bits, k-means at 2), k-means,
+pinned-endpoint and uniform key tables; only the key tables change."""
 
 from __future__ import annotations
 
@@ -41,16 +42,21 @@ def test_pinned_table_keeps_the_ends_and_is_a_lloyd_fixed_point():
 
 def test_key_table_option_changes_only_the_key_tables(tiny_llama):
     kwargs = dict(bits=(3, 2), nsamples=3, seqlen=48, **FAST)
-    ref = calibrate(tiny_llama, None, token_stream(), **kwargs)
-    same = calibrate(tiny_llama, None, token_stream(), key_table="kmeans", **kwargs)
+    ref = calibrate(tiny_llama, None, token_stream(), key_table="kmeans", **kwargs)
+    auto = calibrate(tiny_llama, None, token_stream(), **kwargs)
     pinned = calibrate(tiny_llama, None, token_stream(), key_table="kmeans-pinned", **kwargs)
     uni = calibrate(tiny_llama, None, token_stream(), key_table="uniform", **kwargs)
-    assert "key_table" not in ref[3].metadata["calibration"]  # default output unchanged
+    # the default: uniform keys at 3 bits, k-means keys at 2 bits, each recorded
+    assert auto[3].metadata["calibration"]["key_table"] == "uniform"
+    assert auto[2].metadata["calibration"]["key_table"] == "kmeans"
+    torch.testing.assert_close(auto[3].layers[0].key_signposts, quant.uniform_signposts(3).float())
+    for la, lr in zip(auto[2].layers, ref[2].layers, strict=True):
+        assert torch.equal(la.key_signposts, lr.key_signposts)
+    assert ref[3].metadata["calibration"]["key_table"] == "kmeans"
     assert pinned[3].metadata["calibration"]["key_table"] == "kmeans-pinned"
     assert uni[2].metadata["calibration"]["key_table"] == "uniform"
     for b in (3, 2):
-        for lr, ls, lp, lu in zip(ref[b].layers, same[b].layers, pinned[b].layers, uni[b].layers, strict=True):
-            assert torch.equal(lr.key_signposts, ls.key_signposts)
+        for lr, lp, lu in zip(ref[b].layers, pinned[b].layers, uni[b].layers, strict=True):
             assert lp.key_signposts[0] == -1.0 and lp.key_signposts[-1] == 1.0
             assert torch.all(lp.key_signposts[1:] > lp.key_signposts[:-1])
             assert lr.key_signposts.abs().max() < 1.0  # plain k-means pulls the ends inward
@@ -74,11 +80,11 @@ def test_cli_key_table(tmp_path, monkeypatch, tiny_llama):
     text_file.write_text("some calibration text. " * 200)
     out = tmp_path / "sp"
     assert calibrate_cli.build_parser().parse_args(
-        ["--model", "m", "--text-file", "t", "--output-dir", "o"]).key_table == "kmeans"
+        ["--model", "m", "--text-file", "t", "--output-dir", "o"]).key_table == "auto"
     rc = calibrate_cli.main(["--model", "tiny", "--text-file", str(text_file), "--bits", "3", "--nsamples", "2",
                              "--seqlen", "64", "--output-dir", str(out), "--device", "cpu", "--quiet",
                              "--key-table", "kmeans-pinned"])
-    assert rc == 0 and set(KEY_TABLES) == {"kmeans", "kmeans-pinned", "uniform"}
+    assert rc == 0 and set(KEY_TABLES) == {"auto", "kmeans", "kmeans-pinned", "uniform"}
     assert calibrate_cli.build_parser().parse_args(
         ["--model", "m", "--text-file", "t", "--output-dir", "o", "--value-table", "uniform"]).value_table == "uniform"
     sp = load_signposts(out, bits=3)

@@ -113,7 +113,7 @@ def test_sink_holds_the_first_real_tokens_and_padding_is_masked_history(model, s
             forward(model, ids[:, s:s + 16], cache, attention_mask=mask[:, :s + 16], position_ids=pos[:, s:s + 16])
     for layer in cache.layers:
         assert layer.sink_valid[:, :2].all()
-        assert layer.sink_positions[1].tolist() == [0, 1]  # the short row's first real tokens
+        assert layer.sink_positions[1, :2].tolist() == [0, 1]  # the short row's first real tokens
         assert layer.hist_start.tolist() == [0, 35]  # its 35 padding tokens lead its history (38 tokens)
         assert layer.length == 38
 

@@ -60,7 +60,7 @@ def _layer_nbytes(layer: KVQuantLayer) -> int:
 @pytest.mark.parametrize("bits,slots,sink,dtype", [(4, None, 1, torch.float32), (2, 3, 4, torch.bfloat16),
                                                    (3, 0, 0, torch.float16)])
 def test_layer_tensor_bytes_equal_the_allocation(bits, slots, sink, dtype):
-    cfg = KVQuantConfig(bits=bits, outlier_slots=slots, sink_tokens=sink, block_size=32)
+    cfg = KVQuantConfig(bits=bits, recent_window=0, outlier_slots=slots, sink_tokens=sink, block_size=32)
     b, h, d, total = 2, 2, 32, 77
     layer = KVQuantLayer(cfg, 0)
     layer.reserve(total)
@@ -79,7 +79,7 @@ def test_layer_tensor_bytes_equal_the_allocation(bits, slots, sink, dtype):
 
 
 def test_grown_capacities_follow_the_layer_growth():
-    cfg = KVQuantConfig(bits=4, sink_tokens=1, block_size=16)
+    cfg = KVQuantConfig(bits=4, recent_window=0, sink_tokens=1, block_size=16)
     layer = KVQuantLayer(cfg, 0)
     h, d = 2, 16
     seen = []
@@ -103,7 +103,7 @@ def test_grown_capacities_follow_the_layer_growth():
 
 def test_plan_capacity_matches_a_real_fill():
     model = make_tiny_llama()
-    cfg = {"bits": 4, "block_size": 16}
+    cfg = {"bits": 4, "block_size": 16, "recent_window": 0}  # (the ring's fixed cost: tests/test_recent_window.py)
     es = 4
     free = _free_for(model, 200_000, 10, batch=2)
     plan = kvquant_hf.plan_capacity(model, cfg, free_memory={"cpu": free}, batch_size=2, prompt_tokens=10)
@@ -234,7 +234,7 @@ def _setup(model):
 
 def test_generate_refuses_a_request_that_cannot_fit(monkeypatch):
     model = _setup(make_tiny_llama())
-    cfg = {"bits": 4, "block_size": 16}
+    cfg = {"bits": 4, "block_size": 16, "recent_window": 0}
     free = _free_for(model, 120_000, PROMPT.shape[1])
     plan = kvquant_hf.plan_capacity(model, cfg, free_memory={"cpu": free}, prompt_tokens=PROMPT.shape[1])
     fits = plan.max_tokens

@@ -83,9 +83,11 @@ def test_cache_dequant_mode_equals_kernel_mode(monkeypatch):
                         lambda *a, **k: (calls.append(a[0].shape[2]), real(*a, **k))[1])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ref, _ = _chunked_logits(model, ids, {"bits": 3, "prefill_attention": "kernel"}, 32)
+        # (no recent window: with one, the first chunks' history would be read exactly, not packed)
+        ref, _ = _chunked_logits(model, ids, {"bits": 3, "prefill_attention": "kernel", "recent_window": 0}, 32)
         assert calls == []
-        got, cache = _chunked_logits(model, ids, {"bits": 3, "prefill_attention": "dequant"}, 32)
+        got, cache = _chunked_logits(model, ids, {"bits": 3, "prefill_attention": "dequant", "recent_window": 0},
+                                     32)
         n_layers = model.config.num_hidden_layers
         assert calls == [32] * n_layers + [26] * n_layers  # the first chunk has no history yet
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)

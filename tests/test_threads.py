@@ -139,7 +139,7 @@ def test_chunked_prefill_of_a_thread_survives_another_call_ending():
     """Thread B's prompt is prefilled in chunks even when thread A's generate call ends between B's setup and
     B's prefill: B's result equals B's call made alone (chunked prefill differs from a one-call prefill here)."""
     model = _model()
-    cfg = {"bits": 2, "prefill_chunk_size": 10}
+    cfg = {"bits": 2, "prefill_chunk_size": 10, "recent_window": 0}
     common = dict(max_new_tokens=1, do_sample=False, output_logits=True, return_dict_in_generate=True,
                   cache_implementation="kvquant")
     with torch.no_grad():
