@@ -14,6 +14,8 @@ NONFINITE_POLICIES = ("error", "zero")
 PREFILL_ATTENTION_MODES = ("auto", "kernel", "dequant")
 MAX_SINK_TOKENS = 64
 MAX_RECENT_WINDOW = 4096
+#: exact recent tokens by default (KIVI's and QuantizedCache's residual length too)
+DEFAULT_RECENT_WINDOW = 128
 MAX_OUTLIER_SLOTS = 16
 
 
@@ -99,7 +101,7 @@ class KVQuantConfig:
     outlier_fraction: float = 0.01
     outlier_slots: int | None = None
     sink_tokens: int = 1
-    recent_window: int = 128
+    recent_window: int = DEFAULT_RECENT_WINDOW
     qnorm: bool = False
     backend: str = "auto"
     block_size: int = 256

@@ -376,6 +376,37 @@ def fake_quant_kivi_values(v: torch.Tensor, bits: int) -> torch.Tensor:
     return fake_quant_int_per_token(v, bits)
 
 
+def kivi_fake_quant_groups(x: torch.Tensor, bits: int, group: int, dim: int) -> torch.Tensor:
+    """KIVI's quantize-dequantize: asymmetric uniform ``bits`` over groups of ``group`` consecutive entries along
+    ``dim``, min/max range, scale ``(max - min) / (2**bits - 1)`` and zero ``min`` stored in fp16 (as KIVI's
+    fp16 model keeps them); float32 result. ``x.shape[dim]`` must be a multiple of ``group``."""
+    n = x.shape[dim]
+    if group <= 0 or n % group:
+        raise KVQuantConfigError(f"KIVI groups of {group} need a length that is a multiple of it along dim {dim}, "
+                                 f"got {n}; quantize only complete groups.")
+    xf = x.to(torch.float32).movedim(dim, -1)
+    g = xf.reshape(*xf.shape[:-1], n // group, group)
+    fmax = torch.finfo(torch.float16).max
+    mn = g.amin(-1, keepdim=True).clamp(-fmax, fmax).to(torch.float16).to(torch.float32)
+    mx = g.amax(-1, keepdim=True).clamp(-fmax, fmax).to(torch.float16).to(torch.float32)
+    levels = 2**bits - 1
+    scale = ((mx - mn) / levels).to(torch.float16).to(torch.float32)
+    q = ((g - mn) / scale.clamp_min(1e-8)).clamp(0, levels).round()
+    return (q * scale + mn).reshape(xf.shape).movedim(-1, dim)
+
+
+def kivi_fake_quant_keys(k_post_rope: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """KIVI keys ``[B, H, S, D]`` (post-RoPE, ``S`` a multiple of ``group``): per channel over groups of ``group``
+    consecutive tokens, fp16 scale/zero per channel and group (:func:`kivi_fake_quant_groups`)."""
+    return kivi_fake_quant_groups(k_post_rope, bits, group, dim=2)
+
+
+def kivi_fake_quant_values(v: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """KIVI values ``[B, H, S, D]``: per token over groups of ``min(group, D)`` channels, fp16 scale/zero per token
+    and channel group (:func:`kivi_fake_quant_groups`)."""
+    return kivi_fake_quant_groups(v, bits, min(group, v.shape[-1]), dim=-1)
+
+
 # --------------------------------------------------------------------------------------------
 # bits accounting
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,10 @@ through the real cache, at the cost of one masked attention::
     s_ij = q_i . k_hat_j          (j != i)        s_ii = q_i . k_i
     out_i = sum_j p_ij v_hat_j + p_ii (v_i - v_hat_i)
 
+With an exact recent window (nuq ``recent_window = R``) and for KIVI, the choice between the exact and the
+dequantized key (and, separately, value) is made per (i, j) by the layer's ``key_rule`` / ``value_rule``
+(:mod:`kvquant_hf.simulated_attention`); nuq: ``i - j <= R`` for both (``R = 0``: the diagonal above).
+
 For a prompt given to the real cache in one call (its tokens see each other exactly), switch the next call
 with ``cache.set_within_call("exact")``; ``kvquant_hf.evaluation`` does this for ``--prefill``.
 
@@ -25,9 +29,11 @@ Methods:
   tables. Research-only variants (``key_granularity="token"``, ``key_rope="post"``) serve the ablation.
 * ``int``: uniform asymmetric intX, one scale/zero per head vector, on post-RoPE keys and on values
   (``quant.fake_quant_int_per_token``).
-* ``kivi``: KIVI-style: post-RoPE keys per channel over groups of 32 consecutive tokens of a call,
-  values per token (``quant.fake_quant_kivi_keys/values``). Groups are formed within each call (no fp16
-  residual window), so KIVI is the usual one-shot fake-quant baseline, not decode-equivalent.
+* ``kivi``: KIVI at its published defaults (``kiviX``; ``-g64``/``-g128`` key groups), decode-equivalent:
+  post-RoPE keys per channel over groups of ``G`` tokens, values per token in groups of ``min(G, D)`` channels,
+  fp16 scale/zero (``quant.kivi_fake_quant_keys/values``), a residual of ``R = 128`` tokens: key ``j`` exact for
+  query ``i`` iff ``j >= R * (i // R)`` (flushed in blocks), value ``j`` iff ``i - j <= R`` (sliding).
+  ``kiviX-oneshot``: groups formed within each call, no residual (``quant.fake_quant_kivi_keys/values``).
 * ``fp16``: no quantization (the model's dtype): equals the unpatched model.
 
 Example:
@@ -55,6 +61,12 @@ from .attention import NEG_BIG, rope_rotate
 from .config import default_outlier_slots
 from .errors import KVQuantConfigError, SignpostError
 from .layer_api import AttendInputs, apply_rope
+from .simulated_attention import (
+    ExactRule,
+    first_call_fast_path_available,
+    two_set_attention,
+    two_set_attention_first_call,
+)
 from .simulated_methods import (
     METHOD_FAMILIES,
     METHOD_NAMES,
@@ -82,6 +94,9 @@ class SimulatedLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
     exact = False  # True: no quantization at all (fp16)
+    #: when a query sees a stored key / value exact (None: only its own token, the diagonal fast path)
+    key_rule: ExactRule | None = None
+    value_rule: ExactRule | None = None
 
     def __init__(self, spec: MethodSpec, query_chunk: int = 1024):
         super().__init__()
@@ -102,6 +117,10 @@ class SimulatedLayer(CacheLayerMixin):
         self.values = torch.zeros(b, h, 0, value_states.shape[-1], dtype=torch.float32, device=self.device)
         self.positions = torch.zeros(b, 0, dtype=torch.long, device=self.device)
         self.n_real = torch.zeros(b, dtype=torch.long, device=self.device)  # real (non-padding) tokens stored
+        # exact post-RoPE keys / values of slots exact_offset.. (the ones a later query may still see exact)
+        self.keys_exact = torch.zeros(b, h, 0, d, dtype=torch.float32, device=self.device)
+        self.values_exact = torch.zeros(b, h, 0, value_states.shape[-1], dtype=torch.float32, device=self.device)
+        self.exact_offset = 0
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -121,6 +140,8 @@ class SimulatedLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.keys = self.values = self.positions = self.n_real = None
+        self.keys_exact = self.values_exact = None
+        self.exact_offset = 0
         self.is_initialized = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -128,6 +149,8 @@ class SimulatedLayer(CacheLayerMixin):
             super().reorder_cache(beam_idx)
             self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
             self.n_real = self.n_real.index_select(0, beam_idx.to(self.n_real.device))
+            self.keys_exact = self.keys_exact.index_select(0, beam_idx.to(self.keys_exact.device))
+            self.values_exact = self.values_exact.index_select(0, beam_idx.to(self.values_exact.device))
 
     # ---- simulation ------------------------------------------------------------------------
     def simulate(
@@ -190,6 +213,10 @@ class SimulatedLayer(CacheLayerMixin):
         keys_all = torch.cat([self.keys, k_hat], dim=2)  # [B, H, T, D]
         values_all = torch.cat([self.values, v_hat], dim=2)
         pos_all = torch.cat([self.positions, positions], dim=1)  # [B, T]
+        if self.key_rule is not None and not self.exact:
+            out = self._attend_two_sets(inputs, key_rot, value, keys_all, values_all, pos_all, start)
+            self.keys, self.values, self.positions = keys_all, values_all, pos_all
+            return out
         window = inputs.sliding_window
         if start == 0 and inputs.attention_mask is None and (window is None or window >= lq) and self.use_sdpa:
             exact_call = self.exact or self.within_call == "exact"
@@ -203,6 +230,30 @@ class SimulatedLayer(CacheLayerMixin):
             out = self._attention(inputs, key_rot, value, keys_all, values_all, pos_all, start,
                                   diag_fix=not self.exact)
         self.keys, self.values, self.positions = keys_all, values_all, pos_all
+        return out
+
+    def _attend_two_sets(self, inputs: AttendInputs, key_rot: torch.Tensor, value: torch.Tensor,
+                         keys_all: torch.Tensor, values_all: torch.Tensor, pos_all: torch.Tensor,
+                         start: int) -> torch.Tensor:
+        """Attention with exact/dequantized K/V per (i, j) by ``key_rule`` / ``value_rule``; keeps the exact tail."""
+        k_ex = torch.cat([self.keys_exact, key_rot.to(torch.float32)], dim=2)
+        v_ex = torch.cat([self.values_exact, value.to(torch.float32)], dim=2)
+        exact_from = start if self.within_call == "exact" else None
+        window = inputs.sliding_window
+        lq = key_rot.shape[2]
+        if (start == 0 and inputs.attention_mask is None and (window is None or window >= lq) and self.use_sdpa
+                and exact_from is None and first_call_fast_path_available(keys_all.device)):
+            out = two_set_attention_first_call(inputs.query, keys_all, values_all, k_ex, v_ex, inputs.scaling,
+                                               self.key_rule, self.value_rule)
+        else:
+            out = two_set_attention(inputs, keys_all, values_all, k_ex, v_ex, self.exact_offset, pos_all, start,
+                                    self.key_rule, self.value_rule, exact_from, self.query_chunk)
+        reach = max(self.key_rule.reach, self.value_rule.reach)
+        total = keys_all.shape[2]
+        keep_from = max(self.exact_offset, total - reach)
+        cut = keep_from - self.exact_offset
+        self.keys_exact, self.values_exact = k_ex[:, :, cut:], v_ex[:, :, cut:]
+        self.exact_offset = keep_from
         return out
 
     @staticmethod
@@ -331,14 +382,44 @@ class IntLayer(SimulatedLayer):
         return k_hat, v_hat
 
 
-class KiviLayer(SimulatedLayer):
-    """KIVI-style: post-RoPE keys per channel in groups of ``kivi_group`` tokens of the call, values per token."""
+class KiviOneShotLayer(SimulatedLayer):
+    """KIVI-style one-shot baseline (``kiviX-oneshot``): post-RoPE keys per channel in groups of ``kivi_group``
+    tokens of the call, values per token, no residual."""
 
     def simulate(self, key, key_rot, value, inputs, start):
         bits = int(self.spec.bits)
         k_hat = quant.fake_quant_kivi_keys(key_rot.to(torch.float32), bits, group=self.spec.kivi_group)
         v_hat = quant.fake_quant_kivi_values(value.to(torch.float32), bits)
         return k_hat, v_hat
+
+
+class KiviLayer(SimulatedLayer):
+    """KIVI (``kiviX``), decode-equivalent: keys per channel over groups of ``G`` tokens aligned at multiples of
+    ``G`` from the first cache slot, quantized once their group is complete (possibly in a later call); values per
+    token in groups of ``min(G, D)`` channels; residual ``R``: key ``j`` exact for query ``i`` iff
+    ``j >= R * (i // R)``, value ``j`` iff ``i - j <= R``.
+
+    Groups count cache slots, so in a left-padded batch the padding slots count (and join the first groups' ranges)
+    as in KIVI's own batched code."""
+
+    def __init__(self, spec: MethodSpec, query_chunk: int = 1024):
+        super().__init__(spec, query_chunk)
+        r = int(spec.recent_window)
+        self.key_rule, self.value_rule = ExactRule("block", r), ExactRule("band", r)
+
+    def simulate(self, key, key_rot, value, inputs, start):
+        bits, g = int(self.spec.bits), self.spec.kivi_group
+        g0 = (start // g) * g  # first slot of the group still open before this call
+        prev = self.keys_exact[:, :, g0 - self.exact_offset : start - self.exact_offset]
+        seq = torch.cat([prev, key_rot.to(torch.float32)], dim=2)
+        n_full = (seq.shape[2] // g) * g
+        hat = seq.clone()  # tokens of an open group are only ever seen exact (they are in the residual)
+        if n_full:
+            hat[:, :, :n_full] = quant.kivi_fake_quant_keys(seq[:, :, :n_full], bits, g)
+        if start > g0:
+            self.keys[:, :, g0:start] = hat[:, :, : start - g0]
+        v_hat = quant.kivi_fake_quant_values(value, bits, g)
+        return hat[:, :, start - g0 :], v_hat
 
 
 class NuqLayer(SimulatedLayer):
@@ -348,6 +429,8 @@ class NuqLayer(SimulatedLayer):
                  query_chunk: int = 1024):
         super().__init__(spec, query_chunk)
         self.params = params
+        if spec.recent_window:
+            self.key_rule = self.value_rule = ExactRule("band", int(spec.recent_window))
         self.outlier_fraction = outlier_fraction
         self.n_clipped = 0  # key outliers beyond the slots, clipped to the threshold (counted)
         self.n_keys = 0
@@ -437,13 +520,15 @@ def build_simulated_cache(
     outlier_slots: int | None = None,
     sink_tokens: int = 1,
     qnorm: bool = False,
+    recent_window: int | None = None,
     query_chunk: int = 1024,
 ) -> SimulatedQuantCache:
     """Build a :class:`SimulatedQuantCache` for ``model`` (or its config).
 
     Args:
         model: the (patched) causal LM, or its config.
-        method: "fp16", "nuqX", "intX", "kiviX" or a :class:`MethodSpec` (then the nuq keyword
+        method: "fp16", "nuqX", "intX", "kiviX" (also "kiviX-g64", "kiviX-g128", "kiviX-oneshot") or a
+            :class:`MethodSpec` (then the nuq keyword
             arguments below are ignored: the spec says it all).
         signposts: for nuq: a folder (``nuqX`` subfolder or its parent), a loaded ``Signposts`` object,
             or ``{bits: Signposts}``. None with ``nuq_params=None`` means uncalibrated: NormalFloat tables
@@ -453,17 +538,21 @@ def build_simulated_cache(
         outlier_slots: slots per token and head (overrides the fraction).
         sink_tokens: first tokens kept exact (nuq).
         qnorm: use Q-Norm tables (nuq).
+        recent_window: exact recent tokens ``R`` (nuq; None: the cache's default, 128): query ``i`` sees token
+            ``j`` exact iff ``i - j <= R``. KIVI keeps its own residual of 128.
         query_chunk: query rows per attention step (bounds memory at ``chunk x kv_len`` scores).
     """
     n_layers, head_dim = _num_layers_and_head_dim(model)
     slots = outlier_slots if outlier_slots is not None else default_outlier_slots(outlier_fraction, head_dim)
-    spec = parse_method(method, outlier_slots=slots, sink_tokens=sink_tokens, qnorm=qnorm)
+    spec = parse_method(method, outlier_slots=slots, sink_tokens=sink_tokens, qnorm=qnorm,
+                        recent_window=recent_window)
     if spec.family == "fp16":
         return SimulatedQuantCache([FP16Layer(spec, query_chunk) for _ in range(n_layers)], spec)
     if spec.family == "int":
         return SimulatedQuantCache([IntLayer(spec, query_chunk) for _ in range(n_layers)], spec)
     if spec.family == "kivi":
-        return SimulatedQuantCache([KiviLayer(spec, query_chunk) for _ in range(n_layers)], spec)
+        cls = KiviOneShotLayer if spec.kivi_oneshot else KiviLayer
+        return SimulatedQuantCache([cls(spec, query_chunk) for _ in range(n_layers)], spec)
     bits = int(spec.bits)
     if nuq_params is None:
         if signposts is None:
@@ -495,6 +584,7 @@ __all__ = [
     "FP16Layer",
     "IntLayer",
     "KiviLayer",
+    "KiviOneShotLayer",
     "MethodSpec",
     "NuqLayer",
     "NuqLayerParams",

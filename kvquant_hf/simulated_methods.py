@@ -7,6 +7,7 @@ The layers and the cache that use them are in :mod:`kvquant_hf.simulated`.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -15,12 +16,17 @@ from typing import Any
 import torch
 
 from . import quant
+from .config import DEFAULT_RECENT_WINDOW
 from .errors import KVQuantConfigError, SignpostError
 
 METHOD_FAMILIES = ("fp16", "nuq", "int", "kivi")
 #: the method names :func:`parse_method` accepts, as said in messages and ``--help``
-METHOD_NAMES = "fp16, nuq2/nuq3/nuq4, int2/int3/int4/int8, kivi2/kivi3/kivi4/kivi8"
-_METHOD_RE = re.compile(r"^(fp16|nuq|int|kivi)(\d*)$")
+METHOD_NAMES = ("fp16, nuq2/nuq3/nuq4, int2/int3/int4/int8, kivi2/kivi3/kivi4/kivi8 (KIVI suffixes: -g64, -g128 for "
+                "key groups of 64/128 tokens, -oneshot for the within-call baseline, e.g. kivi2-g128)")
+_METHOD_RE = re.compile(r"^(fp16|nuq|int|kivi)(\d*)(?:-(g\d+|oneshot))?$")
+#: KIVI's published defaults: key groups of 32 tokens, a full-precision residual of 128 tokens
+KIVI_GROUP = 32
+KIVI_RESIDUAL = 128
 
 
 # --------------------------------------------------------------------------------------------
@@ -36,7 +42,13 @@ class MethodSpec:
         outlier_slots (`int`): exact slots per token and head (nuq only).
         sink_tokens (`int`): first tokens of each sequence kept exact.
         qnorm (`bool`): use the Q-Norm-corrected lookup tables (nuq only).
-        kivi_group (`int`): tokens per KIVI key group.
+        kivi_group (`int`): tokens per KIVI key group (``G``); values use groups of ``min(G, head_dim)`` channels.
+        kivi_oneshot (`bool`): KIVI without residual: key groups formed within each call, values per whole head
+            vector (``kiviX-oneshot``); not decode-equivalent.
+        recent_window (`int`, optional): ``R``, exact recent tokens. nuq: query ``i`` sees stored token ``j``
+            exact (key and value) iff ``i - j <= R`` (0: only its own token). KIVI: the full-precision residual
+            (default 128, a multiple of ``kivi_group``): key ``j`` is exact iff ``j >= R * (i // R)`` (keys are
+            flushed in blocks of ``R``), value ``j`` iff ``i - j <= R`` (values slide). None: 0, or 128 for KIVI.
         key_granularity (`str`): "channel" (KVQuant: offline per-channel thresholds) or "token" (online
             per-token range, like values). Only "channel" is storable by the real cache.
         key_rope (`str`): "pre" (KVQuant: quantize before RoPE) or "post". Only "pre" is storable.
@@ -50,7 +62,9 @@ class MethodSpec:
     outlier_slots: int = 0
     sink_tokens: int = 0
     qnorm: bool = False
-    kivi_group: int = 32
+    kivi_group: int = KIVI_GROUP
+    kivi_oneshot: bool = False
+    recent_window: int | None = None
     key_granularity: str = "channel"
     key_rope: str = "pre"
     quantize: str = "both"
@@ -78,8 +92,30 @@ class MethodSpec:
                                      f"{self.family}.")
         if self.sink_tokens < 0 or self.outlier_slots < 0:
             raise KVQuantConfigError("sink_tokens and outlier_slots must be >= 0.")
+        self._check_window()
         if self.name is None:
             self.name = self.family + ("" if self.bits is None else str(self.bits))
+
+    def _check_window(self) -> None:
+        kivi_residual = self.family == "kivi" and not self.kivi_oneshot
+        if self.recent_window is None:  # the defaults: KIVI's residual, the cache's window for nuq
+            self.recent_window = KIVI_RESIDUAL if kivi_residual else DEFAULT_RECENT_WINDOW if self.family == "nuq" else 0
+        r = self.recent_window
+        if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+            raise KVQuantConfigError(f"recent_window={r!r}; it must be an integer >= 0 (exact recent tokens).")
+        if self.family == "kivi":
+            g = self.kivi_group
+            if not isinstance(g, int) or isinstance(g, bool) or g <= 0:
+                raise KVQuantConfigError(f"kivi_group={g!r}; it must be a positive number of tokens (KIVI: 32).")
+            if kivi_residual and (r == 0 or r % g):
+                raise KVQuantConfigError(
+                    f"KIVI's residual (recent_window={r}) must be a positive multiple of its key group ({g}) so that "
+                    f"flushed blocks hold whole groups; use e.g. recent_window={KIVI_RESIDUAL} (KIVI's default)."
+                )
+            if self.kivi_oneshot and r:
+                raise KVQuantConfigError("kiviX-oneshot has no residual; use recent_window=0 or the kiviX method.")
+        elif self.family in ("int", "fp16") and r:
+            raise KVQuantConfigError(f"recent_window applies to nuq and KIVI only, not to {self.family}.")
 
     @property
     def storable(self) -> bool:
@@ -89,52 +125,109 @@ class MethodSpec:
 
 
 def parse_method(method: str | MethodSpec, **overrides: Any) -> MethodSpec:
-    """Parse ``"fp16" | "nuq4" | "int3" | "kivi2" ...`` into a :class:`MethodSpec`.
+    """Parse ``"fp16" | "nuq4" | "int3" | "kivi2" | "kivi4-g128" | "kivi2-oneshot" ...`` into a :class:`MethodSpec`.
+
+    ``kiviX`` is KIVI at its published defaults (key groups of 32 tokens, residual 128, decode-equivalent);
+    ``kiviX-g64`` / ``kiviX-g128`` use key groups of 64/128 tokens; ``kiviX-oneshot`` quantizes within each call.
 
     Args:
         method: method name or an existing spec (returned as is, ``overrides`` ignored).
-        overrides: MethodSpec fields (``outlier_slots``, ``sink_tokens``, ``qnorm`` ...); the nuq-only
-            ones are ignored for the baselines, which have no sink and no outliers.
+        overrides: MethodSpec fields (``outlier_slots``, ``sink_tokens``, ``qnorm``, ``recent_window`` ...); the
+            nuq-only ones are ignored for the baselines, which have no sink, no outliers and (KIVI) their own
+            residual.
     """
     if isinstance(method, MethodSpec):
         return method
     m = _METHOD_RE.match(str(method).strip().lower())
-    if m is None or (m.group(1) != "fp16" and not m.group(2)):
+    if m is None or (m.group(1) != "fp16" and not m.group(2)) or (m.group(3) and m.group(1) != "kivi"):
         raise KVQuantConfigError(
             f"unknown method {method!r}; use {METHOD_NAMES}."
         )
     family, bits = m.group(1), (int(m.group(2)) if m.group(2) and m.group(1) != "fp16" else None)
     kwargs: dict[str, Any] = {"family": family, "bits": bits, "name": str(method).strip().lower()}
+    suffix = m.group(3)
     if family == "nuq":
         kwargs.update({k: v for k, v in overrides.items() if v is not None})
-    elif family == "kivi" and overrides.get("kivi_group") is not None:
-        kwargs["kivi_group"] = overrides["kivi_group"]
+    elif family == "kivi":
+        if suffix == "oneshot":
+            kwargs["kivi_oneshot"] = True
+        elif suffix:
+            if int(suffix[1:]) not in (32, 64, 128):
+                raise KVQuantConfigError(f"unknown method {method!r}: KIVI key groups are g32 (default), g64 or g128.")
+            kwargs["kivi_group"] = int(suffix[1:])
+        elif overrides.get("kivi_group") is not None:
+            kwargs["kivi_group"] = overrides["kivi_group"]
     return MethodSpec(**kwargs)
 
 
-def method_avg_bits(spec: MethodSpec, head_dim: int, seq_len: int | None = None) -> float:
-    """Average stored bits per K/V element, counting scales, zeros, outlier slots and the sink.
+def nuq_stored_bytes(spec: MethodSpec, head_dim: int, seq_len: int, num_kv_heads: int = 1) -> float:
+    """Bytes a nuq cache stores per sequence and layer at ``seq_len`` tokens, by the real cache's accounting
+    (:mod:`kvquant_hf.layer_storage`, fp16 model): every non-sink token packed, the last ``recent_window`` of them
+    also kept exact, the sink exact; ``num_kv_heads`` heads (the int32 position is per token, shared by them)."""
+    from .config import KVQuantConfig
+    from .layer_storage import history_token_bytes, sink_token_bytes, window_token_bytes
+
+    cfg = KVQuantConfig(bits=int(spec.bits), outlier_slots=spec.outlier_slots, sink_tokens=0)
+    dt = torch.float16
+    s = min(spec.sink_tokens, seq_len)
+    hist = history_token_bytes(cfg, num_kv_heads, head_dim, dt)
+    return float((seq_len - s) * hist + min(int(spec.recent_window), seq_len - s) * window_token_bytes(
+        num_kv_heads, head_dim, dt) + s * sink_token_bytes(num_kv_heads, head_dim, dt))
+
+
+def kivi_stored_bits(spec: MethodSpec, head_dim: int, seq_len: int) -> float:
+    """Bits KIVI stores per head at ``seq_len`` tokens: quantized key codes + fp16 scale and zero per channel and
+    group of ``G`` tokens, quantized value codes + fp16 scale and zero per token and group of ``min(G, D)``
+    channels, residual tokens (keys ``T mod R``, values ``min(T, R)``) in fp16."""
+    bits, g, r, d = int(spec.bits), spec.kivi_group, int(spec.recent_window), head_dim
+    k_res = seq_len % r
+    k_q = seq_len - k_res
+    v_res = min(seq_len, r)
+    v_q = seq_len - v_res
+    key_bits = k_q * d * bits + (k_q // g) * d * 32 + k_res * d * 16
+    value_bits = v_q * d * bits + v_q * math.ceil(d / min(g, d)) * 32 + v_res * d * 16
+    return float(key_bits + value_bits)
+
+
+def method_avg_bits(spec: MethodSpec, head_dim: int, seq_len: int | None = None, num_kv_heads: int = 1) -> float:
+    """Average stored bits per K/V element at ``seq_len`` tokens (None: the long-sequence limit), every stored byte
+    counted (codes, scales, zeros, outlier slots, positions, sink, exact recent window, residual).
 
     * fp16: 16.
-    * nuqX: :func:`quant.nuq_avg_bits` (codes, per-token value scale/zero in fp16, slots of fp16 value +
-      uint8 channel); per-channel key thresholds are per layer and vanish. The sink's first
-      ``sink_tokens`` tokens count 16 bits out of ``seq_len`` tokens.
+    * nuqX: :func:`nuq_stored_bytes` (the real cache's accounting: ``(T - sink) * history_token_bytes +
+      min(R, T - sink) * window_token_bytes + sink * sink_token_bytes``) over ``T * num_kv_heads * 2 * D``
+      elements; the int32 position costs ``32 / (num_kv_heads * 2 * D)`` bits per element (default one head).
+      Per-channel key thresholds are per layer and vanish. ``key_granularity="token"`` adds a per-token fp16
+      scale/zero for keys.
     * intX: X + 2 * 16 / head_dim (fp16 scale and zero per head vector), keys and values alike.
-    * KIVI-X: keys X + 2 * 16 / group (per-channel scale/zero per group of tokens), values X + 32 / head_dim.
+    * kiviX: :func:`kivi_stored_bits`. kiviX-oneshot: keys X + 2 * 16 / group, values X + 32 / head_dim.
     """
     if spec.family == "fp16":
         return 16.0
     bits = int(spec.bits)
+    if num_kv_heads < 1:
+        raise KVQuantConfigError(f"num_kv_heads={num_kv_heads!r}; it must be >= 1.")
+    if seq_len is not None and seq_len < 1:
+        raise KVQuantConfigError(f"seq_len={seq_len!r}; it must be >= 1 (or None for the long-sequence limit).")
     if spec.family == "int":
         return bits + 32.0 / head_dim
     if spec.family == "kivi":
-        return ((bits + 32.0 / spec.kivi_group) + (bits + 32.0 / head_dim)) / 2
-    avg = quant.nuq_avg_bits(bits, head_dim, spec.outlier_slots)
+        if spec.kivi_oneshot:
+            return ((bits + 32.0 / spec.kivi_group) + (bits + 32.0 / head_dim)) / 2
+        if seq_len is None:
+            return ((bits + 32.0 / spec.kivi_group) + (bits + 32.0 * math.ceil(head_dim / min(spec.kivi_group,
+                                                                                            head_dim)) / head_dim)) / 2
+        return kivi_stored_bits(spec, head_dim, seq_len) / (2 * head_dim * seq_len)
+    if seq_len is None:
+        from .config import KVQuantConfig
+        from .layer_storage import history_token_bytes
+
+        cfg = KVQuantConfig(bits=bits, outlier_slots=spec.outlier_slots, sink_tokens=0)
+        avg = 8.0 * history_token_bytes(cfg, num_kv_heads, head_dim, torch.float16) / (num_kv_heads * 2 * head_dim)
+    else:
+        avg = 8.0 * nuq_stored_bytes(spec, head_dim, seq_len, num_kv_heads) / (seq_len * num_kv_heads * 2 * head_dim)
     if spec.key_granularity == "token":  # keys then carry a per-token scale/zero too
         avg += 16.0 / head_dim
-    if spec.sink_tokens and seq_len:
-        s = min(spec.sink_tokens, seq_len)
-        avg = (avg * (seq_len - s) + 16.0 * s) / seq_len
     return float(avg)
 
 
@@ -293,8 +386,12 @@ __all__ = [
     "NuqLayerParams",
     "fake_quant_keys",
     "fake_quant_values",
+    "KIVI_GROUP",
+    "KIVI_RESIDUAL",
+    "kivi_stored_bits",
     "load_signposts_for",
     "method_avg_bits",
     "nuq_params_from_signposts",
+    "nuq_stored_bytes",
     "parse_method",
 ]

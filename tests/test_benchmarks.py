@@ -84,11 +84,12 @@ def test_decode_attention_smoke(results):
 
 def test_e2e_decode_smoke(results):
     rows, _ = _smoke("e2e_decode", results)
-    assert [r["method"] for r in rows] == ["kvquant_nuq4", "kvquant_nuq2", "dynamic"]
+    assert [r["method"] for r in rows] == ["kvquant_nuq4", "kvquant_nuq4_w16", "kvquant_nuq2", "dynamic"]
     for r in rows:
         assert "error" not in r, r
         assert r["ms_per_step"] > 0
-    assert rows[0]["cache_gib"] > rows[1]["cache_gib"] > 0
+    # the window's ring (16 exact tokens) costs more than the packed-only cache; nuq2 less than nuq4
+    assert rows[1]["cache_gib"] > rows[0]["cache_gib"] > rows[2]["cache_gib"] > 0
 
 
 def test_throughput_smoke(results):
@@ -118,13 +119,43 @@ def test_throughput_smoke(results):
         assert tokens[0] >= 1024 + 8 > tokens[1] or b == throughput.MAX_BATCH, (method, b, tokens)
 
 
-def test_accuracy_smoke(results):
-    rows, data = _smoke("accuracy", results)
-    by = {r["method"]: r for r in rows}
-    assert {"fp16", "int4", "kivi2", "nuq4-1%", "nuq2-1%"} <= set(by)
-    assert by["fp16"]["delta_pct"] is None and by["fp16"]["avg_bits"] == 16
-    assert by["nuq2-1%"]["avg_bits"] < by["nuq4-1%"]["avg_bits"] < 16
-    assert "target_met" in by["nuq4-1%"] and set(data["meta"]["window_nll"]) == set(by)
+def test_accuracy_smoke(results, tmp_path):
+    """Two texts (a WikiText-like file and the docstring text built on the fly) at two window lengths: one row per
+    (text, seqlen, method), one table per window length with a PPL / vs fp16 column pair per text."""
+    wiki = tmp_path / "wiki.txt"
+    wiki.write_text(" = Valkyria Chronicles III = \n\n Senjou no Valkyria 3 : Unrecorded Chronicles is a tactical role "
+                    "@-@ playing video game developed by Sega and Media.Vision for the PlayStation Portable . \n" * 2)
+    work = tmp_path / "work"
+    rows, data = _smoke("accuracy", results, "--text-file", str(wiki), "--work-dir", str(work))
+    from benchmarks import accuracy
+
+    runs = {(r["text"], r["seqlen"]) for r in rows}
+    assert runs == {(t, s) for t in ("wikitext2", "docstrings") for s in accuracy.SMOKE_SEQLENS}
+    assert [(r["seqlen"], r["text"]) for r in rows if r["method"] == "fp16"] == [
+        (s, t) for s in accuracy.SMOKE_SEQLENS for t in ("wikitext2", "docstrings")]
+    for run in runs:
+        by = {r["method"]: r for r in rows if (r["text"], r["seqlen"]) == run}
+        assert {"fp16", "int4", "kivi2", "nuq4-1%", "nuq2-1%"} <= set(by)
+        assert by["fp16"]["delta_pct"] is None and by["fp16"]["avg_bits"] == 16
+        # (at 32K tokens: in windows of 32-64 tokens every token also sits in the 128-token exact window)
+        assert by["nuq2-1%"]["avg_bits_32k"] < by["nuq4-1%"]["avg_bits_32k"] < 16
+        assert by["int4"]["delta_pct"] == pytest.approx(100 * (by["int4"]["ppl"] / by["fp16"]["ppl"] - 1))
+        assert "target_met" in by["nuq4-1%"] and by["fp16"]["windows"] == accuracy.SMOKE_WINDOWS
+        assert set(data["meta"]["window_nll"][f"{run[0]}-{run[1]}"]) == set(by)
+    fp16 = {(r["text"], r["seqlen"]): r["ppl"] for r in rows if r["method"] == "fp16"}
+    assert len(set(fp16.values())) == 4  # each text and window length scores its own ids
+    doc = data["meta"]["texts"]["docstrings"]
+    assert doc["python"] and 0 < doc["chars"] <= accuracy.SMOKE_CHARS and data["meta"]["texts"]["wikitext2"]
+    md = (results / "accuracy.md").read_text()
+    for s in accuracy.SMOKE_SEQLENS:
+        assert f"## Windows of {s} tokens" in md
+    assert md.count("| wikitext2 PPL | wikitext2 vs fp16 | docstrings PPL | docstrings vs fp16 |") == 2
+    # the checkpoints alone give the same rows and text records again
+    assert accuracy.main(["--render-only", "--work-dir", str(work)]) == rows
+    assert json.loads((results / "accuracy.json").read_text())["meta"]["texts"] == data["meta"]["texts"]
+    for flag, missing in (("--text-file", "wiki"), ("--docstrings-file", "docstrings")):
+        with pytest.raises(SystemExit, match="does not exist"):
+            accuracy.main(["--smoke", "--text-file", str(wiki), flag, str(tmp_path / f"no-{missing}.txt")])
 
 
 def test_side_by_side_smoke(results):
@@ -132,7 +163,8 @@ def test_side_by_side_smoke(results):
     rows, _ = _smoke("side_by_side", results)
     by = {r["cache"]: r for r in rows}
     assert {"fp16 (DynamicCache)", "KVQuant nuq4-1%", "QuantizedCache quanto int4"} <= set(by)
-    assert by["KVQuant nuq4-1%"]["bytes"] < by["fp16 (DynamicCache)"]["bytes"]
+    # 32 tokens: all of them also sit in the exact recent window (1.5x fp16 per token), so KVQuant holds more
+    assert by["fp16 (DynamicCache)"]["bytes"] < by["KVQuant nuq4-1%"]["bytes"] < 2 * by["fp16 (DynamicCache)"]["bytes"]
     assert all(by[k]["decode_ms_per_token"] > 0 for k in ("fp16 (DynamicCache)", "KVQuant nuq4-1%"))
 
 

@@ -143,9 +143,11 @@ def test_chunked_prefill_real_cache_equals_simulated_chunks(tiny_llama):
 
     sps = _handmade_signposts(tiny_llama)
     ids = _ids(seed=4)[:48]
-    real = evaluate_perplexity(tiny_llama, ids, ["nuq2"], seqlen=48, windows=1, signposts=sps, cache="real", chunk=16)
+    w0 = {"recent_window": 0}  # (48 tokens: a window of the default 128 would keep every token exact)
+    real = evaluate_perplexity(tiny_llama, ids, ["nuq2"], seqlen=48, windows=1, signposts=sps, cache="real", chunk=16,
+                               **w0)
     patch_model(tiny_llama)
-    sim = build_simulated_cache(tiny_llama, "nuq2", signposts=sps[2] if isinstance(sps, dict) else sps)
+    sim = build_simulated_cache(tiny_llama, "nuq2", signposts=sps[2] if isinstance(sps, dict) else sps, **w0)
     sim.set_within_call("exact")
     logits = []
     with torch.no_grad():
@@ -154,9 +156,10 @@ def test_chunked_prefill_real_cache_equals_simulated_chunks(tiny_llama):
             logits.append(tiny_llama(input_ids=ids[None, s0:e], position_ids=pos, cache=sim).logits[0])
     nll = float(torch.nn.functional.cross_entropy(torch.cat(logits).float(), ids[1:48], reduction="sum"))
     assert real["nuq2"]["window_nll"][0] == pytest.approx(nll, rel=1e-4, abs=1e-3)
-    harness = evaluate_perplexity(tiny_llama, ids, ["nuq2"], seqlen=48, windows=1, signposts=sps, chunk=16)
+    harness = evaluate_perplexity(tiny_llama, ids, ["nuq2"], seqlen=48, windows=1, signposts=sps, chunk=16, **w0)
     assert harness["nuq2"]["window_nll"][0] == pytest.approx(nll, rel=1e-4, abs=1e-3)  # simulated, chunked
-    token_by_token = evaluate_perplexity(tiny_llama, ids, ["nuq2"], seqlen=48, windows=1, signposts=sps, cache="real")
+    token_by_token = evaluate_perplexity(tiny_llama, ids, ["nuq2"], seqlen=48, windows=1, signposts=sps, cache="real",
+                                         **w0)
     assert token_by_token["nuq2"]["window_nll"][0] != pytest.approx(nll, rel=1e-6)  # chunking changes the result
     with pytest.raises(KVQuantConfigError, match="chunk"):
         evaluate_perplexity(tiny_llama, ids, ["nuq2"], seqlen=48, windows=1, signposts=sps, cache="real", chunk=0)

@@ -67,8 +67,9 @@ def test_nuq_fine_quantization_close_to_fp16(tiny_llama):
     ids = torch.randint(0, 128, (1, 48), generator=torch.Generator().manual_seed(3))
     ref = _logits(tiny_llama, ids)
     patch_model(tiny_llama)
-    out4 = _logits(tiny_llama, ids, build_simulated_cache(tiny_llama, "nuq4", nuq_params=_params(4, width=0.3)))
-    out2 = _logits(tiny_llama, ids, build_simulated_cache(tiny_llama, "nuq2", nuq_params=_params(2, width=0.3)))
+    w0 = {"recent_window": 0}  # (48 tokens: the default window would keep them all exact)
+    out4 = _logits(tiny_llama, ids, build_simulated_cache(tiny_llama, "nuq4", nuq_params=_params(4, width=0.3), **w0))
+    out2 = _logits(tiny_llama, ids, build_simulated_cache(tiny_llama, "nuq2", nuq_params=_params(2, width=0.3), **w0))
     err4, err2 = (out4 - ref).abs().max(), (out2 - ref).abs().max()
     assert 0 < err4 < err2
     assert err4 < 0.05
@@ -216,12 +217,12 @@ def test_nuq_stores_what_quant_functions_produce(tiny_llama):
     torch.testing.assert_close(cache.layers[0].values, v_hat, rtol=1e-5, atol=1e-5)
 
 
-def test_kivi_groups_per_call(tiny_llama):
+def test_kivi_oneshot_groups_per_call(tiny_llama):
     patch_model(tiny_llama)
     ids = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(11))
     fp = build_simulated_cache(tiny_llama, "fp16")
     _logits(tiny_llama, ids, fp)
-    cache = build_simulated_cache(tiny_llama, "kivi2")
+    cache = build_simulated_cache(tiny_llama, "kivi2-oneshot")
     _logits(tiny_llama, ids, cache)
     torch.testing.assert_close(cache.layers[0].keys, quant.fake_quant_kivi_keys(fp.layers[0].keys, 2))
     torch.testing.assert_close(cache.layers[0].values, quant.fake_quant_kivi_values(fp.layers[0].values, 2))
@@ -255,14 +256,18 @@ def test_patched_model_needed(tiny_llama):
 
 
 def test_avg_bits():
-    nuq4 = parse_method("nuq4", outlier_slots=1, sink_tokens=0)
-    assert method_avg_bits(nuq4, 64) == pytest.approx(quant.nuq_avg_bits(4, 64, 1)) == pytest.approx(4.625)
-    with_sink = parse_method("nuq4", outlier_slots=1, sink_tokens=1)
-    assert method_avg_bits(with_sink, 64, 2048) == pytest.approx((4.625 * 2047 + 16) / 2048)
+    nuq4 = parse_method("nuq4", outlier_slots=1, sink_tokens=0, recent_window=0)
+    # codes 4 + 4, value scale/zero 32 bits, a slot (fp16 + uint8 channel) each side, int32 position per token
+    want = (4 * 64 + 24 + 4 * 64 + 32 + 24 + 32) / 128
+    assert method_avg_bits(nuq4, 64) == pytest.approx(want) == pytest.approx(quant.nuq_avg_bits(4, 64, 1) + 0.25)
+    with_sink = parse_method("nuq4", outlier_slots=1, sink_tokens=1, recent_window=0)
+    assert method_avg_bits(with_sink, 64, 2048) == pytest.approx((want * 2047 + (3 * 64 * 16 + 32) / 128) / 2048)
     assert method_avg_bits(parse_method("int4"), 64) == pytest.approx(4.5)
-    assert method_avg_bits(parse_method("kivi2"), 64) == pytest.approx((2 + 1 + 2 + 0.5) / 2)
+    assert method_avg_bits(parse_method("kivi2-oneshot"), 64) == pytest.approx((2 + 1 + 2 + 0.5) / 2)
+    assert method_avg_bits(parse_method("kivi2"), 64) == pytest.approx((2 + 1 + 2 + 1) / 2)  # long-sequence limit
     assert method_avg_bits(parse_method("fp16"), 64) == 16.0
-    assert math.isclose(method_avg_bits(parse_method("nuq2", outlier_slots=0), 128), (2 + 2 + 32 / 128) / 2)
+    assert math.isclose(method_avg_bits(parse_method("nuq2", outlier_slots=0, recent_window=0), 128),
+                        (2 + 2 + 32 / 128) / 2 + 32 / 256)
 
 
 def test_quantize_one_side_only_keeps_the_other_exact(tiny_llama):

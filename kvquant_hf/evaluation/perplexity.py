@@ -51,10 +51,12 @@ from ..simulated import (
     MethodSpec,
     NuqLayerParams,
     build_simulated_cache,
-    method_avg_bits,
     nuq_params_from_signposts,
     parse_method,
 )
+from .quantized_cache_baseline import (DEFAULT_WINDOW_BATCH, QUANTIZED_CACHE_NAMES, QuantizedCacheRunner,
+                                       QuantizedCacheSpec, any_avg_bits, is_quantized_cache_method,
+                                       parse_quantized_cache_method)
 
 DEFAULT_METHODS = ("fp16", "nuq4", "nuq3", "nuq2", "int4", "int3", "int2", "kivi4", "kivi2")
 CACHE_KINDS = ("simulated", "real")
@@ -163,6 +165,19 @@ def score_window_incremental(
 # --------------------------------------------------------------------------------------------
 # methods -> cache factories
 # --------------------------------------------------------------------------------------------
+def parse_any_method(method: Any, **overrides: Any) -> MethodSpec | QuantizedCacheSpec:
+    """A simulated-cache :class:`MethodSpec` (:func:`parse_method` with ``overrides``) or a transformers
+    ``QuantizedCache`` baseline (``quanto4`` ...); an unknown name's error lists both kinds of names."""
+    if is_quantized_cache_method(method):
+        return parse_quantized_cache_method(method)
+    if overrides.get("recent_window") is not None and "recent_window" not in MethodSpec.__dataclass_fields__:
+        raise KVQuantConfigError("recent_window: this kvquant_hf's MethodSpec has no recent_window; leave it unset.")
+    try:
+        return parse_method(method, **overrides)
+    except KVQuantConfigError as exc:
+        raise KVQuantConfigError(f"{exc} transformers' QuantizedCache baselines: {QUANTIZED_CACHE_NAMES}.") from exc
+
+
 def _resolve_signposts(signposts: Any, bits: int, name: str | None = None) -> Any:
     """A loaded Signposts for ``bits`` from a folder, a ``{method name or bits: folder_or_Signposts}`` dict
     (the method's name wins over its bits) or a loaded object."""
@@ -251,6 +266,7 @@ class MethodRunner:
             outlier_fraction=self.outlier_fraction,
             outlier_slots=self.spec.outlier_slots,
             sink_tokens=self.spec.sink_tokens,
+            recent_window=self.spec.recent_window,
             qnorm=self.spec.qnorm,
             backend="auto",
         )
@@ -293,6 +309,8 @@ def evaluate_perplexity(
     cache: str = "simulated",
     prefill: int = 0,
     chunk: int = 1,
+    recent_window: int | None = None,
+    window_batch: int = DEFAULT_WINDOW_BATCH,
     progress: bool | Callable[[str], None] = False,
     state: dict[str, Any] | None = None,
     on_window: Callable[[dict[str, Any]], None] | None = None,
@@ -302,8 +320,10 @@ def evaluate_perplexity(
     Args:
         model: a Llama/Mistral causal LM (patched in place by :func:`kvquant_hf.models.patch_model`).
         tokenizer_or_ids: a tokenizer (with ``text`` or ``text_file``) or the token ids (tensor/list).
-        methods: names ("fp16", "nuq4", "int3", "kivi2", ...) or :class:`MethodSpec` s (for variants; give
-            them distinct ``name`` s). "fp16" is the unquantized model dtype.
+        methods: names ("fp16", "nuq4", "int3", "kivi2", "quanto4", ...) or :class:`MethodSpec` s (for variants;
+            give them distinct ``name`` s). "fp16" is the unquantized model dtype. "quanto2"/"quanto4" (and
+            "hqqX" with the hqq package) decode every window token by token through transformers' own
+            ``QuantizedCache`` (:mod:`kvquant_hf.evaluation.quantized_cache_baseline`), whatever ``cache`` is.
         text / text_file: the evaluation text (WikiText-2 test for the paper protocol).
         seqlen: window length; windows: use the first N windows only (None: all).
         signposts: for nuq methods: a folder holding ``nuqX`` subfolders (or a ``nuqX`` folder), a
@@ -317,14 +337,18 @@ def evaluate_perplexity(
             prompt); the rest are scored as decode steps. 0: every token is a decode step.
         chunk: tokens per call after the prefill (1: decode steps; > 1: chunked prefill: each call's tokens
             attend to each other exactly, also in the simulated caches, which then run one call per chunk).
+        recent_window: passed to :func:`parse_method` for the simulated methods when given (None: the package
+            default).
+        window_batch: windows scored as the rows of one batch by the QuantizedCache baselines.
         progress: True to print a line per window (or a callable taking the line).
         state: a previous result of this function (or its ``"_state"``) to resume from: windows already
             scored for a method are skipped (same ``seqlen``/windows required).
         on_window: called with the running results after every window (e.g. to checkpoint a JSON).
 
     Returns:
-        ``{method name: {"ppl", "nll" (mean token NLL), "nll_sum", "tokens", "windows", "avg_bits",
-        "seconds", "window_nll" (per-window NLL sums), "spec", ...}}``.
+        ``{method name: {"ppl", "nll" (mean token NLL), "nll_sum", "tokens", "windows", "avg_bits" (at
+        ``seqlen``), "avg_bits_2k", "avg_bits_32k" (at 2048 and 32768 tokens), "seconds", "seconds_per_window",
+        "window_nll" (per-window NLL sums), "spec", ...}}``.
     """
     if cache not in CACHE_KINDS:
         raise KVQuantConfigError(f"cache={cache!r} is not supported; choose one of {CACHE_KINDS}.")
@@ -334,15 +358,18 @@ def evaluate_perplexity(
     wins = make_windows(ids, seqlen, windows)
     head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
     slots = outlier_slots if outlier_slots is not None else default_outlier_slots(outlier_fraction, head_dim)
-    specs = [parse_method(m, outlier_slots=slots, sink_tokens=sink_tokens, qnorm=qnorm) for m in methods]
+    extra = {} if recent_window is None else {"recent_window": recent_window}
+    specs = [parse_any_method(m, outlier_slots=slots, sink_tokens=sink_tokens, qnorm=qnorm, **extra) for m in methods]
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise KVQuantConfigError(f"method names must be distinct, got {names}; give MethodSpecs distinct names.")
     nuq_params = nuq_params or {}
     runners = {
-        s.name: MethodRunner(model, s, cache, signposts, nuq_params.get(s.name), outlier_fraction, prefill, chunk)
+        s.name: QuantizedCacheRunner(model, s, prefill, chunk, window_batch) if isinstance(s, QuantizedCacheSpec)
+        else MethodRunner(model, s, cache, signposts, nuq_params.get(s.name), outlier_fraction, prefill, chunk)
         for s in specs
     }
+
     results: dict[str, dict[str, Any]] = {}
     prev = (state or {}).get("_state", state) or {}
     for s in specs:
@@ -351,11 +378,13 @@ def evaluate_perplexity(
         results[s.name] = {
             "method": s.name,
             "spec": asdict(s),
-            "cache": cache,
+            "cache": "QuantizedCache" if isinstance(s, QuantizedCacheSpec) else cache,
             "seqlen": seqlen,
             "window_nll": done[: wins.shape[0]],
             "seconds": float(old.get("seconds", 0.0)) if done else 0.0,
-            "avg_bits": method_avg_bits(s, head_dim, seqlen),
+            "avg_bits": any_avg_bits(model.config, s, seqlen),
+            "avg_bits_2k": any_avg_bits(model.config, s, 2048),
+            "avg_bits_32k": any_avg_bits(model.config, s, 32768),
             "head_dim": head_dim,
             **runners[s.name].info,
         }
@@ -365,13 +394,17 @@ def evaluate_perplexity(
             if len(r["window_nll"]) > w:
                 continue
             t0 = time.perf_counter()
-            nll, n = runners[s.name].score(wins[w])
+            if isinstance(runners[s.name], QuantizedCacheRunner):  # this window and the next ones, as one batch
+                scored = runners[s.name].score_many(wins[w: w + runners[s.name].window_batch])
+            else:
+                scored = [runners[s.name].score(wins[w])]
             r["seconds"] += time.perf_counter() - t0
-            r["window_nll"].append(nll)
-            r["tokens_per_window"] = n
-            if log:
-                log(f"[ppl] window {w + 1}/{wins.shape[0]} {s.name}: window ppl {math.exp(nll / n):.3f} "
-                    f"running ppl {math.exp(sum(r['window_nll']) / (n * len(r['window_nll']))):.3f}")
+            for i, (nll, n) in enumerate(scored):
+                r["window_nll"].append(nll)
+                r["tokens_per_window"] = n
+                if log:
+                    log(f"[ppl] window {w + 1 + i}/{wins.shape[0]} {s.name}: window ppl {math.exp(nll / n):.3f} "
+                        f"running ppl {math.exp(sum(r['window_nll']) / (n * len(r['window_nll']))):.3f}")
         if on_window:
             on_window(_finalize(results, runners))
     return _finalize(results, runners)
@@ -391,8 +424,11 @@ def _finalize(results: dict[str, dict[str, Any]], runners: dict[str, MethodRunne
             windows=n_win,
             nll=total / tokens if tokens else float("nan"),
             ppl=math.exp(total / tokens) if tokens else float("nan"),
+            seconds_per_window=r["seconds"] / n_win if n_win else float("nan"),
         )
         runner = runners.get(name)
+        if getattr(runner, "storage", None) is not None:
+            r["storage_measured"] = runner.storage  # the last batch's cache, as stored after its last call
         if runner is not None and runner.n_keys:
             # key outliers beyond the slots, clipped to the threshold, per stored key element
             r["key_clipped_fraction"] = runner.n_clipped / (runner.n_keys * r["head_dim"])
@@ -425,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per window")
     p.add_argument("--windows", type=int, default=None, help="first N windows only (default: all)")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
-                   help=f"any of: {METHOD_NAMES}")
+                   help=f"any of: {METHOD_NAMES}; {QUANTIZED_CACHE_NAMES}")
     p.add_argument("--signposts", default=None,
                    help="folder with nuqX subfolders written by calibrate.py (needed by the nuqX methods)")
     p.add_argument("--uncalibrated", action="store_true",
@@ -442,6 +478,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=int, default=1,
                    help="tokens per call after the prefill (1: token-by-token decode / one simulated forward; e.g. "
                         "1024: chunked prefill, each chunk exact among itself over the quantized history)")
+    p.add_argument("--recent-window", type=int, default=None,
+                   help="recent tokens the simulated methods keep exact (default: the package's)")
+    p.add_argument("--window-batch", type=int, default=DEFAULT_WINDOW_BATCH,
+                   help="windows per batch of the QuantizedCache methods (token-by-token decode)")
     p.add_argument("--json", default=None, help="write results here (checkpointed after every window; resumes)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
@@ -459,8 +499,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     nuq = []
     for method in args.methods:
         try:
-            spec = parse_method(method)
-        except KVQuantConfigError as exc:
+            spec = parse_any_method(method)
+        except KVQuantError as exc:
             parser.error(f"--methods: {exc}")
         if spec.family == "nuq":
             nuq.append(spec.name)
@@ -527,7 +567,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     meta = {**run_info(args), "model": args.model, "dtype": dtype, "device": device, "text_file": args.text_file,
             "seqlen": args.seqlen, "signposts": args.signposts, "uncalibrated": args.uncalibrated,
             "outlier_fraction": args.outlier_fraction, "sink_tokens": args.sink_tokens, "qnorm": args.qnorm, "cache": args.cache, "prefill": args.prefill,
-            "chunk": args.chunk}
+            "chunk": args.chunk, "recent_window": args.recent_window, "window_batch": args.window_batch}
 
     def checkpoint(res: dict[str, Any]) -> None:
         if args.json:
@@ -540,7 +580,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         model, tok, args.methods, text_file=args.text_file, seqlen=args.seqlen, windows=args.windows,
         signposts=args.signposts, outlier_fraction=args.outlier_fraction, outlier_slots=args.outlier_slots,
         sink_tokens=args.sink_tokens, qnorm=args.qnorm, cache=args.cache, prefill=args.prefill,
-        chunk=args.chunk,
+        chunk=args.chunk, recent_window=args.recent_window, window_batch=args.window_batch,
         progress=not args.quiet, state=state, on_window=checkpoint,
     )
     checkpoint(res)
