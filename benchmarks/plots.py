@@ -27,10 +27,17 @@ from benchmarks.common import read_result, results_dir
 COLORS = {"nuq": "#1f77b4", "nuq-uniform": "#6baed6", "int": "#d62728", "kivi": "#ff7f0e", "fp16": "#7f7f7f"}
 
 
+def _wikitext_2048(row: dict) -> bool:
+    """Whether an accuracy row is of the WikiText-2 test text in windows of 2048 tokens (what the plot shows)."""
+    return row.get("text", "wikitext2") == "wikitext2" and row.get("seqlen", 2048) == 2048
+
+
 def accuracy_rows() -> list[dict]:
     """``[{"family", "bits", "method", "ppl", "delta_pct"}]`` of the quantized methods in ``accuracy.json``."""
     rows = []
     for r in read_result("accuracy")["rows"]:
+        if not _wikitext_2048(r):
+            continue
         m = re.match(r"(nuq|int|kivi)(\d)(.*)", r["method"])
         if not m or r["delta_pct"] is None:
             continue
@@ -71,7 +78,7 @@ def plot_accuracy(path: str) -> str:
     ax.set_xticks(range(3), ["4 bits", "3 bits", "2 bits"])
     ax.set_ylabel("PPL change vs fp16 (%)")
     ax.set_ylim(0, 200)
-    fp16 = next(r for r in read_result("accuracy")["rows"] if r["method"] == "fp16")
+    fp16 = next(r for r in read_result("accuracy")["rows"] if r["method"] == "fp16" and _wikitext_2048(r))
     off = ", ".join(f"{r['method']} {r['delta_pct']:+.0f}%" for r in rows if r["delta_pct"] > 200)
     ax.set_title(f"SmolLM2-135M, WikiText-2 test ({fp16['windows']} x {fp16['seqlen']}), fp16 PPL {fp16['ppl']:.2f}"
                  + (f"\n({off} off the scale)" if off else ""), fontsize=10)

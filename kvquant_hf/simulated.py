@@ -63,6 +63,7 @@ from .errors import KVQuantConfigError, SignpostError
 from .layer_api import AttendInputs, apply_rope
 from .simulated_attention import (
     ExactRule,
+    check_attention_mask,
     first_call_fast_path_available,
     two_set_attention,
     two_set_attention_first_call,
@@ -318,16 +319,8 @@ class SimulatedLayer(CacheLayerMixin):
         g = hq // h
         total = keys_all.shape[2]
         mask = inputs.attention_mask
+        check_attention_mask(mask, lq, total)
         if mask is not None:
-            if mask.dim() != 4:
-                raise KVQuantConfigError(
-                    f"attention_mask must be None or 4D [B, 1, q_len, kv_len], got shape {tuple(mask.shape)}."
-                )
-            if mask.shape[-1] < total or mask.shape[-2] != lq:
-                raise KVQuantConfigError(
-                    f"attention_mask has shape {tuple(mask.shape)} but this call has q_len={lq} and "
-                    f"kv_len={total}; build masks with cache.get_mask_sizes()."
-                )
             mask = mask[..., :total]
         q = query.to(torch.float32).reshape(b, h, g, lq, d)
         k_exact = key_rot.to(torch.float32)  # [B, H, L, D]

@@ -51,6 +51,22 @@ class ExactRule:
         return causal & (j >= (i // self.size) * self.size)
 
 
+def check_attention_mask(mask: torch.Tensor | None, lq: int, total: int) -> None:
+    """Refuse an attention mask that is not None or 4D ``[B, 1, q_len, >= kv_len]`` for ``lq`` queries over
+    ``total`` keys."""
+    if mask is None:
+        return
+    if mask.dim() != 4:
+        raise KVQuantConfigError(
+            f"attention_mask must be None or 4D [B, 1, q_len, kv_len], got shape {tuple(mask.shape)}."
+        )
+    if mask.shape[-1] < total or mask.shape[-2] != lq:
+        raise KVQuantConfigError(
+            f"attention_mask has shape {tuple(mask.shape)} but this call has q_len={lq} and "
+            f"kv_len={total}; build masks with cache.get_mask_sizes()."
+        )
+
+
 def _visibility(inputs, b: int, lq: int, r0: int, r1: int, start: int, cols: int, pos_all: torch.Tensor,
                 device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(vis bool [B|1, l, cols] or None, additive float [B, l, cols] or None)`` of query rows ``r0:r1``."""
@@ -101,16 +117,7 @@ def two_set_attention(
     b, hq, lq, d = query.shape
     total = keys_hat.shape[2]
     mask = inputs.attention_mask
-    if mask is not None:
-        if mask.dim() != 4:
-            raise KVQuantConfigError(
-                f"attention_mask must be None or 4D [B, 1, q_len, kv_len], got shape {tuple(mask.shape)}."
-            )
-        if mask.shape[-1] < total or mask.shape[-2] != lq:
-            raise KVQuantConfigError(
-                f"attention_mask has shape {tuple(mask.shape)} but this call has q_len={lq} and "
-                f"kv_len={total}; build masks with cache.get_mask_sizes()."
-            )
+    check_attention_mask(mask, lq, total)
     q = query.to(torch.float32)
     dev = q.device
     reach = max(key_rule.reach, value_rule.reach)
@@ -235,4 +242,5 @@ def two_set_attention_first_call(
     return out.transpose(1, 2).to(query.dtype)
 
 
-__all__ = ["ExactRule", "first_call_fast_path_available", "two_set_attention", "two_set_attention_first_call"]
+__all__ = ["ExactRule", "check_attention_mask", "first_call_fast_path_available", "two_set_attention",
+           "two_set_attention_first_call"]
