@@ -267,22 +267,27 @@ def render(rows: list[dict]) -> str:
         "Texts: " + "; ".join(f"`{t}` = {TEXTS.get(t, t)}" for t in texts) + ". The WikiText-2 test text is the "
         "paper's; the docstring text (English prose of the Python standard library's docstrings, "
         "`python -m kvquant_hf.evaluation.docstring_text`) is another domain, never used for calibration. "
-        "Non-overlapping windows, PPL = exp(mean token NLL). Simulated quantization (`kvquant_hf.simulated`): every "
-        "token attends to the quantized K/V of earlier tokens and to its own exact K/V, i.e. what token-by-token "
-        "decoding through `KVQuantCache` computes. The 'fp16' row is the unquantized model.", "",
+        "Non-overlapping windows, PPL = exp(mean token NLL). Simulated quantization (`kvquant_hf.simulated`): each "
+        "token attends to what token-by-token decoding through that cache computes: nuqX to the packed form of "
+        "tokens more than 128 before it and exactly to the 128 before it (the default recent window), the sink and "
+        "itself; KIVI-X (groups of 32 tokens, or 128 for `-g128`) to its 128-token full-precision residual, keys "
+        "flushed in blocks of 128, values one by one, as KIVI's code does. The 'fp16' row is the unquantized "
+        "model.", "",
     ]
     for seqlen in sorted({r["seqlen"] for r in rows}):
         lines += render_seqlen(rows, seqlen)
     lines += [
-        "Average bits per stored K/V element (K and V averaged): nuqX = X-bit codes + per-token value scale/zero "
-        "(fp16) + outlier slots (fp16 value + uint8 channel per slot) + the fp16 sink token's share of the window "
-        "(per-channel key thresholds are per layer: no per-token cost); intX = X + 32/head_dim "
-        "(fp16 scale and zero per head vector); KIVI-X keys X + 2*16/32 (scale/zero per channel per 32-token "
-        "group), values X + 32/head_dim. head_dim = 64.",
+        "Average bits per stored K/V element (K and V averaged), every stored byte counted, at the window length "
+        "and at 2K and 32K tokens: nuqX = X-bit codes + per-token value scale/zero (fp16) + outlier slots (fp16 "
+        "value + uint8 channel per slot) + int32 position + the sink and the 128-token window at 1.5 times fp16 "
+        "(pre-RoPE and rotated keys, values; window tokens are packed too); intX = X + 32/head_dim (fp16 scale and "
+        "zero per head vector); KIVI-X keys X + 32/group (fp16 scale and zero per channel and group), values "
+        "X + 32/min(group, head_dim), the residual in fp16. head_dim = 64.",
         "",
-        "Settings: nuq methods use calibrated signposts (`calibrate.py`: 16 windows x 2048 tokens of the WikiText-2 "
-        "validation text, Fisher-weighted k-means, per-channel pre-RoPE key thresholds at the 0.5/99.5th "
-        "percentiles for 1%, min/max for 0%), 1 sink token, outlier slots = ceil(fraction * head_dim).",
+        "Settings: nuq methods use the signposts `calibrate.py` writes by default (16 windows x 2048 tokens of the "
+        "WikiText-2 validation text; Fisher-weighted k-means value tables; key tables uniform at 4 and 3 bits, "
+        "k-means at 2 bits; per-channel pre-RoPE key thresholds at the 0.5/99.5th percentiles), 1 sink token, one "
+        "outlier slot per token and head, a 128-token recent window.",
     ]
     return "\n".join(lines)
 
