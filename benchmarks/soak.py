@@ -131,6 +131,7 @@ def _live_tensor_bytes() -> int:
     """Bytes of every distinct tensor storage alive in the process (model, cache, anything leaked)."""
     import gc
 
+    gc.collect()  # garbage waiting for a collection (of this run or of earlier code in the process) is not live
     seen, total = set(), 0
     for obj in gc.get_objects():
         if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
