@@ -9,7 +9,7 @@ same Python version gives the same text::
 What is taken: the docstrings of public modules of the standard library (top-level names in
 ``sys.stdlib_module_names``; no private ``_x`` modules, no ``test``/``tests``/``idle_test`` folders, no
 ``__main__``) and of their classes, functions and methods, in source order. Each docstring is cleaned:
-dedented (``inspect.cleandoc``), doctest sessions (``>>>`` lines and their output), reST literal blocks (after
+dedented (``inspect.cleandoc``), doctest examples (``>>>`` lines and their output), reST literal blocks (after
 ``::``) and directives (``.. note::`` and their bodies) dropped, reST roles reduced to their text
 (``:func:`open``` becomes ``open``), paragraphs with few letters (code, tables) dropped; docstrings shorter than
 :data:`MIN_DOC_CHARS` after cleaning and repeats of an earlier docstring are dropped. Docstrings are joined by one
