@@ -42,6 +42,23 @@ def interpreted_module(name: str, kernel: str):
     return module
 
 
+def force_triton_backend(monkeypatch) -> None:
+    """Layers made after this call take the Triton path on CPU tensors (kernels decorated for the interpreter):
+    ``resolve_backend`` picks torch off CUDA, so it is replaced for the test. Skips unless ``TRITON_INTERPRET=1``."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton interpreter on CPU (TRITON_INTERPRET=1): head_dim 16 takes the torch path on a GPU")
+    import importlib
+
+    import kvquant_hf.kernels
+    from kvquant_hf import layer as layer_mod
+
+    interpreted_module("exact_block", "_decode_prep_kernel")
+    importlib.reload(kvquant_hf.kernels)
+    monkeypatch.setattr(layer_mod, "resolve_backend",
+                        lambda backend, device, head_dim=None: "torch" if backend == "torch" else "triton")
+
+
 def interpreted_kernel_modules():
     """``(kvquant_hf.kernels.quantize, kvquant_hf.kernels.decode_attention)`` decorated for the Triton interpreter.
 

@@ -180,23 +180,9 @@ def test_padding_inside_a_row_is_refused_by_a_user_cache_and_nothing_is_stored(m
 # the Triton path (interpreter on CPU)
 # ----------------------------------------------------------------------------------------------
 def test_triton_path_padding_longer_than_the_chunk(monkeypatch, model, signposts):
-    pytest.importorskip("triton")
-    import os
+    from conftest import force_triton_backend
 
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("the Triton interpreter on CPU (TRITON_INTERPRET=1): head_dim 16 takes the torch path on a GPU")
-    import importlib
-
-    import kvquant_hf.kernels
-    from conftest import interpreted_module
-
-    from kvquant_hf import layer as layer_mod
-
-    # resolve_backend picks torch off CUDA: force the Triton path, its kernels decorated for the interpreter
-    interpreted_module("exact_block", "_decode_prep_kernel")
-    importlib.reload(kvquant_hf.kernels)
-    monkeypatch.setattr(layer_mod, "resolve_backend",
-                        lambda backend, device, head_dim=None: "torch" if backend == "torch" else "triton")
+    force_triton_backend(monkeypatch)
     ids, mask, prompts = padded_batch([24, 3])
     cfg = {"bits": 4, "prefill_chunk_size": 8, "sink_tokens": 2, "backend": "triton"}
     runs = []

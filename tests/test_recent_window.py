@@ -190,22 +190,9 @@ def test_recent_window_is_validated():
 
 def test_triton_path_with_a_window_matches_the_reference(monkeypatch):
     """The Triton path (interpreter on CPU): exact block over [sink | window | new], packed kernel up to the window."""
-    pytest.importorskip("triton")
-    import os
+    from conftest import force_triton_backend
 
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("the Triton interpreter on CPU (TRITON_INTERPRET=1)")
-    import importlib
-
-    import kvquant_hf.kernels
-    from conftest import interpreted_module
-
-    from kvquant_hf import layer as layer_mod
-
-    interpreted_module("exact_block", "_decode_prep_kernel")
-    importlib.reload(kvquant_hf.kernels)
-    monkeypatch.setattr(layer_mod, "resolve_backend",
-                        lambda backend, device, head_dim=None: "torch" if backend == "torch" else "triton")
+    force_triton_backend(monkeypatch)
     layer = make_layer(3, backend="triton")
     run_steps(layer, [12, 1, 1, 1, 1, 2, 1], 3)
     assert layer.backend == "triton"
