@@ -81,8 +81,8 @@ def main(argv=None) -> dict:
         r = res[m]
         print(f"{m:<10}{r['ppl']:>9.3f}{100 * (r['ppl'] / base - 1):>+9.2f}%{r['avg_bits']:>11.2f}")
     print(f"({time.time() - t0:.0f} s; nuqX = calibrated signposts with 1% outliers, simulated quantization;\n"
-          f" bits/elem = stored bits per K/V element in the cache of an fp16/bf16 model, the exact sink token's "
-          f"share of a {args.seqlen}-token window included)")
+          f" bits/elem = stored bits per K/V element in the cache of an fp16/bf16 model at {args.seqlen} tokens, "
+          "the exact sink and 128-token recent window included)")
     note = _calibration_note(args.signposts, max(bits), args.model)
     if note:
         print(note)
@@ -113,18 +113,21 @@ def main(argv=None) -> dict:
     slot_bytes = torch.empty((), dtype=layer.dtype).element_size()
     fp16_model_bits = nuq_avg_bits(max(bits), layer.head_dim, stats["outlier_slots"])
     print(f"tokens held      : {stats['seq_length']} x {stats['layers']} layers "
-          f"({stats['sink_tokens']} exact sink token(s), {stats['quantized_tokens']} quantized)")
-    print(f"stored bytes     : {stats['bytes']:,} (fp16 cache of the same tokens: {stats['fp16_bytes']:,}; "
-          f"{stats['compression_ratio']:.2f}x smaller)")
+          f"({stats['sink_tokens']} exact sink token(s), {stats['quantized_tokens']} packed, the last "
+          f"{stats['window_tokens']} of them also exact in the recent window)")
+    ratio = stats["compression_ratio"]
+    size = f"{ratio:.2f}x smaller" if ratio >= 1 else (
+        f"{1 / ratio:.2f}x larger: at so few tokens the exact recent window dominates")
+    print(f"stored bytes     : {stats['bytes']:,} (fp16 cache of the same tokens: {stats['fp16_bytes']:,}; {size})")
     print(f"bits per element : {stats['avg_bits_per_element']:.3f} = {max(bits)}-bit codes + the values' per-token "
           f"scale/zero + {stats['outlier_slots']} outlier slot(s) per token and head,\n"
           f"                   a slot being a {slot_bytes}-byte value in this model's dtype "
           f"({str(layer.dtype).replace('torch.', '')}) + a 1-byte channel")
     print(f"                   {fp16_model_bits:.3f} = the same for an fp16/bf16 model (2-byte slot values); the "
           f"table's {res[f'nuq{max(bits)}']['avg_bits']:.2f}\n"
-          f"                   adds the exact sink token's share of a {args.seqlen}-token window")
+          f"                   adds the exact sink's and recent window's share of a {args.seqlen}-token window")
     print(f"                   {stats['avg_bits_per_element_all']:.3f} = every stored byte over every held element, "
-          f"the exact sink token(s) and int32 positions included")
+          f"the exact sink, the recent window and int32 positions included")
     summary["memory"] = {k: stats[k] for k in ("bytes", "fp16_bytes", "compression_ratio", "avg_bits_per_element")}
     return summary
 
