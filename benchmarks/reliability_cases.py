@@ -62,6 +62,7 @@ def refused(error, fn, *words, after=None):
 # padding
 # ------------------------------------------------------------------------------------------------------------
 def padded_batch(lengths, total=None, seed=1):
+    """Left-padded ids and mask for prompts of the given lengths (random tokens 1..127), and the prompts."""
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(1, 128, (n,), generator=g) for n in lengths]
     total = total or max(lengths)

@@ -64,14 +64,10 @@ def fast_fill_layer(layer: KVQuantLayer, batch: int, heads: int, head_dim: int, 
     layer.length = hist
     w = layer.n_window  # the recent window's ring: the last w history tokens, exact
     if w:
-        ring = slice(n_sink, n_sink + w)
-        layer.sink_k[:, :, ring].normal_(generator=g)
-        layer.sink_v[:, :, ring].normal_(generator=g)
-        layer.sink_rope = None
-        j = torch.arange(hist - w, hist, device=device)
-        slots = j % layer.config.recent_window + n_sink
-        layer.sink_positions.index_copy_(1, slots, layer.positions[:, hist - w: hist])
-        layer.sink_valid[:, ring] = True
+        shape = (batch, heads, w, head_dim)
+        k = torch.randn(shape, generator=g, device=device).to(dtype)
+        v = torch.randn(shape, generator=g, device=device).to(dtype)
+        layer.store_ring_slots(torch.arange(hist - w, hist, device=device), k, v)
         layer.window_all_valid = True
     if hasattr(layer, "sync_device_length"):
         layer.sync_device_length()

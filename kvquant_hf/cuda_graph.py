@@ -139,9 +139,8 @@ class CUDAGraphDecoder:
         for layer in self.cache.layers:
             layer.length -= n
             layer.refill_window(layer.length + n)
-        self._rewind_device(n)
-        for layer in self.cache.layers:
             layer.sync_attended_length()
+        self._rewind_device(n)
         self.steps -= n
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from .errors import KVQuantError
 from .layer_api import apply_rope
 from .routing import device_guard
 
@@ -99,14 +100,15 @@ class RecentWindow:
         k, v, positions = k[:, :, n - m:], v[:, :, n - m:], positions[:, n - m:]
         if k_rot is not None:
             k_rot = k_rot[:, :, k_rot.shape[2] - m:]
-        if self.graph_mode:  # one token, no padding; the slot follows the device-side length
-            slot = self.length_dev.long() % r + ns
-            real = torch.ones(k.shape[0], 1, dtype=torch.bool, device=self.device)
-        else:
-            j = torch.arange(start + n - m, start + n, device=self.device)
-            slot = j % r + ns
-            real = j[None, :] >= self.hist_start[:, None]
-            self.window_all_valid = None if self.has_hist_pad else True
+        if self.graph_mode:
+            raise KVQuantError(
+                f"layer {self.layer_idx}: CUDA-graph decode writes the recent window with the Triton kernel (one "
+                "token per step, rotated keys from the exact block); this call has neither."
+            )
+        j = torch.arange(start + n - m, start + n, device=self.device)
+        slot = j % r + ns
+        real = j[None, :] >= self.hist_start[:, None]
+        self.window_all_valid = None if self.has_hist_pad else True
         self.sink_k.index_copy_(2, slot, k)
         self.sink_v.index_copy_(2, slot, v)
         self.sink_positions.index_copy_(1, slot, positions.to(torch.int32))

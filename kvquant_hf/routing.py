@@ -248,12 +248,13 @@ class AttentionRouting:
             from .kernels import packed_attention_triton
 
             mask = exact_mask.contiguous() if exact_mask is not None else None
-            view = self.packed_view(self.attended_length())
             if self.graph_mode:
                 # fixed grid and a device-side length (the packed tokens older than the window): one captured graph
-                # serves every step
+                # serves every step, so the view spans the whole history
                 kwargs.update(length_dev=self.attended_length_dev(), num_splits=self.graph_splits)
                 view = self.packed_view()
+            else:
+                view = self.packed_view(self.attended_length())
             with device_guard(self.device):
                 return packed_attention_triton(
                     q.contiguous(), view, exact_k.contiguous(), exact_v.contiguous(), mask, **kwargs

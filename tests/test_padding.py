@@ -10,6 +10,7 @@ import torch
 from cache_helpers import for_greedy_generate, forward, make_lossless, make_signposts
 from conftest import make_tiny_llama, make_tiny_mistral
 
+from benchmarks.reliability_cases import padded_batch
 from kvquant_hf import quant
 from kvquant_hf.cache import KVQuantCache
 from kvquant_hf.errors import KVQuantConfigError
@@ -29,19 +30,6 @@ def model():
 @pytest.fixture(scope="module")
 def signposts(model):
     return make_signposts(model, quant.normal_float_signposts(4), -2.0, 2.0, bits=4)
-
-
-def padded_batch(lengths, total=None, seed=1):
-    """Left-padded ids and mask for prompts of the given lengths (random tokens 1..127), and the prompts."""
-    g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(1, 128, (n,), generator=g) for n in lengths]
-    total = total or max(lengths)
-    ids = torch.zeros(len(lengths), total, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, total - len(p):] = p
-        mask[i, total - len(p):] = 1
-    return ids, mask, prompts
 
 
 def greedy(model, ids, mask, cfg, n=NEW):

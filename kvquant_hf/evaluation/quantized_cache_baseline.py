@@ -22,7 +22,6 @@ elements it stands for. :func:`quantized_cache_avg_bits` measures that on the ex
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import math
 import re
 from dataclasses import dataclass
@@ -256,12 +255,11 @@ def avg_bits_at(config: Any, spec: QuantizedCacheSpec, seq_len: int) -> float:
 def any_avg_bits(config: Any, spec: Any, seq_len: int) -> float:
     """Stored bits per K/V element at ``seq_len`` tokens of a :class:`QuantizedCacheSpec` (:func:`avg_bits_at`) or
     of a simulated method's ``MethodSpec`` (:func:`kvquant_hf.simulated.method_avg_bits`, with the config's head_dim
-    and, where that function takes it, its number of kv heads)."""
+    and number of kv heads)."""
     if isinstance(spec, QuantizedCacheSpec):
         return avg_bits_at(config, spec, seq_len)
     _, heads, head_dim = kv_shape(config)
-    extra = {"num_kv_heads": heads} if "num_kv_heads" in inspect.signature(method_avg_bits).parameters else {}
-    return method_avg_bits(spec, head_dim, seq_len, **extra)
+    return method_avg_bits(spec, head_dim, seq_len, num_kv_heads=heads)
 
 
 __all__ = [
